@@ -1,0 +1,43 @@
+//! `cargo xtask`: the project's automation (code generation, tidy checks, e2e, benches, k3d).
+
+mod codegen;
+mod tidy;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "buildplane project automation")]
+struct Flags {
+    #[command(subcommand)]
+    subcommand: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Regenerate committed artefacts (CRD YAML); with --check, fail if any is stale.
+    Codegen {
+        /// Only check that the committed files are current.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Check repository conventions (module docs, the tunnel crate's dependencies).
+    Tidy,
+}
+
+fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    match flags.subcommand {
+        Command::Codegen { check } => codegen::run(check),
+        Command::Tidy => tidy::run(),
+    }
+}
+
+/// The repository root (the parent of `xtask/`).
+pub(crate) fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the root")
+        .to_path_buf()
+}
