@@ -1,1 +1,14 @@
-//! Placeholder.
+//! The end-to-end harness behind `cargo xtask e2e`: scenario files, backends, runner, reports.
+//!
+//! A scenario (see [`scenario::Scenario`]) is a YAML file of steps; each step runs operations
+//! (apply, assert, kubectl, faults, component lifecycle, requests, load) against an
+//! environment that a [`backend::Backend`] provides: two clusters (control and build) with the
+//! gateway and controller deployed, and agents started by the scenario.
+//! The runner ([`runner`]) runs scenarios in parallel where they allow it and writes JUnit,
+//! JSON and HTML reports ([`report`]).
+
+pub mod bindings;
+pub mod duration;
+pub mod lint;
+pub mod matcher;
+pub mod scenario;

@@ -1,0 +1,3 @@
+//! Runs the `fast` scenarios of `scenarios/` as tests (libtest-mimic), on the sim backend.
+
+fn main() {}
