@@ -11,4 +11,5 @@ pub mod bindings;
 pub mod duration;
 pub mod lint;
 pub mod matcher;
+pub mod proxy;
 pub mod scenario;
