@@ -7,9 +7,13 @@
 //! The runner ([`runner`]) runs scenarios in parallel where they allow it and writes JUnit,
 //! JSON and HTML reports ([`report`]).
 
+pub mod backend;
 pub mod bindings;
 pub mod duration;
+pub mod kube_ops;
 pub mod lint;
 pub mod matcher;
+pub mod pki;
+pub mod process;
 pub mod proxy;
 pub mod scenario;

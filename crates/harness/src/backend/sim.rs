@@ -1,0 +1,822 @@
+//! The `sim` backend: every scenario gets two `kube-sim` processes (control and build), the real
+//! `cluster-gateway` and `buildplane-controller` binaries, agents as `cluster-agent` processes,
+//! and a fault proxy on every agent → gateway link.
+//!
+//! Environments are cheap (a handful of processes), so each scenario has its own and scenarios
+//! run in parallel without sharing a gateway they might restart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::{
+    AgentSpec, Backend, BackendError, BoxFuture, ClusterAccess, CommandOutput, ComponentTarget,
+    EnvSpec, Environment, GatewayAccess, Result, StopMode, SwarmPlane, SwarmSpec,
+};
+use crate::pki::EnvPki;
+use crate::process::{Proc, free_port, tail};
+use crate::proxy::{FaultProxy, Toxics};
+use crate::scenario::{ClusterName, ComponentKind};
+
+/// How long a component may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Grace period of a graceful stop.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Log lines quoted when a component fails to start.
+const TAIL_LINES: usize = 30;
+
+/// Where the component binaries are.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// Directory holding `kube-sim`, `cluster-gateway`, `cluster-agent`, `buildplane-controller`.
+    pub dir: PathBuf,
+    /// Build failures by binary name, reported when a scenario needs that binary.
+    pub build_errors: BTreeMap<String, String>,
+}
+
+impl Binaries {
+    fn path(&self, binary: &str) -> Result<PathBuf> {
+        let path = self.dir.join(binary);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let reason = match self.build_errors.get(binary) {
+            Some(err) => format!(
+                "binary {} is missing because its build failed:\n{err}",
+                path.display()
+            ),
+            None => format!(
+                "binary {} is missing; it is built by `cargo xtask e2e` (or `cargo build -p {}`)",
+                path.display(),
+                package_of(binary)
+            ),
+        };
+        Err(BackendError::ComponentUnavailable {
+            component: binary.to_string(),
+            reason,
+        })
+    }
+}
+
+/// The cargo package of a component binary.
+pub fn package_of(binary: &str) -> &str {
+    match binary {
+        "cluster-gateway" => "cluster-gateway",
+        "cluster-agent" => "cluster-agent",
+        "buildplane-controller" => "buildplane-controller",
+        _ => "kube-sim",
+    }
+}
+
+/// The sim backend.
+#[derive(Clone, Debug)]
+pub struct SimBackend {
+    binaries: Binaries,
+}
+
+impl SimBackend {
+    /// A backend using the binaries in `binaries.dir`.
+    pub fn new(binaries: Binaries) -> SimBackend {
+        SimBackend { binaries }
+    }
+}
+
+impl Backend for SimBackend {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn isolated(&self) -> bool {
+        true
+    }
+
+    fn environment(&self, spec: EnvSpec) -> BoxFuture<'_, Result<Box<dyn Environment>>> {
+        Box::pin(async move {
+            let env = SimEnv::start(self.binaries.clone(), spec).await?;
+            Ok(Box::new(env) as Box<dyn Environment>)
+        })
+    }
+}
+
+/// What "ready" means for a starting process.
+enum Probe {
+    /// GET returns 2xx.
+    Http(String),
+    /// A kubeconfig file with a current context exists.
+    Kubeconfig(PathBuf),
+    /// A PEM file with a certificate exists.
+    Pem(PathBuf),
+}
+
+impl Probe {
+    async fn ready(&self, client: &reqwest::Client) -> bool {
+        match self {
+            Probe::Http(url) => client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()),
+            Probe::Kubeconfig(path) => current_context(path).is_some(),
+            Probe::Pem(path) => {
+                std::fs::read_to_string(path).is_ok_and(|t| t.contains("END CERTIFICATE"))
+            }
+        }
+    }
+}
+
+struct ApiServer {
+    port: u16,
+    kubeconfig: PathBuf,
+    data_dir: PathBuf,
+    context: String,
+}
+
+struct AgentInfo {
+    spec: AgentSpec,
+    health_port: u16,
+}
+
+#[derive(Default)]
+struct State {
+    procs: BTreeMap<String, Proc>,
+    logs: BTreeMap<String, PathBuf>,
+    agents: BTreeMap<String, AgentInfo>,
+    swarms: BTreeMap<String, Vec<String>>,
+    args: BTreeMap<ComponentKind, Vec<String>>,
+    links: BTreeMap<String, Arc<FaultProxy>>,
+}
+
+struct SimEnv {
+    binaries: Binaries,
+    work: PathBuf,
+    pki: EnvPki,
+    control: ApiServer,
+    build: ApiServer,
+    agent_port: u16,
+    internal_port: u16,
+    gateway_health_port: u16,
+    controller_health_port: u16,
+    gateway: GatewayAccess,
+    state: Mutex<State>,
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
+    move |err| BackendError::Other(format!("{what}: {err}"))
+}
+
+fn component_env() -> BTreeMap<String, String> {
+    let level = std::env::var("E2E_COMPONENT_LOG").unwrap_or_else(|_| "info".to_string());
+    BTreeMap::from([
+        ("RUST_LOG".to_string(), level),
+        ("NO_COLOR".to_string(), "1".to_string()),
+    ])
+}
+
+fn unavailable(component: &str, reason: impl Into<String>) -> BackendError {
+    BackendError::ComponentUnavailable {
+        component: component.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The context a kube-sim kubeconfig selects.
+fn current_context(kubeconfig: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(kubeconfig).ok()?;
+    let value: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    value.get("current-context")?.as_str().map(str::to_string)
+}
+
+impl SimEnv {
+    async fn start(binaries: Binaries, spec: EnvSpec) -> Result<SimEnv> {
+        let work = spec.work_dir.clone();
+        std::fs::create_dir_all(work.join("logs"))
+            .map_err(io_err("creating the work directory"))?;
+        let pki =
+            EnvPki::generate(&work.join("pki")).map_err(|e| BackendError::Other(e.to_string()))?;
+        let tls = pki
+            .harness_tls()
+            .map_err(|e| BackendError::Other(format!("harness TLS: {e}")))?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| BackendError::Other(format!("harness HTTP client: {e}")))?;
+        let port = || free_port().map_err(io_err("choosing a port"));
+        let api_server = |name: &str| -> Result<ApiServer> {
+            Ok(ApiServer {
+                port: port()?,
+                kubeconfig: work.join(format!("{name}.kubeconfig")),
+                data_dir: work.join(format!("{name}-data")),
+                context: name.to_string(),
+            })
+        };
+        let internal_port = port()?;
+        let env = SimEnv {
+            control: api_server("control")?,
+            build: api_server("build")?,
+            agent_port: port()?,
+            internal_port,
+            gateway_health_port: port()?,
+            controller_health_port: port()?,
+            gateway: GatewayAccess {
+                base_url: format!("https://127.0.0.1:{internal_port}"),
+                client,
+            },
+            binaries,
+            work,
+            pki,
+            state: Mutex::new(State {
+                args: spec.component_args.clone(),
+                ..State::default()
+            }),
+        };
+        let (control, build) = tokio::join!(
+            env.start_api_server(ClusterName::Control),
+            env.start_api_server(ClusterName::Build)
+        );
+        control?;
+        build?;
+        env.install_crds().await?;
+        if spec.components.contains(&ComponentKind::Gateway) {
+            env.start_gateway().await?;
+        }
+        if spec.components.contains(&ComponentKind::Controller) {
+            env.start_controller().await?;
+        }
+        Ok(env)
+    }
+
+    fn api_server(&self, cluster: ClusterName) -> &ApiServer {
+        match cluster {
+            ClusterName::Control => &self.control,
+            ClusterName::Build => &self.build,
+        }
+    }
+
+    async fn spawn(&self, name: &str, binary: &str, args: Vec<String>) -> Result<()> {
+        let program = self.binaries.path(binary)?;
+        let log = self.work.join("logs").join(format!("{name}.log"));
+        let proc = Proc::spawn(name, &program, &args, &component_env(), &log)
+            .map_err(|err| unavailable(name, err.to_string()))?;
+        let mut state = self.state.lock().await;
+        state.logs.insert(name.to_string(), log);
+        if let Some(mut old) = state.procs.insert(name.to_string(), proc) {
+            old.kill().await;
+        }
+        Ok(())
+    }
+
+    /// Fails with the log tail if the process has exited.
+    async fn check_alive(&self, name: &str) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let Some(proc) = state.procs.get_mut(name) else {
+            return Err(unavailable(name, "not running"));
+        };
+        if let Some(status) = proc.exited() {
+            let log = tail(proc.log(), TAIL_LINES);
+            return Err(unavailable(
+                name,
+                format!("exited with {status} at start; last log lines:\n{log}"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn wait_ready(&self, name: &str, what: &str, probe: Probe) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| BackendError::Other(e.to_string()))?;
+        loop {
+            self.check_alive(name).await?;
+            if probe.ready(&client).await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let log = self
+                    .state
+                    .lock()
+                    .await
+                    .logs
+                    .get(name)
+                    .map(|p| tail(p, TAIL_LINES))
+                    .unwrap_or_default();
+                return Err(unavailable(
+                    name,
+                    format!(
+                        "not ready after {READY_TIMEOUT:?} (waited for {what}); last log lines:\n{log}"
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_http_ok(&self, name: &str, port: u16, path: &str) -> Result<()> {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        self.wait_ready(name, &format!("200 from {url}"), Probe::Http(url.clone()))
+            .await
+    }
+
+    async fn start_api_server(&self, cluster: ClusterName) -> Result<()> {
+        let server = self.api_server(cluster);
+        let _ = std::fs::remove_file(&server.kubeconfig);
+        let name = format!("apiserver-{}", cluster.as_str());
+        let args = vec![
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", server.port),
+            "--kubeconfig-out".into(),
+            server.kubeconfig.display().to_string(),
+            "--data-dir".into(),
+            server.data_dir.display().to_string(),
+            "--name".into(),
+            server.context.clone(),
+        ];
+        self.spawn(&name, "kube-sim", args).await?;
+        let kubeconfig = server.kubeconfig.clone();
+        self.wait_ready(
+            &name,
+            &format!("kubeconfig {}", kubeconfig.display()),
+            Probe::Kubeconfig(kubeconfig.clone()),
+        )
+        .await?;
+        let context = current_context(&kubeconfig).unwrap_or_default();
+        if context != server.context {
+            return Err(unavailable(
+                &name,
+                format!(
+                    "kubeconfig {} selects context `{context}`, expected `{}`",
+                    kubeconfig.display(),
+                    server.context
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn install_crds(&self) -> Result<()> {
+        let access = self.cluster(ClusterName::Control);
+        let client = crate::kube_ops::client(&access)
+            .await
+            .map_err(|e| BackendError::Other(e.to_string()))?;
+        for crd in buildplane_api::crds() {
+            let value =
+                serde_json::to_value(&crd).map_err(|e| BackendError::Other(e.to_string()))?;
+            crate::kube_ops::create_or_update(&client, &value)
+                .await
+                .map_err(|e| {
+                    unavailable("apiserver-control", format!("installing the CRDs: {e}"))
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn extra_args(&self, kind: ComponentKind) -> Vec<String> {
+        self.state
+            .lock()
+            .await
+            .args
+            .get(&kind)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn start_gateway(&self) -> Result<()> {
+        let pki = &self.pki;
+        let mut args = vec![
+            "--kubeconfig".to_string(),
+            self.control.kubeconfig.display().to_string(),
+            "--agent-listen".into(),
+            format!("127.0.0.1:{}", self.agent_port),
+            "--internal-listen".into(),
+            format!("127.0.0.1:{}", self.internal_port),
+            "--health-listen".into(),
+            format!("127.0.0.1:{}", self.gateway_health_port),
+            "--server-cert".into(),
+            pki.server_cert.display().to_string(),
+            "--server-key".into(),
+            pki.server_key.display().to_string(),
+            "--internal-server-cert".into(),
+            pki.server_cert.display().to_string(),
+            "--internal-server-key".into(),
+            pki.server_key.display().to_string(),
+            "--internal-client-ca".into(),
+            pki.internal_client_ca.display().to_string(),
+        ];
+        args.extend(self.extra_args(ComponentKind::Gateway).await);
+        self.spawn("gateway", "cluster-gateway", args).await?;
+        self.wait_http_ok("gateway", self.gateway_health_port, "/readyz")
+            .await
+    }
+
+    async fn start_controller(&self) -> Result<()> {
+        let pki = &self.pki;
+        let mut args = vec![
+            "--kubeconfig".to_string(),
+            self.control.kubeconfig.display().to_string(),
+            "--cluster-gateway-url".into(),
+            format!("https://127.0.0.1:{}", self.internal_port),
+            "--gateway-client-cert".into(),
+            pki.controller_cert.display().to_string(),
+            "--gateway-client-key".into(),
+            pki.controller_key.display().to_string(),
+            "--gateway-ca".into(),
+            pki.server_ca.display().to_string(),
+            "--health-listen".into(),
+            format!("127.0.0.1:{}", self.controller_health_port),
+            "--identity".into(),
+            "buildplane-controller-0".into(),
+        ];
+        args.extend(self.extra_args(ComponentKind::Controller).await);
+        self.spawn("controller", "buildplane-controller", args)
+            .await?;
+        self.wait_http_ok("controller", self.controller_health_port, "/healthz")
+            .await
+    }
+
+    async fn link(&self, name: &str) -> Result<Arc<FaultProxy>> {
+        let mut state = self.state.lock().await;
+        if let Some(link) = state.links.get(name) {
+            return Ok(link.clone());
+        }
+        let upstream = SocketAddr::from(([127, 0, 0, 1], self.agent_port));
+        let proxy = Arc::new(
+            FaultProxy::start(upstream)
+                .await
+                .map_err(io_err("starting a fault proxy"))?,
+        );
+        state.links.insert(name.to_string(), proxy.clone());
+        Ok(proxy)
+    }
+
+    fn agent_args(&self, link: SocketAddr, spec: &AgentSpec, health_port: u16) -> Vec<String> {
+        let mut args = vec![
+            "run".to_string(),
+            "--server-url".into(),
+            format!("wss://localhost:{}/ws", link.port()),
+            "--plane-id".into(),
+            spec.plane_id.clone(),
+            "--kubeconfig".into(),
+            self.build.kubeconfig.display().to_string(),
+            "--server-ca".into(),
+            self.pki.server_ca.display().to_string(),
+            "--identity-namespace".into(),
+            spec.identity_namespace.clone(),
+            "--health-listen".into(),
+            format!("127.0.0.1:{health_port}"),
+        ];
+        if let Some(protocol) = &spec.protocol {
+            args.extend(["--protocol".to_string(), protocol.clone()]);
+        }
+        args.extend(spec.args.iter().cloned());
+        args
+    }
+
+    async fn spawn_agent(&self, name: &str) -> Result<()> {
+        let link = self.link(name).await?;
+        let (spec, health_port) = {
+            let state = self.state.lock().await;
+            let info = state
+                .agents
+                .get(name)
+                .ok_or_else(|| BackendError::Unknown {
+                    what: "agent",
+                    name: name.to_string(),
+                })?;
+            (info.spec.clone(), info.health_port)
+        };
+        let proc_name = format!("agent-{name}");
+        self.spawn(
+            &proc_name,
+            "cluster-agent",
+            self.agent_args(link.addr(), &spec, health_port),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.check_alive(&proc_name).await
+    }
+
+    async fn proc_names(&self, target: &ComponentTarget) -> Result<Vec<String>> {
+        let state = self.state.lock().await;
+        let names = match target.kind {
+            ComponentKind::Gateway => vec!["gateway".to_string()],
+            ComponentKind::Controller => vec!["controller".to_string()],
+            ComponentKind::Apiserver => {
+                vec![format!(
+                    "apiserver-{}",
+                    target.cluster.unwrap_or(ClusterName::Control).as_str()
+                )]
+            }
+            ComponentKind::Agent => {
+                let name = target.name.clone().unwrap_or_default();
+                if !state.agents.contains_key(&name) {
+                    return Err(BackendError::Unknown {
+                        what: "agent",
+                        name,
+                    });
+                }
+                vec![format!("agent-{name}")]
+            }
+            ComponentKind::Swarm => {
+                let name = target.name.clone().unwrap_or_default();
+                state
+                    .swarms
+                    .get(&name)
+                    .cloned()
+                    .ok_or(BackendError::Unknown {
+                        what: "swarm",
+                        name,
+                    })?
+            }
+        };
+        Ok(names)
+    }
+
+    async fn health_port(&self, target: &ComponentTarget) -> Result<u16> {
+        match target.kind {
+            ComponentKind::Gateway => Ok(self.gateway_health_port),
+            ComponentKind::Controller => Ok(self.controller_health_port),
+            ComponentKind::Agent => {
+                let name = target.name.clone().unwrap_or_default();
+                let state = self.state.lock().await;
+                state
+                    .agents
+                    .get(&name)
+                    .map(|a| a.health_port)
+                    .ok_or(BackendError::Unknown {
+                        what: "agent",
+                        name,
+                    })
+            }
+            _ => Err(BackendError::Unsupported {
+                backend: "sim",
+                what: format!("metrics of {target}"),
+            }),
+        }
+    }
+}
+
+impl Environment for SimEnv {
+    fn cluster(&self, cluster: ClusterName) -> ClusterAccess {
+        let server = self.api_server(cluster);
+        ClusterAccess {
+            kubeconfig: server.kubeconfig.clone(),
+            context: server.context.clone(),
+        }
+    }
+
+    fn kubeconfig_env(&self) -> String {
+        format!(
+            "{}:{}",
+            self.control.kubeconfig.display(),
+            self.build.kubeconfig.display()
+        )
+    }
+
+    fn gateway(&self) -> Result<GatewayAccess> {
+        Ok(self.gateway.clone())
+    }
+
+    fn start_agent(&self, spec: AgentSpec) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let name = spec.name.clone();
+            let health_port = free_port().map_err(io_err("choosing a port"))?;
+            self.state
+                .lock()
+                .await
+                .agents
+                .insert(name.clone(), AgentInfo { spec, health_port });
+            self.spawn_agent(&name).await
+        })
+    }
+
+    fn start_swarm(&self, spec: SwarmSpec) -> BoxFuture<'_, Result<Vec<SwarmPlane>>> {
+        Box::pin(async move {
+            let link = self.link(&spec.name).await?;
+            let n_processes = spec.processes.max(1) as u64;
+            let mut names = Vec::new();
+            let mut ca_files = Vec::new();
+            for k in 0..n_processes {
+                let count = spec.count / n_processes + u64::from(k < spec.count % n_processes);
+                if count == 0 {
+                    continue;
+                }
+                let proc_name = format!("swarm-{}-{k}", spec.name);
+                let ca_out = self.work.join(format!("{proc_name}-ca.pem"));
+                let _ = std::fs::remove_file(&ca_out);
+                let prefix = format!("{}-{k}", spec.plane_id_prefix);
+                let mut args = vec![
+                    "swarm".to_string(),
+                    "--count".into(),
+                    count.to_string(),
+                    "--plane-id-prefix".into(),
+                    prefix.clone(),
+                    "--server-url".into(),
+                    format!("wss://localhost:{}/ws", link.addr().port()),
+                    "--server-ca".into(),
+                    self.pki.server_ca.display().to_string(),
+                    "--kubeconfig".into(),
+                    self.build.kubeconfig.display().to_string(),
+                    "--ca-out".into(),
+                    ca_out.display().to_string(),
+                ];
+                args.extend(spec.args.iter().cloned());
+                self.spawn(&proc_name, "cluster-agent", args).await?;
+                names.push(proc_name.clone());
+                ca_files.push((proc_name, ca_out, prefix, count));
+            }
+            self.state
+                .lock()
+                .await
+                .swarms
+                .insert(spec.name.clone(), names);
+            let mut planes = Vec::new();
+            for (proc_name, ca_out, prefix, count) in ca_files {
+                self.wait_ready(
+                    &proc_name,
+                    &format!("CA file {}", ca_out.display()),
+                    Probe::Pem(ca_out.clone()),
+                )
+                .await?;
+                let ca =
+                    std::fs::read_to_string(&ca_out).map_err(io_err("reading the swarm CA"))?;
+                planes.extend((0..count).map(|i| SwarmPlane {
+                    plane_id: format!("{prefix}-{i}"),
+                    ca: ca.clone(),
+                }));
+            }
+            Ok(planes)
+        })
+    }
+
+    fn start(&self, target: ComponentTarget, args: Vec<String>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if !args.is_empty() {
+                self.state
+                    .lock()
+                    .await
+                    .args
+                    .insert(target.kind, args.clone());
+            }
+            match target.kind {
+                ComponentKind::Gateway => self.start_gateway().await,
+                ComponentKind::Controller => self.start_controller().await,
+                ComponentKind::Apiserver => {
+                    self.start_api_server(target.cluster.unwrap_or(ClusterName::Control))
+                        .await
+                }
+                ComponentKind::Agent => {
+                    let name = target.name.clone().unwrap_or_default();
+                    if !args.is_empty()
+                        && let Some(info) = self.state.lock().await.agents.get_mut(&name)
+                    {
+                        info.spec.args = args;
+                    }
+                    self.spawn_agent(&name).await
+                }
+                ComponentKind::Swarm => Err(BackendError::Unsupported {
+                    backend: "sim",
+                    what: "restarting a swarm (its CAs would change); start a new one".into(),
+                }),
+            }
+        })
+    }
+
+    fn stop(&self, target: ComponentTarget, mode: StopMode) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let names = self.proc_names(&target).await?;
+            let mut procs = Vec::new();
+            {
+                let mut state = self.state.lock().await;
+                for name in &names {
+                    if let Some(proc) = state.procs.remove(name) {
+                        procs.push(proc);
+                    }
+                }
+            }
+            if procs.is_empty() {
+                return Err(BackendError::Other(format!("{target} is not running")));
+            }
+            futures::future::join_all(procs.iter_mut().map(|proc| async move {
+                match mode {
+                    StopMode::Graceful => proc.stop(STOP_GRACE).await,
+                    StopMode::Kill => proc.kill().await,
+                }
+            }))
+            .await;
+            Ok(())
+        })
+    }
+
+    fn set_faults(&self, link: &str, toxics: Toxics) -> Result<()> {
+        let state = self
+            .state
+            .try_lock()
+            .map_err(|_| BackendError::Other("environment busy".into()))?;
+        if link == "*" {
+            state
+                .links
+                .values()
+                .for_each(|proxy| proxy.set_toxics(toxics.clone()));
+            return Ok(());
+        }
+        let proxy = state.links.get(link).ok_or_else(|| BackendError::Unknown {
+            what: "link",
+            name: link.to_string(),
+        })?;
+        proxy.set_toxics(toxics);
+        Ok(())
+    }
+
+    fn metrics(&self, target: ComponentTarget) -> BoxFuture<'_, Result<String>> {
+        Box::pin(async move {
+            let port = self.health_port(&target).await?;
+            let url = format!("http://127.0.0.1:{port}/metrics");
+            let res = reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map_err(|e| BackendError::Other(format!("GET {url}: {e}")))?;
+            res.text()
+                .await
+                .map_err(|e| BackendError::Other(format!("GET {url}: {e}")))
+        })
+    }
+
+    fn agent_command(
+        &self,
+        agent: &str,
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<CommandOutput>> {
+        let agent = agent.to_string();
+        Box::pin(async move {
+            let namespace = {
+                let state = self.state.lock().await;
+                let info = state
+                    .agents
+                    .get(&agent)
+                    .ok_or_else(|| BackendError::Unknown {
+                        what: "agent",
+                        name: agent.clone(),
+                    })?;
+                info.spec.identity_namespace.clone()
+            };
+            let program = self.binaries.path("cluster-agent")?;
+            let mut full = args;
+            full.extend([
+                "--kubeconfig".to_string(),
+                self.build.kubeconfig.display().to_string(),
+                "--identity-namespace".into(),
+                namespace,
+            ]);
+            let output = tokio::process::Command::new(program)
+                .args(&full)
+                .envs(component_env())
+                .output()
+                .await
+                .map_err(io_err("running cluster-agent"))?;
+            Ok(CommandOutput {
+                code: output.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            })
+        })
+    }
+
+    fn logs(&self, lines: usize) -> BTreeMap<String, String> {
+        match self.state.try_lock() {
+            Ok(state) => state
+                .logs
+                .iter()
+                .map(|(name, path)| (name.clone(), tail(path, lines)))
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let mut procs: Vec<Proc> = std::mem::take(&mut state.procs).into_values().collect();
+            // Agents first, API servers last, so the others do not log spurious errors.
+            procs.sort_by_key(|p| match p.name() {
+                n if n.starts_with("agent") || n.starts_with("swarm") => 0,
+                "controller" => 1,
+                "gateway" => 2,
+                _ => 3,
+            });
+            for proc in &mut procs {
+                proc.stop(Duration::from_secs(2)).await;
+            }
+            state.links.clear();
+            Ok(())
+        })
+    }
+}
