@@ -10,10 +10,14 @@
 pub mod backend;
 pub mod bindings;
 pub mod duration;
+pub mod engine;
 pub mod kube_ops;
 pub mod lint;
 pub mod matcher;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod report;
+pub mod result;
+pub mod runner;
 pub mod scenario;

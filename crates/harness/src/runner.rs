@@ -1,0 +1,440 @@
+//! The runner: selects scenarios, runs them (in parallel where allowed), prints progress and
+//! returns results for the reports.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::backend::{Backend, EnvSpec, Environment};
+use crate::bindings::Bindings;
+use crate::engine::Engine;
+use crate::lint::LoadedScenario;
+use crate::result::{Failure, ScenarioResult, Status, StepResult, SuiteResult};
+use crate::scenario::{ClusterName, Scenario, TimeoutKind, Timeouts};
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Only scenarios whose name matches (regex).
+    pub filter: Option<regex::Regex>,
+    /// Only scenarios with every one of these labels.
+    pub labels: Vec<String>,
+    /// Skip scenarios with any of these labels.
+    pub skip_labels: Vec<String>,
+    /// Run each scenario this many times.
+    pub repeat: u32,
+    /// Keep objects and files of failed scenarios.
+    pub keep_on_failure: bool,
+    /// `default` or `full`.
+    pub profile: String,
+    /// Scenarios running at once.
+    pub jobs: usize,
+    /// Where environments keep their files.
+    pub work_dir: PathBuf,
+    /// Print progress lines.
+    pub verbose: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions {
+            filter: None,
+            labels: Vec::new(),
+            skip_labels: Vec::new(),
+            repeat: 1,
+            keep_on_failure: false,
+            profile: "default".into(),
+            jobs: 3,
+            work_dir: std::env::temp_dir().join("buildplane-e2e"),
+            verbose: true,
+        }
+    }
+}
+
+/// Progress output (one line per call).
+pub type Progress = Arc<dyn Fn(String) + Send + Sync>;
+
+/// Whether a scenario is selected by the options.
+pub fn selected(scenario: &Scenario, options: &RunOptions) -> bool {
+    options
+        .filter
+        .as_ref()
+        .is_none_or(|re| re.is_match(&scenario.name))
+        && options.labels.iter().all(|l| scenario.labels.contains(l))
+        && !options
+            .skip_labels
+            .iter()
+            .any(|l| scenario.labels.contains(l))
+}
+
+fn short_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+        .collect()
+}
+
+/// A DNS label: lowercase, `[a-z0-9-]`, at most `max` characters, no trailing hyphen.
+fn dns_label(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(max)
+        .collect();
+    while out.ends_with('-') {
+        out.pop();
+    }
+    out
+}
+
+/// The bindings a scenario starts with.
+fn initial_bindings(
+    scenario: &Scenario,
+    env: &dyn Environment,
+    run: &str,
+    profile: &str,
+) -> Result<Bindings, Failure> {
+    let mut bindings = Bindings::new();
+    let base = dns_label(&scenario.name, 40);
+    bindings.set("run", json!(run));
+    bindings.set("namespace", json!(format!("e2e-{base}-{run}")));
+    bindings.set("planeID", json!(format!("{base}-{run}")));
+    bindings.set(
+        "controlContext",
+        json!(env.cluster(ClusterName::Control).context),
+    );
+    bindings.set(
+        "buildContext",
+        json!(env.cluster(ClusterName::Build).context),
+    );
+    bindings.set("kubeconfig", json!(env.kubeconfig_env()));
+    bindings.set("profile", json!(profile));
+    let overrides = scenario.profiles.get(profile);
+    for (name, value) in &scenario.bindings {
+        let value = overrides.and_then(|o| o.get(name)).unwrap_or(value);
+        let value = bindings
+            .substitute(value)
+            .map_err(|e| Failure::msg(format!("binding `{name}`: {e}")))?;
+        bindings.set(name.clone(), value);
+    }
+    Ok(bindings)
+}
+
+fn failed_result(
+    scenario: &Scenario,
+    attempt: u32,
+    started: Instant,
+    failure: Failure,
+) -> ScenarioResult {
+    ScenarioResult {
+        name: scenario.name.clone(),
+        attempt,
+        labels: scenario.labels.clone(),
+        status: Status::Failed,
+        duration: started.elapsed(),
+        failure: Some(failure),
+        steps: Vec::new(),
+        cleanup_error: None,
+        evidence: None,
+        series: Vec::new(),
+        loads: Vec::new(),
+        kept: None,
+    }
+}
+
+/// Runs one scenario in its own environment.
+pub async fn run_scenario(
+    backend: &dyn Backend,
+    loaded: &LoadedScenario,
+    attempt: u32,
+    suite_timeouts: &Timeouts,
+    options: &RunOptions,
+    progress: Progress,
+) -> ScenarioResult {
+    let scenario = &loaded.scenario;
+    let started = Instant::now();
+    let run = short_id();
+    let work_dir = options.work_dir.join(format!("{}-{run}", scenario.name));
+    let spec = EnvSpec {
+        id: format!("{}-{run}", scenario.name),
+        components: scenario.components.clone(),
+        component_args: scenario.component_args.clone(),
+        work_dir: work_dir.clone(),
+    };
+    let name = scenario.name.clone();
+    let say = {
+        let progress = progress.clone();
+        move |line: String| progress(format!("{name}: {line}"))
+    };
+    say(format!("setting up the {} environment", backend.name()));
+    let env: Arc<dyn Environment> = match backend.environment(spec).await {
+        Ok(env) => Arc::from(env),
+        Err(err) => {
+            let failure = Failure {
+                message: format!("environment setup failed: {err}"),
+                awaited: Some(format!("clusters with {:?} deployed", scenario.components)),
+                ..Failure::default()
+            };
+            let mut result = failed_result(scenario, attempt, started, failure);
+            result.kept = Some(work_dir.display().to_string());
+            return result;
+        }
+    };
+    let bindings = match initial_bindings(scenario, env.as_ref(), &run, &options.profile) {
+        Ok(bindings) => bindings,
+        Err(failure) => {
+            let _ = env.shutdown().await;
+            return failed_result(scenario, attempt, started, failure);
+        }
+    };
+    let scenario_dir = loaded.path.parent().map(PathBuf::from).unwrap_or_default();
+    let step_progress: Progress = {
+        let say = say.clone();
+        Arc::new(move |line| say(line))
+    };
+    let mut engine = Engine::new(env.clone(), bindings, scenario_dir, step_progress);
+    let timeouts = scenario.timeouts.inherit(suite_timeouts);
+    let namespace = engine
+        .bindings
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let mut steps: Vec<StepResult> = Vec::new();
+    let mut failure = None;
+    for cluster in [ClusterName::Control, ClusterName::Build] {
+        if let Err(f) = engine.ensure_namespace(cluster, &namespace).await {
+            failure = Some(f);
+        }
+    }
+    let n_steps = scenario.steps.len();
+    for (i, step) in scenario.steps.iter().enumerate() {
+        if failure.is_some() {
+            steps.push(StepResult {
+                name: step.name.clone(),
+                status: Status::Skipped,
+                duration: Duration::ZERO,
+                operations: Vec::new(),
+            });
+            continue;
+        }
+        say(format!("step {}/{n_steps} {}", i + 1, step.name));
+        let result = engine.run_step(step, &timeouts).await;
+        if result.status == Status::Failed {
+            let first = result.operations.iter().find_map(|o| {
+                o.failure
+                    .clone()
+                    .map(|f| (o.kind.clone(), o.summary.clone(), f))
+            });
+            if let Some((kind, summary, mut f)) = first {
+                f.message = format!("step `{}`, {kind} {summary}: {}", step.name, f.message);
+                failure = Some(f);
+            }
+        }
+        steps.push(result);
+    }
+    let evidence = if failure.is_some() {
+        Some(engine.evidence().await)
+    } else {
+        None
+    };
+    let (series, loads) = engine.finish();
+    let keep = failure.is_some() && options.keep_on_failure;
+    let cleanup_timeout: Duration = timeouts
+        .get(TimeoutKind::Cleanup)
+        .unwrap_or(crate::duration::Dur::secs(30))
+        .into();
+    let cleanup_error = if keep {
+        None
+    } else {
+        say("cleaning up".into());
+        engine.cleanup(cleanup_timeout).await.err()
+    };
+    if let Err(err) = env.shutdown().await
+        && failure.is_none()
+    {
+        failure = Some(Failure::msg(format!("environment shutdown failed: {err}")));
+    }
+    if failure.is_none()
+        && let Some(err) = &cleanup_error
+    {
+        failure = Some(Failure::msg(format!("cleanup failed: {err}")));
+    }
+    let kept = if keep {
+        Some(work_dir.display().to_string())
+    } else {
+        if failure.is_none() {
+            let _ = std::fs::remove_dir_all(&work_dir);
+        }
+        (failure.is_some()).then(|| work_dir.display().to_string())
+    };
+    ScenarioResult {
+        name: scenario.name.clone(),
+        attempt,
+        labels: scenario.labels.clone(),
+        status: if failure.is_some() {
+            Status::Failed
+        } else {
+            Status::Passed
+        },
+        duration: started.elapsed(),
+        failure,
+        steps,
+        cleanup_error,
+        evidence,
+        series,
+        loads,
+        kept,
+    }
+}
+
+/// Runs the selected scenarios: non-concurrent ones first, alone; then the rest `jobs` at a time.
+pub async fn run_suite(
+    backend: Arc<dyn Backend>,
+    scenarios: Vec<LoadedScenario>,
+    options: RunOptions,
+    progress: Progress,
+) -> SuiteResult {
+    let started_at = chrono::Utc::now().to_rfc3339();
+    let started = Instant::now();
+    let suite_timeouts = Timeouts::suite_defaults();
+    let selected: Vec<LoadedScenario> = scenarios
+        .into_iter()
+        .filter(|s| selected(&s.scenario, &options))
+        .collect();
+    let mut runs = Vec::new();
+    for attempt in 0..options.repeat.max(1) {
+        for loaded in &selected {
+            runs.push((loaded.clone(), attempt));
+        }
+    }
+    let (serial, parallel): (Vec<_>, Vec<_>) =
+        runs.into_iter().partition(|(l, _)| !l.scenario.concurrent);
+    let mut results = Vec::new();
+    let report = |result: &ScenarioResult| {
+        let verdict = match result.status {
+            Status::Passed => "PASS",
+            Status::Failed => "FAIL",
+            Status::Skipped => "SKIP",
+        };
+        let mut line = format!(
+            "{verdict} {} ({})",
+            result.name,
+            crate::duration::pretty(result.duration)
+        );
+        if let Some(failure) = &result.failure {
+            line.push('\n');
+            line.push_str(&crate::result::indent(&failure.render(), 2));
+        }
+        line
+    };
+    for (loaded, attempt) in serial {
+        let result = run_scenario(
+            backend.as_ref(),
+            &loaded,
+            attempt,
+            &suite_timeouts,
+            &options,
+            progress.clone(),
+        )
+        .await;
+        progress(report(&result));
+        results.push(result);
+    }
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(options.jobs.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (loaded, attempt) in parallel {
+        let backend = backend.clone();
+        let options = options.clone();
+        let progress = progress.clone();
+        let semaphore = semaphore.clone();
+        let suite_timeouts = suite_timeouts.clone();
+        tasks.spawn(async move {
+            let _permit = semaphore.acquire_owned().await;
+            run_scenario(
+                backend.as_ref(),
+                &loaded,
+                attempt,
+                &suite_timeouts,
+                &options,
+                progress,
+            )
+            .await
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(result) => {
+                progress(report(&result));
+                results.push(result);
+            }
+            Err(err) => progress(format!("FAIL a scenario task panicked: {err}")),
+        }
+    }
+    SuiteResult {
+        backend: backend.name().to_string(),
+        profile: options.profile.clone(),
+        started: started_at,
+        duration: started.elapsed(),
+        scenarios: results,
+    }
+}
+
+/// The closing table and the `N passed, N failed` line.
+pub fn summary_table(suite: &SuiteResult) -> String {
+    let width = suite
+        .scenarios
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    let mut out = format!(
+        "{:<width$}  {:<6}  {:>9}\n",
+        "scenario", "result", "duration"
+    );
+    let mut sorted: Vec<_> = suite.scenarios.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name).then(a.attempt.cmp(&b.attempt)));
+    for result in sorted {
+        let verdict = match result.status {
+            Status::Passed => "pass",
+            Status::Failed => "FAIL",
+            Status::Skipped => "skip",
+        };
+        out.push_str(&format!(
+            "{:<width$}  {:<6}  {:>9}\n",
+            result.name,
+            verdict,
+            crate::duration::pretty(result.duration)
+        ));
+    }
+    out.push_str(&format!(
+        "total wall time {} (backend {}, profile {})\n",
+        crate::duration::pretty(suite.duration),
+        suite.backend,
+        suite.profile
+    ));
+    out.push_str(&format!(
+        "{} passed, {} failed",
+        suite.passed(),
+        suite.failed()
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Generated names are valid DNS labels.
+    #[test]
+    fn makes_dns_labels() {
+        assert_eq!(dns_label("CA_rotation.v2--", 63), "ca-rotation-v2");
+        assert_eq!(dns_label("abcdef", 3), "abc");
+    }
+}
