@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation (code generation, tidy checks, e2e, benches, k3d).
 
 mod codegen;
+mod e2e;
 mod tidy;
 
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ enum Command {
     },
     /// Check repository conventions (module docs, the tunnel crate's dependencies).
     Tidy,
+    /// Run the end-to-end scenarios (see crates/harness/README.md).
+    E2e(e2e::E2eFlags),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     match flags.subcommand {
         Command::Codegen { check } => codegen::run(check),
         Command::Tidy => tidy::run(),
+        Command::E2e(flags) => e2e::run(flags),
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod bindings;
+pub mod build;
 pub mod duration;
 pub mod engine;
 pub mod kube_ops;

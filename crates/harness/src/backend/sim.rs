@@ -40,9 +40,18 @@ pub struct Binaries {
 }
 
 impl Binaries {
+    /// Binaries already built into `dir`.
+    pub fn from_dir(dir: PathBuf) -> Binaries {
+        Binaries {
+            dir,
+            build_errors: BTreeMap::new(),
+        }
+    }
+
     fn path(&self, binary: &str) -> Result<PathBuf> {
         let path = self.dir.join(binary);
-        if path.is_file() {
+        // A failed build may leave an older binary behind: do not run it.
+        if path.is_file() && !self.build_errors.contains_key(binary) {
             return Ok(path);
         }
         let reason = match self.build_errors.get(binary) {

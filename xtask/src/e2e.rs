@@ -1,0 +1,209 @@
+//! `cargo xtask e2e`: builds the component binaries, runs the scenarios and writes the reports.
+//!
+//! `cargo xtask e2e lint` checks the scenario files, `cargo xtask e2e schema` prints (or with
+//! `--check` verifies) their JSON Schema.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail, format_err};
+use buildplane_harness::backend::Backend;
+use buildplane_harness::backend::k3d::K3dBackend;
+use buildplane_harness::backend::kubeconfig::KubeconfigBackend;
+use buildplane_harness::backend::sim::SimBackend;
+use buildplane_harness::runner::{RunOptions, run_suite, summary_table};
+use buildplane_harness::{build, lint, report, scenario};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::project_root;
+
+/// Flags of `cargo xtask e2e`.
+#[derive(Args)]
+pub(crate) struct E2eFlags {
+    #[command(subcommand)]
+    command: Option<E2eCommand>,
+    /// Only scenarios whose name matches this regex.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Only scenarios with this label (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Skip scenarios with this label (repeatable).
+    #[arg(long = "skip-label")]
+    skip_labels: Vec<String>,
+    /// Run every selected scenario N times.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Keep the objects and files of failed scenarios for inspection.
+    #[arg(long)]
+    keep_on_failure: bool,
+    /// `default` (1,000-agent storm) or `full` (10,000).
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    profile: Profile,
+    /// Where the scenarios run.
+    #[arg(long, value_enum, default_value_t = BackendKind::Sim)]
+    backend: BackendKind,
+    /// Report directory (JUnit, JSON, HTML).
+    #[arg(long, default_value = "target/e2e-report")]
+    report_dir: PathBuf,
+    /// Scenarios running at once.
+    #[arg(long, default_value_t = 3)]
+    jobs: usize,
+    /// Scenario directory.
+    #[arg(long, default_value = "scenarios")]
+    scenarios: PathBuf,
+    /// Do not build the component binaries (use what is in the target directory).
+    #[arg(long)]
+    no_build: bool,
+    /// kubeconfig backend: the kubeconfig file.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// kubeconfig backend: context of the control cluster.
+    #[arg(long)]
+    control_context: Option<String>,
+    /// kubeconfig backend: context of the build cluster.
+    #[arg(long)]
+    build_context: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum E2eCommand {
+    /// Check every scenario file (file, line and field of each mistake).
+    Lint,
+    /// Print the JSON Schema of scenario files.
+    Schema {
+        /// Write it to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Profile {
+    Default,
+    Full,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendKind {
+    Sim,
+    K3d,
+    Kubeconfig,
+}
+
+fn load(dir: &std::path::Path) -> anyhow::Result<Vec<lint::LoadedScenario>> {
+    let (scenarios, errors) = lint::load_dir(dir);
+    if !errors.is_empty() {
+        for error in &errors {
+            eprintln!("{error}");
+        }
+        bail!("{} problem(s) in scenario files", errors.len());
+    }
+    Ok(scenarios)
+}
+
+/// Runs `cargo xtask e2e`.
+pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
+    let root = project_root();
+    let scenario_dir = root.join(&flags.scenarios);
+    match flags.command {
+        Some(E2eCommand::Lint) => {
+            let scenarios = load(&scenario_dir)?;
+            println!("{} scenario files OK", scenarios.len());
+            return Ok(());
+        }
+        Some(E2eCommand::Schema { out }) => {
+            let schema = scenario::json_schema();
+            match out {
+                Some(path) => std::fs::write(&path, schema)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{schema}"),
+            }
+            return Ok(());
+        }
+        None => {}
+    }
+    let started = std::time::Instant::now();
+    let progress: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |line: String| {
+        let elapsed = started.elapsed().as_secs_f64();
+        for (i, part) in line.lines().enumerate() {
+            if i == 0 {
+                eprintln!("[{elapsed:7.1}s] {part}");
+            } else {
+                eprintln!("           {part}");
+            }
+        }
+    });
+    let scenarios = load(&scenario_dir)?;
+    progress(format!("{} scenario files checked", scenarios.len()));
+    let backend: Arc<dyn Backend> = match flags.backend {
+        BackendKind::Sim => {
+            let binaries = if flags.no_build {
+                build::Binaries::from_dir(build::default_bin_dir(&root))
+            } else {
+                let cargo = std::env::var_os("CARGO")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| "cargo".into());
+                progress("building the component binaries".into());
+                build::build_components(&cargo, &root, &|line| progress(line))
+            };
+            Arc::new(SimBackend::new(binaries))
+        }
+        BackendKind::K3d => Arc::new(K3dBackend),
+        BackendKind::Kubeconfig => Arc::new(KubeconfigBackend {
+            kubeconfig: flags
+                .kubeconfig
+                .clone()
+                .ok_or_else(|| format_err!("--backend kubeconfig needs --kubeconfig"))?,
+            control_context: flags
+                .control_context
+                .clone()
+                .ok_or_else(|| format_err!("--backend kubeconfig needs --control-context"))?,
+            build_context: flags
+                .build_context
+                .clone()
+                .ok_or_else(|| format_err!("--backend kubeconfig needs --build-context"))?,
+            gateway: None,
+        }),
+    };
+    let report_dir = if flags.report_dir.is_absolute() {
+        flags.report_dir.clone()
+    } else {
+        root.join(&flags.report_dir)
+    };
+    let options = RunOptions {
+        filter: flags
+            .filter
+            .as_deref()
+            .map(regex::Regex::new)
+            .transpose()
+            .context("--filter")?,
+        labels: flags.labels.clone(),
+        skip_labels: flags.skip_labels.clone(),
+        repeat: flags.repeat,
+        keep_on_failure: flags.keep_on_failure,
+        profile: match flags.profile {
+            Profile::Default => "default".into(),
+            Profile::Full => "full".into(),
+        },
+        jobs: flags.jobs,
+        work_dir: report_dir.join("work"),
+        verbose: true,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let suite = runtime.block_on(run_suite(backend, scenarios, options, progress.clone()));
+    let paths = report::write_all(&suite, &report_dir).context("writing the reports")?;
+    for path in paths {
+        progress(format!("report: {}", path.display()));
+    }
+    println!("{}", summary_table(&suite));
+    if suite.scenarios.is_empty() {
+        bail!("no scenario selected");
+    }
+    if suite.failed() > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
