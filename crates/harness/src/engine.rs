@@ -597,6 +597,13 @@ impl Engine {
                     .map_err(|e| fail(format!("stdout is not JSON: {e}")))?,
                 OutputFormat::Yaml => serde_yaml::from_str(&stdout)
                     .map_err(|e| fail(format!("stdout is not YAML: {e}")))?,
+                OutputFormat::Base64 => {
+                    use base64::Engine as _;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(stdout.trim())
+                        .map_err(|e| fail(format!("stdout is not base64: {e}")))?;
+                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                }
             };
             self.bindings.set(output.clone(), value);
         }
@@ -647,7 +654,8 @@ impl Engine {
                 let spec = SwarmSpec {
                     name: target.name.clone().unwrap_or_default(),
                     count: self.count(op.count.as_ref().unwrap_or(&Count::Literal(0)))?,
-                    processes: op.processes.unwrap_or(4),
+                    processes: self.count(op.processes.as_ref().unwrap_or(&Count::Literal(4)))?
+                        as u32,
                     plane_id_prefix: self
                         .text(op.plane_id_prefix.as_deref().unwrap_or_default())?,
                     args,
@@ -922,7 +930,8 @@ impl Engine {
             .get(&op.name)
             .ok_or_else(|| fail(format!("no series `{}`", op.name)))?;
         let points = points.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(max_rise) = op.max_rise_per_second {
+        if let Some(max_rise) = &op.max_rise_per_second {
+            let max_rise = self.count(max_rise)? as f64;
             let rise = max_rise_per_second(&points);
             if rise > max_rise {
                 return Err(Failure {
@@ -1082,7 +1091,18 @@ impl Engine {
             Operation::Assert(o) => self.assert(o, timeout, false).await,
             Operation::Error(o) => self.assert(o, timeout, true).await,
             Operation::Await(o) => self.await_background(&o.name, timeout).await,
-            Operation::CheckSeries(o) => self.check_series(o),
+            Operation::CheckSeries(o) => {
+                let deadline = Instant::now() + o.within.map(Duration::from).unwrap_or_default();
+                loop {
+                    match self.check_series(o) {
+                        Err(failure) if Instant::now() < deadline => {
+                            let _ = failure;
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        res => break res,
+                    }
+                }
+            }
             Operation::Consistently(o) => self.consistently(o, timeouts).await,
             Operation::Delete(o) => {
                 let objects = self.load_objects(&o.object, &o.file, &self.bindings)?;

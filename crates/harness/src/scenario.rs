@@ -339,6 +339,15 @@ impl Operation {
             Operation::Script(op) => &op.description,
             Operation::Exec(op) => &op.description,
             Operation::Consistently(op) => &op.description,
+            Operation::Load(op) => &op.description,
+            Operation::Delete(op) => &op.description,
+            Operation::Watch(op) => &op.description,
+            Operation::Metric(op) => &op.description,
+            Operation::Fault(op) => &op.description,
+            Operation::Kill(op)
+            | Operation::Restart(op)
+            | Operation::Start(op)
+            | Operation::Stop(op) => &op.description,
             _ => &None,
         };
         description.as_deref()
@@ -516,6 +525,8 @@ pub struct AssertOp {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DeleteOp {
+    /// Human description shown in reports.
+    pub description: Option<String>,
     /// Target cluster (default control).
     #[serde(default)]
     pub cluster: ClusterName,
@@ -558,6 +569,8 @@ pub enum OutputFormat {
     Json,
     /// Parsed as YAML.
     Yaml,
+    /// Base64-decoded to text (for `-o jsonpath={.data.x}` of a Secret).
+    Base64,
 }
 
 /// Command-line arguments, as a list or as one string split like a shell would (quotes kept together).
@@ -657,6 +670,8 @@ pub struct ExecOp {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ComponentOp {
+    /// Human description shown in reports.
+    pub description: Option<String>,
     /// Which component.
     pub component: Option<ComponentKind>,
     /// The agent's or swarm's name (also the name of its link for faults).
@@ -676,7 +691,7 @@ pub struct ComponentOp {
     /// Swarm: number of agents.
     pub count: Option<Count>,
     /// Swarm: number of processes the agents are spread over (default 4).
-    pub processes: Option<u32>,
+    pub processes: Option<Count>,
     /// Swarm: planeID prefix (each process `k` uses `PREFIX-k`).
     #[serde(rename = "planeIDPrefix")]
     pub plane_id_prefix: Option<String>,
@@ -714,6 +729,8 @@ pub struct SlicerSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultOp {
+    /// Human description shown in reports.
+    pub description: Option<String>,
     /// The link: an agent's or swarm's name, or `*` for every link.
     pub link: String,
     /// Added latency per chunk.
@@ -811,6 +828,8 @@ pub struct LoadExpect {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoadOp {
+    /// Human description shown in reports.
+    pub description: Option<String>,
     /// Paths requested in turn (GET).
     pub paths: Vec<String>,
     /// Requests per second in total.
@@ -877,15 +896,19 @@ pub struct CheckSeriesOp {
     /// Series name.
     pub name: String,
     /// Largest rise of the value within any one second.
-    pub max_rise_per_second: Option<f64>,
+    pub max_rise_per_second: Option<Count>,
     /// The last sample must be at least this.
     pub final_at_least: Option<Count>,
+    /// Keep checking `finalAtLeast` until it holds or this time passes.
+    pub within: Option<Dur>,
 }
 
 /// Poll a Prometheus metric.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MetricOp {
+    /// Human description shown in reports.
+    pub description: Option<String>,
     /// Component exposing `/metrics`.
     pub component: ComponentKind,
     /// Agent name when component is `agent`.
@@ -916,6 +939,8 @@ pub struct WatchEvent {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WatchOp {
+    /// Human description shown in reports.
+    pub description: Option<String>,
     /// Path on the internal listener (watch query added when missing).
     pub path: String,
     /// Events that must arrive, in order (other events may come in between).
