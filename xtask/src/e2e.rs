@@ -70,11 +70,14 @@ pub(crate) struct E2eFlags {
 enum E2eCommand {
     /// Check every scenario file (file, line and field of each mistake).
     Lint,
-    /// Print the JSON Schema of scenario files.
+    /// Print the JSON Schema of scenario files (committed as scenarios/scenario.schema.json).
     Schema {
         /// Write it to this file instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Fail if scenarios/scenario.schema.json is not current.
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -112,8 +115,21 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
             println!("{} scenario files OK", scenarios.len());
             return Ok(());
         }
-        Some(E2eCommand::Schema { out }) => {
+        Some(E2eCommand::Schema { out, check }) => {
             let schema = scenario::json_schema();
+            if check {
+                let path = scenario_dir.join("scenario.schema.json");
+                let committed = std::fs::read_to_string(&path).unwrap_or_default();
+                if committed.trim_end() != schema.trim_end() {
+                    bail!(
+                        "{} is stale; run `cargo xtask e2e schema --out {}`",
+                        path.display(),
+                        path.display()
+                    );
+                }
+                println!("{} is current", path.display());
+                return Ok(());
+            }
             match out {
                 Some(path) => std::fs::write(&path, schema)
                     .with_context(|| format!("writing {}", path.display()))?,
@@ -123,7 +139,7 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
         }
         None => {}
     }
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let progress: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |line: String| {
         let elapsed = started.elapsed().as_secs_f64();
         for (i, part) in line.lines().enumerate() {

@@ -26,7 +26,7 @@ enum Command {
     /// Check repository conventions (module docs, the tunnel crate's dependencies).
     Tidy,
     /// Run the end-to-end scenarios (see crates/harness/README.md).
-    E2e(e2e::E2eFlags),
+    E2e(Box<e2e::E2eFlags>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     match flags.subcommand {
         Command::Codegen { check } => codegen::run(check),
         Command::Tidy => tidy::run(),
-        Command::E2e(flags) => e2e::run(flags),
+        Command::E2e(flags) => e2e::run(*flags),
     }
 }
 

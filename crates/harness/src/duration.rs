@@ -85,9 +85,9 @@ impl fmt::Display for Dur {
         let ms = self.0.as_millis();
         if ms == 0 {
             write!(f, "0s")
-        } else if ms % 60_000 == 0 {
+        } else if ms.is_multiple_of(60_000) {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -120,6 +120,15 @@ impl schemars::JsonSchema for Dur {
             "description": "A duration such as `500ms`, `5s`, `2m` or `1h30m`."
         })
     }
+}
+
+/// The largest char boundary at or below `n` (`str::floor_char_boundary` needs a newer Rust).
+pub fn char_floor(text: &str, n: usize) -> usize {
+    let mut n = n.min(text.len());
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    n
 }
 
 /// Formats a std duration the way reports show it (`1.23s`, `45ms`).

@@ -32,6 +32,9 @@ const APPLY_CONCURRENCY: usize = 16;
 
 type OpResultT = Result<(), Failure>;
 
+/// Samples of a recorded series, shared with its sampler task.
+type SeriesPoints = Arc<Mutex<Vec<(f64, f64)>>>;
+
 /// A background operation.
 struct Background {
     handle: JoinHandle<OpResultT>,
@@ -63,7 +66,7 @@ pub struct Engine {
     created: Vec<Created>,
     namespaces: BTreeSet<(ClusterName, String)>,
     backgrounds: HashMap<String, Background>,
-    series: BTreeMap<String, Arc<Mutex<Vec<(f64, f64)>>>>,
+    series: BTreeMap<String, SeriesPoints>,
     samplers: Vec<JoinHandle<()>>,
     loads: Arc<Mutex<Vec<LoadReport>>>,
     agents: BTreeMap<String, String>,
@@ -631,6 +634,9 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
         let env = self.env.clone();
         let res = match (action, target.kind) {
+            ("start", ComponentKind::Agent) if op.plane_id.is_none() => {
+                env.start(target.clone(), args).await
+            }
             ("start", ComponentKind::Agent) => {
                 let name = target.name.clone().unwrap_or_default();
                 let namespace = self.text(
@@ -1720,7 +1726,7 @@ async fn request_until(
 }
 
 fn truncate(text: &str, n: usize) -> &str {
-    &text[..text.floor_char_boundary(n)]
+    &text[..crate::duration::char_floor(text, n)]
 }
 
 async fn watch_until(

@@ -261,6 +261,7 @@ struct Linter<'a> {
     known: BTreeSet<String>,
     backgrounds: BTreeSet<String>,
     series: BTreeSet<String>,
+    agents: BTreeSet<String>,
 }
 
 impl Linter<'_> {
@@ -377,8 +378,13 @@ impl Linter<'_> {
         if kind == ComponentKind::Apiserver && op.cluster.is_none() {
             self.error(path, "`apiserver` needs a `cluster`");
         }
-        if starting && kind == ComponentKind::Agent && op.plane_id.is_none() {
-            self.error(path, "starting an agent needs `planeID`");
+        if starting && kind == ComponentKind::Agent {
+            let name = op.name.clone().unwrap_or_default();
+            if op.plane_id.is_some() {
+                self.agents.insert(name);
+            } else if !self.agents.contains(&name) {
+                self.error(path, "starting a new agent needs `planeID` (only a stopped agent restarts without one)");
+            }
         }
         if starting
             && kind == ComponentKind::Swarm
@@ -612,6 +618,7 @@ pub fn lint(file: &Path, text: &str, scenario: &Scenario) -> Vec<LintError> {
         known: BUILTIN_BINDINGS.iter().map(|s| s.to_string()).collect(),
         backgrounds: BTreeSet::new(),
         series: BTreeSet::new(),
+        agents: BTreeSet::new(),
     };
     let stem = file
         .file_stem()

@@ -48,7 +48,7 @@ pub fn matches(expected: &Value, actual: &Value) -> bool {
 fn short(value: &Value) -> String {
     let text = value.to_string();
     if text.len() > 120 {
-        format!("{}…", &text[..text.floor_char_boundary(120)])
+        format!("{}…", &text[..crate::duration::char_floor(&text, 120)])
     } else {
         text
     }

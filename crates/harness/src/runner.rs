@@ -195,7 +195,7 @@ pub async fn run_scenario(
     let scenario_dir = loaded.path.parent().map(PathBuf::from).unwrap_or_default();
     let step_progress: Progress = {
         let say = say.clone();
-        Arc::new(move |line| say(line))
+        Arc::new(say)
     };
     let mut engine = Engine::new(env.clone(), bindings, scenario_dir, step_progress);
     let timeouts = scenario.timeouts.inherit(suite_timeouts);

@@ -241,6 +241,7 @@ pub enum Count {
 /// externally tagged enums only from YAML tags; the hand-written visitor keeps line numbers.
 #[derive(Clone, Debug, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[allow(clippy::large_enum_variant)] // Parsed once per file; boxing would only add noise.
 pub enum Operation {
     /// Create the objects, or merge-patch them when they exist; deleted at cleanup.
     Apply(ApplyOp),
@@ -1010,4 +1011,82 @@ pub fn json_schema() -> String {
     let schema = schemars::schema_for!(Scenario);
     // Invariant: a schemars schema is always serialisable.
     serde_json::to_string_pretty(&schema).expect("schema serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Scenario {
+        serde_yaml::from_str(text).unwrap()
+    }
+
+    const SCENARIO: &str = "\
+name: t
+description: fails when broken
+timeouts: {assert: 20s}
+steps:
+  - name: s
+    timeouts: {apply: 3s}
+    try:
+      - assert: {timeout: 7s, object: {apiVersion: v1, kind: ConfigMap}}
+      - assert: {object: {apiVersion: v1, kind: ConfigMap}}
+      - apply: {object: {apiVersion: v1, kind: ConfigMap}}
+      - delete: {object: {apiVersion: v1, kind: ConfigMap}}
+";
+
+    /// Timeouts resolve operation → step → scenario → suite.
+    #[test]
+    fn timeouts_inherit_from_operation_to_suite() {
+        let scenario = parse(SCENARIO);
+        let suite = Timeouts::suite_defaults();
+        let step = &scenario.steps[0];
+        let effective = step.timeouts.inherit(&scenario.timeouts.inherit(&suite));
+        let resolve = |op: &Operation| {
+            op.own_timeout()
+                .or_else(|| effective.get(op.timeout_kind()))
+                .unwrap()
+        };
+        assert_eq!(resolve(&step.try_[0]), Dur::secs(7), "the operation's own");
+        assert_eq!(resolve(&step.try_[1]), Dur::secs(20), "the scenario's");
+        assert_eq!(resolve(&step.try_[2]), Dur::secs(3), "the step's");
+        assert_eq!(resolve(&step.try_[3]), suite.delete.unwrap(), "the suite's");
+    }
+
+    /// Defaults: concurrent, gateway and controller deployed.
+    #[test]
+    fn defaults_are_concurrent_with_gateway_and_controller() {
+        let scenario = parse(SCENARIO);
+        assert!(scenario.concurrent);
+        assert_eq!(
+            scenario.components,
+            vec![ComponentKind::Gateway, ComponentKind::Controller]
+        );
+    }
+
+    /// Two keys in one list item are rejected with both names.
+    #[test]
+    fn rejects_two_operations_in_one_item() {
+        let text = SCENARIO.replace(
+            "      - apply: {object: {apiVersion: v1, kind: ConfigMap}}",
+            "      - apply: {object: {apiVersion: v1, kind: ConfigMap}}\n        sleep: {duration: 1s}",
+        );
+        let err = serde_yaml::from_str::<Scenario>(&text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`apply` and `sleep`"), "{err}");
+    }
+
+    /// The committed schema is what the types generate (`cargo xtask e2e schema --out ...`).
+    #[test]
+    fn committed_schema_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scenarios/scenario.schema.json");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed.trim_end() == json_schema().trim_end(),
+            "{} is stale; run `cargo xtask e2e schema --out scenarios/scenario.schema.json`",
+            path.display()
+        );
+    }
 }
