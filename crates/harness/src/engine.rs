@@ -65,6 +65,8 @@ pub struct Engine {
     scenario_dir: PathBuf,
     created: Vec<Created>,
     namespaces: BTreeSet<(ClusterName, String)>,
+    /// Namespaces known to exist that the scenario did not create.
+    existing_namespaces: BTreeSet<(ClusterName, String)>,
     backgrounds: HashMap<String, Background>,
     series: BTreeMap<String, SeriesPoints>,
     samplers: Vec<JoinHandle<()>>,
@@ -98,6 +100,7 @@ impl Engine {
             scenario_dir,
             created: Vec::new(),
             namespaces: BTreeSet::new(),
+            existing_namespaces: BTreeSet::new(),
             backgrounds: HashMap::new(),
             series: BTreeMap::new(),
             samplers: Vec::new(),
@@ -163,7 +166,8 @@ impl Engine {
         cluster: ClusterName,
         namespace: &str,
     ) -> Result<(), Failure> {
-        if self.namespaces.contains(&(cluster, namespace.to_string())) {
+        let key = (cluster, namespace.to_string());
+        if self.namespaces.contains(&key) || self.existing_namespaces.contains(&key) {
             return Ok(());
         }
         let kube = self.kube(cluster).await?;
@@ -174,7 +178,10 @@ impl Engine {
                 self.namespaces.insert((cluster, namespace.to_string()));
                 Ok(())
             }
-            Err(err) if err.code() == Some(409) => Ok(()),
+            Err(err) if err.code() == Some(409) => {
+                self.existing_namespaces.insert(key);
+                Ok(())
+            }
             Err(err) => Err(fail(format!(
                 "creating namespace {namespace} in the {} cluster: {err}",
                 cluster.as_str()
@@ -1509,18 +1516,43 @@ impl Engine {
     }
 
     /// Deletes what the scenario created, newest first, waiting until each is gone.
+    ///
+    /// Consecutive objects of one kind on one cluster (a `forEach` of 1,000 BuildPlanes) are
+    /// deleted together; groups are deleted in reverse order of creation.
     pub async fn cleanup(&mut self, timeout: Duration) -> Result<(), String> {
         let mut errors = Vec::new();
         let created = std::mem::take(&mut self.created);
+        let mut groups: Vec<Vec<Created>> = Vec::new();
         for item in created.into_iter().rev() {
-            let value = json!({
-                "apiVersion": item.reference.api_version,
-                "kind": item.reference.kind,
-                "metadata": {"name": item.reference.name, "namespace": item.reference.namespace},
-            });
-            if let Err(failure) = self.delete(item.cluster, vec![value], true, timeout).await {
-                errors.push(failure.message);
+            match groups.last_mut() {
+                Some(group)
+                    if group[0].cluster == item.cluster
+                        && group[0].reference.kind == item.reference.kind
+                        && group[0].reference.api_version == item.reference.api_version =>
+                {
+                    group.push(item)
+                }
+                _ => groups.push(vec![item]),
             }
+        }
+        for group in groups {
+            let cluster = group[0].cluster;
+            let kube = match self.kube(cluster).await {
+                Ok(kube) => kube,
+                Err(failure) => {
+                    errors.push(failure.message);
+                    continue;
+                }
+            };
+            let results: Vec<Result<(), String>> =
+                futures::stream::iter(group.into_iter().map(|item| {
+                    let kube = kube.clone();
+                    async move { delete_and_wait(&kube, &item.reference, timeout).await }
+                }))
+                .buffer_unordered(APPLY_CONCURRENCY)
+                .collect()
+                .await;
+            errors.extend(results.into_iter().filter_map(Result::err));
         }
         let namespaces = std::mem::take(&mut self.namespaces);
         for (cluster, namespace) in namespaces.into_iter().rev() {
@@ -1534,6 +1566,37 @@ impl Engine {
             Ok(())
         } else {
             Err(errors.join("; "))
+        }
+    }
+}
+
+/// Deletes one object and waits until it is gone.
+async fn delete_and_wait(
+    kube: &Kube,
+    reference: &ObjectRef,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    kube.delete(reference)
+        .await
+        .map_err(|e| format!("deleting {reference}: {e}"))?;
+    loop {
+        match kube.get(reference).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(found)) if Instant::now() >= deadline => {
+                let finalizers = found
+                    .pointer("/metadata/finalizers")
+                    .map(|f| f.to_string())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "{reference} still exists {} after deletion (finalizers {finalizers})",
+                    crate::duration::pretty(timeout)
+                ));
+            }
+            Err(err) if Instant::now() >= deadline => {
+                return Err(format!("reading {reference}: {err}"));
+            }
+            _ => tokio::time::sleep(POLL).await,
         }
     }
 }

@@ -22,3 +22,8 @@ pub mod report;
 pub mod result;
 pub mod runner;
 pub mod scenario;
+
+/// Installs ring as rustls's process-wide crypto provider (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

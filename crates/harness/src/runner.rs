@@ -156,6 +156,7 @@ pub async fn run_scenario(
     options: &RunOptions,
     progress: Progress,
 ) -> ScenarioResult {
+    crate::install_crypto_provider();
     let scenario = &loaded.scenario;
     let started = Instant::now();
     let run = short_id();

@@ -383,7 +383,20 @@ impl SimEnv {
                     unavailable("apiserver-control", format!("installing the CRDs: {e}"))
                 })?;
         }
-        Ok(())
+        // The controller's leader-election Lease lives here.
+        let namespace = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "openchoreo-control-plane"},
+        });
+        match client.create(&namespace).await {
+            Ok(_) => Ok(()),
+            Err(err) if err.code() == Some(409) => Ok(()),
+            Err(err) => Err(unavailable(
+                "apiserver-control",
+                format!("creating openchoreo-control-plane: {err}"),
+            )),
+        }
     }
 
     async fn extra_args(&self, kind: ComponentKind) -> Vec<String> {
