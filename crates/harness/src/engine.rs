@@ -695,6 +695,13 @@ impl Engine {
                 env.start(target.clone(), args).await
             }
         };
+        if target.kind == ComponentKind::Apiserver {
+            // A restarted API server may serve new credentials: reconnect on next use.
+            self.kube
+                .lock()
+                .await
+                .remove(&target.cluster.unwrap_or(ClusterName::Control));
+        }
         res.map_err(|e| fail(format!("{action} {target}: {e}")))
     }
 

@@ -431,6 +431,69 @@ pub fn summary_table(suite: &SuiteResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::k3d::K3dBackend;
+
+    fn scenario(name: &str, labels: &[&str]) -> LoadedScenario {
+        let text = format!(
+            "name: {name}\ndescription: fails when broken\nlabels: [{}]\nsteps:\n  - name: s\n    try:\n      - sleep: {{duration: 1ms}}\n",
+            labels.join(", ")
+        );
+        LoadedScenario {
+            scenario: serde_yaml::from_str(&text).unwrap(),
+            path: PathBuf::from(format!("{name}.yaml")),
+        }
+    }
+
+    /// A backend that cannot provide an environment fails the scenario with its reason, and
+    /// the closing line counts it (never a silent pass).
+    #[tokio::test]
+    async fn unavailable_backend_fails_scenarios_with_the_reason() {
+        let quiet: Progress = Arc::new(|_| {});
+        let options = RunOptions {
+            work_dir: std::env::temp_dir().join("harness-runner-test"),
+            ..RunOptions::default()
+        };
+        let suite = run_suite(
+            Arc::new(K3dBackend),
+            vec![scenario("a", &["fast"])],
+            options,
+            quiet,
+        )
+        .await;
+        assert_eq!(suite.failed(), 1);
+        let message = &suite.scenarios[0].failure.as_ref().unwrap().message;
+        assert!(
+            message.contains("not implemented in this build"),
+            "{message}"
+        );
+        assert!(summary_table(&suite).ends_with("0 passed, 1 failed"));
+    }
+
+    /// Filters and labels select scenarios; repeat multiplies them.
+    #[tokio::test]
+    async fn selects_by_filter_and_labels_and_repeats() {
+        let quiet: Progress = Arc::new(|_| {});
+        let options = RunOptions {
+            filter: Some(regex::Regex::new("^a|^b").unwrap()),
+            skip_labels: vec!["slow".into()],
+            repeat: 2,
+            work_dir: std::env::temp_dir().join("harness-runner-test"),
+            ..RunOptions::default()
+        };
+        let scenarios = vec![
+            scenario("a", &["fast"]),
+            scenario("b", &["slow"]),
+            scenario("c", &["fast"]),
+        ];
+        let suite = run_suite(Arc::new(K3dBackend), scenarios, options, quiet).await;
+        let mut names: Vec<_> = suite
+            .scenarios
+            .iter()
+            .map(|s| (s.name.clone(), s.attempt))
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![("a".to_string(), 0), ("a".to_string(), 1)]);
+    }
 
     /// Generated names are valid DNS labels.
     #[test]
