@@ -1,0 +1,61 @@
+//! `kube-sim serve`: runs an embedded Kubernetes API server and writes its kubeconfig.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "An embedded Kubernetes API server for tests and local runs"
+)]
+struct Flags {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve until interrupted.
+    Serve {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Where to write the kubeconfig once listening.
+        #[arg(long)]
+        kubeconfig_out: PathBuf,
+        /// Keep objects, certificates and token here, so a restart keeps them.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Cluster, context and user name in the kubeconfig.
+        #[arg(long, default_value = "kube-sim")]
+        name: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Serve {
+        listen,
+        kubeconfig_out,
+        data_dir,
+        name,
+    } = Flags::parse().command;
+    let server = kube_sim::Server::start(kube_sim::Config {
+        name,
+        listen,
+        data_dir,
+    })
+    .await?;
+    server.write_kubeconfig(&kubeconfig_out)?;
+    println!("listening on {}", server.url());
+    tokio::signal::ctrl_c().await?;
+    server.shutdown().await;
+    Ok(())
+}

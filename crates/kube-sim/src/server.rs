@@ -1,0 +1,701 @@
+//! The HTTPS front end: authentication, routing of Kubernetes REST paths, watches as chunked
+//! newline-delimited JSON, Table output, discovery, OpenAPI, and the `/_sim/` admin and fault API.
+
+use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::{
+    api::{self, ListOptions, Part, PatchKind},
+    error::ApiError,
+    selector::{FieldSelector, LabelSelector},
+    store::{Resource, Store},
+};
+
+/// The body type of every response.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Faults injected into every request whose path starts with `path_prefix`.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Faults {
+    /// Added latency in milliseconds.
+    pub latency_ms: u64,
+    /// Fraction (0..=1) of requests answered with `error_code`.
+    pub error_rate: f64,
+    /// 429, 500 or 503.
+    pub error_code: u16,
+    /// `Retry-After` seconds sent with 429.
+    pub retry_after_seconds: u64,
+    /// Only paths with this prefix are affected (all when empty).
+    pub path_prefix: String,
+}
+
+/// State shared by every connection of one server.
+pub struct Shared {
+    /// The objects.
+    pub store: Mutex<Store>,
+    /// The bearer token clients must present.
+    pub token: String,
+    /// Active faults.
+    pub faults: Mutex<Faults>,
+    /// Closes every open watch when sent to.
+    pub close_watches: broadcast::Sender<()>,
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+    let mut res = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    *res.status_mut() = code;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+fn error_response(err: &ApiError) -> Response<Body> {
+    let code = StatusCode::from_u16(err.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut res = json_response(code, &err.to_status());
+    if let Some(seconds) = err.retry_after
+        && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+    {
+        res.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    res
+}
+
+fn query_map(query: Option<&str>) -> HashMap<String, String> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((percent_decode(key)?, percent_decode(value)?))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Handles one request.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let authorised = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.strip_prefix("Bearer ")
+                .is_some_and(|t| t.trim() == shared.token)
+        });
+    if !authorised {
+        return Ok(error_response(&ApiError::new(
+            401,
+            "Unauthorized",
+            "Unauthorized",
+        )));
+    }
+    let path = req.uri().path().to_owned();
+    if let Some(admin) = path.strip_prefix("/_sim/") {
+        return Ok(admin_request(&shared, admin, req).await);
+    }
+    let faults = shared.faults.lock().clone();
+    if faults.path_prefix.is_empty() || path.starts_with(&faults.path_prefix) {
+        if faults.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+        }
+        if faults.error_rate > 0.0 && rand::random::<f64>() < faults.error_rate {
+            let code = if faults.error_code == 0 {
+                503
+            } else {
+                faults.error_code
+            };
+            let reason = match code {
+                429 => "TooManyRequests",
+                503 => "ServiceUnavailable",
+                _ => "InternalError",
+            };
+            let mut err = ApiError::new(code, reason, format!("injected fault: {code}"));
+            if code == 429 {
+                err.retry_after = Some(faults.retry_after_seconds.max(1));
+            }
+            return Ok(error_response(&err));
+        }
+    }
+    Ok(match route(&shared, req).await {
+        Ok(res) => res,
+        Err(err) => error_response(&err),
+    })
+}
+
+async fn admin_request(shared: &Shared, path: &str, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    match (method, path) {
+        (Method::GET, "healthz") => json_response(
+            StatusCode::OK,
+            &json!({"ok": true, "resourceVersion": shared.store.lock().rv().to_string()}),
+        ),
+        (Method::POST, "faults") => match serde_json::from_slice::<Faults>(&body) {
+            Ok(faults) => {
+                *shared.faults.lock() = faults.clone();
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(faults).unwrap_or_default(),
+                )
+            }
+            Err(err) => error_response(&ApiError::bad_request(format!("invalid faults: {err}"))),
+        },
+        (Method::DELETE, "faults") => {
+            *shared.faults.lock() = Faults::default();
+            json_response(StatusCode::OK, &json!({}))
+        }
+        (Method::POST, "close-watches") => {
+            let n = shared.close_watches.send(()).unwrap_or(0);
+            json_response(StatusCode::OK, &json!({"closed": n}))
+        }
+        (Method::POST, "compact") => {
+            let mut store = shared.store.lock();
+            store.compact();
+            json_response(
+                StatusCode::OK,
+                &json!({"compactedResourceVersion": store.compacted_rv().to_string()}),
+            )
+        }
+        _ => error_response(&ApiError::not_found("_sim", path)),
+    }
+}
+
+/// What a REST path addresses.
+struct Target {
+    resource: Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn parse_target(store: &Store, segments: &[&str]) -> Result<Target, ApiError> {
+    let (group, version, rest) = match segments {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return Err(ApiError::not_found("paths", &segments.join("/"))),
+    };
+    let lookup = |plural: &str| {
+        store
+            .resource(group, version, plural)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "NotFound",
+                    format!("the server could not find the requested resource ({plural}.{group})"),
+                )
+            })
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, plural, tail @ ..]
+            if store
+                .resource(group, version, plural)
+                .is_some_and(|r| r.namespaced) =>
+        {
+            (Some((*ns).to_owned()), [&[*plural][..], tail].concat())
+        }
+        other => (None, other.to_vec()),
+    };
+    match rest.as_slice() {
+        [plural] => Ok(Target {
+            resource: lookup(plural)?,
+            namespace,
+            name: None,
+            subresource: None,
+        }),
+        [plural, name] => Ok(Target {
+            resource: lookup(plural)?,
+            namespace,
+            name: Some((*name).to_owned()),
+            subresource: None,
+        }),
+        [plural, name, sub] => Ok(Target {
+            resource: lookup(plural)?,
+            namespace,
+            name: Some((*name).to_owned()),
+            subresource: Some((*sub).to_owned()),
+        }),
+        _ => Err(ApiError::not_found("paths", &segments.join("/"))),
+    }
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let query = query_map(req.uri().query());
+    let method = req.method().clone();
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+
+    // Discovery, version, health and OpenAPI.
+    if method == Method::GET {
+        let store = shared.store.lock();
+        let doc = match segments.as_slice() {
+            ["version"] => Some(
+                json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-kube-sim", "gitCommit": "kube-sim", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "n/a", "compiler": "rustc", "platform": "linux/amd64"}),
+            ),
+            ["healthz"] | ["readyz"] | ["livez"] => return Ok(Response::new(full("ok"))),
+            ["api"] => Some(
+                json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}),
+            ),
+            ["api", version] => Some(
+                api::resource_list(&store, "", version)
+                    .ok_or_else(|| ApiError::not_found("groupversions", version))?,
+            ),
+            ["apis"] => Some(api::group_list(&store)),
+            ["apis", group] => {
+                let versions: Vec<String> = store
+                    .resources()
+                    .iter()
+                    .filter(|r| r.group == *group)
+                    .map(|r| r.version.clone())
+                    .collect();
+                if versions.is_empty() {
+                    return Err(ApiError::not_found("groups", group));
+                }
+                let mut unique = versions;
+                unique.dedup();
+                Some(api::group_doc(group, &unique))
+            }
+            ["apis", group, version] => Some(
+                api::resource_list(&store, group, version)
+                    .ok_or_else(|| ApiError::not_found("groupversions", version))?,
+            ),
+            ["openapi", "v3"] => Some(api::openapi_index(&store)),
+            ["openapi", "v3", "api", version] => Some(
+                api::openapi_group_version(&store, "", version)
+                    .ok_or_else(|| ApiError::not_found("openapi", version))?,
+            ),
+            ["openapi", "v3", "apis", group, version] => Some(
+                api::openapi_group_version(&store, group, version)
+                    .ok_or_else(|| ApiError::not_found("openapi", version))?,
+            ),
+            ["openapi", "v2"] => return Err(ApiError::not_found("openapi", "v2")),
+            _ => None,
+        };
+        if let Some(doc) = doc {
+            return Ok(json_response(StatusCode::OK, &doc));
+        }
+    }
+
+    let target = {
+        let store = shared.store.lock();
+        parse_target(&store, &segments)?
+    };
+    let resource = target.resource.clone();
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let part = match target.subresource.as_deref() {
+        None => Part::Main,
+        Some("status") if resource.status_subresource => Part::Status,
+        Some(other) => {
+            return Err(ApiError::not_found(
+                &format!("{}/{other}", resource.qualified_plural()),
+                target.name.as_deref().unwrap_or(""),
+            ));
+        }
+    };
+
+    match (&method, &target.name) {
+        (&Method::GET, Some(name)) => {
+            let store = shared.store.lock();
+            let object = api::get(&store, &resource, &namespace, name)?;
+            if accept.contains("as=Table") {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &api::to_table(
+                        &resource,
+                        &[object],
+                        json!({"resourceVersion": store.rv().to_string()}),
+                    ),
+                ));
+            }
+            Ok(json_response(StatusCode::OK, &object))
+        }
+        (&Method::GET, None) => {
+            let options = ListOptions {
+                labels: LabelSelector::parse(
+                    query.get("labelSelector").map(String::as_str).unwrap_or(""),
+                )?,
+                fields: FieldSelector::parse(
+                    query.get("fieldSelector").map(String::as_str).unwrap_or(""),
+                )?,
+                limit: query
+                    .get("limit")
+                    .and_then(|l| l.parse().ok())
+                    .filter(|l| *l > 0),
+                continue_from: match query.get("continue").filter(|c| !c.is_empty()) {
+                    Some(token) => Some(api::decode_continue(token)?),
+                    None => None,
+                },
+            };
+            let namespace_filter = target.namespace.as_deref();
+            if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+                return watch(
+                    shared.clone(),
+                    resource,
+                    namespace_filter.map(str::to_owned),
+                    options,
+                    &query,
+                );
+            }
+            let store = shared.store.lock();
+            let list = api::list(&store, &resource, namespace_filter, &options)?;
+            if accept.contains("as=Table") {
+                let items = list["items"].as_array().cloned().unwrap_or_default();
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &api::to_table(&resource, &items, list["metadata"].clone()),
+                ));
+            }
+            Ok(json_response(StatusCode::OK, &list))
+        }
+        (&Method::POST, None) => {
+            let body = read_body(req).await?;
+            let object = parse_object(&body, &content_type)?;
+            let created = api::create(&mut shared.store.lock(), &resource, &namespace, object)?;
+            Ok(json_response(StatusCode::CREATED, &created))
+        }
+        (&Method::PUT, Some(name)) => {
+            let body = read_body(req).await?;
+            let object = parse_object(&body, &content_type)?;
+            let updated = api::update(
+                &mut shared.store.lock(),
+                &resource,
+                &namespace,
+                name,
+                object,
+                part,
+            )?;
+            Ok(json_response(StatusCode::OK, &updated))
+        }
+        (&Method::PATCH, Some(name)) => {
+            let kind = PatchKind::from_content_type(&content_type).ok_or_else(|| {
+                ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"))
+            })?;
+            let body = read_body(req).await?;
+            let patched = api::patch(
+                &mut shared.store.lock(),
+                &resource,
+                &namespace,
+                name,
+                kind,
+                &body,
+                part,
+            )?;
+            Ok(json_response(StatusCode::OK, &patched))
+        }
+        (&Method::DELETE, Some(name)) => {
+            let mut store = shared.store.lock();
+            let object = api::delete(&mut store, &resource, &namespace, name)?;
+            if object["metadata"]["deletionTimestamp"].is_string()
+                && store
+                    .get(&crate::store::ObjectKey {
+                        resource: resource.key(),
+                        namespace: if resource.namespaced {
+                            namespace.clone()
+                        } else {
+                            String::new()
+                        },
+                        name: name.clone(),
+                    })
+                    .is_some()
+            {
+                return Ok(json_response(StatusCode::OK, &object));
+            }
+            Ok(json_response(
+                StatusCode::OK,
+                &api::deleted_status(&resource, name, &object["metadata"]["uid"]),
+            ))
+        }
+        (&Method::DELETE, None) => {
+            let mut store = shared.store.lock();
+            let options = ListOptions {
+                labels: LabelSelector::parse(
+                    query.get("labelSelector").map(String::as_str).unwrap_or(""),
+                )?,
+                fields: FieldSelector::parse(
+                    query.get("fieldSelector").map(String::as_str).unwrap_or(""),
+                )?,
+                ..ListOptions::default()
+            };
+            let list = api::list(&store, &resource, target.namespace.as_deref(), &options)?;
+            for item in list["items"].as_array().into_iter().flatten() {
+                let ns = item["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                let name = item["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                api::delete(&mut store, &resource, &ns, &name)?;
+            }
+            Ok(json_response(StatusCode::OK, &list))
+        }
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method on the requested resource ({method})"),
+        )),
+    }
+}
+
+/// Largest request body accepted (the real server's limit is 3 MiB for etcd objects).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    limited
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|err| {
+            ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                format!("the request body is too large or unreadable: {err}"),
+            )
+        })
+}
+
+fn parse_object(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
+    if content_type.contains("protobuf") {
+        return crate::protobuf::decode(body)
+            .map_err(|e| ApiError::new(415, "UnsupportedMediaType", e.to_string()));
+    }
+    if content_type.contains("cbor") {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type:?})"
+            ),
+        ));
+    }
+    if content_type.contains("yaml") {
+        serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding the body: {e}")))
+    }
+}
+
+fn watch_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Starts a watch: initial events (when asked), replay from `resourceVersion`, then live events.
+fn watch(
+    shared: Arc<Shared>,
+    resource: Resource,
+    namespace: Option<String>,
+    options: ListOptions,
+    query: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let send_initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let requested_rv = query
+        .get("resourceVersion")
+        .and_then(|rv| rv.parse::<u64>().ok())
+        .filter(|rv| *rv > 0);
+    let matches = {
+        let namespace = namespace.clone();
+        let key = resource.key();
+        move |event_key: &crate::store::ObjectKey, object: &Value| {
+            event_key.resource == key
+                && namespace
+                    .as_deref()
+                    .is_none_or(|ns| event_key.namespace == ns)
+                && options.labels.matches(object)
+                && options.fields.matches(object)
+        }
+    };
+
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let mut initial = Vec::new();
+    let (mut live, mut closed, start_rv) = {
+        let store = shared.store.lock();
+        let live = store.subscribe();
+        let closed = shared.close_watches.subscribe();
+        match requested_rv {
+            Some(rv) if !send_initial => match store.events_since(rv, &resource.key()) {
+                Some(events) => {
+                    for event in events.iter().filter(|e| matches(&e.key, &e.object)) {
+                        initial.push(watch_line(event.kind, &event.object));
+                    }
+                }
+                None => {
+                    let status = ApiError::new(
+                        410,
+                        "Expired",
+                        format!("too old resource version: {rv} ({})", store.compacted_rv()),
+                    )
+                    .to_status();
+                    initial.push(watch_line("ERROR", &status));
+                    drop(store);
+                    return Ok(stream_response(initial, None));
+                }
+            },
+            _ => {
+                // No version (or sendInitialEvents): the current state as ADDED events first.
+                for object in store.list(&resource.key(), namespace.as_deref()) {
+                    let key = crate::store::ObjectKey {
+                        resource: resource.key(),
+                        namespace: object["metadata"]["namespace"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_owned(),
+                        name: object["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                    };
+                    if matches(&key, object) {
+                        initial.push(watch_line("ADDED", object));
+                    }
+                }
+                if send_initial {
+                    let bookmark = json!({"kind": resource.kind, "apiVersion": resource.api_version(), "metadata": {"resourceVersion": store.rv().to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}});
+                    initial.push(watch_line("BOOKMARK", &bookmark));
+                }
+            }
+        }
+        (live, closed, store.rv())
+    };
+    let kind = resource.kind.clone();
+    let api_version = resource.api_version();
+    tokio::spawn(async move {
+        for line in initial {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut last_rv = start_rv;
+        let mut bookmark_tick = tokio::time::interval(Duration::from_secs(30));
+        bookmark_tick.tick().await;
+        loop {
+            tokio::select! {
+                () = &mut deadline => return,
+                _ = closed.recv() => return,
+                _ = bookmark_tick.tick(), if bookmarks => {
+                    let bookmark = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": last_rv.to_string()}});
+                    if tx.send(watch_line("BOOKMARK", &bookmark)).await.is_err() { return; }
+                }
+                event = live.recv() => match event {
+                    Ok(event) => {
+                        if event.rv <= start_rv { continue; }
+                        last_rv = event.rv;
+                        if matches(&event.key, &event.object)
+                            && tx.send(watch_line(event.kind, &event.object)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A watcher too slow for the event rate is closed; clients re-list.
+                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    });
+    Ok(stream_response(Vec::new(), Some(rx)))
+}
+
+fn stream_response(initial: Vec<Bytes>, rx: Option<mpsc::Receiver<Bytes>>) -> Response<Body> {
+    let head = futures::stream::iter(initial);
+    let tail = match rx {
+        Some(rx) => tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        None => futures::stream::empty().boxed(),
+    };
+    let stream = head
+        .chain(tail)
+        .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
+    let mut res = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Query strings decode percent escapes as clients send them.
+    #[test]
+    fn query_strings_decode() {
+        let query = query_map(Some("labelSelector=app%3Dagent%2Ctier%21%3Dx&watch=true&x"));
+        assert_eq!(query["labelSelector"], "app=agent,tier!=x");
+        assert_eq!(query["watch"], "true");
+        assert_eq!(query["x"], "");
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), Some("%4".into()));
+    }
+}
