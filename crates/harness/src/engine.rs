@@ -532,7 +532,13 @@ impl Engine {
         timeout: Duration,
     ) -> OpResultT {
         use tokio::io::AsyncWriteExt;
-        let shown = format!("{program} {}", args.join(" "));
+        let shown = match (program, args.as_slice()) {
+            ("sh", [flag, script]) if flag == "-c" => {
+                let body = script.strip_prefix("set -e\n").unwrap_or(script);
+                format!("script `{}`", first_line(body))
+            }
+            _ => format!("{program} {}", args.join(" ")),
+        };
         let mut command = tokio::process::Command::new(program);
         command
             .args(&args)
@@ -1048,6 +1054,11 @@ impl Engine {
 
     /// A one-line summary of an operation for progress and reports.
     pub fn summary(&self, op: &Operation) -> String {
+        let summary = self.raw_summary(op);
+        self.text(&summary).unwrap_or(summary)
+    }
+
+    fn raw_summary(&self, op: &Operation) -> String {
         if let Some(description) = op.description() {
             return description.to_string();
         }

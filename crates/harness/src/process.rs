@@ -81,11 +81,11 @@ impl Proc {
         let _ = self.child.wait().await;
     }
 
-    /// SIGTERM, wait up to `grace`, then SIGKILL.
-    pub async fn stop(&mut self, grace: Duration) {
+    /// `signal` (`TERM`, `INT`), wait up to `grace`, then SIGKILL.
+    pub async fn stop(&mut self, signal: &str, grace: Duration) {
         if let Some(pid) = self.child.id() {
             let _ = Command::new("kill")
-                .arg("-TERM")
+                .arg(format!("-{signal}"))
                 .arg(pid.to_string())
                 .status()
                 .await;

@@ -193,6 +193,16 @@ fn unavailable(component: &str, reason: impl Into<String>) -> BackendError {
     }
 }
 
+/// The signal that stops a process gracefully: kube-sim waits for SIGINT (Ctrl-C), the
+/// components for SIGTERM (what Kubernetes sends).
+fn stop_signal(name: &str) -> &'static str {
+    if name.starts_with("apiserver") {
+        "INT"
+    } else {
+        "TERM"
+    }
+}
+
 /// The context a kube-sim kubeconfig selects.
 fn current_context(kubeconfig: &Path) -> Option<String> {
     let text = std::fs::read_to_string(kubeconfig).ok()?;
@@ -727,7 +737,7 @@ impl Environment for SimEnv {
             }
             futures::future::join_all(procs.iter_mut().map(|proc| async move {
                 match mode {
-                    StopMode::Graceful => proc.stop(STOP_GRACE).await,
+                    StopMode::Graceful => proc.stop(stop_signal(proc.name()), STOP_GRACE).await,
                     StopMode::Kill => proc.kill().await,
                 }
             }))
@@ -835,7 +845,8 @@ impl Environment for SimEnv {
                 _ => 3,
             });
             for proc in &mut procs {
-                proc.stop(Duration::from_secs(2)).await;
+                let signal = stop_signal(proc.name());
+                proc.stop(signal, Duration::from_secs(2)).await;
             }
             state.links.clear();
             Ok(())
