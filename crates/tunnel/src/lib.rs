@@ -1,1 +1,89 @@
-//! Placeholder.
+//! The tunnel wire protocol between the cluster gateway and the cluster agent. No I/O: the
+//! gateway and agent own the sockets; this crate turns messages into bytes and back.
+//!
+//! Two versions are negotiated with the WebSocket subprotocol header:
+//!
+//! - [`v1`] (`buildplane.tunnel.v1`, or no subprotocol at all): OpenChoreo's JSON in text frames,
+//!   `HTTPTunnelRequest` and `HTTPTunnelResponse` with base64 bodies. Bodies are buffered whole.
+//! - [`v2`] (`buildplane.tunnel.v2`): binary frames with a type byte, a stream id and a payload,
+//!   so requests multiplex, bodies stream in chunks (watch, logs follow), each stream has
+//!   flow-control credits, and either side can reset one stream without closing the others.
+//!
+//! # v2 frame layout
+//! Every WebSocket binary message is exactly one frame; all integers are big-endian.
+//!
+//! ```text
+//! +--------+-------------+----------------+-------------------+
+//! | type u8| stream u32  | length u32     | payload (length)  |
+//! +--------+-------------+----------------+-------------------+
+//! ```
+//!
+//! | type | frame | payload |
+//! |---|---|---|
+//! | 0x01 | `Hello` (stream 0, first frame each way) | version u16, plane id str |
+//! | 0x02 | `RequestHead` | method str, target str, path str, query str, headers, flags u8 |
+//! | 0x03 | `ResponseHead` | status u16, headers, flags u8 |
+//! | 0x04 | `Data` | body bytes |
+//! | 0x05 | `End` | empty: the sender's half of the stream is complete |
+//! | 0x06 | `Reset` | code u16, reason str: the stream is abandoned |
+//! | 0x07 | `WindowUpdate` | credits u32: the receiver consumed that many body bytes |
+//! | 0x08 | `Ping` (stream 0) | nonce u64 |
+//! | 0x09 | `Pong` (stream 0) | nonce u64 |
+//! | 0x0A | `GoAway` (stream 0) | reason str: no new streams; drain and reconnect |
+//!
+//! `str` is a u16 length and UTF-8 bytes; `headers` is a u16 count of (name str, value str).
+//! Flags: bit 0 = no body follows (the head ends the sender's half).
+//! A sender may have at most [`flow::INITIAL_WINDOW`] unacknowledged body bytes per stream.
+
+pub mod flow;
+pub mod v1;
+pub mod v2;
+
+/// Protocol versions.
+pub mod version {
+    /// OpenChoreo's JSON protocol.
+    pub const V1: u16 = 1;
+    /// The binary multiplexed protocol.
+    pub const V2: u16 = 2;
+    /// The newest version this build speaks.
+    pub const CURRENT: u16 = V2;
+}
+
+/// The WebSocket subprotocol of v1.
+pub const SUBPROTOCOL_V1: &str = "buildplane.tunnel.v1";
+/// The WebSocket subprotocol of v2.
+pub const SUBPROTOCOL_V2: &str = "buildplane.tunnel.v2";
+
+/// Picks the version for a `Sec-WebSocket-Protocol` offer: v2 when offered, else v1 (OpenChoreo
+/// agents offer nothing).
+pub fn negotiate(offered: Option<&str>) -> (u16, Option<&'static str>) {
+    let offered = offered.unwrap_or("");
+    let has = |name: &str| offered.split(',').any(|p| p.trim() == name);
+    if has(SUBPROTOCOL_V2) {
+        (version::V2, Some(SUBPROTOCOL_V2))
+    } else if has(SUBPROTOCOL_V1) {
+        (version::V1, Some(SUBPROTOCOL_V1))
+    } else {
+        (version::V1, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// v2 wins when offered; OpenChoreo agents (no header) get v1.
+    #[test]
+    fn negotiation_prefers_v2() {
+        assert_eq!(
+            negotiate(Some("buildplane.tunnel.v1, buildplane.tunnel.v2")),
+            (2, Some(SUBPROTOCOL_V2))
+        );
+        assert_eq!(
+            negotiate(Some("buildplane.tunnel.v1")),
+            (1, Some(SUBPROTOCOL_V1))
+        );
+        assert_eq!(negotiate(None), (1, None));
+        assert_eq!(negotiate(Some("chat")), (1, None));
+    }
+}
