@@ -14,65 +14,86 @@ pub const COMPONENTS: [(&str, &str); 4] = [
     ("buildplane-controller", "buildplane-controller"),
 ];
 
-/// Builds each component package on its own (so one broken crate does not hide the others)
-/// and returns where the binaries are, with the build errors of those that failed.
+/// Builds the component binaries and returns where they are, with the build errors of those
+/// that failed.
 ///
-/// `cargo` is the cargo to run (the `CARGO` environment variable under cargo), `root` the
-/// workspace root. Cargo's own progress goes to stderr as usual.
+/// All four are built in one cargo invocation (features unified once, so shared dependencies
+/// compile once); only if that fails is each package built on its own, so one broken crate
+/// does not hide the others. `cargo` is the cargo to run (the `CARGO` environment variable
+/// under cargo), `root` the workspace root. Cargo's own progress goes to stderr as usual.
 pub fn build_components(cargo: &Path, root: &Path, progress: &dyn Fn(String)) -> Binaries {
     let mut dir: Option<PathBuf> = None;
     let mut build_errors = BTreeMap::new();
-    for (package, binary) in COMPONENTS {
-        progress(format!("building {package}"));
-        let output = Command::new(cargo)
-            .current_dir(root)
-            .args([
-                "build",
-                "--message-format=json-render-diagnostics",
-                "-p",
-                package,
-                "--bin",
-                binary,
-            ])
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output();
-        let output = match output {
-            Ok(output) => output,
-            Err(err) => {
-                build_errors.insert(
-                    binary.to_string(),
-                    format!("could not run {}: {err}", cargo.display()),
-                );
-                continue;
+    let all: Vec<(&str, &str)> = COMPONENTS.to_vec();
+    progress(format!(
+        "building {}",
+        all.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
+    ));
+    match cargo_build(cargo, root, &all, &mut dir) {
+        Ok(()) => {}
+        Err(_) => {
+            progress("the joint build failed; building each component on its own".into());
+            for component in COMPONENTS {
+                let (package, binary) = component;
+                if let Err(err) = cargo_build(cargo, root, &[component], &mut dir) {
+                    progress(format!(
+                        "build of {package} failed; scenarios needing it will fail"
+                    ));
+                    build_errors.insert(binary.to_string(), err);
+                }
             }
-        };
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        for line in stdout.lines() {
-            let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            if let Some(executable) = message.get("executable").and_then(|e| e.as_str())
-                && Path::new(executable)
-                    .file_name()
-                    .is_some_and(|n| n == binary)
-            {
-                dir = Path::new(executable).parent().map(Path::to_path_buf);
-            }
-        }
-        if !output.status.success() {
-            let reason = format!(
-                "`cargo build -p {package} --bin {binary}` failed (see the compiler output above); \
-                 the crate may not have a `{binary}` binary yet"
-            );
-            progress(format!(
-                "build of {package} failed; scenarios needing it will fail"
-            ));
-            build_errors.insert(binary.to_string(), reason);
         }
     }
     let dir = dir.unwrap_or_else(|| default_bin_dir(root));
     Binaries { dir, build_errors }
+}
+
+/// One `cargo build` of the given (package, binary) pairs; records the binaries' directory.
+fn cargo_build(
+    cargo: &Path,
+    root: &Path,
+    components: &[(&str, &str)],
+    dir: &mut Option<PathBuf>,
+) -> Result<(), String> {
+    let mut args = vec![
+        "build".to_string(),
+        "--message-format=json-render-diagnostics".to_string(),
+    ];
+    for (package, binary) in components {
+        args.extend([
+            "-p".to_string(),
+            package.to_string(),
+            "--bin".to_string(),
+            binary.to_string(),
+        ]);
+    }
+    let output = Command::new(cargo)
+        .current_dir(root)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|err| format!("could not run {}: {err}", cargo.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for line in stdout.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let Some(executable) = message.get("executable").and_then(|e| e.as_str()) {
+            *dir = Path::new(executable).parent().map(Path::to_path_buf);
+        }
+    }
+    if output.status.success() {
+        return Ok(());
+    }
+    let names: Vec<String> = components
+        .iter()
+        .map(|(p, b)| format!("-p {p} --bin {b}"))
+        .collect();
+    Err(format!(
+        "`cargo build {}` failed (see the compiler output above); the crate may not have that binary yet",
+        names.join(" ")
+    ))
 }
 
 /// `$CARGO_TARGET_DIR/debug`, or `<root>/target/debug`.
