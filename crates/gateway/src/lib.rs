@@ -1,1 +1,231 @@
-//! Placeholder.
+//! The cluster gateway: admits cluster agents by BuildPlane `clientCA` and planeID, keeps their
+//! authorisations current as CRs and Secrets change, and proxies Kubernetes requests to them.
+//!
+//! Three listeners: the agent listener (`/ws`, TLS requesting a client certificate), the internal
+//! API (mTLS against a separate internal CA, so agent certificates cannot call it) and a plain
+//! health listener (`/healthz`, `/readyz`, `/metrics`).
+
+pub mod agents;
+pub mod internal;
+pub mod metrics;
+pub mod registry;
+pub mod trust;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use buildplane_pki::ReloadableCert;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, mpsc},
+};
+use tracing::{debug, info};
+
+use crate::{
+    metrics::Metrics,
+    registry::{Outbound, Registry},
+    trust::Trust,
+};
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Kubeconfig of the control cluster (in-cluster when `None`).
+    pub kubeconfig: Option<PathBuf>,
+    /// Agent listener address.
+    pub agent_listen: SocketAddr,
+    /// Internal API address.
+    pub internal_listen: SocketAddr,
+    /// Health listener address.
+    pub health_listen: SocketAddr,
+    /// Agent listener certificate and key (PEM files).
+    pub server_cert: (PathBuf, PathBuf),
+    /// Internal API certificate and key (PEM files); the agent listener's when `None`.
+    pub internal_server_cert: Option<(PathBuf, PathBuf)>,
+    /// CA of the internal API's clients (PEM file).
+    pub internal_client_ca: PathBuf,
+    /// Ping interval.
+    pub heartbeat_interval: Duration,
+    /// An agent silent for this long is disconnected.
+    pub heartbeat_timeout: Duration,
+    /// Concurrent TLS handshakes on the agent listener.
+    pub max_concurrent_handshakes: usize,
+}
+
+/// State shared by the listeners.
+pub struct Shared {
+    /// Settings.
+    pub config: GatewayConfig,
+    /// Admission sources.
+    pub trust: Trust,
+    /// Live connections.
+    pub registry: Registry,
+    /// Agent listener TLS.
+    pub agent_tls: Arc<rustls::ServerConfig>,
+    /// Storm protection: permits for concurrent handshakes.
+    pub handshakes: Arc<Semaphore>,
+    /// Outbound queues of connections being set up.
+    pub outbound_rx: Mutex<HashMap<u64, mpsc::Receiver<Outbound>>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    ready: AtomicBool,
+}
+
+/// Re-verifies every live connection against the current CRs and Secrets; closes connections
+/// authorised for nothing. Returns (granted, revoked).
+pub fn revalidate(shared: &Shared) -> (usize, usize) {
+    let (mut granted, mut revoked) = (0, 0);
+    for conn in shared.registry.all() {
+        let admission = shared.trust.admit(&conn.plane_id, &conn.chain);
+        let (g, r) = shared.registry.set_crs(&conn, admission.granted.clone());
+        granted += g;
+        revoked += r;
+        if admission.granted.is_empty() {
+            info!(id = conn.id, plane_id = %conn.plane_id, "no CR admits this agent any more; closing");
+            let _ = conn.outbound.try_send(Outbound::Close(
+                "certificate no longer valid for any CR".into(),
+            ));
+            shared.registry.remove(&conn);
+        }
+    }
+    (granted, revoked)
+}
+
+fn load_cert(paths: &(PathBuf, PathBuf)) -> anyhow::Result<Arc<ReloadableCert>> {
+    let cert = std::fs::read_to_string(&paths.0)
+        .with_context(|| format!("reading {}", paths.0.display()))?;
+    let key = std::fs::read_to_string(&paths.1)
+        .with_context(|| format!("reading {}", paths.1.display()))?;
+    Ok(ReloadableCert::from_pem(&cert, &key)?)
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    /// Shared state (registry, trust).
+    pub shared: Arc<Shared>,
+    /// Bound agent listener address.
+    pub agent_addr: SocketAddr,
+    /// Bound internal API address.
+    pub internal_addr: SocketAddr,
+    /// Bound health address.
+    pub health_addr: SocketAddr,
+}
+
+/// Starts the gateway's listeners and background tasks.
+pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
+    buildplane_pki::install_crypto_provider();
+    let client = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Client::try_from(
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+            )?
+        }
+        None => kube::Client::try_default().await?,
+    };
+    let agent_cert = load_cert(&config.server_cert)?;
+    let internal_cert = match &config.internal_server_cert {
+        Some(paths) => load_cert(paths)?,
+        None => agent_cert.clone(),
+    };
+    let client_ca = std::fs::read(&config.internal_client_ca)
+        .with_context(|| format!("reading {}", config.internal_client_ca.display()))?;
+    let internal_tls = buildplane_pki::mtls_server_config(internal_cert, &client_ca)?;
+    let (changed_tx, mut changed_rx) = mpsc::unbounded_channel();
+    let trust = Trust::start(client, changed_tx);
+    let shared = Arc::new(Shared {
+        agent_tls: buildplane_pki::agent_listener_config(agent_cert)?,
+        handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes.max(1))),
+        config: config.clone(),
+        trust,
+        registry: Registry::default(),
+        outbound_rx: Mutex::new(HashMap::new()),
+        metrics: Metrics::default(),
+        ready: AtomicBool::new(false),
+    });
+
+    // Trust changes: revalidate live connections, coalescing bursts.
+    let revalidator = shared.clone();
+    tokio::spawn(async move {
+        while changed_rx.recv().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while changed_rx.try_recv().is_ok() {}
+            let (granted, revoked) = revalidate(&revalidator);
+            if granted + revoked > 0 {
+                info!(granted, revoked, "authorisations changed");
+            }
+        }
+    });
+
+    let health = TcpListener::bind(config.health_listen)
+        .await
+        .with_context(|| format!("binding {}", config.health_listen))?;
+    let health_addr = health.local_addr()?;
+    tokio::spawn(metrics::serve(health, shared.clone()));
+
+    let ready = shared.clone();
+    tokio::spawn(async move {
+        ready.trust.ready().await;
+        ready.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        info!("trust sources synced");
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(30), shared.trust.ready()).await;
+
+    let agents = TcpListener::bind(config.agent_listen)
+        .await
+        .with_context(|| format!("binding {}", config.agent_listen))?;
+    let agent_addr = agents.local_addr()?;
+    tokio::spawn(agents::serve(agents, shared.clone()));
+
+    let internal = TcpListener::bind(config.internal_listen)
+        .await
+        .with_context(|| format!("binding {}", config.internal_listen))?;
+    let internal_addr = internal.local_addr()?;
+    let router = internal::router(shared.clone());
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(internal_tls);
+        loop {
+            let Ok((tcp, peer)) = internal.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(tls) => tls,
+                    Err(err) => {
+                        debug!(%peer, %err, "internal API handshake refused");
+                        return;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    info!(%agent_addr, %internal_addr, %health_addr, "cluster gateway listening");
+    Ok(RunningGateway {
+        shared,
+        agent_addr,
+        internal_addr,
+        health_addr,
+    })
+}
+
+impl Shared {
+    /// Whether the trust sources have synced.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

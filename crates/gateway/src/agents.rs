@@ -1,0 +1,367 @@
+//! The agent listener: TLS that requests a client certificate, admission on the WebSocket
+//! upgrade (`/ws?planeID=..&planeType=buildplane`), and one task pair per connection.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use buildplane_tunnel::{
+    negotiate, v1,
+    v2::{self, Frame, Limits},
+};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use rustls_pki_types::CertificateDer;
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_tungstenite::tungstenite::{
+    Message,
+    handshake::server::{ErrorResponse, Request, Response},
+    http::{HeaderValue, StatusCode},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    Shared,
+    registry::{Connection, Outbound, StreamEvent},
+};
+
+/// Largest tunnel message accepted from an agent.
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+fn reject(status: StatusCode, message: String) -> ErrorResponse {
+    let mut res = ErrorResponse::new(Some(message));
+    *res.status_mut() = status;
+    res
+}
+
+/// Accepts agents until the listener fails.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                debug!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            // Storm protection: refuse before spending a TLS handshake.
+            shared.metrics.rejected("handshake_cap");
+            drop(tcp);
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let accepted =
+                tokio::time::timeout(Duration::from_secs(10), accept(tcp, &shared)).await;
+            drop(permit);
+            match accepted {
+                Ok(Ok(Some((ws, conn)))) => run_connection(ws, conn, shared).await,
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => debug!(%peer, %err, "agent handshake failed"),
+                Err(_) => debug!(%peer, "agent handshake timed out"),
+            }
+        });
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// The planeID, protocol version and CRs an upgrade was admitted with.
+type Verdict = (String, u16, BTreeSet<buildplane_api::CrKey>);
+
+// The callback's error type is tungstenite's; its size is not ours to choose.
+#[allow(clippy::result_large_err)]
+async fn accept(
+    tcp: tokio::net::TcpStream,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<Option<(Ws, Arc<Connection>)>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.agent_tls.clone());
+    let tls = acceptor.accept(tcp).await?;
+    let chain: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let verdict: Arc<Mutex<Option<Verdict>>> = Arc::default();
+    let trust = shared.trust.clone();
+    let metrics = shared.metrics.clone();
+    let verdict_in = verdict.clone();
+    let callback = move |req: &Request, mut res: Response| -> Result<Response, ErrorResponse> {
+        let query = req.uri().query().unwrap_or("");
+        let param = |name: &str| {
+            query
+                .split('&')
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_owned())
+        };
+        if req.uri().path() != "/ws" {
+            return Err(reject(
+                StatusCode::NOT_FOUND,
+                format!("no such path {}; agents connect to /ws", req.uri().path()),
+            ));
+        }
+        let plane_type = param("planeType").unwrap_or_default();
+        let Some(plane_id) = param("planeID").filter(|p| !p.is_empty()) else {
+            metrics.rejected("bad_request");
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "missing planeID query parameter".into(),
+            ));
+        };
+        if !matches!(
+            plane_type.as_str(),
+            "buildplane" | "dataplane" | "observabilityplane"
+        ) {
+            metrics.rejected("bad_request");
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                format!("invalid planeType {plane_type:?}; expected buildplane"),
+            ));
+        }
+        if chain.is_empty() {
+            metrics.rejected("no_certificate");
+            return Err(reject(
+                StatusCode::UNAUTHORIZED,
+                "client certificate required".into(),
+            ));
+        }
+        let admission = trust.admit(&plane_id, &chain);
+        if admission.granted.is_empty() {
+            metrics.rejected("not_authorized");
+            let reasons = if admission.refused.is_empty() {
+                format!("no BuildPlane or ClusterBuildPlane has planeID {plane_id:?}")
+            } else {
+                admission
+                    .refused
+                    .iter()
+                    .map(|(cr, why)| format!("{cr}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            return Err(reject(
+                StatusCode::UNAUTHORIZED,
+                format!("certificate not valid for any CR with planeID {plane_id:?}: {reasons}"),
+            ));
+        }
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok());
+        let (version, subprotocol) = negotiate(offered);
+        if let Some(subprotocol) = subprotocol {
+            res.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(subprotocol),
+            );
+        }
+        *verdict_in.lock() = Some((plane_id, version, admission.granted));
+        Ok(res)
+    };
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
+    let ws =
+        match tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(config)).await {
+            Ok(ws) => ws,
+            Err(err) => {
+                debug!(%err, "upgrade refused");
+                return Ok(None);
+            }
+        };
+    let Some((plane_id, version, crs)) = verdict.lock().take() else {
+        return Ok(None);
+    };
+    let chain = ws
+        .get_ref()
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let (tx, rx) = mpsc::channel(1024);
+    let conn = Arc::new(Connection::new(
+        shared.registry.next_id(),
+        plane_id,
+        version,
+        chain,
+        crs,
+        tx,
+    ));
+    shared.outbound_rx.lock().insert(conn.id, rx);
+    Ok(Some((ws, conn)))
+}
+
+async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
+    let Some(mut rx) = shared.outbound_rx.lock().remove(&conn.id) else {
+        return;
+    };
+    info!(id = conn.id, plane_id = %conn.plane_id, protocol = conn.version, crs = ?conn.crs.read(), "agent connected");
+    shared.metrics.admitted();
+    shared.registry.add(conn.clone());
+    let (mut sink, mut stream) = ws.split();
+    let heartbeat = shared.config.heartbeat_interval;
+    let timeout = shared.config.heartbeat_timeout;
+    let writer_conn = conn.clone();
+    let writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(heartbeat);
+        ping.tick().await;
+        let mut nonce = 0u64;
+        loop {
+            tokio::select! {
+                out = rx.recv() => {
+                    let message = match out {
+                        Some(Outbound::Frame(frame)) => Message::Binary(Bytes::from(v2::to_vec(&frame))),
+                        Some(Outbound::Text(text)) => Message::Text(text.into()),
+                        Some(Outbound::Close(reason)) => {
+                            let _ = sink.send(Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Policy,
+                                reason: reason.into(),
+                            }))).await;
+                            return;
+                        }
+                        None => return,
+                    };
+                    if sink.send(message).await.is_err() { return; }
+                }
+                _ = ping.tick() => {
+                    nonce += 1;
+                    let message = if writer_conn.version >= 2 {
+                        Message::Binary(Bytes::from(v2::to_vec(&Frame::Ping { nonce })))
+                    } else {
+                        Message::Ping(Bytes::from_static(b"gw"))
+                    };
+                    if sink.send(message).await.is_err() { return; }
+                }
+            }
+        }
+    });
+    loop {
+        let next = tokio::time::timeout(timeout, stream.next()).await;
+        let message = match next {
+            Err(_) => {
+                warn!(
+                    id = conn.id,
+                    "agent silent past the heartbeat timeout; closing"
+                );
+                break;
+            }
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(message))) => message,
+        };
+        conn.touch();
+        match message {
+            Message::Binary(bytes) => match v2::decode(
+                &bytes,
+                Limits {
+                    max_frame: MAX_MESSAGE,
+                },
+            ) {
+                Ok(frame) => on_frame(&conn, frame).await,
+                Err(err) => {
+                    warn!(id = conn.id, %err, "malformed frame; closing the connection");
+                    break;
+                }
+            },
+            Message::Text(text) => match v1::decode(&text, MAX_MESSAGE) {
+                Ok(v1::Message::Response(response)) => {
+                    let waiter = conn.pending_v1.lock().remove(&response.request_id);
+                    if let Some(waiter) = waiter {
+                        let status = response.status_code;
+                        let headers = response
+                            .headers
+                            .unwrap_or_default()
+                            .into_iter()
+                            .flat_map(|(k, vs)| vs.into_iter().map(move |v| (k.clone(), v)))
+                            .collect();
+                        let _ = waiter
+                            .send(StreamEvent::Head {
+                                status,
+                                headers,
+                                end: false,
+                            })
+                            .await;
+                        if let Some(error) = response.error.filter(|_| response.body.is_none()) {
+                            let _ = waiter.send(StreamEvent::Data(Bytes::from(serde_json::json!({"error": "AgentError", "message": error.message, "details": error.details}).to_string()))).await;
+                        }
+                        if let Some(body) = response.body {
+                            let _ = waiter.send(StreamEvent::Data(Bytes::from(body))).await;
+                        }
+                        let _ = waiter.send(StreamEvent::End).await;
+                    }
+                }
+                Ok(_) => debug!(id = conn.id, "ignoring a v1 request from an agent"),
+                Err(err) => {
+                    warn!(id = conn.id, %err, "malformed v1 message; closing the connection");
+                    break;
+                }
+            },
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    writer.abort();
+    shared.registry.remove(&conn);
+    info!(id = conn.id, plane_id = %conn.plane_id, "agent disconnected");
+}
+
+async fn on_frame(conn: &Arc<Connection>, frame: Frame) {
+    let (stream, event) = match frame {
+        Frame::ResponseHead {
+            stream,
+            status,
+            headers,
+            end_stream,
+        } => (
+            stream,
+            StreamEvent::Head {
+                status,
+                headers,
+                end: end_stream,
+            },
+        ),
+        Frame::Data { stream, chunk } => {
+            let _ = conn.outbound.try_send(Outbound::Frame(Frame::WindowUpdate {
+                stream,
+                credits: chunk.len() as u32,
+            }));
+            (stream, StreamEvent::Data(Bytes::from(chunk)))
+        }
+        Frame::End { stream } => (stream, StreamEvent::End),
+        Frame::Reset {
+            stream,
+            code,
+            reason,
+        } => (stream, StreamEvent::Reset { code, reason }),
+        Frame::Ping { nonce } => {
+            let _ = conn
+                .outbound
+                .try_send(Outbound::Frame(Frame::Pong { nonce }));
+            return;
+        }
+        _ => return,
+    };
+    let waiter = conn.pending.lock().get(&stream).cloned();
+    let finished = matches!(
+        event,
+        StreamEvent::End | StreamEvent::Reset { .. } | StreamEvent::Head { end: true, .. }
+    );
+    if let Some(waiter) = waiter
+        && waiter.send(event).await.is_err()
+    {
+        // The caller went away: tell the agent to stop.
+        conn.pending.lock().remove(&stream);
+        let _ = conn.outbound.try_send(Outbound::Frame(Frame::Reset {
+            stream,
+            code: 499,
+            reason: "caller went away".into(),
+        }));
+        return;
+    }
+    if finished {
+        conn.pending.lock().remove(&stream);
+    }
+}

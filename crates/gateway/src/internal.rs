@@ -1,0 +1,450 @@
+//! The internal API (mTLS with the internal CA): the Kubernetes proxy, plane status, notify,
+//! the connection table and the event stream.
+
+use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{Path, Query, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{any, get, post},
+};
+use buildplane_api::CrKey;
+use buildplane_tunnel::{v1, v2::Frame};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::{
+    Shared,
+    registry::{Outbound, StreamEvent, Unavailable},
+};
+
+/// Largest proxied request body (OpenChoreo's limit).
+pub const MAX_REQUEST_BODY: usize = 10 * 1024 * 1024;
+/// How long a proxied request waits for the agent's response head.
+pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The internal API's routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/api/proxy/{plane_type}/{plane_id}/{namespace}/{name}/{target}/{*path}",
+            any(proxy),
+        )
+        .route("/api/v1/planes/status", get(all_status))
+        .route(
+            "/api/v1/planes/{plane_type}/{plane_id}/status",
+            get(plane_status),
+        )
+        .route("/api/v1/planes/notify", post(notify))
+        .route(
+            "/api/v1/connections",
+            get(|State(shared): State<Arc<Shared>>| async move { Json(shared.registry.table()) }),
+        )
+        .route("/api/v1/events", get(events))
+        .with_state(shared)
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
+}
+
+const BLOCKED_PATHS: &[&str] = &[
+    "/api/v1/namespaces/kube-system/secrets",
+    "/api/v1/secrets",
+    "/apis/v1/serviceaccounts",
+];
+
+async fn proxy(
+    State(shared): State<Arc<Shared>>,
+    Path((plane_type, plane_id, namespace, name, target, path)): Path<(
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+    )>,
+    req: Request,
+) -> Response {
+    let started = tokio::time::Instant::now();
+    let method = req.method().clone();
+    if !matches!(
+        method,
+        Method::GET
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::HEAD
+            | Method::OPTIONS
+    ) {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("method {method} is not proxied"),
+        );
+    }
+    if plane_type != buildplane_api::names::PLANE_TYPE {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidPlaneType",
+            format!("planeType {plane_type:?} is not served; expected buildplane"),
+        );
+    }
+    if target != "k8s" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidTarget",
+            format!("target {target:?} is not supported; expected k8s"),
+        );
+    }
+    let path = format!("/{path}");
+    if path.contains("..") || path.contains('\0') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidPath",
+            "the path must not contain '..' or NUL",
+        );
+    }
+    if let Some(blocked) = BLOCKED_PATHS.iter().find(|b| path.starts_with(*b)) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "PathBlocked",
+            format!("{blocked} may not be proxied"),
+        );
+    }
+    let cr = CrKey::from_url_segments(&namespace, &name);
+    let conn = match shared.registry.pick(&plane_id, &cr) {
+        Ok(conn) => conn,
+        Err(Unavailable::NoAgentConnected) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NoAgentConnected",
+                format!("no agent is connected for planeID {plane_id:?}"),
+            );
+        }
+        Err(Unavailable::NotAuthorized) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "NotAuthorized",
+                format!("no connected agent of planeID {plane_id:?} is authorised for {cr}"),
+            );
+        }
+    };
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let streaming = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1" || p == "follow=true");
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| {
+            !matches!(
+                name.as_str(),
+                "authorization" | "host" | "connection" | "content-length" | "transfer-encoding"
+            )
+        })
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLarge",
+                format!("request bodies are limited to {MAX_REQUEST_BODY} bytes"),
+            );
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<StreamEvent>(64);
+    if conn.version >= 2 {
+        let stream = conn.open_stream(tx);
+        let end_stream = body.is_empty();
+        let head = Frame::RequestHead {
+            stream,
+            method: method.to_string(),
+            target,
+            path,
+            query,
+            headers,
+            end_stream,
+        };
+        let mut ok = conn.outbound.send(Outbound::Frame(head)).await.is_ok();
+        if !end_stream {
+            for chunk in body.chunks(256 * 1024) {
+                ok &= conn
+                    .outbound
+                    .send(Outbound::Frame(Frame::Data {
+                        stream,
+                        chunk: chunk.to_vec(),
+                    }))
+                    .await
+                    .is_ok();
+            }
+            ok &= conn
+                .outbound
+                .send(Outbound::Frame(Frame::End { stream }))
+                .await
+                .is_ok();
+        }
+        if !ok {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "AgentConnectionClosed",
+                "the agent connection closed before the request was sent",
+            );
+        }
+    } else {
+        if streaming {
+            return error(
+                StatusCode::NOT_IMPLEMENTED,
+                "StreamingNotSupported",
+                "the agent speaks tunnel v1 (OpenChoreo JSON), which cannot stream watch or follow responses",
+            );
+        }
+        let request_id = uuid::Uuid::new_v4().to_string();
+        conn.pending_v1.lock().insert(request_id.clone(), tx);
+        let mut grouped: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, value) in headers {
+            grouped.entry(name).or_default().push(value);
+        }
+        let request = v1::HttpTunnelRequest {
+            request_id,
+            gateway_request_id: None,
+            target,
+            method: method.to_string(),
+            path,
+            query: (!query.is_empty()).then_some(query),
+            headers: Some(grouped),
+            body: (!body.is_empty()).then(|| body.to_vec()),
+        };
+        if conn
+            .outbound
+            .send(Outbound::Text(v1::encode(&v1::Message::Request(request))))
+            .await
+            .is_err()
+        {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "AgentConnectionClosed",
+                "the agent connection closed before the request was sent",
+            );
+        }
+    }
+    let head = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, rx.recv()).await;
+    let (status, headers, end) = match head {
+        Err(_) => {
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "AgentTimeout",
+                "the agent did not answer in time",
+            );
+        }
+        Ok(None) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "AgentConnectionClosed",
+                "agent connection closed before responding",
+            );
+        }
+        Ok(Some(StreamEvent::Reset { code, reason })) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "AgentError",
+                format!("the agent failed the request ({code}): {reason}"),
+            );
+        }
+        Ok(Some(StreamEvent::Head {
+            status,
+            headers,
+            end,
+        })) => (status, headers, end),
+        Ok(Some(_)) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "ProtocolError",
+                "the agent sent a body before a response head",
+            );
+        }
+    };
+    shared.metrics.proxied(started.elapsed());
+    let mut response_headers = HeaderMap::new();
+    for (name, value) in headers {
+        if matches!(
+            name.to_ascii_lowercase().as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            response_headers.append(name, value);
+        }
+    }
+    let body = if end {
+        Body::empty()
+    } else {
+        let stream = async_stream(rx);
+        Body::from_stream(stream)
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *res.headers_mut() = response_headers;
+    res
+}
+
+/// The body of a proxied response: chunks until End; a lost connection ends it with an error.
+fn async_stream(
+    rx: mpsc::Receiver<StreamEvent>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Some(StreamEvent::Data(bytes)) => Some((Ok(bytes), Some(rx))),
+            Some(StreamEvent::End) => None,
+            Some(StreamEvent::Reset { reason, .. }) => Some((
+                Err(std::io::Error::other(format!(
+                    "agent reset the stream: {reason}"
+                ))),
+                None,
+            )),
+            Some(StreamEvent::Head { .. }) => {
+                Some((Err(std::io::Error::other("duplicate response head")), None))
+            }
+            None => Some((
+                Err(std::io::Error::other(
+                    "agent connection closed mid-response",
+                )),
+                None,
+            )),
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct CrQuery {
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+fn status_of(shared: &Shared, plane_id: &str, cr: Option<&CrKey>) -> serde_json::Value {
+    let (n, last_seen) = shared.registry.count(plane_id, cr);
+    let last_seen = (last_seen > 0).then(|| {
+        chrono::DateTime::from_timestamp_millis(last_seen as i64)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    });
+    json!({"planeType": "buildplane", "planeID": plane_id, "connected": n > 0, "connectedAgents": n, "lastSeen": last_seen.flatten()})
+}
+
+async fn plane_status(
+    State(shared): State<Arc<Shared>>,
+    Path((_plane_type, plane_id)): Path<(String, String)>,
+    Query(q): Query<CrQuery>,
+) -> Json<serde_json::Value> {
+    let cr = q
+        .name
+        .map(|name| CrKey::from_url_segments(q.namespace.as_deref().unwrap_or(""), &name));
+    Json(status_of(&shared, &plane_id, cr.as_ref()))
+}
+
+async fn all_status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let mut planes: Vec<String> = shared
+        .registry
+        .all()
+        .iter()
+        .map(|c| c.plane_id.clone())
+        .collect();
+    planes.extend(shared.trust.crs().into_iter().map(|(_, plane)| plane));
+    planes.sort();
+    planes.dedup();
+    let statuses: Vec<serde_json::Value> =
+        planes.iter().map(|p| status_of(&shared, p, None)).collect();
+    Json(json!({"planes": statuses, "total": statuses.len()}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Notify {
+    #[serde(rename = "planeID")]
+    plane_id: String,
+    event: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn notify(State(shared): State<Arc<Shared>>, Json(body): Json<Notify>) -> Response {
+    if !matches!(body.event.as_str(), "created" | "updated" | "deleted") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidEvent",
+            format!("event {:?} is not created, updated or deleted", body.event),
+        );
+    }
+    debug!(plane_id = %body.plane_id, event = %body.event, cr = %format!("{}/{}", body.namespace, body.name), "notify");
+    let (granted, revoked) = crate::revalidate(&shared);
+    Json(json!({"success": true, "action": "revalidate", "authorizationsGranted": granted, "authorizationsRevoked": revoked})).into_response()
+}
+
+async fn events(State(shared): State<Arc<Shared>>) -> Response {
+    let mut events = shared.registry.subscribe();
+    let snapshot = shared.registry.snapshot();
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
+    tokio::spawn(async move {
+        let line = |value: &dyn erased::Line| Bytes::from(format!("{}\n", value.line()));
+        if tx.send(Ok(line(&snapshot))).await.is_err() {
+            return;
+        }
+        let mut keepalive = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => if tx.send(Ok(line(&event))).await.is_err() { return },
+                    // Lagging means lost events: end the stream so the client resyncs.
+                    Err(_) => return,
+                },
+                _ = keepalive.tick() => if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() { return },
+            }
+        }
+    });
+    let mut res = Response::new(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    res.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    res
+}
+
+mod erased {
+    /// A value written as one JSON line.
+    pub(super) trait Line {
+        fn line(&self) -> String;
+    }
+
+    impl<T: serde::Serialize> Line for T {
+        fn line(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+}

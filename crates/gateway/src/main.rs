@@ -1,0 +1,78 @@
+//! `cluster-gateway`: admits cluster agents and proxies Kubernetes requests to them.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+/// The control plane's end of the BuildPlane tunnel.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Flags {
+    /// Kubeconfig of the control cluster (in-cluster configuration when absent).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Agent listener (`/ws`).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    agent_listen: SocketAddr,
+    /// Internal API listener (mTLS).
+    #[arg(long, default_value = "0.0.0.0:8444")]
+    internal_listen: SocketAddr,
+    /// Health listener (plain HTTP).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    health_listen: SocketAddr,
+    /// Agent listener certificate.
+    #[arg(long, default_value = "/certs/tls.crt")]
+    server_cert: PathBuf,
+    /// Agent listener key.
+    #[arg(long, default_value = "/certs/tls.key")]
+    server_key: PathBuf,
+    /// Internal API certificate (defaults to the agent listener's).
+    #[arg(long)]
+    internal_server_cert: Option<PathBuf>,
+    /// Internal API key.
+    #[arg(long)]
+    internal_server_key: Option<PathBuf>,
+    /// CA of the internal API's clients (controller, harness).
+    #[arg(long, default_value = "/internal-ca/ca.crt")]
+    internal_client_ca: PathBuf,
+    /// Seconds between pings.
+    #[arg(long, default_value_t = 15)]
+    heartbeat_interval: u64,
+    /// Seconds of silence after which an agent is disconnected.
+    #[arg(long, default_value_t = 45)]
+    heartbeat_timeout: u64,
+    /// Concurrent TLS handshakes on the agent listener; excess connections are closed.
+    #[arg(long, default_value_t = 256)]
+    max_concurrent_handshakes: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
+    let flags = Flags::parse();
+    let internal_server_cert = match (flags.internal_server_cert, flags.internal_server_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => anyhow::bail!("--internal-server-cert and --internal-server-key go together"),
+    };
+    let _gateway = cluster_gateway::start(cluster_gateway::GatewayConfig {
+        kubeconfig: flags.kubeconfig,
+        agent_listen: flags.agent_listen,
+        internal_listen: flags.internal_listen,
+        health_listen: flags.health_listen,
+        server_cert: (flags.server_cert, flags.server_key),
+        internal_server_cert,
+        internal_client_ca: flags.internal_client_ca,
+        heartbeat_interval: Duration::from_secs(flags.heartbeat_interval),
+        heartbeat_timeout: Duration::from_secs(flags.heartbeat_timeout),
+        max_concurrent_handshakes: flags.max_concurrent_handshakes,
+    })
+    .await?;
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
