@@ -120,6 +120,8 @@ enum Probe {
     Kubeconfig(PathBuf),
     /// A PEM file with a certificate exists.
     Pem(PathBuf),
+    /// A TCP connection to 127.0.0.1 on this port succeeds.
+    Tcp(u16),
 }
 
 impl Probe {
@@ -134,6 +136,9 @@ impl Probe {
             Probe::Pem(path) => {
                 std::fs::read_to_string(path).is_ok_and(|t| t.contains("END CERTIFICATE"))
             }
+            Probe::Tcp(port) => tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                .await
+                .is_ok(),
         }
     }
 }
@@ -444,7 +449,17 @@ impl SimEnv {
         args.extend(self.extra_args(ComponentKind::Gateway).await);
         self.spawn("gateway", "cluster-gateway", args).await?;
         self.wait_http_ok("gateway", self.gateway_health_port, "/readyz")
-            .await
+            .await?;
+        // Readiness alone has been seen to come before the other listeners are bound.
+        for (what, port) in [("agent", self.agent_port), ("internal", self.internal_port)] {
+            self.wait_ready(
+                "gateway",
+                &format!("the {what} listener on port {port}"),
+                Probe::Tcp(port),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     async fn start_controller(&self) -> Result<()> {
