@@ -277,7 +277,7 @@ pub enum Operation {
     Patch(ApplyOp),
     /// Sample a value over time into a named series (plotted in the HTML report).
     Record(RecordOp),
-    /// Renew an agent's leaf certificate now.
+    /// Renew an agent's leaf certificate now (`cluster-agent renew`).
     RenewLeaf(AgentCommandOp),
     /// Send one request through the gateway's internal API and check the answer.
     Request(RequestOp),

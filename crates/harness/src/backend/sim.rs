@@ -804,7 +804,7 @@ impl Environment for SimEnv {
     ) -> BoxFuture<'_, Result<CommandOutput>> {
         let agent = agent.to_string();
         Box::pin(async move {
-            let namespace = {
+            let (namespace, plane_id) = {
                 let state = self.state.lock().await;
                 let info = state
                     .agents
@@ -813,7 +813,10 @@ impl Environment for SimEnv {
                         what: "agent",
                         name: agent.clone(),
                     })?;
-                info.spec.identity_namespace.clone()
+                (
+                    info.spec.identity_namespace.clone(),
+                    info.spec.plane_id.clone(),
+                )
             };
             let program = self.binaries.path("cluster-agent")?;
             let mut full = args;
@@ -822,6 +825,8 @@ impl Environment for SimEnv {
                 self.build.kubeconfig.display().to_string(),
                 "--identity-namespace".into(),
                 namespace,
+                "--plane-id".into(),
+                plane_id,
             ]);
             let output = tokio::process::Command::new(program)
                 .args(&full)
