@@ -1101,6 +1101,122 @@ impl Engine {
                 o.agent,
                 if o.finish { " --finish" } else { "" }
             ),
+            Operation::RenewLeaf(o) => format!("agent {}", o.agent),
+            Operation::Sleep(o) => o.duration.to_string(),
+            Operation::Delete(o) => object(&o.object, &o.file),
+            Operation::Consistently(o) => format!("for {}", o.for_),
+        }
+    }
+
+    /// Runs one operation.
+    pub async fn run_op(&mut self, op: &Operation, timeouts: &Timeouts) -> OpResultT {
+        let timeout: Duration = op
+            .own_timeout()
+            .or_else(|| timeouts.get(op.timeout_kind()))
+            .unwrap_or(Dur::secs(30))
+            .into();
+        match op {
+            Operation::Apply(o) => self.apply(o, ApplyMode::Apply, timeout).await,
+            Operation::Create(o) => self.apply(o, ApplyMode::Create, timeout).await,
+            Operation::Patch(o) => self.apply(o, ApplyMode::Patch, timeout).await,
+            Operation::Assert(o) => self.assert(o, timeout, false).await,
+            Operation::Error(o) => self.assert(o, timeout, true).await,
+            Operation::Await(o) => self.await_background(&o.name, timeout).await,
+            Operation::CheckSeries(o) => {
+                let deadline = Instant::now() + o.within.map(Duration::from).unwrap_or_default();
+                loop {
+                    match self.check_series(o) {
+                        Err(failure) if Instant::now() < deadline => {
+                            let _ = failure;
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        res => break res,
+                    }
+                }
+            }
+            Operation::Consistently(o) => self.consistently(o, timeouts).await,
+            Operation::Delete(o) => {
+                let objects = self.load_objects(&o.object, &o.file, &self.bindings)?;
+                let res = self.delete(o.cluster, objects, o.wait, timeout).await;
+                if o.continue_on_error { Ok(()) } else { res }
+            }
+            Operation::Exec(o) => {
+                let mut command = o
+                    .command
+                    .iter()
+                    .map(|a| self.text(a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if command.is_empty() {
+                    return Err(fail("empty command"));
+                }
+                let program = command.remove(0);
+                let mut env = self.command_env();
+                env.extend(
+                    o.env
+                        .iter()
+                        .map(|(k, v)| (k.clone(), self.text(v).unwrap_or_default())),
+                );
+                let res = self
+                    .run_command(
+                        &program,
+                        command,
+                        None,
+                        env,
+                        &o.expect,
+                        &o.output,
+                        o.output_format,
+                        timeout,
+                    )
+                    .await;
+                if o.continue_on_error { Ok(()) } else { res }
+            }
+            Operation::Fault(o) => self
+                .env
+                .set_faults(&self.text(&o.link)?, Self::toxics(o))
+                .map_err(|e| fail(e.to_string())),
+            Operation::Heal(o) => self
+                .env
+                .set_faults(&self.text(&o.link)?, Toxics::default())
+                .map_err(|e| fail(e.to_string())),
+            Operation::Kill(o) => self.component(o, "kill").await,
+            Operation::Restart(o) => self.component(o, "restart").await,
+            Operation::Start(o) => self.component(o, "start").await,
+            Operation::Stop(o) => self.component(o, "stop").await,
+            Operation::Kubectl(o) => {
+                let access = self.env.cluster(o.cluster);
+                let mut args = vec![
+                    "--kubeconfig".to_string(),
+                    access.kubeconfig.display().to_string(),
+                    "--context".into(),
+                    access.context,
+                ];
+                match &o.args {
+                    Args::Line(line) => args.extend(split_args(&self.text(line)?)),
+                    Args::List(list) => {
+                        for arg in list {
+                            args.push(self.text(arg)?);
+                        }
+                    }
+                }
+                let stdin = o.stdin.as_ref().map(|s| self.text(s)).transpose()?;
+                let env = self.command_env();
+                let res = self
+                    .run_command(
+                        "kubectl",
+                        args,
+                        stdin,
+                        env,
+                        &o.expect,
+                        &o.output,
+                        o.output_format,
+                        timeout,
+                    )
+                    .await;
+                if o.continue_on_error { Ok(()) } else { res }
+            }
+            Operation::Load(o) => self.load(o).await,
+            Operation::Metric(o) => self.metric(o, timeout).await,
+            Operation::Record(o) => self.record(o),
             Operation::RenewLeaf(o) => {
                 self.agent_command(&o.agent, vec!["renew".into()], &None)
                     .await
