@@ -96,15 +96,16 @@ pub enum TimeoutKind {
 }
 
 impl Timeouts {
-    /// The suite defaults (Chainsaw's, with a longer component start).
+    /// The suite defaults (Chainsaw's, with longer waits for reconnecting agents).
     pub fn suite_defaults() -> Timeouts {
         Timeouts {
             apply: Some(Dur::secs(10)),
-            assert: Some(Dur::secs(30)),
+            // Long enough for an agent's reconnect backoff (capped at 30 s) plus a reconcile.
+            assert: Some(Dur::secs(60)),
             delete: Some(Dur::secs(15)),
             exec: Some(Dur::secs(15)),
             component: Some(Dur::secs(30)),
-            request: Some(Dur::secs(10)),
+            request: Some(Dur::secs(60)),
             cleanup: Some(Dur::secs(30)),
         }
     }

@@ -24,7 +24,7 @@ use crate::proxy::{FaultProxy, Toxics};
 use crate::scenario::{ClusterName, ComponentKind};
 
 /// How long a component may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Grace period of a graceful stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Log lines quoted when a component fails to start.
