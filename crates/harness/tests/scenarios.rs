@@ -102,7 +102,9 @@ fn run(loaded: LoadedScenario) -> Result<(), Failed> {
 }
 
 fn main() {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // Scenarios mostly wait on reconnects and timeouts: run more than one per core.
+    args.test_threads.get_or_insert(4);
     let (scenarios, errors) = load_dir(&root().join("scenarios"));
     let mut trials = Vec::new();
     if !errors.is_empty() {
