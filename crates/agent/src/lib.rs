@@ -59,6 +59,9 @@ pub struct AgentConfig {
     pub health_listen: Option<SocketAddr>,
     /// Requests run at once; more wait.
     pub max_concurrent_requests: usize,
+    /// This process's instance id: a reconnect with the same certificate and id replaces the
+    /// older connection at the gateway; HA replicas sharing a certificate differ by it.
+    pub agent_id: String,
 }
 
 /// Builds a client for the kubeconfig or the in-cluster configuration.
@@ -195,8 +198,8 @@ async fn session(
     limit: &Arc<Semaphore>,
 ) -> Ended {
     let url = format!(
-        "{}?planeID={}&planeType={}",
-        config.server_url, config.plane_id, config.plane_type
+        "{}?planeID={}&planeType={}&agentID={}",
+        config.server_url, config.plane_id, config.plane_type, config.agent_id
     );
     let mut request = match url.as_str().into_client_request() {
         Ok(request) => request,

@@ -68,6 +68,9 @@ enum Command {
         /// Requests run at once.
         #[arg(long, default_value_t = 64)]
         max_concurrent_requests: usize,
+        /// Instance id (defaults to the pod name, else a random id per process).
+        #[arg(long, env = "POD_NAME")]
+        agent_id: Option<String>,
     },
     /// Rotate the agent CA: publish old+new CA and switch the leaf; with --finish, drop the old CA.
     RotateCa {
@@ -112,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
             protocol,
             health_listen,
             max_concurrent_requests,
+            agent_id,
         } => {
             let protocol = match protocol.as_str() {
                 "v1" | "1" => 1,
@@ -134,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
                 protocol,
                 health_listen: Some(health_listen),
                 max_concurrent_requests,
+                agent_id: agent_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             })
             .await
         }

@@ -320,6 +320,11 @@ impl ConnectionTable {
                     entry.shown = n;
                     changed.push(key);
                 }
+            } else if entry.shown > 0 && event.type_ == "revoked" {
+                // A revocation is deliberate (CR deleted or CA changed): no grace period.
+                entry.shown = 0;
+                entry.zero_since = None;
+                changed.push(key);
             } else if entry.shown > 0 {
                 entry.zero_since.get_or_insert(now);
                 deferred.push(key);
@@ -399,6 +404,16 @@ mod tests {
         );
         table.apply(&event("disconnected", &[("org/bp", 0)]));
         tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(agents(&table, "org/bp"), 0);
+    }
+
+    /// A revocation is shown at once: a re-created CR must not inherit a debounced count.
+    #[tokio::test(start_paused = true)]
+    async fn revocation_skips_the_grace_period() {
+        let table = ConnectionTable::new(Duration::from_secs(2));
+        table.apply(&event("snapshot", &[("org/bp", 1)]));
+        let (changed, _) = table.apply(&event("revoked", &[("org/bp", 0)]));
+        assert_eq!(changed, vec![CrKey::namespaced("org", "bp")]);
         assert_eq!(agents(&table, "org/bp"), 0);
     }
 

@@ -69,7 +69,7 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
 /// The planeID, protocol version and CRs an upgrade was admitted with.
-type Verdict = (String, u16, BTreeSet<buildplane_api::CrKey>);
+type Verdict = (String, u16, BTreeSet<buildplane_api::CrKey>, String);
 
 // The callback's error type is tungstenite's; its size is not ours to choose.
 #[allow(clippy::result_large_err)]
@@ -147,6 +147,7 @@ async fn accept(
                 format!("certificate not valid for any CR with planeID {plane_id:?}: {reasons}"),
             ));
         }
+        let agent_id = param("agentID").unwrap_or_default();
         let offered = req
             .headers()
             .get("sec-websocket-protocol")
@@ -158,7 +159,7 @@ async fn accept(
                 HeaderValue::from_static(subprotocol),
             );
         }
-        *verdict_in.lock() = Some((plane_id, version, admission.granted));
+        *verdict_in.lock() = Some((plane_id, version, admission.granted, agent_id));
         Ok(res)
     };
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
@@ -172,7 +173,7 @@ async fn accept(
                 return Ok(None);
             }
         };
-    let Some((plane_id, version, crs)) = verdict.lock().take() else {
+    let Some((plane_id, version, crs, agent_id)) = verdict.lock().take() else {
         return Ok(None);
     };
     let chain = ws
@@ -183,14 +184,12 @@ async fn accept(
         .map(<[_]>::to_vec)
         .unwrap_or_default();
     let (tx, rx) = mpsc::channel(1024);
-    let conn = Arc::new(Connection::new(
-        shared.registry.next_id(),
-        plane_id,
-        version,
-        chain,
-        crs,
-        tx,
-    ));
+    let mut conn = Connection::new(shared.registry.next_id(), plane_id, version, chain, crs, tx);
+    if !agent_id.is_empty() {
+        // HA replicas share a certificate; the instance id tells a reconnect from a sibling.
+        conn.identity = format!("{}/{agent_id}", conn.identity);
+    }
+    let conn = Arc::new(conn);
     shared.outbound_rx.lock().insert(conn.id, rx);
     Ok(Some((ws, conn)))
 }

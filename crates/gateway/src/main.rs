@@ -35,15 +35,42 @@ struct Flags {
     /// CA of the internal API's clients (controller, harness).
     #[arg(long, default_value = "/internal-ca/ca.crt")]
     internal_client_ca: PathBuf,
-    /// Seconds between pings.
-    #[arg(long, default_value_t = 15)]
-    heartbeat_interval: u64,
-    /// Seconds of silence after which an agent is disconnected.
-    #[arg(long, default_value_t = 45)]
-    heartbeat_timeout: u64,
+    /// Time between pings (`15s`, `500ms`, `1m`; a bare number is seconds).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// Silence after which an agent is disconnected.
+    #[arg(long, default_value = "45s", value_parser = parse_duration)]
+    heartbeat_timeout: Duration,
     /// Concurrent TLS handshakes on the agent listener; excess connections are closed.
     #[arg(long, default_value_t = 256)]
     max_concurrent_handshakes: usize,
+}
+
+/// Parses `500ms`, `15s`, `2m`, `1h`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?}; use ms, s, m or h"
+            ));
+        }
+    };
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("duration {text:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[tokio::main]
@@ -68,8 +95,8 @@ async fn main() -> anyhow::Result<()> {
         server_cert: (flags.server_cert, flags.server_key),
         internal_server_cert,
         internal_client_ca: flags.internal_client_ca,
-        heartbeat_interval: Duration::from_secs(flags.heartbeat_interval),
-        heartbeat_timeout: Duration::from_secs(flags.heartbeat_timeout),
+        heartbeat_interval: flags.heartbeat_interval,
+        heartbeat_timeout: flags.heartbeat_timeout,
         max_concurrent_handshakes: flags.max_concurrent_handshakes,
     })
     .await?;
