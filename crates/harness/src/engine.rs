@@ -1464,13 +1464,20 @@ impl Engine {
             let Ok(kube) = self.kube(*cluster).await else {
                 continue;
             };
-            let reference = ObjectRef {
-                api_version: "v1".into(),
-                kind: "Event".into(),
-                namespace: Some(namespace.clone()),
-                name: None,
-            };
-            if let Ok(items) = kube.list(&reference, "").await {
+            // Core events and events.k8s.io (what kube-runtime's Recorder writes).
+            for (api_version, object, message) in [
+                ("v1", "involvedObject", "message"),
+                ("events.k8s.io/v1", "regarding", "note"),
+            ] {
+                let reference = ObjectRef {
+                    api_version: api_version.into(),
+                    kind: "Event".into(),
+                    namespace: Some(namespace.clone()),
+                    name: None,
+                };
+                let Ok(items) = kube.list(&reference, "").await else {
+                    continue;
+                };
                 for item in items {
                     let field = |p: &str| {
                         item.pointer(p)
@@ -1481,11 +1488,11 @@ impl Engine {
                     events.push_str(&format!(
                         "{} {}/{} {} {}: {}\n",
                         cluster.as_str(),
-                        field("/involvedObject/kind"),
-                        field("/involvedObject/name"),
+                        field(&format!("/{object}/kind")),
+                        field(&format!("/{object}/name")),
                         field("/type"),
                         field("/reason"),
-                        field("/message")
+                        field(&format!("/{message}"))
                     ));
                 }
             }
