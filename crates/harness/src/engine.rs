@@ -1083,6 +1083,7 @@ impl Engine {
             },
             Operation::Script(o) => first_line(&o.content).to_string(),
             Operation::Exec(o) => o.command.join(" "),
+            Operation::GenerateCa(o) => o.common_name.clone(),
             Operation::Start(o)
             | Operation::Stop(o)
             | Operation::Kill(o)
@@ -1215,6 +1216,13 @@ impl Engine {
                 if o.continue_on_error { Ok(()) } else { res }
             }
             Operation::Load(o) => self.load(o).await,
+            Operation::GenerateCa(o) => {
+                let ca = crate::pki::TestCa::generate(&self.text(&o.common_name)?)
+                    .map_err(|e| fail(e.to_string()))?;
+                self.bindings
+                    .set(o.output.clone(), Value::String(ca.cert_pem));
+                Ok(())
+            }
             Operation::Metric(o) => self.metric(o, timeout).await,
             Operation::Record(o) => self.record(o),
             Operation::RenewLeaf(o) => {

@@ -500,6 +500,9 @@ impl Linter<'_> {
                 }
             }
             Operation::Heal(_) | Operation::Sleep(_) => {}
+            Operation::GenerateCa(op) => {
+                self.known.insert(op.output.clone());
+            }
             Operation::Kill(op) | Operation::Stop(op) => self.component(&path, op, false),
             Operation::Restart(op) => self.component(&path, op, false),
             Operation::Start(op) => self.component(&path, op, true),

@@ -262,6 +262,8 @@ pub enum Operation {
     Error(AssertOp),
     /// Run a program (no shell).
     Exec(ExecOp),
+    /// Generate a throw-away CA (PEM) into a binding, for CRs that must not match an agent.
+    GenerateCa(GenerateCaOp),
     /// Inject a fault on a link (agent → gateway).
     Fault(FaultOp),
     /// Remove every fault from a link.
@@ -311,6 +313,7 @@ impl Operation {
             Operation::Delete(_) => "delete",
             Operation::Error(_) => "error",
             Operation::Exec(_) => "exec",
+            Operation::GenerateCa(_) => "generateCa",
             Operation::Fault(_) => "fault",
             Operation::Heal(_) => "heal",
             Operation::Kill(_) => "kill",
@@ -449,6 +452,7 @@ operation_keys! {
     "delete" => Delete(DeleteOp),
     "error" => Error(AssertOp),
     "exec" => Exec(ExecOp),
+    "generateCa" => GenerateCa(GenerateCaOp),
     "fault" => Fault(FaultOp),
     "heal" => Heal(HealOp),
     "kill" => Kill(ComponentOp),
@@ -666,6 +670,16 @@ pub struct ExecOp {
     pub continue_on_error: bool,
     /// Operation timeout.
     pub timeout: Option<Dur>,
+}
+
+/// A throw-away CA certificate (valid for a year) bound as PEM text.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GenerateCaOp {
+    /// The CA's common name.
+    pub common_name: String,
+    /// Binding that receives the certificate (PEM).
+    pub output: String,
 }
 
 /// Start, stop, kill or restart a component.
