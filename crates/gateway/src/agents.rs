@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Shared,
-    registry::{Connection, Outbound, StreamEvent},
+    registry::{Connection, Delivery, Outbound, StreamEvent, public_key_of},
 };
 
 /// Largest tunnel message accepted from an agent.
@@ -44,6 +44,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        if shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            drop(tcp);
+            continue;
+        }
         let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
             // Storm protection: refuse before spending a TLS handshake.
             shared.metrics.rejected("handshake_cap");
@@ -52,11 +56,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
             let accepted =
                 tokio::time::timeout(Duration::from_secs(10), accept(tcp, &shared)).await;
             drop(permit);
             match accepted {
-                Ok(Ok(Some((ws, conn)))) => run_connection(ws, conn, shared).await,
+                Ok(Ok(Some((ws, conn)))) => {
+                    shared.metrics.handshake(started.elapsed());
+                    run_connection(ws, conn, shared).await
+                }
                 Ok(Ok(None)) => {}
                 Ok(Err(err)) => debug!(%peer, %err, "agent handshake failed"),
                 Err(_) => debug!(%peer, "agent handshake timed out"),
@@ -88,6 +96,8 @@ async fn accept(
     let verdict: Arc<Mutex<Option<Verdict>>> = Arc::default();
     let trust = shared.trust.clone();
     let metrics = shared.metrics.clone();
+    let registry = shared.clone();
+    let max_per_identity = shared.config.max_connections_per_identity.max(1);
     let verdict_in = verdict.clone();
     let callback = move |req: &Request, mut res: Response| -> Result<Response, ErrorResponse> {
         let query = req.uri().query().unwrap_or("");
@@ -131,7 +141,11 @@ async fn accept(
         }
         let admission = trust.admit(&plane_id, &chain);
         if admission.granted.is_empty() {
-            metrics.rejected("not_authorized");
+            metrics.rejected(if admission.refused.is_empty() {
+                "unknown_plane"
+            } else {
+                "not_authorized"
+            });
             let reasons = if admission.refused.is_empty() {
                 format!("no BuildPlane or ClusterBuildPlane has planeID {plane_id:?}")
             } else {
@@ -148,6 +162,21 @@ async fn accept(
             ));
         }
         let agent_id = param("agentID").unwrap_or_default();
+        let public_key = chain.first().map(public_key_of).unwrap_or_default();
+        if registry
+            .registry
+            .count_identity(&public_key, &plane_id, &agent_id)
+            >= max_per_identity
+        {
+            metrics.rejected("identity_cap");
+            let mut res = reject(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("this certificate already has {max_per_identity} connections; retry later"),
+            );
+            res.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("5"));
+            return Err(res);
+        }
         let offered = req
             .headers()
             .get("sec-websocket-protocol")
@@ -184,12 +213,11 @@ async fn accept(
         .map(<[_]>::to_vec)
         .unwrap_or_default();
     let (tx, rx) = mpsc::channel(1024);
-    let mut conn = Connection::new(shared.registry.next_id(), plane_id, version, chain, crs, tx);
-    if !agent_id.is_empty() {
-        // HA replicas share a certificate; the instance id tells a reconnect from a sibling.
-        conn.identity = format!("{}/{agent_id}", conn.identity);
-    }
-    let conn = Arc::new(conn);
+    // HA replicas share a certificate; the instance id tells a reconnect from a sibling.
+    let conn = Arc::new(
+        Connection::new(shared.registry.next_id(), plane_id, version, chain, crs, tx)
+            .with_agent_id(agent_id),
+    );
     shared.outbound_rx.lock().insert(conn.id, rx);
     Ok(Some((ws, conn)))
 }
@@ -198,7 +226,21 @@ async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
     let Some(mut rx) = shared.outbound_rx.lock().remove(&conn.id) else {
         return;
     };
-    info!(id = conn.id, plane_id = %conn.plane_id, protocol = conn.version, crs = ?conn.crs.read(), "agent connected");
+    // Trust may have changed since the upgrade was admitted; decide again now that the
+    // connection becomes visible to revalidation, so no change falls between the two.
+    let admission = shared.trust.admit(&conn.plane_id, &conn.chain);
+    if admission.granted.is_empty() {
+        let mut ws = ws;
+        let _ = ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Policy,
+                reason: "certificate no longer valid for any CR".into(),
+            }))
+            .await;
+        return;
+    }
+    *conn.crs.write() = admission.granted;
+    info!(id = conn.id, plane_id = %conn.plane_id, identity = %conn.identity, protocol = conn.version, crs = ?conn.crs.read(), "agent connected");
     shared.metrics.admitted();
     shared.registry.add(conn.clone());
     let (mut sink, mut stream) = ws.split();
@@ -259,7 +301,7 @@ async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
                     max_frame: MAX_MESSAGE,
                 },
             ) {
-                Ok(frame) => on_frame(&conn, frame).await,
+                Ok(frame) => on_frame(&conn, frame),
                 Err(err) => {
                     warn!(id = conn.id, %err, "malformed frame; closing the connection");
                     break;
@@ -276,20 +318,18 @@ async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
                             .into_iter()
                             .flat_map(|(k, vs)| vs.into_iter().map(move |v| (k.clone(), v)))
                             .collect();
-                        let _ = waiter
-                            .send(StreamEvent::Head {
-                                status,
-                                headers,
-                                end: false,
-                            })
-                            .await;
+                        let _ = waiter.send(StreamEvent::Head {
+                            status,
+                            headers,
+                            end: false,
+                        });
                         if let Some(error) = response.error.filter(|_| response.body.is_none()) {
-                            let _ = waiter.send(StreamEvent::Data(Bytes::from(serde_json::json!({"error": "AgentError", "message": error.message, "details": error.details}).to_string()))).await;
+                            let _ = waiter.send(StreamEvent::Data(Bytes::from(serde_json::json!({"error": "AgentError", "message": error.message, "details": error.details}).to_string())));
                         }
                         if let Some(body) = response.body {
-                            let _ = waiter.send(StreamEvent::Data(Bytes::from(body))).await;
+                            let _ = waiter.send(StreamEvent::Data(Bytes::from(body)));
                         }
-                        let _ = waiter.send(StreamEvent::End).await;
+                        let _ = waiter.send(StreamEvent::End);
                     }
                 }
                 Ok(_) => debug!(id = conn.id, "ignoring a v1 request from an agent"),
@@ -307,7 +347,9 @@ async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
     info!(id = conn.id, plane_id = %conn.plane_id, "agent disconnected");
 }
 
-async fn on_frame(conn: &Arc<Connection>, frame: Frame) {
+/// Routes one frame from the agent. Never waits: body chunks are queued per stream within the
+/// stream's window, so a slow caller never stalls the other streams of the connection.
+fn on_frame(conn: &Arc<Connection>, frame: Frame) {
     let (stream, event) = match frame {
         Frame::ResponseHead {
             stream,
@@ -322,13 +364,7 @@ async fn on_frame(conn: &Arc<Connection>, frame: Frame) {
                 end: end_stream,
             },
         ),
-        Frame::Data { stream, chunk } => {
-            let _ = conn.outbound.try_send(Outbound::Frame(Frame::WindowUpdate {
-                stream,
-                credits: chunk.len() as u32,
-            }));
-            (stream, StreamEvent::Data(Bytes::from(chunk)))
-        }
+        Frame::Data { stream, chunk } => (stream, StreamEvent::Data(Bytes::from(chunk))),
         Frame::End { stream } => (stream, StreamEvent::End),
         Frame::Reset {
             stream,
@@ -343,24 +379,25 @@ async fn on_frame(conn: &Arc<Connection>, frame: Frame) {
         }
         _ => return,
     };
-    let waiter = conn.pending.lock().get(&stream).cloned();
-    let finished = matches!(
-        event,
-        StreamEvent::End | StreamEvent::Reset { .. } | StreamEvent::Head { end: true, .. }
-    );
-    if let Some(waiter) = waiter
-        && waiter.send(event).await.is_err()
-    {
-        // The caller went away: tell the agent to stop.
-        conn.pending.lock().remove(&stream);
+    let reset = |code: u16, reason: &str| {
         let _ = conn.outbound.try_send(Outbound::Frame(Frame::Reset {
             stream,
-            code: 499,
-            reason: "caller went away".into(),
+            code,
+            reason: reason.into(),
         }));
-        return;
-    }
-    if finished {
-        conn.pending.lock().remove(&stream);
+    };
+    let is_end = matches!(event, StreamEvent::End | StreamEvent::Reset { .. });
+    match conn.deliver(stream, event) {
+        Delivery::Delivered => {}
+        // A frame for a stream nobody waits for: tell the agent to stop (unless it just did).
+        Delivery::NoStream if !is_end => reset(499, "caller went away"),
+        Delivery::NoStream => {}
+        Delivery::Overrun => {
+            warn!(
+                id = conn.id,
+                stream, "agent overran the stream window; resetting it"
+            );
+            reset(400, "flow-control window exceeded");
+        }
     }
 }

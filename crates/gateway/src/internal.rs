@@ -172,9 +172,24 @@ async fn proxy(
             );
         }
     };
-    let (tx, mut rx) = mpsc::channel::<StreamEvent>(64);
-    if conn.version >= 2 {
-        let stream = conn.open_stream(tx);
+    let closed = || {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "AgentConnectionClosed",
+            "the agent connection closed before the request was sent",
+        )
+    };
+    let mut v1_guard = None;
+    let (mut rx, guard) = if conn.version >= 2 {
+        let Some((stream, rx, window)) = conn.open_stream() else {
+            return closed();
+        };
+        let guard = StreamGuard {
+            conn: conn.clone(),
+            stream,
+            window,
+            done: false,
+        };
         let end_stream = body.is_empty();
         let head = Frame::RequestHead {
             stream,
@@ -187,7 +202,7 @@ async fn proxy(
         };
         let mut ok = conn.outbound.send(Outbound::Frame(head)).await.is_ok();
         if !end_stream {
-            for chunk in body.chunks(256 * 1024) {
+            for chunk in body.chunks(64 * 1024) {
                 ok &= conn
                     .outbound
                     .send(Outbound::Frame(Frame::Data {
@@ -204,12 +219,9 @@ async fn proxy(
                 .is_ok();
         }
         if !ok {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                "AgentConnectionClosed",
-                "the agent connection closed before the request was sent",
-            );
+            return closed();
         }
+        (rx, Some(guard))
     } else {
         if streaming {
             return error(
@@ -219,13 +231,19 @@ async fn proxy(
             );
         }
         let request_id = uuid::Uuid::new_v4().to_string();
-        conn.pending_v1.lock().insert(request_id.clone(), tx);
+        let Some(rx) = conn.open_v1(request_id.clone()) else {
+            return closed();
+        };
+        v1_guard = Some(V1Guard {
+            conn: conn.clone(),
+            request_id: request_id.clone(),
+        });
         let mut grouped: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, value) in headers {
             grouped.entry(name).or_default().push(value);
         }
         let request = v1::HttpTunnelRequest {
-            request_id,
+            request_id: request_id.clone(),
             gateway_request_id: None,
             target,
             method: method.to_string(),
@@ -240,13 +258,11 @@ async fn proxy(
             .await
             .is_err()
         {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                "AgentConnectionClosed",
-                "the agent connection closed before the request was sent",
-            );
+            return closed();
         }
-    }
+        (rx, None)
+    };
+    let _pending = shared.metrics.pending_guard();
     let head = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, rx.recv()).await;
     let (status, headers, end) = match head {
         Err(_) => {
@@ -257,13 +273,18 @@ async fn proxy(
             );
         }
         Ok(None) => {
+            shared.metrics.proxy_failed("connection_closed");
             return error(
                 StatusCode::BAD_GATEWAY,
                 "AgentConnectionClosed",
-                "agent connection closed before responding",
+                format!(
+                    "the agent connection (id {}) closed before the agent answered; the request may or may not have run",
+                    conn.id
+                ),
             );
         }
         Ok(Some(StreamEvent::Reset { code, reason })) => {
+            shared.metrics.proxy_failed("agent_reset");
             return error(
                 StatusCode::BAD_GATEWAY,
                 "AgentError",
@@ -283,6 +304,7 @@ async fn proxy(
             );
         }
     };
+    drop(v1_guard);
     shared.metrics.proxied(started.elapsed());
     let mut response_headers = HeaderMap::new();
     for (name, value) in headers {
@@ -302,8 +324,7 @@ async fn proxy(
     let body = if end {
         Body::empty()
     } else {
-        let stream = async_stream(rx);
-        Body::from_stream(stream)
+        Body::from_stream(body_stream(rx, guard))
     };
     let mut res = Response::new(body);
     *res.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -311,30 +332,98 @@ async fn proxy(
     res
 }
 
+/// Owns a v2 stream on the proxy side: grants window credits as the caller consumes the body,
+/// and when the caller goes away early (dropped body), resets the stream so the agent stops
+/// (a watch ends on the build cluster too).
+struct StreamGuard {
+    conn: Arc<crate::registry::Connection>,
+    stream: u32,
+    window: Arc<parking_lot::Mutex<buildplane_tunnel::flow::ReceiveWindow>>,
+    done: bool,
+}
+
+impl StreamGuard {
+    fn consumed(&self, n: usize) {
+        if let Some(credits) = self.window.lock().consume(n) {
+            let _ = self
+                .conn
+                .outbound
+                .try_send(Outbound::Frame(Frame::WindowUpdate {
+                    stream: self.stream,
+                    credits,
+                }));
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.done && self.conn.forget_stream(self.stream) {
+            let _ = self.conn.outbound.try_send(Outbound::Frame(Frame::Reset {
+                stream: self.stream,
+                code: 499,
+                reason: "the caller went away".into(),
+            }));
+        }
+    }
+}
+
+/// Forgets a v1 request that was not answered (timeout, caller gone).
+struct V1Guard {
+    conn: Arc<crate::registry::Connection>,
+    request_id: String,
+}
+
+impl Drop for V1Guard {
+    fn drop(&mut self) {
+        self.conn.pending_v1.lock().remove(&self.request_id);
+    }
+}
+
 /// The body of a proxied response: chunks until End; a lost connection ends it with an error.
-fn async_stream(
-    rx: mpsc::Receiver<StreamEvent>,
+fn body_stream(
+    rx: mpsc::UnboundedReceiver<StreamEvent>,
+    guard: Option<StreamGuard>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures::stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
+    futures::stream::unfold(Some((rx, guard)), |state| async move {
+        let (mut rx, mut guard) = state?;
+        let finish = |guard: &mut Option<StreamGuard>| {
+            if let Some(guard) = guard.as_mut() {
+                guard.done = true;
+            }
+        };
         match rx.recv().await {
-            Some(StreamEvent::Data(bytes)) => Some((Ok(bytes), Some(rx))),
-            Some(StreamEvent::End) => None,
-            Some(StreamEvent::Reset { reason, .. }) => Some((
-                Err(std::io::Error::other(format!(
-                    "agent reset the stream: {reason}"
-                ))),
-                None,
-            )),
+            Some(StreamEvent::Data(bytes)) => {
+                if let Some(guard) = &guard {
+                    guard.consumed(bytes.len());
+                }
+                Some((Ok(bytes), Some((rx, guard))))
+            }
+            Some(StreamEvent::End) => {
+                finish(&mut guard);
+                None
+            }
+            Some(StreamEvent::Reset { reason, .. }) => {
+                finish(&mut guard);
+                Some((
+                    Err(std::io::Error::other(format!(
+                        "agent reset the stream: {reason}"
+                    ))),
+                    None,
+                ))
+            }
             Some(StreamEvent::Head { .. }) => {
                 Some((Err(std::io::Error::other("duplicate response head")), None))
             }
-            None => Some((
-                Err(std::io::Error::other(
-                    "agent connection closed mid-response",
-                )),
-                None,
-            )),
+            None => {
+                finish(&mut guard);
+                Some((
+                    Err(std::io::Error::other(
+                        "agent connection closed mid-response",
+                    )),
+                    None,
+                ))
+            }
         }
     })
 }
@@ -400,9 +489,18 @@ async fn notify(State(shared): State<Arc<Shared>>, Json(body): Json<Notify>) -> 
             format!("event {:?} is not created, updated or deleted", body.event),
         );
     }
-    debug!(plane_id = %body.plane_id, event = %body.event, cr = %format!("{}/{}", body.namespace, body.name), "notify");
+    let cr = CrKey::from_url_segments(&body.namespace, &body.name);
+    debug!(plane_id = %body.plane_id, event = %body.event, %cr, "notify");
+    let action = if body.event == "deleted" && !body.name.is_empty() {
+        // Revoke this CR now, even if the reflector has not seen the deletion yet; its
+        // siblings sharing the planeID are re-checked like everything else and stay.
+        shared.trust.mark_deleted(&cr);
+        "revoke"
+    } else {
+        "revalidate"
+    };
     let (granted, revoked) = crate::revalidate(&shared);
-    Json(json!({"success": true, "action": "revalidate", "authorizationsGranted": granted, "authorizationsRevoked": revoked})).into_response()
+    Json(json!({"success": true, "action": action, "authorizationsGranted": granted, "authorizationsRevoked": revoked})).into_response()
 }
 
 async fn events(State(shared): State<Arc<Shared>>) -> Response {

@@ -58,6 +58,37 @@ pub struct GatewayConfig {
     pub heartbeat_timeout: Duration,
     /// Concurrent TLS handshakes on the agent listener.
     pub max_concurrent_handshakes: usize,
+    /// Live connections one leaf public key may hold (excess upgrades get 429).
+    pub max_connections_per_identity: usize,
+    /// On shutdown, agent connections are closed spread over this long.
+    pub shutdown_stagger: Duration,
+    /// How often certificate files are checked for changes.
+    pub cert_reload_interval: Duration,
+}
+
+impl GatewayConfig {
+    /// Settings with the contract's defaults around the given files and addresses.
+    pub fn new(
+        kubeconfig: Option<PathBuf>,
+        server_cert: (PathBuf, PathBuf),
+        internal_client_ca: PathBuf,
+    ) -> Self {
+        Self {
+            kubeconfig,
+            agent_listen: ([0, 0, 0, 0], 8443).into(),
+            internal_listen: ([0, 0, 0, 0], 8444).into(),
+            health_listen: ([0, 0, 0, 0], 8080).into(),
+            server_cert,
+            internal_server_cert: None,
+            internal_client_ca,
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(90),
+            max_concurrent_handshakes: 256,
+            max_connections_per_identity: 4,
+            shutdown_stagger: Duration::from_secs(1),
+            cert_reload_interval: Duration::from_secs(2),
+        }
+    }
 }
 
 /// State shared by the listeners.
@@ -77,26 +108,96 @@ pub struct Shared {
     /// Metrics.
     pub metrics: Metrics,
     ready: AtomicBool,
+    /// Set on shutdown: new agent connections are refused.
+    pub draining: AtomicBool,
 }
 
 /// Re-verifies every live connection against the current CRs and Secrets; closes connections
 /// authorised for nothing. Returns (granted, revoked).
 pub fn revalidate(shared: &Shared) -> (usize, usize) {
+    shared.trust.prune_deleted();
     let (mut granted, mut revoked) = (0, 0);
     for conn in shared.registry.all() {
         let admission = shared.trust.admit(&conn.plane_id, &conn.chain);
-        let (g, r) = shared.registry.set_crs(&conn, admission.granted.clone());
-        granted += g;
-        revoked += r;
         if admission.granted.is_empty() {
+            // Authorised for nothing: close it; its `disconnected` event carries the CRs it lost.
+            revoked += conn.crs.read().len();
             info!(id = conn.id, plane_id = %conn.plane_id, "no CR admits this agent any more; closing");
             let _ = conn.outbound.try_send(Outbound::Close(
                 "certificate no longer valid for any CR".into(),
             ));
             shared.registry.remove(&conn);
+            continue;
         }
+        let (g, r) = shared.registry.set_crs(&conn, admission.granted);
+        granted += g;
+        revoked += r;
     }
     (granted, revoked)
+}
+
+/// Closes every agent connection, spread evenly over `stagger` (with a `GoAway` first on v2),
+/// so agents do not all come back in the same second.
+pub async fn drain(shared: &Shared, stagger: Duration) {
+    shared
+        .draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let connections = shared.registry.all();
+    if connections.is_empty() {
+        return;
+    }
+    let step = stagger / u32::try_from(connections.len()).unwrap_or(u32::MAX);
+    info!(
+        n = connections.len(),
+        stagger_ms = stagger.as_millis() as u64,
+        "closing agent connections"
+    );
+    for conn in connections {
+        if conn.version >= 2 {
+            let _ = conn
+                .outbound
+                .try_send(Outbound::Frame(buildplane_tunnel::v2::Frame::GoAway {
+                    reason: "gateway shutting down".into(),
+                }));
+        }
+        let _ = conn
+            .outbound
+            .try_send(Outbound::Close("gateway shutting down".into()));
+        shared.registry.remove(&conn);
+        tokio::time::sleep(step).await;
+    }
+}
+
+/// Polls certificate files and swaps them into the running listeners when they change.
+fn watch_cert(paths: (PathBuf, PathBuf), cert: Arc<ReloadableCert>, every: Duration) {
+    tokio::spawn(async move {
+        let read = |paths: &(PathBuf, PathBuf)| {
+            Some((
+                std::fs::read_to_string(&paths.0).ok()?,
+                std::fs::read_to_string(&paths.1).ok()?,
+            ))
+        };
+        let mut current = read(&paths);
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let fresh = read(&paths);
+            if fresh.is_none() || fresh == current {
+                continue;
+            }
+            if let Some((chain, key)) = &fresh {
+                match cert.replace_from_pem(chain, key) {
+                    Ok(()) => info!(cert = %paths.0.display(), "reloaded a certificate"),
+                    // Often a half-written pair (cert before key): try again next tick.
+                    Err(err) => {
+                        debug!(cert = %paths.0.display(), %err, "certificate files not loadable yet");
+                        continue;
+                    }
+                }
+            }
+            current = fresh;
+        }
+    });
 }
 
 fn load_cert(paths: &(PathBuf, PathBuf)) -> anyhow::Result<Arc<ReloadableCert>> {
@@ -133,9 +234,18 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         None => kube::Client::try_default().await?,
     };
     let agent_cert = load_cert(&config.server_cert)?;
+    watch_cert(
+        config.server_cert.clone(),
+        agent_cert.clone(),
+        config.cert_reload_interval,
+    );
     let internal_cert = match &config.internal_server_cert {
-        Some(paths) => load_cert(paths)?,
-        None => agent_cert.clone(),
+        Some(paths) if paths != &config.server_cert => {
+            let cert = load_cert(paths)?;
+            watch_cert(paths.clone(), cert.clone(), config.cert_reload_interval);
+            cert
+        }
+        _ => agent_cert.clone(),
     };
     let client_ca = std::fs::read(&config.internal_client_ca)
         .with_context(|| format!("reading {}", config.internal_client_ca.display()))?;
@@ -151,6 +261,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         outbound_rx: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
         ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
     });
 
     // Trust changes: revalidate live connections, coalescing bursts.

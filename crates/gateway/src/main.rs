@@ -11,9 +11,9 @@ struct Flags {
     /// Kubeconfig of the control cluster (in-cluster configuration when absent).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// Agent listener (`/ws`).
-    #[arg(long, default_value = "0.0.0.0:8443")]
-    agent_listen: SocketAddr,
+    /// Agent listener (`/ws`); `AGENT_SERVER_PORT` sets only its port.
+    #[arg(long)]
+    agent_listen: Option<SocketAddr>,
     /// Internal API listener (mTLS).
     #[arg(long, default_value = "0.0.0.0:8444")]
     internal_listen: SocketAddr,
@@ -36,14 +36,35 @@ struct Flags {
     #[arg(long, default_value = "/internal-ca/ca.crt")]
     internal_client_ca: PathBuf,
     /// Time between pings (`15s`, `500ms`, `1m`; a bare number is seconds).
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
     /// Silence after which an agent is disconnected.
-    #[arg(long, default_value = "45s", value_parser = parse_duration)]
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
     heartbeat_timeout: Duration,
-    /// Concurrent TLS handshakes on the agent listener; excess connections are closed.
+    /// Concurrent TLS handshakes on the agent listener; excess connections are closed before TLS.
     #[arg(long, default_value_t = 256)]
     max_concurrent_handshakes: usize,
+    /// Live connections one agent certificate (leaf public key) may hold; excess get 429.
+    #[arg(long, default_value_t = 4)]
+    max_connections_per_identity: usize,
+    /// On shutdown, agent connections are closed spread over this long.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    shutdown_stagger: Duration,
+}
+
+/// The agent listener address: `--agent-listen`, else `0.0.0.0:$AGENT_SERVER_PORT`, else
+/// `0.0.0.0:8443`.
+fn agent_listen(flag: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
+    if let Some(addr) = flag {
+        return Ok(addr);
+    }
+    let port = match std::env::var("AGENT_SERVER_PORT") {
+        Ok(port) if !port.is_empty() => port
+            .parse::<u16>()
+            .map_err(|_| anyhow::anyhow!("AGENT_SERVER_PORT={port:?} is not a port number"))?,
+        _ => 8443,
+    };
+    Ok(SocketAddr::from(([0, 0, 0, 0], port)))
 }
 
 /// Parses `500ms`, `15s`, `2m`, `1h`, or a bare number of seconds.
@@ -87,9 +108,9 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => None,
         _ => anyhow::bail!("--internal-server-cert and --internal-server-key go together"),
     };
-    let _gateway = cluster_gateway::start(cluster_gateway::GatewayConfig {
+    let gateway = cluster_gateway::start(cluster_gateway::GatewayConfig {
         kubeconfig: flags.kubeconfig,
-        agent_listen: flags.agent_listen,
+        agent_listen: agent_listen(flags.agent_listen)?,
         internal_listen: flags.internal_listen,
         health_listen: flags.health_listen,
         server_cert: (flags.server_cert, flags.server_key),
@@ -98,8 +119,27 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_interval: flags.heartbeat_interval,
         heartbeat_timeout: flags.heartbeat_timeout,
         max_concurrent_handshakes: flags.max_concurrent_handshakes,
+        max_connections_per_identity: flags.max_connections_per_identity,
+        shutdown_stagger: flags.shutdown_stagger,
+        cert_reload_interval: Duration::from_secs(2),
     })
     .await?;
-    tokio::signal::ctrl_c().await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    cluster_gateway::drain(&gateway.shared, flags.shutdown_stagger).await;
     Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(term) => { term.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
 }

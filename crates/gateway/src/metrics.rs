@@ -1,7 +1,6 @@
-//! Gateway metrics and the plain health listener.
+//! Gateway metrics (Prometheus text format via `prometheus-client`) and the plain health listener.
 
 use std::{
-    fmt::Write as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -9,77 +8,177 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
-use parking_lot::Mutex;
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 use tokio::net::TcpListener;
 
 use crate::Shared;
 
-/// Counters exported at `/metrics` in the Prometheus text format.
-#[derive(Clone, Default)]
+type Labels = Vec<(String, String)>;
+
+/// The gateway's metrics. Cheap to clone (shared handles).
+#[derive(Clone)]
 pub struct Metrics {
-    admissions: Arc<AtomicU64>,
-    rejections: Arc<Mutex<std::collections::BTreeMap<&'static str, u64>>>,
-    proxied: Arc<AtomicU64>,
-    proxy_micros: Arc<AtomicU64>,
+    registry: Arc<parking_lot::Mutex<Registry>>,
+    admissions: Counter,
+    rejections: Family<Labels, Counter>,
+    handshake_seconds: Histogram,
+    proxied: Counter,
+    proxy_failures: Family<Labels, Counter>,
+    request_seconds: Histogram,
+    pending: Gauge,
+    connections: Family<Labels, Gauge>,
+    replaced: Counter,
+    replaced_seen: Arc<AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("cluster_gateway");
+        let admissions = Counter::default();
+        registry.register(
+            "admissions",
+            "Agent connections admitted",
+            admissions.clone(),
+        );
+        let rejections = Family::<Labels, Counter>::default();
+        registry.register(
+            "rejections",
+            "Agent connections refused, by reason",
+            rejections.clone(),
+        );
+        let handshake_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "handshake_seconds",
+            "TLS handshake, WebSocket upgrade and admission of one agent connection",
+            handshake_seconds.clone(),
+        );
+        let proxied = Counter::default();
+        registry.register(
+            "proxied_requests",
+            "Proxied requests answered by an agent",
+            proxied.clone(),
+        );
+        let proxy_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "proxy_failures",
+            "Proxied requests that failed at the agent or its connection, by reason",
+            proxy_failures.clone(),
+        );
+        let request_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "request_seconds",
+            "Time from a proxied request to the agent's response head",
+            request_seconds.clone(),
+        );
+        let pending = Gauge::default();
+        registry.register(
+            "pending_requests",
+            "Proxied requests waiting for their response head",
+            pending.clone(),
+        );
+        let connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Live agent connections by planeID",
+            connections.clone(),
+        );
+        let replaced = Counter::default();
+        registry.register(
+            "replaced_connections",
+            "Connections replaced by a newer connection of the same agent",
+            replaced.clone(),
+        );
+        Self {
+            registry: Arc::new(parking_lot::Mutex::new(registry)),
+            admissions,
+            rejections,
+            handshake_seconds,
+            proxied,
+            proxy_failures,
+            request_seconds,
+            pending,
+            connections,
+            replaced,
+            replaced_seen: Arc::default(),
+        }
+    }
+}
+
+/// Decrements the pending gauge when dropped.
+pub struct PendingGuard(Gauge);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
-    /// An agent was admitted.
+    /// An agent was admitted after `handshake` (TLS + upgrade + admission).
     pub fn admitted(&self) {
-        self.admissions.fetch_add(1, Ordering::Relaxed);
+        self.admissions.inc();
+    }
+
+    /// Time spent from accept to admission.
+    pub fn handshake(&self, elapsed: Duration) {
+        self.handshake_seconds.observe(elapsed.as_secs_f64());
     }
 
     /// An agent was rejected for `reason`.
     pub fn rejected(&self, reason: &'static str) {
-        *self.rejections.lock().entry(reason).or_insert(0) += 1;
+        self.rejections
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
     }
 
     /// A proxied request got its response head after `elapsed`.
     pub fn proxied(&self, elapsed: Duration) {
-        self.proxied.fetch_add(1, Ordering::Relaxed);
-        self.proxy_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.proxied.inc();
+        self.request_seconds.observe(elapsed.as_secs_f64());
     }
 
-    fn render(&self, shared: &Shared) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# TYPE cluster_gateway_admissions_total counter\ncluster_gateway_admissions_total {}",
-            self.admissions.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# TYPE cluster_gateway_rejections_total counter");
-        for (reason, n) in self.rejections.lock().iter() {
-            let _ = writeln!(
-                out,
-                "cluster_gateway_rejections_total{{reason=\"{reason}\"}} {n}"
-            );
+    /// A proxied request failed at the agent side for `reason`.
+    pub fn proxy_failed(&self, reason: &'static str) {
+        self.proxy_failures
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// Counts a request as pending until the guard drops.
+    pub fn pending_guard(&self) -> PendingGuard {
+        self.pending.inc();
+        PendingGuard(self.pending.clone())
+    }
+
+    /// Renders every metric, refreshing the gauges derived from the registry first.
+    pub fn render(&self, shared: &Shared) -> String {
+        self.connections.clear();
+        for (plane, n) in shared.registry.by_plane() {
+            self.connections
+                .get_or_create(&vec![("plane_id".into(), plane)])
+                .set(n as i64);
         }
-        let _ = writeln!(
-            out,
-            "# TYPE cluster_gateway_proxied_requests_total counter\ncluster_gateway_proxied_requests_total {}",
-            self.proxied.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE cluster_gateway_proxy_head_seconds_sum counter\ncluster_gateway_proxy_head_seconds_sum {}",
-            self.proxy_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let connections = shared.registry.all();
-        let _ = writeln!(
-            out,
-            "# TYPE cluster_gateway_connections gauge\ncluster_gateway_connections {}",
-            connections.len()
-        );
-        let pending: usize = connections
-            .iter()
-            .map(|c| c.pending.lock().len() + c.pending_v1.lock().len())
-            .sum();
-        let _ = writeln!(
-            out,
-            "# TYPE cluster_gateway_pending_requests gauge\ncluster_gateway_pending_requests {pending}"
-        );
+        let total = shared.registry.replaced_total();
+        let seen = self.replaced_seen.swap(total, Ordering::Relaxed);
+        self.replaced.inc_by(total.saturating_sub(seen));
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry.lock());
         out
     }
 }
@@ -100,7 +199,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         )
         .route(
             "/metrics",
-            get(|State(shared): State<Arc<Shared>>| async move { shared.metrics.render(&shared) }),
+            get(|State(shared): State<Arc<Shared>>| async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    shared.metrics.render(&shared),
+                )
+                    .into_response()
+            }),
         )
         .with_state(shared);
     let _ = axum::serve(listener, app).await;

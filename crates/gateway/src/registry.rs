@@ -3,13 +3,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{Hash as _, Hasher as _},
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
 use buildplane_api::CrKey;
+use buildplane_tunnel::flow::{Receive, ReceiveWindow};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use rustls_pki_types::CertificateDer;
@@ -60,17 +62,43 @@ pub struct Connection {
     /// Frames to send.
     pub outbound: mpsc::Sender<Outbound>,
     /// Streams waiting for the agent; dropped (failing them) when the connection ends.
-    pub pending: Mutex<HashMap<u32, mpsc::Sender<StreamEvent>>>,
+    pub pending: Mutex<HashMap<u32, PendingStream>>,
     /// v1 requests waiting for the agent, by request id.
-    pub pending_v1: Mutex<HashMap<String, mpsc::Sender<StreamEvent>>>,
+    pub pending_v1: Mutex<HashMap<String, mpsc::UnboundedSender<StreamEvent>>>,
     next_stream: AtomicU32,
+    closed: AtomicBool,
     /// When it connected (RFC 3339).
     pub connected_at: String,
     /// When the agent was last heard from (Unix milliseconds).
     pub last_seen_ms: AtomicU64,
-    /// The leaf's SHA-256-free identity: the certificate bytes' length and tail, enough to tell
-    /// an agent's reconnect from another agent in logs.
+    /// The leaf's public key (DER SubjectPublicKeyInfo): an agent's identity across renewals of
+    /// the same key and across reconnects. CN and SAN are not identity.
+    pub public_key: Vec<u8>,
+    /// The agent's instance id (`agentID` query parameter; HA replicas sharing one certificate
+    /// differ by it). Empty for OpenChoreo agents.
+    pub agent_id: String,
+    /// Short printable identity: a hash of the public key, then `/agentID` when given.
     pub identity: String,
+}
+
+/// A proxied stream waiting for the agent: its events and its receive window (the agent may
+/// have at most one window of body bytes that the caller has not consumed yet).
+pub struct PendingStream {
+    /// Where the agent's frames for this stream go (never blocks the connection's reader).
+    pub events: mpsc::UnboundedSender<StreamEvent>,
+    /// Bytes received but not yet consumed by the caller.
+    pub window: Arc<Mutex<ReceiveWindow>>,
+}
+
+/// What happened to a body chunk from the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the caller.
+    Delivered,
+    /// Nobody waits for this stream (finished, or the caller went away).
+    NoStream,
+    /// The agent exceeded the stream's window: the stream must be reset.
+    Overrun,
 }
 
 impl Connection {
@@ -83,7 +111,8 @@ impl Connection {
         crs: BTreeSet<CrKey>,
         outbound: mpsc::Sender<Outbound>,
     ) -> Self {
-        let identity = chain.first().map(|c| identity_of(c)).unwrap_or_default();
+        let public_key = chain.first().map(|c| public_key_of(c)).unwrap_or_default();
+        let identity = short_hash(&public_key);
         Self {
             id,
             plane_id,
@@ -94,17 +123,109 @@ impl Connection {
             pending: Mutex::new(HashMap::new()),
             pending_v1: Mutex::new(HashMap::new()),
             next_stream: AtomicU32::new(1),
+            closed: AtomicBool::new(false),
             connected_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             last_seen_ms: AtomicU64::new(now_ms()),
+            agent_id: String::new(),
+            public_key,
             identity,
         }
     }
 
-    /// Allocates a stream id (odd, gateway-initiated).
-    pub fn open_stream(&self, events: mpsc::Sender<StreamEvent>) -> u32 {
+    /// Sets the agent instance id (from the `agentID` query parameter).
+    pub fn with_agent_id(mut self, agent_id: String) -> Self {
+        if !agent_id.is_empty() {
+            self.identity = format!("{}/{agent_id}", self.identity);
+        }
+        self.agent_id = agent_id;
+        self
+    }
+
+    /// Whether this and `other` are the same agent instance (same key, same instance id).
+    pub fn same_instance(&self, other: &Connection) -> bool {
+        self.plane_id == other.plane_id
+            && self.public_key == other.public_key
+            && self.agent_id == other.agent_id
+    }
+
+    /// Allocates a stream id (odd, gateway-initiated) owned by this connection; `None` when the
+    /// connection has already closed (the caller must answer 502 at once).
+    pub fn open_stream(
+        &self,
+    ) -> Option<(
+        u32,
+        mpsc::UnboundedReceiver<StreamEvent>,
+        Arc<Mutex<ReceiveWindow>>,
+    )> {
+        let (events, rx) = mpsc::unbounded_channel();
+        let window = Arc::new(Mutex::new(ReceiveWindow::default()));
         let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        self.pending.lock().insert(id, events);
-        id
+        let mut pending = self.pending.lock();
+        // Checked under the lock that `fail_pending` takes, so no stream outlives the connection.
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        pending.insert(
+            id,
+            PendingStream {
+                events,
+                window: window.clone(),
+            },
+        );
+        Some((id, rx, window))
+    }
+
+    /// Registers a v1 request; `None` when the connection has already closed.
+    pub fn open_v1(&self, request_id: String) -> Option<mpsc::UnboundedReceiver<StreamEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut pending = self.pending_v1.lock();
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        pending.insert(request_id, tx);
+        Some(rx)
+    }
+
+    /// Hands a frame's event to the stream's caller without ever blocking the reader.
+    pub fn deliver(&self, stream: u32, event: StreamEvent) -> Delivery {
+        let mut pending = self.pending.lock();
+        let Some(entry) = pending.get(&stream) else {
+            return Delivery::NoStream;
+        };
+        if let StreamEvent::Data(bytes) = &event
+            && entry.window.lock().receive(bytes.len()) == Receive::Overrun
+        {
+            pending.remove(&stream);
+            return Delivery::Overrun;
+        }
+        let finished = matches!(
+            event,
+            StreamEvent::End | StreamEvent::Reset { .. } | StreamEvent::Head { end: true, .. }
+        );
+        let sent = entry.events.send(event).is_ok();
+        if finished || !sent {
+            pending.remove(&stream);
+        }
+        if sent {
+            Delivery::Delivered
+        } else {
+            Delivery::NoStream
+        }
+    }
+
+    /// Forgets a stream (the caller went away); returns whether it was still pending.
+    pub fn forget_stream(&self, stream: u32) -> bool {
+        self.pending.lock().remove(&stream).is_some()
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Number of streams and v1 requests in flight.
+    pub fn pending_count(&self) -> usize {
+        self.pending.lock().len() + self.pending_v1.lock().len()
     }
 
     /// Marks the agent alive.
@@ -112,20 +233,31 @@ impl Connection {
         self.last_seen_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Fails every pending request at once (the connection is gone).
+    /// Marks the connection closed and fails every pending request at once: dropping the
+    /// senders ends each caller's wait with "connection closed" (502), never a timeout.
     pub fn fail_pending(&self) {
-        self.pending.lock().clear();
-        self.pending_v1.lock().clear();
+        let mut pending = self.pending.lock();
+        let mut pending_v1 = self.pending_v1.lock();
+        self.closed.store(true, Ordering::SeqCst);
+        pending.clear();
+        pending_v1.clear();
     }
 }
 
-/// A short identity for a leaf: the hex of its last 8 bytes (the signature's tail).
-pub fn identity_of(cert: &CertificateDer<'_>) -> String {
-    let bytes = cert.as_ref();
-    bytes[bytes.len().saturating_sub(8)..]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// The leaf's DER SubjectPublicKeyInfo (the whole certificate when it does not parse, which
+/// cannot happen after a TLS handshake proved possession of its key).
+pub fn public_key_of(cert: &CertificateDer<'_>) -> Vec<u8> {
+    match x509_parser::parse_x509_certificate(cert.as_ref()) {
+        Ok((_, parsed)) => parsed.tbs_certificate.subject_pki.raw.to_vec(),
+        Err(_) => cert.as_ref().to_vec(),
+    }
+}
+
+/// 16 hex digits naming some bytes in logs and tables (not a security boundary).
+pub fn short_hash(bytes: &[u8]) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
 }
 
 /// Milliseconds since the Unix epoch.
@@ -173,6 +305,7 @@ pub struct Registry {
     connections: RwLock<Vec<Arc<Connection>>>,
     round_robin: AtomicUsize,
     next_id: AtomicU64,
+    replaced: AtomicU64,
     events: broadcast::Sender<GatewayEvent>,
 }
 
@@ -182,6 +315,7 @@ impl Default for Registry {
             connections: RwLock::new(Vec::new()),
             round_robin: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            replaced: AtomicU64::new(0),
             events: broadcast::channel(4096).0,
         }
     }
@@ -198,20 +332,36 @@ impl Registry {
         self.events.subscribe()
     }
 
-    /// Registers a connection; an older connection with the same identity and plane is replaced.
+    /// Connections replaced by a newer one of the same agent instance so far.
+    pub fn replaced_total(&self) -> u64 {
+        self.replaced.load(Ordering::Relaxed)
+    }
+
+    /// Live connections presenting `public_key`, not counting the instance `agent_id` on
+    /// `plane_id` (which a new connection would replace rather than add to).
+    pub fn count_identity(&self, public_key: &[u8], plane_id: &str, agent_id: &str) -> usize {
+        self.connections
+            .read()
+            .iter()
+            .filter(|c| {
+                c.public_key == public_key && !(c.plane_id == plane_id && c.agent_id == agent_id)
+            })
+            .count()
+    }
+
+    /// Registers a connection; an older connection of the same agent instance (same planeID,
+    /// leaf public key and instance id) is replaced: newest wins.
     pub fn add(&self, conn: Arc<Connection>) {
         let replaced: Vec<Arc<Connection>> = {
             let mut connections = self.connections.write();
-            let old: Vec<Arc<Connection>> = connections
-                .iter()
-                .filter(|c| c.plane_id == conn.plane_id && c.identity == conn.identity)
-                .cloned()
-                .collect();
-            connections.retain(|c| !(c.plane_id == conn.plane_id && c.identity == conn.identity));
+            let (old, keep): (Vec<_>, Vec<_>) =
+                connections.drain(..).partition(|c| c.same_instance(&conn));
+            *connections = keep;
             connections.push(conn.clone());
             old
         };
         for old in replaced {
+            self.replaced.fetch_add(1, Ordering::Relaxed);
             let _ = old.outbound.try_send(Outbound::Close(
                 "replaced by a newer connection of the same agent".into(),
             ));
@@ -247,7 +397,7 @@ impl Registry {
         let connections = self.connections.read();
         let on_plane: Vec<&Arc<Connection>> = connections
             .iter()
-            .filter(|c| c.plane_id == plane_id)
+            .filter(|c| c.plane_id == plane_id && !c.is_closed())
             .collect();
         if on_plane.is_empty() {
             return Err(Unavailable::NoAgentConnected);
@@ -263,7 +413,8 @@ impl Registry {
         Ok(authorised[i].clone())
     }
 
-    /// Connections of a plane authorised for `cr` (or all of the plane when `cr` is `None`).
+    /// Connections of a plane authorised for `cr` (or all of the plane when `cr` is `None`),
+    /// and when the newest of them last heard from its agent (Unix ms, 0 when none).
     pub fn count(&self, plane_id: &str, cr: Option<&CrKey>) -> (usize, u64) {
         let connections = self.connections.read();
         let matching: Vec<&Arc<Connection>> = connections
@@ -276,6 +427,15 @@ impl Registry {
             .max()
             .unwrap_or(0);
         (matching.len(), last_seen)
+    }
+
+    /// Live connections per planeID.
+    pub fn by_plane(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for conn in self.connections.read().iter() {
+            *counts.entry(conn.plane_id.clone()).or_insert(0) += 1;
+        }
+        counts
     }
 
     /// Agents per CR key.
@@ -357,7 +517,7 @@ impl Registry {
                     "identity": c.identity,
                     "crs": c.crs.read().iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "connectedAt": c.connected_at,
-                    "pendingStreams": c.pending.lock().len() + c.pending_v1.lock().len(),
+                    "pendingStreams": c.pending_count(),
                 })
             })
             .collect();

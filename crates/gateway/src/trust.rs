@@ -2,7 +2,10 @@
 //! admission rule: a chain is authorised for a CR when the CR's effective planeID is the agent's
 //! and the chain verifies against the CR's `clientCA`.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use buildplane_api::{BuildPlane, ClusterBuildPlane, CrKey, PlaneCr};
 use buildplane_pki::ClientCaBundle;
@@ -26,6 +29,9 @@ pub struct Trust {
     namespaced: Store<BuildPlane>,
     cluster: Store<ClusterBuildPlane>,
     secrets: Store<Secret>,
+    /// CRs the controller reported deleted (`/api/v1/planes/notify`) that the reflector may
+    /// still hold, by the uid they had: admission skips them until the store catches up.
+    deleted: Arc<parking_lot::Mutex<HashMap<CrKey, Option<String>>>>,
 }
 
 /// The verdict for one presented chain.
@@ -54,11 +60,60 @@ impl Trust {
             changed.clone(),
         );
         spawn_reflector(Api::<Secret>::all(client), secrets_writer, changed);
+        Trust::from_stores(namespaced, cluster, secrets)
+    }
+
+    /// Trust over existing stores (tests fill them with `reflector::store::Writer`).
+    pub fn from_stores(
+        namespaced: Store<BuildPlane>,
+        cluster: Store<ClusterBuildPlane>,
+        secrets: Store<Secret>,
+    ) -> Trust {
         Trust {
             namespaced,
             cluster,
             secrets,
+            deleted: Arc::default(),
         }
+    }
+
+    fn uid_of(&self, key: &CrKey) -> Option<Option<String>> {
+        match &key.namespace {
+            Some(ns) => self
+                .namespaced
+                .get(&ObjectRef::new(&key.name).within(ns))
+                .map(|cr| cr.metadata.uid.clone()),
+            None => self
+                .cluster
+                .get(&ObjectRef::new(&key.name))
+                .map(|cr| cr.metadata.uid.clone()),
+        }
+    }
+
+    /// Treats a CR as deleted before the reflector sees the deletion (the controller said so).
+    pub fn mark_deleted(&self, key: &CrKey) {
+        if let Some(uid) = self.uid_of(key) {
+            self.deleted.lock().insert(key.clone(), uid);
+        }
+    }
+
+    /// Drops deletion marks the store has caught up with (gone, or recreated with a new uid).
+    pub fn prune_deleted(&self) {
+        let marks: Vec<(CrKey, Option<String>)> = self
+            .deleted
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, uid) in marks {
+            if self.uid_of(&key).is_none_or(|current| current != uid) {
+                self.deleted.lock().remove(&key);
+            }
+        }
+    }
+
+    fn is_deleted(&self, key: &CrKey, uid: &Option<String>) -> bool {
+        self.deleted.lock().get(key).is_some_and(|mark| mark == uid)
     }
 
     /// Waits until every store has its first list.
@@ -104,7 +159,10 @@ impl Trust {
         let (namespace, name, key) = cr
             .client_ca_secret()
             .ok_or("clientCA has neither value nor secretRef")?;
-        let namespace = namespace.ok_or("secretRef has no namespace")?;
+        // `client_ca_secret` already defaults the namespace to the CR's own; a cluster-scoped CR
+        // must name one.
+        let namespace =
+            namespace.ok_or("clientCA.secretRef of a cluster-scoped CR must set a namespace")?;
         let secret = self
             .secrets
             .get(&ObjectRef::new(&name).within(&namespace))
@@ -147,6 +205,8 @@ impl Trust {
             .state()
             .iter()
             .filter(|cr| cr.effective_plane_id() == plane_id)
+            .filter(|cr| cr.metadata.deletion_timestamp.is_none())
+            .filter(|cr| !self.is_deleted(&cr.cr_key(), &cr.metadata.uid))
         {
             check(cr.cr_key(), self.client_ca(cr.as_ref()));
         }
@@ -155,6 +215,8 @@ impl Trust {
             .state()
             .iter()
             .filter(|cr| cr.effective_plane_id() == plane_id)
+            .filter(|cr| cr.metadata.deletion_timestamp.is_none())
+            .filter(|cr| !self.is_deleted(&cr.cr_key(), &cr.metadata.uid))
         {
             check(cr.cr_key(), self.client_ca(cr.as_ref()));
         }
