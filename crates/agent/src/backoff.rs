@@ -43,6 +43,25 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+
+    /// Skips `steps` doublings (used after authentication failures: no tight retry, still
+    /// jittered so refused agents do not return together).
+    pub fn penalize(&mut self, steps: u32) {
+        self.attempt = self.attempt.saturating_add(steps);
+    }
+
+    /// The delay before retrying after the gateway refused with `status`, honouring its
+    /// `Retry-After` (plus jitter, so a storm does not return in step).
+    pub fn after_refusal(&mut self, status: u16, retry_after: Option<Duration>) -> Duration {
+        if matches!(status, 401 | 403) {
+            self.penalize(2);
+        }
+        let delay = self.next_delay();
+        match retry_after {
+            Some(after) => after + delay.min(after),
+            None => delay,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use cluster_agent::{AgentConfig, backoff::Backoff};
+use cluster_agent::{AgentConfig, backoff::Backoff, parse_duration, swarm::SwarmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -15,6 +15,7 @@ struct Flags {
     command: Command,
 }
 
+/// Flags shared by every subcommand.
 #[derive(Args, Clone)]
 struct Common {
     /// Kubeconfig of the build cluster (in-cluster configuration when absent).
@@ -23,9 +24,45 @@ struct Common {
     /// Namespace of the identity Secrets.
     #[arg(long, default_value = "openchoreo-build-plane")]
     identity_namespace: String,
-    /// Validity of a client certificate, in hours.
-    #[arg(long, default_value_t = 24)]
-    leaf_validity_hours: u64,
+    /// Validity of a client certificate (`24h`, `90m`, ...).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    leaf_validity: Duration,
+}
+
+/// Flags of the connection (run and swarm).
+#[derive(Args, Clone)]
+struct Connection {
+    /// Gateway URL.
+    #[arg(
+        long,
+        env = "SERVER_URL",
+        default_value = "wss://cluster-gateway:8443/ws"
+    )]
+    server_url: String,
+    /// The plane type.
+    #[arg(long, env = "PLANE_TYPE", default_value = "buildplane")]
+    plane_type: String,
+    /// The gateway's serving CA.
+    #[arg(long, env = "SERVER_CA", default_value = "/ca-certs/ca.crt")]
+    server_ca: PathBuf,
+    /// First backoff ceiling.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    backoff_base: Duration,
+    /// Largest backoff ceiling.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    backoff_cap: Duration,
+    /// Tunnel protocol: v2 (binary, streaming) or v1 (OpenChoreo JSON).
+    #[arg(long, default_value = "v2")]
+    protocol: String,
+    /// Requests run at once (up to four times as many wait; more get 503).
+    #[arg(long, default_value_t = 64)]
+    max_concurrent_requests: usize,
+    /// Time between pings to the gateway.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    ping_interval: Duration,
+    /// A gateway silent this long is considered gone; the agent reconnects.
+    #[arg(long, default_value = "45s", value_parser = parse_duration)]
+    read_deadline: Duration,
 }
 
 #[derive(Subcommand)]
@@ -34,43 +71,36 @@ enum Command {
     Run {
         #[command(flatten)]
         common: Common,
-        /// Gateway URL.
-        #[arg(
-            long,
-            env = "SERVER_URL",
-            default_value = "wss://cluster-gateway:8443/ws"
-        )]
-        server_url: String,
+        #[command(flatten)]
+        connection: Connection,
         /// The planeID this agent serves.
         #[arg(long, env = "PLANE_ID")]
         plane_id: String,
-        /// The plane type.
-        #[arg(long, env = "PLANE_TYPE", default_value = "buildplane")]
-        plane_type: String,
-        /// The gateway's serving CA.
-        #[arg(long, env = "SERVER_CA", default_value = "/ca-certs/ca.crt")]
-        server_ca: PathBuf,
-        /// Renew the client certificate this many seconds before it expires.
-        #[arg(long, default_value_t = 8 * 3600)]
-        renew_before_seconds: u64,
-        /// First backoff ceiling, in milliseconds.
-        #[arg(long, default_value_t = 500)]
-        backoff_base_ms: u64,
-        /// Largest backoff ceiling, in milliseconds.
-        #[arg(long, default_value_t = 30_000)]
-        backoff_cap_ms: u64,
-        /// Tunnel protocol: v2 (binary, streaming) or v1 (OpenChoreo JSON).
-        #[arg(long, default_value = "v2")]
-        protocol: String,
+        /// Renew the client certificate this long before it expires.
+        #[arg(long, default_value = "8h", value_parser = parse_duration)]
+        renew_before: Duration,
         /// Health listener (`/healthz`, `/readyz`).
         #[arg(long, default_value = "0.0.0.0:8081")]
         health_listen: SocketAddr,
-        /// Requests run at once.
-        #[arg(long, default_value_t = 64)]
-        max_concurrent_requests: usize,
         /// Instance id (defaults to the pod name, else a random id per process).
         #[arg(long, env = "POD_NAME")]
         agent_id: Option<String>,
+    },
+    /// Run N agents in one process (planeIDs PREFIX-0..PREFIX-(N-1)) sharing one generated CA.
+    Swarm {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        connection: Connection,
+        /// Number of agents.
+        #[arg(long)]
+        count: usize,
+        /// planeID prefix.
+        #[arg(long)]
+        plane_id_prefix: String,
+        /// Where to write the shared CA certificate (PEM).
+        #[arg(long)]
+        ca_out: Option<PathBuf>,
     },
     /// Rotate the agent CA: publish old+new CA and switch the leaf; with --finish, drop the old CA.
     RotateCa {
@@ -93,6 +123,33 @@ enum Command {
     },
 }
 
+fn agent_config(
+    common: &Common,
+    connection: Connection,
+    plane_id: String,
+) -> anyhow::Result<AgentConfig> {
+    let protocol = match connection.protocol.as_str() {
+        "v1" | "1" => 1,
+        "v2" | "2" => 2,
+        other => anyhow::bail!("--protocol must be v1 or v2, not {other:?}"),
+    };
+    if connection.backoff_base.is_zero() || connection.backoff_cap < connection.backoff_base {
+        anyhow::bail!("--backoff-base must be positive and at most --backoff-cap");
+    }
+    let mut config = AgentConfig::new(connection.server_url, plane_id);
+    config.plane_type = connection.plane_type;
+    config.kubeconfig = common.kubeconfig.clone();
+    config.server_ca = connection.server_ca;
+    config.identity_namespace = common.identity_namespace.clone();
+    config.leaf_validity = common.leaf_validity;
+    config.backoff = Backoff::new(connection.backoff_base, connection.backoff_cap);
+    config.protocol = protocol;
+    config.max_concurrent_requests = connection.max_concurrent_requests;
+    config.ping_interval = connection.ping_interval.max(Duration::from_millis(100));
+    config.read_deadline = connection.read_deadline;
+    Ok(config)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -105,41 +162,41 @@ async fn main() -> anyhow::Result<()> {
     match Flags::parse().command {
         Command::Run {
             common,
-            server_url,
+            connection,
             plane_id,
-            plane_type,
-            server_ca,
-            renew_before_seconds,
-            backoff_base_ms,
-            backoff_cap_ms,
-            protocol,
+            renew_before,
             health_listen,
-            max_concurrent_requests,
             agent_id,
         } => {
-            let protocol = match protocol.as_str() {
-                "v1" | "1" => 1,
-                "v2" | "2" => 2,
-                other => anyhow::bail!("--protocol must be v1 or v2, not {other:?}"),
-            };
-            cluster_agent::run(AgentConfig {
-                server_url,
-                plane_id,
-                plane_type,
-                kubeconfig: common.kubeconfig,
+            if plane_id.is_empty() {
+                anyhow::bail!("--plane-id must not be empty");
+            }
+            let mut config = agent_config(&common, connection, plane_id)?;
+            config.renew_before = renew_before;
+            config.health_listen = Some(health_listen);
+            if let Some(agent_id) = agent_id {
+                config.agent_id = agent_id;
+            }
+            cluster_agent::run(config).await
+        }
+        Command::Swarm {
+            common,
+            connection,
+            count,
+            plane_id_prefix,
+            ca_out,
+        } => {
+            let server_ca = connection.server_ca.clone();
+            let agent = agent_config(&common, connection, String::new())?;
+            cluster_agent::swarm::run(
+                SwarmConfig {
+                    count,
+                    plane_id_prefix,
+                    agent,
+                    ca_out,
+                },
                 server_ca,
-                identity_namespace: common.identity_namespace,
-                leaf_validity: Duration::from_secs(common.leaf_validity_hours * 3600),
-                renew_before: Duration::from_secs(renew_before_seconds),
-                backoff: Backoff::new(
-                    Duration::from_millis(backoff_base_ms),
-                    Duration::from_millis(backoff_cap_ms),
-                ),
-                protocol,
-                health_listen: Some(health_listen),
-                max_concurrent_requests,
-                agent_id: agent_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            })
+            )
             .await
         }
         Command::RotateCa {
@@ -153,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
                 &common.identity_namespace,
                 &plane_id,
                 finish,
-                Duration::from_secs(common.leaf_validity_hours * 3600),
+                common.leaf_validity,
             )
             .await?;
             print!("{bundle}");
@@ -167,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
                 &common.identity_namespace,
                 &plane_id,
                 &ca,
-                Duration::from_secs(common.leaf_validity_hours * 3600),
+                common.leaf_validity,
             )
             .await?;
             Ok(())

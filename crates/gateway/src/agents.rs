@@ -377,6 +377,12 @@ fn on_frame(conn: &Arc<Connection>, frame: Frame) {
                 .try_send(Outbound::Frame(Frame::Pong { nonce }));
             return;
         }
+        Frame::GoAway { reason } => {
+            info!(id = conn.id, %reason, "agent draining this connection");
+            conn.draining
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
         _ => return,
     };
     let reset = |code: u16, reason: &str| {

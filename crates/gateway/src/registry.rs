@@ -67,6 +67,8 @@ pub struct Connection {
     pub pending_v1: Mutex<HashMap<String, mpsc::UnboundedSender<StreamEvent>>>,
     next_stream: AtomicU32,
     closed: AtomicBool,
+    /// The agent said `GoAway`: it finishes in-flight streams but takes no new ones.
+    pub draining: AtomicBool,
     /// When it connected (RFC 3339).
     pub connected_at: String,
     /// When the agent was last heard from (Unix milliseconds).
@@ -124,6 +126,7 @@ impl Connection {
             pending_v1: Mutex::new(HashMap::new()),
             next_stream: AtomicU32::new(1),
             closed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             connected_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             last_seen_ms: AtomicU64::new(now_ms()),
             agent_id: String::new(),
@@ -399,6 +402,16 @@ impl Registry {
             .iter()
             .filter(|c| c.plane_id == plane_id && !c.is_closed())
             .collect();
+        // A draining connection (renewal handing over) serves only when it is all there is.
+        let fresh: Vec<&Arc<Connection>> = on_plane
+            .iter()
+            .copied()
+            .filter(|c| !c.draining.load(Ordering::SeqCst) && c.crs.read().contains(cr))
+            .collect();
+        if !fresh.is_empty() {
+            let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % fresh.len();
+            return Ok(fresh[i].clone());
+        }
         if on_plane.is_empty() {
             return Err(Unavailable::NoAgentConnected);
         }
