@@ -1,13 +1,16 @@
-//! The Kubernetes REST semantics over the store: create, get, list, update, patch, delete,
-//! status subresource, finalizers, generation, and the discovery and OpenAPI documents.
+//! The Kubernetes REST semantics over the store: create, get, list, update, patch (merge, JSON,
+//! strategic, server-side apply), delete (finalizers, namespace termination, CRD cleanup,
+//! preconditions), the status subresource, generation, managedFields and dry runs.
 
 use serde_json::{Value, json};
 
 use crate::{
     error::ApiError,
+    managed::{self, Scope},
     schema,
     selector::{FieldSelector, LabelSelector},
-    store::{ObjectKey, Resource, Store, now_rfc3339},
+    store::{ObjectKey, Resource, ResourceKey, Store, now_rfc3339},
+    strategic,
 };
 
 /// The kinds of patch a client may send.
@@ -15,11 +18,11 @@ use crate::{
 pub enum PatchKind {
     /// `application/merge-patch+json`.
     Merge,
-    /// `application/strategic-merge-patch+json` (applied as a merge patch; lists replace).
+    /// `application/strategic-merge-patch+json` (built-in kinds only, as on the real server).
     Strategic,
     /// `application/json-patch+json`.
     Json,
-    /// `application/apply-patch+yaml` (server-side apply: create or merge).
+    /// `application/apply-patch+yaml` (server-side apply).
     Apply,
 }
 
@@ -46,6 +49,89 @@ pub enum Part {
     Status,
 }
 
+/// `fieldValidation`: what to do with unknown fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FieldValidation {
+    /// Drop them silently.
+    Ignore,
+    /// Drop them with a warning (the server's default).
+    #[default]
+    Warn,
+    /// Reject the request (what kubectl sends).
+    Strict,
+}
+
+impl FieldValidation {
+    /// Parses the query parameter.
+    pub fn parse(text: Option<&str>) -> Result<Self, ApiError> {
+        match text.unwrap_or("") {
+            "" | "Warn" => Ok(Self::Warn),
+            "Ignore" => Ok(Self::Ignore),
+            "Strict" => Ok(Self::Strict),
+            other => Err(ApiError::bad_request(format!(
+                "fieldValidation must be one of \"Ignore\", \"Warn\" or \"Strict\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Options of a write, from the query string.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// `fieldManager` (or the client's User-Agent prefix).
+    pub manager: String,
+    /// Whether `fieldManager` was given explicitly (server-side apply requires it).
+    pub manager_explicit: bool,
+    /// `fieldValidation`.
+    pub field_validation: FieldValidation,
+    /// `dryRun=All`: validate and answer, store nothing.
+    pub dry_run: bool,
+    /// `force=true` for server-side apply.
+    pub force: bool,
+    /// Warnings for the `Warning` response header.
+    pub warnings: Vec<String>,
+}
+
+/// Options of a delete (query string and `DeleteOptions` body).
+#[derive(Debug, Clone, Default)]
+pub struct DeleteOptions {
+    /// `dryRun=All`.
+    pub dry_run: bool,
+    /// `preconditions.uid`.
+    pub uid: Option<String>,
+    /// `preconditions.resourceVersion`.
+    pub resource_version: Option<String>,
+}
+
+impl DeleteOptions {
+    /// Reads a `DeleteOptions` body (empty bodies allowed).
+    pub fn from_body(body: &[u8], dry_run_query: bool) -> Result<Self, ApiError> {
+        let value: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+        };
+        Ok(Self {
+            dry_run: dry_run_query
+                || value["dryRun"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|v| v == "All")),
+            uid: value["preconditions"]["uid"].as_str().map(str::to_owned),
+            resource_version: value["preconditions"]["resourceVersion"]
+                .as_str()
+                .map(str::to_owned),
+        })
+    }
+}
+
+/// Whether a write was an update (takes ownership of what changed) or an apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Update,
+    Apply,
+}
+
 fn key_for(resource: &Resource, namespace: &str, name: &str) -> ObjectKey {
     ObjectKey {
         resource: resource.key(),
@@ -64,45 +150,116 @@ fn rv_of(object: &Value) -> Option<&str> {
         .filter(|rv| !rv.is_empty())
 }
 
-/// Fills `apiVersion`/`kind`, checks the body's identity against the URL, and applies the
-/// resource's admission (Secret `stringData`, CRD schemas).
+fn scope_of(resource: &Resource, part: Part) -> Scope {
+    match part {
+        Part::Status => Scope::Status,
+        Part::Main if resource.status_subresource => Scope::Main,
+        Part::Main => Scope::All,
+    }
+}
+
+fn subresource_of(part: Part) -> &'static str {
+    match part {
+        Part::Main => "",
+        Part::Status => "status",
+    }
+}
+
+/// Whether the real server tracks `metadata.generation` for this resource.
+fn tracks_generation(resource: &Resource) -> bool {
+    resource.is_custom()
+        || resource.is_crd()
+        || matches!(resource.plural.as_str(), "deployments" | "pods")
+}
+
+/// Validates a name like the real server: namespaces are DNS labels, the rest DNS subdomains.
+fn validate_name(resource: &Resource, name: &str) -> Result<(), ApiError> {
+    let label = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 63
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !part.starts_with('-')
+            && !part.ends_with('-')
+    };
+    let (ok, message) = if resource.is_namespace() {
+        (
+            label(name),
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')",
+        )
+    } else {
+        (
+            name.len() <= 253 && name.split('.').all(label),
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
+        )
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        &resource.qualified_kind(),
+        name,
+        &[(
+            "metadata.name".into(),
+            format!("Invalid value: {name:?}: {message}"),
+        )],
+    ))
+}
+
+/// Fills `apiVersion`/`kind` and applies the resource's admission (Secret `stringData`, CRD
+/// names and status, CRD schemas with defaults, pruning and CEL).
 fn admit(
-    store: &Store,
     resource: &Resource,
     object: &mut Value,
     name: &str,
+    old: Option<&Value>,
+    options: &mut WriteOptions,
 ) -> Result<(), ApiError> {
     if !object.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
     object["apiVersion"] = json!(resource.api_version());
     object["kind"] = json!(resource.kind);
+    if !object["metadata"].is_object() {
+        object["metadata"] = json!({});
+    }
     if resource.group.is_empty() && resource.plural == "secrets" {
         fold_string_data(object);
+        check_base64(resource, object)?;
     }
-    if resource.plural == "customresourcedefinitions" && resource.group == "apiextensions.k8s.io" {
-        let group = object["spec"]["group"].as_str().unwrap_or_default();
-        let plural = object["spec"]["names"]["plural"]
-            .as_str()
-            .unwrap_or_default();
-        if name != format!("{plural}.{group}") {
+    if resource.is_crd() {
+        admit_crd(resource, object, name, old)?;
+    }
+    if let Some(schema) = &resource.schema {
+        let admission = schema::admit(schema, object, old);
+        if !admission.unknown_fields.is_empty() {
+            let listed: Vec<String> = admission
+                .unknown_fields
+                .iter()
+                .map(|f| format!("unknown field {f:?}"))
+                .collect();
+            match options.field_validation {
+                FieldValidation::Strict => {
+                    return Err(ApiError::bad_request(format!(
+                        "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {fields}",
+                        kind = resource.kind,
+                        version = resource.version,
+                        fields = listed.join(", ")
+                    )));
+                }
+                FieldValidation::Warn => options.warnings.extend(listed),
+                FieldValidation::Ignore => {}
+            }
+        }
+        if !admission.causes.is_empty() {
             return Err(ApiError::invalid(
                 &resource.qualified_kind(),
                 name,
-                &[(
-                    "metadata.name".into(),
-                    format!("Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"),
-                )],
+                &admission.causes,
             ));
         }
     }
-    if let Some(schema) = &resource.schema {
-        let causes = schema::admit(schema, object);
-        if !causes.is_empty() {
-            return Err(ApiError::invalid(&resource.qualified_kind(), name, &causes));
-        }
-    }
-    let _ = store;
     Ok(())
 }
 
@@ -125,13 +282,133 @@ fn fold_string_data(object: &mut Value) {
     }
 }
 
-/// Whether anything but metadata and status differs (a generation bump).
-fn spec_changed(old: &Value, new: &Value) -> bool {
+fn check_base64(resource: &Resource, object: &Value) -> Result<(), ApiError> {
+    use base64::Engine as _;
+    for value in object["data"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(_, v)| v)
+    {
+        let ok = value.is_null()
+            || value
+                .as_str()
+                .is_some_and(|s| base64::engine::general_purpose::STANDARD.decode(s).is_ok());
+        if !ok {
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"v1\" cannot be handled as a {kind}: illegal base64 data in data",
+                kind = resource.kind
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// CRD admission: the name rule, names defaults, and the status the real server reports
+/// (`NamesAccepted`, `Established`, `acceptedNames`, `storedVersions`).
+fn admit_crd(
+    resource: &Resource,
+    object: &mut Value,
+    name: &str,
+    old: Option<&Value>,
+) -> Result<(), ApiError> {
+    let group = object["spec"]["group"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let plural = object["spec"]["names"]["plural"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let kind = object["spec"]["names"]["kind"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut causes = Vec::new();
+    if name != format!("{plural}.{group}") {
+        causes.push((
+            "metadata.name".to_owned(),
+            format!("Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"),
+        ));
+    }
+    if kind.is_empty() {
+        causes.push(("spec.names.kind".to_owned(), "Required value".to_owned()));
+    }
+    let versions = object["spec"]["versions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if versions.is_empty() {
+        causes.push((
+            "spec.versions".to_owned(),
+            "Invalid value: \"null\": must have exactly one version marked as storage version"
+                .to_owned(),
+        ));
+    }
+    if !matches!(
+        object["spec"]["scope"].as_str(),
+        Some("Namespaced" | "Cluster")
+    ) {
+        causes.push((
+            "spec.scope".to_owned(),
+            format!(
+                "Unsupported value: {}: supported values: \"Cluster\", \"Namespaced\"",
+                object["spec"]["scope"]
+            ),
+        ));
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(&resource.qualified_kind(), name, &causes));
+    }
+    let names = &mut object["spec"]["names"];
+    if names["singular"].as_str().is_none_or(str::is_empty) {
+        names["singular"] = json!(kind.to_lowercase());
+    }
+    if names["listKind"].as_str().is_none_or(str::is_empty) {
+        names["listKind"] = json!(format!("{kind}List"));
+    }
+    let accepted = object["spec"]["names"].clone();
+    let storage: Vec<Value> = versions
+        .iter()
+        .filter(|v| v["storage"].as_bool() == Some(true))
+        .map(|v| v["name"].clone())
+        .collect();
+    let since = |condition: &str| -> String {
+        old.and_then(|o| o["status"]["conditions"].as_array())
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == condition)
+            .and_then(|c| c["lastTransitionTime"].as_str().map(str::to_owned))
+            .unwrap_or_else(now_rfc3339)
+    };
+    let mut stored: Vec<Value> = old
+        .and_then(|o| o["status"]["storedVersions"].as_array().cloned())
+        .unwrap_or_default();
+    for version in storage {
+        if !stored.contains(&version) {
+            stored.push(version);
+        }
+    }
+    object["status"] = json!({
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": since("NamesAccepted")},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": since("Established")}
+        ],
+        "acceptedNames": accepted,
+        "storedVersions": stored,
+    });
+    Ok(())
+}
+
+/// Whether anything but metadata (and status, when it is a subresource) differs.
+fn spec_changed(resource: &Resource, old: &Value, new: &Value) -> bool {
     let strip = |object: &Value| {
         let mut object = object.clone();
         if let Some(map) = object.as_object_mut() {
             map.remove("metadata");
-            map.remove("status");
+            if resource.status_subresource {
+                map.remove("status");
+            }
         }
         object
     };
@@ -143,8 +420,23 @@ pub fn create(
     store: &mut Store,
     resource: &Resource,
     namespace: &str,
-    mut object: Value,
+    object: Value,
+    options: &mut WriteOptions,
 ) -> Result<Value, ApiError> {
+    create_with(store, resource, namespace, object, options, Op::Update)
+}
+
+fn create_with(
+    store: &mut Store,
+    resource: &Resource,
+    namespace: &str,
+    mut object: Value,
+    options: &mut WriteOptions,
+    op: Op,
+) -> Result<Value, ApiError> {
+    if !object.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
     let name = match object["metadata"]["name"]
         .as_str()
         .filter(|n| !n.is_empty())
@@ -172,6 +464,7 @@ pub fn create(
             }
         },
     };
+    validate_name(resource, &name)?;
     if resource.namespaced {
         if namespace.is_empty() {
             return Err(ApiError::bad_request(
@@ -205,7 +498,7 @@ pub fn create(
         map.remove("namespace");
     }
     object["metadata"]["name"] = json!(name);
-    admit(store, resource, &mut object, &name)?;
+    admit(resource, &mut object, &name, None, options)?;
     let key = key_for(resource, namespace, &name);
     if store.get(&key).is_some() {
         return Err(ApiError::already_exists(
@@ -219,15 +512,47 @@ pub fn create(
             "uid",
             "creationTimestamp",
             "deletionTimestamp",
+            "deletionGracePeriodSeconds",
             "generation",
+            "selfLink",
         ] {
             map.remove(field);
         }
+        if op == Op::Update {
+            map.remove("managedFields");
+        }
     }
-    if resource.plural == "namespaces" && resource.group.is_empty() {
+    if resource.is_namespace() {
+        object["spec"] = json!({"finalizers": ["kubernetes"]});
         object["status"] = json!({"phase": "Active"});
+        object["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+    } else if resource.status_subresource && !resource.is_crd() {
+        // Status cannot be set on creation through the main resource.
+        if let Some(map) = object.as_object_mut() {
+            map.remove("status");
+        }
     }
-    let object = store.stamp_new(object);
+    if op == Op::Update && !options.manager.is_empty() {
+        managed::record_update(
+            None,
+            &mut object,
+            resource.schema.as_ref(),
+            scope_of(resource, Part::Main),
+            &options.manager,
+            &resource.api_version(),
+            "",
+            &now_rfc3339(),
+        );
+    }
+    let mut object = store.stamp_new(object);
+    if !tracks_generation(resource)
+        && let Some(meta) = object["metadata"].as_object_mut()
+    {
+        meta.remove("generation");
+    }
+    if options.dry_run {
+        return Ok(object);
+    }
     store.put(key, object, "ADDED")
 }
 
@@ -253,60 +578,73 @@ pub struct ListOptions {
     pub fields: FieldSelector,
     /// `limit`.
     pub limit: Option<usize>,
-    /// `continue`.
-    pub continue_from: Option<usize>,
+    /// `continue`: the last key of the previous page.
+    pub continue_from: Option<ObjectKey>,
 }
 
-/// Lists objects.
+/// Lists objects (a page of them when `limit` is set).
 pub fn list(
     store: &Store,
     resource: &Resource,
     namespace: Option<&str>,
     options: &ListOptions,
 ) -> Result<Value, ApiError> {
-    let matching: Vec<&Value> = store
-        .list(&resource.key(), namespace)
-        .into_iter()
-        .filter(|object| options.labels.matches(object) && options.fields.matches(object))
-        .collect();
-    let start = options.continue_from.unwrap_or(0).min(matching.len());
-    let end = options.limit.map_or(matching.len(), |limit| {
-        (start + limit.max(1)).min(matching.len())
-    });
+    let key = resource.key();
+    let mut matching = store
+        .list_from(&key, namespace, options.continue_from.as_ref())
+        .filter(|(_, object)| options.labels.matches(object) && options.fields.matches(object));
+    let mut items = Vec::new();
+    let mut last = None;
+    let limit = options.limit.unwrap_or(usize::MAX).max(1);
+    for (key, object) in matching.by_ref() {
+        items.push(object.clone());
+        last = Some(key.clone());
+        if items.len() == limit {
+            break;
+        }
+    }
     let mut metadata = json!({"resourceVersion": store.rv().to_string()});
-    if end < matching.len() {
-        metadata["continue"] = json!(encode_continue(end, store.rv()));
-        metadata["remainingItemCount"] = json!(matching.len() - end);
+    if options.limit.is_some() {
+        let remaining = matching.count();
+        if remaining > 0
+            && let Some(last) = last
+        {
+            metadata["continue"] = json!(encode_continue(&last, store.rv()));
+            metadata["remainingItemCount"] = json!(remaining);
+        }
     }
     Ok(json!({
         "apiVersion": resource.api_version(),
         "kind": format!("{}List", resource.kind),
         "metadata": metadata,
-        "items": matching[start..end],
+        "items": items,
     }))
 }
 
-/// Encodes a continue token.
-pub fn encode_continue(offset: usize, rv: u64) -> String {
+/// Encodes a continue token: the last key returned and the list's resourceVersion.
+pub fn encode_continue(last: &ObjectKey, rv: u64) -> String {
     use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{offset}:{rv}"))
+    let token = json!({"ns": last.namespace, "name": last.name, "rv": rv});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
 }
 
-/// Decodes a continue token into an offset.
-pub fn decode_continue(token: &str) -> Result<usize, ApiError> {
+/// Decodes a continue token into the key to continue after.
+pub fn decode_continue(token: &str, resource: &ResourceKey) -> Result<ObjectKey, ApiError> {
     use base64::Engine as _;
-    let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
+    let bad = || ApiError::bad_request(format!("continue key is not valid: {token:?}"));
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    text.split(':')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(bad)
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    Ok(ObjectKey {
+        resource: resource.clone(),
+        namespace: value["ns"].as_str().ok_or_else(bad)?.to_owned(),
+        name: value["name"].as_str().ok_or_else(bad)?.to_owned(),
+    })
 }
 
 /// Replaces an object (PUT), honouring the resourceVersion precondition.
+#[allow(clippy::too_many_arguments)]
 pub fn update(
     store: &mut Store,
     resource: &Resource,
@@ -314,13 +652,18 @@ pub fn update(
     name: &str,
     mut object: Value,
     part: Part,
+    options: &mut WriteOptions,
 ) -> Result<Value, ApiError> {
+    if !object.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
     let key = key_for(resource, namespace, name);
     let Some(old) = store.get(&key).cloned() else {
-        if part == Part::Main && rv_of(&object).is_none() {
-            // PUT of a missing object creates it, as the API server does for most resources.
+        // Only a few kinds are created by an update on the real server.
+        let create_on_update = matches!(resource.plural.as_str(), "leases" | "events");
+        if part == Part::Main && create_on_update {
             object["metadata"]["name"] = json!(name);
-            return create(store, resource, namespace, object);
+            return create(store, resource, namespace, object, options);
         }
         return Err(ApiError::not_found(&resource.qualified_plural(), name));
     };
@@ -331,15 +674,29 @@ pub fn update(
             "the name of the object ({body_name}) does not match the name on the URL ({name})"
         )));
     }
-    if let Some(rv) = rv_of(&object)
-        && Some(rv) != rv_of(&old)
-    {
-        return Err(ApiError::conflict(&resource.qualified_plural(), name));
+    match rv_of(&object) {
+        Some(rv) if Some(rv) != rv_of(&old) => {
+            return Err(ApiError::conflict(&resource.qualified_plural(), name));
+        }
+        Some(_) => {}
+        // Custom resources (and CRDs) refuse unconditional updates.
+        None if resource.is_custom() || resource.is_crd() => {
+            return Err(ApiError::invalid(
+                &resource.qualified_kind(),
+                name,
+                &[(
+                    "metadata.resourceVersion".into(),
+                    "Invalid value: 0x0: must be specified for an update".into(),
+                )],
+            ));
+        }
+        None => {}
     }
-    write(store, resource, key, old, object, part)
+    write(store, resource, key, old, object, part, options, Op::Update)
 }
 
 /// Applies a patch to an object (creating it for server-side apply).
+#[allow(clippy::too_many_arguments)]
 pub fn patch(
     store: &mut Store,
     resource: &Resource,
@@ -348,7 +705,15 @@ pub fn patch(
     kind: PatchKind,
     body: &[u8],
     part: Part,
+    options: &mut WriteOptions,
 ) -> Result<Value, ApiError> {
+    if kind == PatchKind::Strategic && resource.is_custom() {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+        ));
+    }
     let key = key_for(resource, namespace, name);
     let old = store.get(&key).cloned();
     let patch_value: Value = match kind {
@@ -357,61 +722,157 @@ pub fn patch(
         _ => serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?,
     };
+    if kind == PatchKind::Apply {
+        return apply(
+            store,
+            resource,
+            namespace,
+            name,
+            key,
+            old,
+            patch_value,
+            part,
+            options,
+        );
+    }
     let Some(old) = old else {
-        if kind == PatchKind::Apply && part == Part::Main {
-            let mut object = patch_value;
-            object["metadata"]["name"] = json!(name);
-            return create(store, resource, namespace, object);
-        }
         return Err(ApiError::not_found(&resource.qualified_plural(), name));
     };
-    let mut new = old.clone();
-    match kind {
-        PatchKind::Merge | PatchKind::Strategic | PatchKind::Apply => {
-            let patch_value = if kind == PatchKind::Strategic {
-                strip_directives(patch_value)
-            } else {
-                patch_value
-            };
+    let mut new = match kind {
+        PatchKind::Json => {
+            let operations: json_patch::Patch = serde_json::from_value(patch_value)
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+            let mut new = old.clone();
+            json_patch::patch(&mut new, &operations).map_err(|e| {
+                ApiError::new(
+                    422,
+                    "Invalid",
+                    format!("the server rejected our request due to an error in our request: {e}"),
+                )
+            })?;
+            if rv_of(&new) != rv_of(&old) && rv_of(&new).is_some() {
+                return Err(ApiError::conflict(&resource.qualified_plural(), name));
+            }
+            new
+        }
+        _ => {
+            if !patch_value.is_object() {
+                return Err(ApiError::bad_request(
+                    "error decoding patch: the patch must be a JSON object",
+                ));
+            }
             if let Some(rv) = rv_of(&patch_value)
                 && Some(rv) != rv_of(&old)
             {
                 return Err(ApiError::conflict(&resource.qualified_plural(), name));
             }
-            json_patch::merge(&mut new, &patch_value);
+            if kind == PatchKind::Strategic {
+                strategic::apply(&old, &patch_value)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?
+            } else {
+                let mut new = old.clone();
+                json_patch::merge(&mut new, &patch_value);
+                new
+            }
         }
-        PatchKind::Json => {
-            let operations: json_patch::Patch = serde_json::from_value(patch_value)
-                .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-            json_patch::patch(&mut new, &operations).map_err(|e| {
-                ApiError::new(
-                    422,
-                    "Invalid",
-                    format!("the JSON patch could not be applied: {e}"),
-                )
-            })?;
-        }
-    }
-    // The patch's own resourceVersion was checked above; keep the stored one for the write.
+    };
     new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-    write(store, resource, key, old, new, part)
+    write(store, resource, key, old, new, part, options, Op::Update)
 }
 
-/// Removes strategic-merge directives (`$patch`, `$setElementOrder/...`, `$retainKeys`).
-fn strip_directives(value: Value) -> Value {
-    match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .filter(|(key, _)| !key.starts_with('$'))
-                .map(|(key, value)| (key, strip_directives(value)))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.into_iter().map(strip_directives).collect()),
-        other => other,
+/// Server-side apply.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    store: &mut Store,
+    resource: &Resource,
+    namespace: &str,
+    name: &str,
+    key: ObjectKey,
+    old: Option<Value>,
+    applied: Value,
+    part: Part,
+    options: &mut WriteOptions,
+) -> Result<Value, ApiError> {
+    if !options.manager_explicit {
+        return Err(ApiError::invalid(
+            "PatchOptions.meta.k8s.io",
+            "",
+            &[(
+                "fieldManager".into(),
+                "Required value: is required for apply patch".into(),
+            )],
+        ));
+    }
+    if !applied.is_object() {
+        return Err(ApiError::bad_request(
+            "error decoding YAML: the applied configuration must be an object",
+        ));
+    }
+    let kind = applied["kind"].as_str().unwrap_or("");
+    let api_version = applied["apiVersion"].as_str().unwrap_or("");
+    if kind.is_empty() || api_version.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "error decoding YAML: Object 'Kind' is missing in '{}'",
+            applied
+        )));
+    }
+    if kind != resource.kind || api_version != resource.api_version() {
+        return Err(ApiError::bad_request(format!(
+            "the apiVersion and kind of the applied configuration ({api_version}, {kind}) do not match the resource ({}, {})",
+            resource.api_version(),
+            resource.kind
+        )));
+    }
+    if let Some(body_name) = applied["metadata"]["name"].as_str()
+        && body_name != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    if let (Some(old), Some(rv)) = (&old, rv_of(&applied))
+        && Some(rv) != rv_of(old)
+    {
+        return Err(ApiError::conflict(&resource.qualified_plural(), name));
+    }
+    let mut applied = applied;
+    if resource.group.is_empty() && resource.plural == "secrets" {
+        fold_string_data(&mut applied);
+    }
+    let now = now_rfc3339();
+    let result = managed::apply(
+        old.as_ref(),
+        &applied,
+        resource.schema.as_ref(),
+        scope_of(resource, part),
+        &options.manager,
+        options.force,
+        &resource.api_version(),
+        subresource_of(part),
+        &now,
+    );
+    let mut new = match result {
+        Ok(new) => new,
+        Err(conflicts) => return Err(ApiError::apply_conflicts(&conflicts)),
+    };
+    match old {
+        None => {
+            if part == Part::Status {
+                return Err(ApiError::not_found(&resource.qualified_plural(), name));
+            }
+            new["metadata"]["name"] = json!(name);
+            create_with(store, resource, namespace, new, options, Op::Apply)
+        }
+        Some(old) => {
+            new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+            write(store, resource, key, old, new, part, options, Op::Apply)
+        }
     }
 }
 
-/// The common tail of update and patch: subresource rules, admission, generation, finalizers.
+/// The common tail of update and patch: subresource rules, admission, generation, managed
+/// fields, finalizers, dry runs.
+#[allow(clippy::too_many_arguments)]
 fn write(
     store: &mut Store,
     resource: &Resource,
@@ -419,10 +880,16 @@ fn write(
     old: Value,
     mut new: Value,
     part: Part,
+    options: &mut WriteOptions,
+    op: Op,
 ) -> Result<Value, ApiError> {
     let name = key.name.clone();
+    if !new.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
     if part == Part::Status {
         let status = new.get("status").cloned();
+        let managed_fields = new["metadata"].get("managedFields").cloned();
         new = old.clone();
         match status {
             Some(status) => new["status"] = status,
@@ -432,7 +899,12 @@ fn write(
                 }
             }
         }
-    } else if resource.status_subresource {
+        if op == Op::Apply
+            && let Some(managed_fields) = managed_fields
+        {
+            new["metadata"]["managedFields"] = managed_fields;
+        }
+    } else if resource.status_subresource && !resource.is_crd() {
         match old.get("status") {
             Some(status) => new["status"] = status.clone(),
             None => {
@@ -442,14 +914,19 @@ fn write(
             }
         }
     }
+    if !new["metadata"].is_object() {
+        new["metadata"] = json!({});
+    }
     // Immutable metadata comes from the stored object.
     for field in [
         "uid",
         "creationTimestamp",
         "deletionTimestamp",
+        "deletionGracePeriodSeconds",
         "namespace",
         "name",
         "generation",
+        "selfLink",
     ] {
         match old["metadata"].get(field) {
             Some(value) => new["metadata"][field] = value.clone(),
@@ -460,58 +937,244 @@ fn write(
             }
         }
     }
-    admit(store, resource, &mut new, &name)?;
-    if part == Part::Main && spec_changed(&old, &new) {
+    if old["metadata"]["deletionTimestamp"].is_string() {
+        let finalizers = |o: &Value| -> Vec<Value> {
+            o["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        };
+        let before = finalizers(&old);
+        if finalizers(&new).iter().any(|f| !before.contains(f)) {
+            return Err(ApiError::invalid(
+                &resource.qualified_kind(),
+                &name,
+                &[(
+                    "metadata.finalizers".into(),
+                    "Forbidden: no new finalizers can be added if the object is being deleted"
+                        .into(),
+                )],
+            ));
+        }
+    }
+    if resource.is_namespace() && part == Part::Main {
+        // spec.finalizers of a namespace is managed by the server.
+        new["spec"] = old["spec"].clone();
+    }
+    admit(resource, &mut new, &name, Some(&old), options)?;
+    if tracks_generation(resource) && spec_changed(resource, &old, &new) {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         new["metadata"]["generation"] = json!(generation + 1);
     }
-    let mut compare_old = old.clone();
-    compare_old["metadata"]["resourceVersion"] = Value::Null;
-    let mut compare_new = new.clone();
-    compare_new["metadata"]["resourceVersion"] = Value::Null;
-    if compare_old == compare_new {
+    if op == Op::Update && !options.manager.is_empty() {
+        let given = new["metadata"].get("managedFields");
+        let edited = given.is_some() && given != old["metadata"].get("managedFields");
+        if !edited {
+            if let Some(previous) = old["metadata"].get("managedFields") {
+                new["metadata"]["managedFields"] = previous.clone();
+            }
+            managed::record_update(
+                Some(&old),
+                &mut new,
+                resource.schema.as_ref(),
+                scope_of(resource, part),
+                &options.manager,
+                &resource.api_version(),
+                subresource_of(part),
+                &now_rfc3339(),
+            );
+        } else if given.is_some_and(|g| {
+            g.as_array()
+                .is_some_and(|a| a.iter().all(|e| e.as_object().is_none_or(|m| m.is_empty())))
+        }) {
+            // `managedFields: [{}]` clears them.
+            if let Some(meta) = new["metadata"].as_object_mut() {
+                meta.remove("managedFields");
+            }
+        }
+    }
+    let comparable = |object: &Value| {
+        let mut object = object.clone();
+        if let Some(meta) = object["metadata"].as_object_mut() {
+            meta.remove("resourceVersion");
+            meta.remove("managedFields");
+        }
+        object
+    };
+    if comparable(&old) == comparable(&new) {
         // A no-op write does not bump the resourceVersion, as on the real server.
         return Ok(old);
     }
     let finalizers_empty = new["metadata"]["finalizers"]
         .as_array()
         .is_none_or(Vec::is_empty);
+    if options.dry_run {
+        return Ok(new);
+    }
     if new["metadata"]["deletionTimestamp"].is_string() && finalizers_empty {
         store.remove(&key)?;
+        after_removal(store, &key)?;
         return Ok(new);
     }
     store.put(key, new, "MODIFIED")
 }
 
-/// Deletes an object: marks it when finalizers remain, removes it otherwise.
+/// Deletes an object: marks it when finalizers remain, removes it otherwise. Returns the object
+/// and whether it is gone.
 pub fn delete(
     store: &mut Store,
     resource: &Resource,
     namespace: &str,
     name: &str,
-) -> Result<Value, ApiError> {
+    options: &DeleteOptions,
+) -> Result<(Value, bool), ApiError> {
     let key = key_for(resource, namespace, name);
     let Some(mut object) = store.get(&key).cloned() else {
         return Err(ApiError::not_found(&resource.qualified_plural(), name));
     };
-    if resource.group.is_empty() && resource.plural == "namespaces" {
-        for child in store.keys_in_namespace(name) {
+    if let Some(uid) = &options.uid
+        && object["metadata"]["uid"].as_str() != Some(uid.as_str())
+    {
+        return Err(ApiError::precondition(
+            &resource.qualified_plural(),
+            name,
+            format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                object["metadata"]["uid"].as_str().unwrap_or("")
+            ),
+        ));
+    }
+    if let Some(rv) = &options.resource_version
+        && rv_of(&object) != Some(rv.as_str())
+    {
+        return Err(ApiError::precondition(
+            &resource.qualified_plural(),
+            name,
+            format!(
+                "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                rv_of(&object).unwrap_or("")
+            ),
+        ));
+    }
+    if options.dry_run {
+        return Ok((object, false));
+    }
+    if resource.is_namespace() {
+        return delete_namespace(store, key, object);
+    }
+    if resource.is_crd() {
+        // The CRD's instances go first (their watchers see DELETED), then the CRD.
+        let group = object["spec"]["group"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let plural = object["spec"]["names"]["plural"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        for child in store.keys_of(&ResourceKey { group, plural }) {
             store.remove(&child)?;
         }
-        return Ok(store.remove(&key)?.unwrap_or(object));
     }
     let has_finalizers = object["metadata"]["finalizers"]
         .as_array()
         .is_some_and(|f| !f.is_empty());
     if has_finalizers {
         if object["metadata"]["deletionTimestamp"].is_string() {
-            return Ok(object);
+            return Ok((object, false));
         }
         object["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
         object["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-        return store.put(key, object, "MODIFIED");
+        if let Some(generation) = object["metadata"]["generation"].as_i64() {
+            object["metadata"]["generation"] = json!(generation + 1);
+        }
+        return Ok((store.put(key, object, "MODIFIED")?, false));
     }
-    Ok(store.remove(&key)?.unwrap_or(object))
+    let removed = store.remove(&key)?.unwrap_or(object);
+    after_removal(store, &key)?;
+    Ok((removed, true))
+}
+
+/// Marks a namespace Terminating, deletes its contents (objects with finalizers stay until their
+/// finalizers are removed) and removes it once empty.
+fn delete_namespace(
+    store: &mut Store,
+    key: ObjectKey,
+    mut object: Value,
+) -> Result<(Value, bool), ApiError> {
+    if !object["metadata"]["deletionTimestamp"].is_string() {
+        object["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+        object["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        object["status"]["phase"] = json!("Terminating");
+        object = store.put(key.clone(), object, "MODIFIED")?;
+    }
+    let namespace = key.name.clone();
+    let resources: Vec<Resource> = store
+        .resources()
+        .iter()
+        .filter(|r| r.namespaced)
+        .cloned()
+        .collect();
+    for resource in resources {
+        let children: Vec<ObjectKey> = store
+            .list_from(&resource.key(), Some(&namespace), None)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for child in children {
+            let Some(value) = store.get(&child).cloned() else {
+                continue;
+            };
+            let has_finalizers = value["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty());
+            if !has_finalizers {
+                store.remove(&child)?;
+            } else if !value["metadata"]["deletionTimestamp"].is_string() {
+                let mut marked = value;
+                marked["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+                marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                store.put(child, marked, "MODIFIED")?;
+            }
+        }
+    }
+    let gone = finish_namespace(store, &namespace)?;
+    Ok((object, gone))
+}
+
+/// Removes a terminating namespace once it holds nothing; true when removed.
+fn finish_namespace(store: &mut Store, namespace: &str) -> Result<bool, ApiError> {
+    let ns_key = store.namespace_key(namespace);
+    let Some(ns) = store.get(&ns_key) else {
+        return Ok(true);
+    };
+    if !ns["metadata"]["deletionTimestamp"].is_string()
+        || ns["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+    {
+        return Ok(false);
+    }
+    let keys: Vec<ResourceKey> = store
+        .resources()
+        .iter()
+        .filter(|r| r.namespaced)
+        .map(Resource::key)
+        .collect();
+    let empty = keys
+        .iter()
+        .all(|key| store.list_from(key, Some(namespace), None).next().is_none());
+    if empty {
+        store.remove(&ns_key)?;
+    }
+    Ok(empty)
+}
+
+/// After an object is gone: a terminating namespace it emptied goes too.
+fn after_removal(store: &mut Store, key: &ObjectKey) -> Result<(), ApiError> {
+    if !key.namespace.is_empty() {
+        finish_namespace(store, &key.namespace)?;
+    }
+    Ok(())
 }
 
 /// The success Status of a delete of an object removed at once.
@@ -520,267 +1183,52 @@ pub fn deleted_status(resource: &Resource, name: &str, uid: &Value) -> Value {
            "details": {"name": name, "group": resource.group, "kind": resource.plural, "uid": uid}})
 }
 
-/// Renders a list as a `meta.k8s.io/v1` Table with the resource's printer columns.
-pub fn to_table(resource: &Resource, objects: &[Value], list_metadata: Value) -> Value {
-    let mut columns = vec![
-        json!({"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}),
-    ];
-    let custom: Vec<&Value> = resource
-        .printer_columns
-        .iter()
-        .filter(|c| c["name"] != "Age")
-        .collect();
-    for column in &custom {
-        columns.push(json!({"name": column["name"], "type": column["type"], "format": "", "description": column["description"].as_str().unwrap_or(""), "priority": column["priority"].as_i64().unwrap_or(0)}));
-    }
-    columns.push(
-        json!({"name": "Age", "type": "date", "format": "", "description": "Age", "priority": 0}),
-    );
-    let rows: Vec<Value> = objects
-        .iter()
-        .map(|object| {
-            let mut cells = vec![object["metadata"]["name"].clone()];
-            for column in &custom {
-                cells.push(json_path(object, column["jsonPath"].as_str().unwrap_or("")).unwrap_or(Value::Null));
-            }
-            cells.push(json!(age(object["metadata"]["creationTimestamp"].as_str())));
-            let mut partial = json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"].clone()});
-            if let Some(map) = partial["metadata"].as_object_mut() {
-                map.remove("managedFields");
-            }
-            json!({"cells": cells, "object": partial})
-        })
-        .collect();
-    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": list_metadata, "columnDefinitions": columns, "rows": rows})
-}
-
-/// A human age like kubectl's (`5s`, `3m`, `2h`, `4d`).
-fn age(created: Option<&str>) -> String {
-    let Some(created) = created.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else {
-        return "<unknown>".into();
-    };
-    let seconds = (chrono::Utc::now() - created.with_timezone(&chrono::Utc))
-        .num_seconds()
-        .max(0);
-    match seconds {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7_200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3_600),
-        s => format!("{}d", s / 86_400),
-    }
-}
-
-/// Evaluates the JSONPath subset printer columns use: `.a.b`, `.a[0]`, `.a[?(@.k=="v")].b`.
-pub fn json_path(object: &Value, path: &str) -> Option<Value> {
-    let mut current = vec![object.clone()];
-    let mut rest = path
-        .trim()
-        .trim_start_matches('{')
-        .trim_end_matches('}')
-        .trim_start_matches('.');
-    while !rest.is_empty() {
-        if let Some(after) = rest.strip_prefix("[?(@.") {
-            let end = after.find(")]")?;
-            let filter = &after[..end];
-            let (field, value) = filter.split_once("==")?;
-            let value = value.trim().trim_matches('"').trim_matches('\'');
-            current = current
-                .iter()
-                .flat_map(|v| v.as_array().cloned().unwrap_or_default())
-                .filter(|item| item[field.trim()].as_str() == Some(value))
-                .collect();
-            rest = after[end + 2..].trim_start_matches('.');
-        } else if let Some(after) = rest.strip_prefix('[') {
-            let end = after.find(']')?;
-            let index: usize = after[..end].parse().ok()?;
-            current = current
-                .iter()
-                .filter_map(|v| v.get(index).cloned())
-                .collect();
-            rest = after[end + 1..].trim_start_matches('.');
-        } else {
-            let end = rest.find(['.', '[']).unwrap_or(rest.len());
-            let field = &rest[..end];
-            current = current
-                .iter()
-                .filter_map(|v| v.get(field).cloned())
-                .collect();
-            rest = rest[end..].trim_start_matches('.');
-        }
-    }
-    match current.len() {
-        0 => None,
-        1 => current.pop(),
-        _ => Some(Value::Array(current)),
-    }
-}
-
-/// `/api/v1` or `/apis/g/v`: the APIResourceList.
-pub fn resource_list(store: &Store, group: &str, version: &str) -> Option<Value> {
-    let resources: Vec<&Resource> = store
-        .resources()
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-        .collect();
-    if resources.is_empty() {
-        return None;
-    }
-    let group_version = if group.is_empty() {
-        version.to_owned()
-    } else {
-        format!("{group}/{version}")
-    };
-    let mut items = Vec::new();
-    for r in resources {
-        let verbs = [
-            "create",
-            "delete",
-            "deletecollection",
-            "get",
-            "list",
-            "patch",
-            "update",
-            "watch",
-        ];
-        let mut entry = json!({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs});
-        if !r.short_names.is_empty() {
-            entry["shortNames"] = json!(r.short_names);
-        }
-        if r.group == "openchoreo.dev" {
-            entry["categories"] = json!(["all", "openchoreo"]);
-        }
-        items.push(entry);
-        if r.status_subresource {
-            items.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
-        }
-    }
-    Some(
-        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": items}),
-    )
-}
-
-/// `/apis`: every non-core group.
-pub fn group_list(store: &Store) -> Value {
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-    for r in store.resources().iter().filter(|r| !r.group.is_empty()) {
-        match groups.iter_mut().find(|(g, _)| *g == r.group) {
-            Some((_, versions)) => {
-                if !versions.contains(&r.version) {
-                    versions.push(r.version.clone());
-                }
-            }
-            None => groups.push((r.group.clone(), vec![r.version.clone()])),
-        }
-    }
-    let groups: Vec<Value> = groups.iter().map(|(g, vs)| group_doc(g, vs)).collect();
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
-}
-
-/// `/apis/g`: one group.
-pub fn group_doc(group: &str, versions: &[String]) -> Value {
-    let versions: Vec<Value> = versions
-        .iter()
-        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
-        .collect();
-    json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": versions, "preferredVersion": versions[0]})
-}
-
-/// `/openapi/v3`: the index of per-group-version documents.
-pub fn openapi_index(store: &Store) -> Value {
-    let mut paths = serde_json::Map::new();
-    for r in store.resources() {
-        let path = if r.group.is_empty() {
-            format!("api/{}", r.version)
-        } else {
-            format!("apis/{}/{}", r.group, r.version)
-        };
-        paths.insert(
-            path.clone(),
-            json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={}", store.rv())}),
-        );
-    }
-    json!({"paths": paths})
-}
-
-/// `/openapi/v3/apis/g/v`: paths that declare `fieldValidation`, so kubectl validates on the
-/// server, and the CRD schemas as components.
-pub fn openapi_group_version(store: &Store, group: &str, version: &str) -> Option<Value> {
-    let resources: Vec<&Resource> = store
-        .resources()
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-        .collect();
-    if resources.is_empty() {
-        return None;
-    }
-    let prefix = if group.is_empty() {
-        format!("/api/{version}")
-    } else {
-        format!("/apis/{group}/{version}")
-    };
-    let mut paths = serde_json::Map::new();
-    let mut schemas = serde_json::Map::new();
-    let params = json!([
-        {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-        {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-        {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}}
-    ]);
-    for r in resources {
-        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let schema_name = format!(
-            "{}.{}.{}",
-            if r.group.is_empty() {
-                "io.k8s.api.core"
-            } else {
-                &r.group
-            },
-            r.version,
-            r.kind
-        );
-        let reference = json!({"$ref": format!("#/components/schemas/{schema_name}")});
-        let op = |action: &str| json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk, "parameters": params, "requestBody": {"content": {"application/json": {"schema": reference}}}, "responses": {"200": {"description": "OK"}}});
-        let collection = if r.namespaced {
-            format!("{prefix}/namespaces/{{namespace}}/{}", r.plural)
-        } else {
-            format!("{prefix}/{}", r.plural)
-        };
-        paths.insert(collection.clone(), json!({"post": op("post"), "get": {"x-kubernetes-action": "list", "x-kubernetes-group-version-kind": gvk, "responses": {"200": {"description": "OK"}}}}));
-        paths.insert(format!("{collection}/{{name}}"), json!({"put": op("put"), "patch": op("patch"), "get": {"x-kubernetes-action": "get", "x-kubernetes-group-version-kind": gvk, "responses": {"200": {"description": "OK"}}}}));
-        let mut schema = r.schema.clone().unwrap_or_else(
-            || json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
-        );
-        schema["x-kubernetes-group-version-kind"] = json!([gvk]);
-        schemas.insert(schema_name, schema);
-    }
-    Some(
-        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": schemas}}),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The JSONPath subset used by printer columns.
-    #[test]
-    fn json_path_subset() {
-        let object = json!({"spec": {"planeID": "p"}, "status": {"conditions": [{"type": "Ready", "status": "True"}, {"type": "X", "status": "False"}]}});
-        assert_eq!(json_path(&object, ".spec.planeID"), Some(json!("p")));
-        assert_eq!(
-            json_path(&object, ".status.conditions[?(@.type==\"Ready\")].status"),
-            Some(json!("True"))
-        );
-        assert_eq!(
-            json_path(&object, ".status.conditions[1].type"),
-            Some(json!("X"))
-        );
-        assert_eq!(json_path(&object, ".status.missing"), None);
-    }
-
     /// Continue tokens round-trip; garbage is a 400.
     #[test]
     fn continue_tokens_round_trip() {
-        assert_eq!(decode_continue(&encode_continue(42, 7)).expect("valid"), 42);
-        assert_eq!(decode_continue("!!").expect_err("garbage").code, 400);
+        let resource = ResourceKey {
+            group: "".into(),
+            plural: "configmaps".into(),
+        };
+        let key = ObjectKey {
+            resource: resource.clone(),
+            namespace: "ns".into(),
+            name: "n".into(),
+        };
+        assert_eq!(
+            decode_continue(&encode_continue(&key, 7), &resource).expect("valid"),
+            key
+        );
+        assert_eq!(
+            decode_continue("!!", &resource).expect_err("garbage").code,
+            400
+        );
+    }
+
+    /// Names are DNS subdomains (namespaces: labels), as the real server checks.
+    #[test]
+    fn names_are_validated() {
+        let resources = crate::store::builtin_resources();
+        let secrets = resources
+            .iter()
+            .find(|r| r.plural == "secrets")
+            .expect("secrets");
+        let namespaces = resources
+            .iter()
+            .find(|r| r.plural == "namespaces")
+            .expect("ns");
+        assert!(validate_name(secrets, "a.b-c").is_ok());
+        assert_eq!(
+            validate_name(secrets, "Bad_Name")
+                .expect_err("invalid")
+                .code,
+            422
+        );
+        assert!(validate_name(namespaces, "a.b").is_err());
+        assert!(validate_name(namespaces, "my-org").is_ok());
     }
 }

@@ -63,6 +63,52 @@ impl ApiError {
         .with_details(name, qualified_plural)
     }
 
+    /// 409 Conflict for a failed delete precondition.
+    pub fn precondition(qualified_plural: &str, name: &str, message: String) -> Self {
+        Self::new(409, "Conflict", message).with_details(name, qualified_plural)
+    }
+
+    /// 409 Conflict of a server-side apply, worded like the real server.
+    pub fn apply_conflicts(conflicts: &[crate::managed::Conflict]) -> Self {
+        let mut by_manager: Vec<(String, Vec<String>)> = Vec::new();
+        for conflict in conflicts {
+            let owner = format!("{:?} using {}", conflict.manager, conflict.api_version);
+            match by_manager.iter_mut().find(|(o, _)| *o == owner) {
+                Some((_, fields)) => fields.push(conflict.field.clone()),
+                None => by_manager.push((owner, vec![conflict.field.clone()])),
+            }
+        }
+        let count = conflicts.len();
+        let message = match by_manager.as_slice() {
+            [(owner, fields)] if fields.len() == 1 => {
+                format!(
+                    "Apply failed with 1 conflict: conflict with {owner}: {}",
+                    fields[0]
+                )
+            }
+            _ => {
+                let parts: Vec<String> = by_manager
+                    .iter()
+                    .map(|(owner, fields)| {
+                        format!("conflicts with {owner}:\n- {}", fields.join("\n- "))
+                    })
+                    .collect();
+                format!("Apply failed with {count} conflicts: {}", parts.join("\n"))
+            }
+        };
+        let causes: Vec<Value> = conflicts
+            .iter()
+            .map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with {:?} using {}", c.manager, c.api_version), "field": c.field}))
+            .collect();
+        Self {
+            code: 409,
+            reason: "Conflict",
+            message,
+            details: Some(Box::new(json!({"causes": causes}))),
+            retry_after: None,
+        }
+    }
+
     /// 400 BadRequest.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)

@@ -13,12 +13,16 @@
 //! ```
 
 pub mod api;
+pub mod discovery;
 pub mod error;
+pub mod managed;
 pub mod protobuf;
 pub mod schema;
 pub mod selector;
 pub mod server;
 pub mod store;
+pub mod strategic;
+pub mod table;
 
 use std::{
     net::SocketAddr,
@@ -176,6 +180,44 @@ impl Identity {
     }
 }
 
+/// The file of a data directory that remembers the address chosen for `--listen ...:0`.
+const LISTEN_FILE: &str = "listen";
+
+/// Binds the listener: with a data directory and port 0, the port of the previous run is reused
+/// (so the kubeconfig stays valid); a port still held by the previous process is retried for
+/// up to 10 s.
+async fn bind(config: &Config) -> Result<TcpListener, Error> {
+    let mut addr = config.listen;
+    if addr.port() == 0
+        && let Some(dir) = &config.data_dir
+        && let Ok(text) = std::fs::read_to_string(dir.join(LISTEN_FILE))
+        && let Ok(previous) = text.trim().parse::<SocketAddr>()
+        && previous.ip() == addr.ip()
+    {
+        addr = previous;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(err)
+                if err.kind() == std::io::ErrorKind::AddrInUse
+                    && addr.port() != 0
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                debug!(%addr, "address in use; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(err) => {
+                return Err(Error::Io {
+                    context: format!("binding {addr}"),
+                    source: err,
+                });
+            }
+        }
+    }
+}
+
 /// Starts servers.
 pub struct Server;
 
@@ -184,12 +226,14 @@ impl Server {
     pub async fn start(config: Config) -> Result<RunningServer, Error> {
         let identity = Identity::load_or_generate(config.data_dir.as_deref())?;
         let store = Store::open(config.data_dir.as_deref()).map_err(io("opening the store"))?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(io(format!("binding {}", config.listen)))?;
+        let listener = bind(&config).await?;
         let addr = listener
             .local_addr()
             .map_err(io("reading the bound address"))?;
+        if let Some(dir) = &config.data_dir {
+            std::fs::write(dir.join(LISTEN_FILE), addr.to_string())
+                .map_err(io("writing the listen address"))?;
+        }
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
         let (close_watches, _) = broadcast::channel(4);
         let shared = Arc::new(Shared {
@@ -296,30 +340,46 @@ impl RunningServer {
 
     /// A kube-rs client for this server.
     pub async fn client(&self) -> Result<kube::Client, kube::Error> {
+        kube::Client::try_from(self.client_config().await?)
+    }
+
+    /// The kubeconfig YAML (same as [`RunningServer::kubeconfig_yaml`]).
+    pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_yaml()
+    }
+
+    /// A kube-rs client configuration for this server.
+    pub async fn client_config(&self) -> Result<kube::Config, kube::Error> {
         let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml())
             .map_err(kube::Error::InferKubeconfig)?;
-        let config = kube::Config::from_custom_kubeconfig(
+        kube::Config::from_custom_kubeconfig(
             kubeconfig,
             &kube::config::KubeConfigOptions::default(),
         )
         .await
-        .map_err(kube::Error::InferKubeconfig)?;
-        kube::Client::try_from(config)
+        .map_err(kube::Error::InferKubeconfig)
+    }
+
+    /// The fault-injection handle (also reachable over HTTPS under `/_sim/`).
+    pub fn faults(&self) -> FaultHandle {
+        FaultHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Sets the injected faults.
     pub fn set_faults(&self, faults: Faults) {
-        *self.shared.faults.lock() = faults;
+        self.faults().set(faults);
     }
 
     /// Ends every open watch (clients reconnect).
     pub fn close_watches(&self) {
-        let _ = self.shared.close_watches.send(());
+        self.faults().close_watches();
     }
 
     /// Forgets the watch history: watches resuming from older versions get 410 Gone.
     pub fn compact(&self) {
-        self.shared.store.lock().compact();
+        self.faults().compact();
     }
 
     /// Stops accepting and closes every connection.
@@ -327,5 +387,38 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
         let _ = self.shared.close_watches.send(());
         let _ = self.task.await;
+    }
+}
+
+/// Injects faults into a running server.
+#[derive(Clone)]
+pub struct FaultHandle {
+    shared: Arc<Shared>,
+}
+
+impl FaultHandle {
+    /// Sets the injected faults (latency, error responses for a fraction of requests).
+    pub fn set(&self, faults: Faults) {
+        *self.shared.faults.lock() = faults;
+    }
+
+    /// Removes every injected fault.
+    pub fn clear(&self) {
+        self.set(Faults::default());
+    }
+
+    /// The faults in force.
+    pub fn current(&self) -> Faults {
+        self.shared.faults.lock().clone()
+    }
+
+    /// Ends every open watch (clients reconnect); returns how many watch streams were told.
+    pub fn close_watches(&self) -> usize {
+        self.shared.close_watches.send(()).unwrap_or(0)
+    }
+
+    /// Forgets the watch history: watches resuming from older versions get 410 Gone.
+    pub fn compact(&self) {
+        self.shared.store.lock().compact();
     }
 }

@@ -105,13 +105,61 @@ impl LabelSelector {
     }
 }
 
-/// A parsed field selector: `metadata.name` and `metadata.namespace` with `=`, `==`, `!=`.
+/// A parsed field selector: `metadata.name`, `metadata.namespace` and the fields the real server
+/// indexes for the resource, with `=`, `==`, `!=`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
+/// The fields a resource can be selected by besides `metadata.name` and `metadata.namespace`.
+fn selectable(group: &str, plural: &str) -> &'static [&'static str] {
+    match (group, plural) {
+        ("", "secrets") => &["type"],
+        ("", "namespaces") => &["status.phase"],
+        ("", "pods") => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "status.phase",
+            "status.podIP",
+        ],
+        ("", "events") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        ("events.k8s.io", "events") => &[
+            "regarding.kind",
+            "regarding.namespace",
+            "regarding.name",
+            "regarding.uid",
+            "regarding.apiVersion",
+            "regarding.resourceVersion",
+            "regarding.fieldPath",
+            "reason",
+            "reportingController",
+            "type",
+        ],
+        _ => &[],
+    }
+}
+
 impl FieldSelector {
-    /// Parses a field selector, rejecting fields the server does not index.
+    /// Parses a field selector, rejecting fields the server does not index for the resource.
     pub fn parse(text: &str) -> Result<Self, ApiError> {
+        Self::parse_for(text, "", "")
+    }
+
+    /// Parses a field selector for one resource (`group`, `plural`).
+    pub fn parse_for(text: &str, group: &str, plural: &str) -> Result<Self, ApiError> {
         let mut terms = Vec::new();
         for term in split_terms(text) {
             let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
@@ -124,7 +172,9 @@ impl FieldSelector {
                 )));
             };
             let field = field.trim();
-            if !matches!(field, "metadata.name" | "metadata.namespace") {
+            if !matches!(field, "metadata.name" | "metadata.namespace")
+                && !selectable(group, plural).contains(&field)
+            {
                 return Err(ApiError::bad_request(format!(
                     "field label not supported: {field}"
                 )));
@@ -137,12 +187,20 @@ impl FieldSelector {
     /// Whether an object satisfies every term.
     pub fn matches(&self, object: &Value) -> bool {
         self.0.iter().all(|(field, equal, value)| {
-            let actual = match field.as_str() {
-                "metadata.name" => object["metadata"]["name"].as_str(),
-                _ => object["metadata"]["namespace"].as_str(),
-            }
-            .unwrap_or("");
-            (actual == value) == *equal
+            let actual = if field == "source" {
+                object["source"]["component"].clone()
+            } else {
+                field
+                    .split('.')
+                    .fold(object, |current, part| &current[part])
+                    .clone()
+            };
+            let actual = match actual {
+                Value::String(s) => s,
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            (actual == *value) == *equal
         })
     }
 }
@@ -197,5 +255,13 @@ mod tests {
                 .code,
             400
         );
+        let event = json!({"involvedObject": {"kind": "BuildPlane", "name": "bp"}});
+        let selector = FieldSelector::parse_for(
+            "involvedObject.kind=BuildPlane,involvedObject.name=bp",
+            "",
+            "events",
+        )
+        .expect("indexed");
+        assert!(selector.matches(&event));
     }
 }

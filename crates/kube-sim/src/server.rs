@@ -14,10 +14,12 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::{
-    api::{self, ListOptions, Part, PatchKind},
+    api::{self, DeleteOptions, FieldValidation, ListOptions, Part, PatchKind, WriteOptions},
+    discovery,
     error::ApiError,
     selector::{FieldSelector, LabelSelector},
     store::{Resource, Store},
+    table,
 };
 
 /// The body type of every response.
@@ -220,7 +222,13 @@ fn parse_target(store: &Store, segments: &[&str]) -> Result<Target, ApiError> {
     let (group, version, rest) = match segments {
         ["api", version, rest @ ..] => ("", *version, rest),
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
-        _ => return Err(ApiError::not_found("paths", &segments.join("/"))),
+        _ => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        }
     };
     let lookup = |plural: &str| {
         store
@@ -230,7 +238,7 @@ fn parse_target(store: &Store, segments: &[&str]) -> Result<Target, ApiError> {
                 ApiError::new(
                     404,
                     "NotFound",
-                    format!("the server could not find the requested resource ({plural}.{group})"),
+                    "the server could not find the requested resource",
                 )
             })
     };
@@ -244,27 +252,107 @@ fn parse_target(store: &Store, segments: &[&str]) -> Result<Target, ApiError> {
         }
         other => (None, other.to_vec()),
     };
+    let target =
+        |plural: &str, name: Option<&str>, sub: Option<&str>| -> Result<Target, ApiError> {
+            let resource = lookup(plural)?;
+            if resource.namespaced && namespace.is_none() && name.is_some() {
+                return Err(ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ));
+            }
+            Ok(Target {
+                resource,
+                namespace: namespace.clone(),
+                name: name.map(str::to_owned),
+                subresource: sub.map(str::to_owned),
+            })
+        };
     match rest.as_slice() {
-        [plural] => Ok(Target {
-            resource: lookup(plural)?,
-            namespace,
-            name: None,
-            subresource: None,
-        }),
-        [plural, name] => Ok(Target {
-            resource: lookup(plural)?,
-            namespace,
-            name: Some((*name).to_owned()),
-            subresource: None,
-        }),
-        [plural, name, sub] => Ok(Target {
-            resource: lookup(plural)?,
-            namespace,
-            name: Some((*name).to_owned()),
-            subresource: Some((*sub).to_owned()),
-        }),
-        _ => Err(ApiError::not_found("paths", &segments.join("/"))),
+        [plural] => target(plural, None, None),
+        [plural, name] => target(plural, Some(name), None),
+        [plural, name, sub] => target(plural, Some(name), Some(sub)),
+        _ => Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )),
     }
+}
+
+/// A response plus the warnings to send with it.
+fn with_warnings(mut res: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for warning in warnings {
+        let text = format!("299 - {}", serde_json::Value::String(warning.clone()));
+        if let Ok(value) = HeaderValue::from_str(&text) {
+            res.headers_mut().append(header::WARNING, value);
+        }
+    }
+    res
+}
+
+fn write_options(
+    query: &HashMap<String, String>,
+    user_agent: &str,
+) -> Result<WriteOptions, ApiError> {
+    let explicit = query.get("fieldManager").filter(|m| !m.is_empty());
+    let manager = match explicit {
+        Some(manager) => manager.clone(),
+        None => user_agent
+            .split('/')
+            .next()
+            .filter(|m| !m.is_empty())
+            .unwrap_or("unknown")
+            .to_owned(),
+    };
+    Ok(WriteOptions {
+        manager,
+        manager_explicit: explicit.is_some(),
+        field_validation: FieldValidation::parse(query.get("fieldValidation").map(String::as_str))?,
+        dry_run: is_dry_run(query)?,
+        force: query.get("force").is_some_and(|f| f == "true"),
+        warnings: Vec::new(),
+    })
+}
+
+fn is_dry_run(query: &HashMap<String, String>) -> Result<bool, ApiError> {
+    match query.get("dryRun").map(String::as_str) {
+        None | Some("") => Ok(false),
+        Some("All") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "dryRun: Unsupported value: {other:?}: supported values: \"All\""
+        ))),
+    }
+}
+
+fn list_options(
+    query: &HashMap<String, String>,
+    resource: &Resource,
+) -> Result<ListOptions, ApiError> {
+    Ok(ListOptions {
+        labels: LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?,
+        fields: FieldSelector::parse_for(
+            query.get("fieldSelector").map(String::as_str).unwrap_or(""),
+            &resource.group,
+            &resource.plural,
+        )?,
+        limit: query
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|l| *l > 0),
+        continue_from: match query.get("continue").filter(|c| !c.is_empty()) {
+            Some(token) => Some(api::decode_continue(token, &resource.key())?),
+            None => None,
+        },
+    })
+}
+
+fn wants_table(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"))
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -272,63 +360,66 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let query = query_map(req.uri().query());
     let method = req.method().clone();
-    let accept = req
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let header_text = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let accept = header_text(header::ACCEPT);
+    let content_type = header_text(header::CONTENT_TYPE);
+    let user_agent = header_text(header::USER_AGENT);
 
     // Discovery, version, health and OpenAPI.
     if method == Method::GET {
         let store = shared.store.lock();
+        let aggregated = discovery::wants_aggregated(&accept);
         let doc = match segments.as_slice() {
             ["version"] => Some(
-                json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-kube-sim", "gitCommit": "kube-sim", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "n/a", "compiler": "rustc", "platform": "linux/amd64"}),
+                json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-kube-sim", "gitCommit": "kube-sim", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"}),
             ),
             ["healthz"] | ["readyz"] | ["livez"] => return Ok(Response::new(full("ok"))),
+            ["api"] if aggregated => {
+                return Ok(aggregated_response(&discovery::aggregated(&store, true)));
+            }
+            ["apis"] if aggregated => {
+                return Ok(aggregated_response(&discovery::aggregated(&store, false)));
+            }
             ["api"] => Some(
                 json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}),
             ),
             ["api", version] => Some(
-                api::resource_list(&store, "", version)
+                discovery::resource_list(&store, "", version)
                     .ok_or_else(|| ApiError::not_found("groupversions", version))?,
             ),
-            ["apis"] => Some(api::group_list(&store)),
+            ["apis"] => Some(discovery::group_list(&store)),
             ["apis", group] => {
-                let versions: Vec<String> = store
-                    .resources()
-                    .iter()
-                    .filter(|r| r.group == *group)
-                    .map(|r| r.version.clone())
-                    .collect();
-                if versions.is_empty() {
-                    return Err(ApiError::not_found("groups", group));
-                }
-                let mut unique = versions;
-                unique.dedup();
-                Some(api::group_doc(group, &unique))
+                let versions = discovery::group_versions(&store, group)
+                    .filter(|_| !group.is_empty())
+                    .ok_or_else(|| ApiError::not_found("groups", group))?;
+                Some(discovery::group_doc(group, &versions))
             }
             ["apis", group, version] => Some(
-                api::resource_list(&store, group, version)
+                discovery::resource_list(&store, group, version)
                     .ok_or_else(|| ApiError::not_found("groupversions", version))?,
             ),
-            ["openapi", "v3"] => Some(api::openapi_index(&store)),
+            ["openapi", "v3"] => Some(discovery::openapi_index(&store)),
             ["openapi", "v3", "api", version] => Some(
-                api::openapi_group_version(&store, "", version)
+                discovery::openapi_group_version(&store, "", version)
                     .ok_or_else(|| ApiError::not_found("openapi", version))?,
             ),
             ["openapi", "v3", "apis", group, version] => Some(
-                api::openapi_group_version(&store, group, version)
+                discovery::openapi_group_version(&store, group, version)
                     .ok_or_else(|| ApiError::not_found("openapi", version))?,
             ),
-            ["openapi", "v2"] => return Err(ApiError::not_found("openapi", "v2")),
+            ["openapi", "v2"] => {
+                return Err(ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ));
+            }
             _ => None,
         };
         if let Some(doc) = doc {
@@ -345,75 +436,86 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let part = match target.subresource.as_deref() {
         None => Part::Main,
         Some("status") if resource.status_subresource => Part::Status,
-        Some(other) => {
-            return Err(ApiError::not_found(
-                &format!("{}/{other}", resource.qualified_plural()),
-                target.name.as_deref().unwrap_or(""),
+        Some(_) => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
             ));
         }
     };
+    let include_object = query
+        .get("includeObject")
+        .map(String::as_str)
+        .unwrap_or("Metadata")
+        .to_owned();
 
     match (&method, &target.name) {
         (&Method::GET, Some(name)) => {
             let store = shared.store.lock();
             let object = api::get(&store, &resource, &namespace, name)?;
-            if accept.contains("as=Table") {
+            if wants_table(&accept) {
                 return Ok(json_response(
                     StatusCode::OK,
-                    &api::to_table(
+                    &table::to_table(
                         &resource,
-                        &[object],
+                        &[&object],
                         json!({"resourceVersion": store.rv().to_string()}),
+                        &include_object,
+                        true,
                     ),
                 ));
             }
             Ok(json_response(StatusCode::OK, &object))
         }
         (&Method::GET, None) => {
-            let options = ListOptions {
-                labels: LabelSelector::parse(
-                    query.get("labelSelector").map(String::as_str).unwrap_or(""),
-                )?,
-                fields: FieldSelector::parse(
-                    query.get("fieldSelector").map(String::as_str).unwrap_or(""),
-                )?,
-                limit: query
-                    .get("limit")
-                    .and_then(|l| l.parse().ok())
-                    .filter(|l| *l > 0),
-                continue_from: match query.get("continue").filter(|c| !c.is_empty()) {
-                    Some(token) => Some(api::decode_continue(token)?),
-                    None => None,
-                },
-            };
-            let namespace_filter = target.namespace.as_deref();
+            let options = list_options(&query, &resource)?;
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+                let table = wants_table(&accept).then_some(include_object);
                 return watch(
                     shared.clone(),
                     resource,
-                    namespace_filter.map(str::to_owned),
+                    target.namespace.clone(),
                     options,
                     &query,
+                    table,
                 );
             }
             let store = shared.store.lock();
-            let list = api::list(&store, &resource, namespace_filter, &options)?;
-            if accept.contains("as=Table") {
-                let items = list["items"].as_array().cloned().unwrap_or_default();
+            let list = api::list(&store, &resource, target.namespace.as_deref(), &options)?;
+            if wants_table(&accept) {
+                let items: Vec<&Value> = list["items"].as_array().into_iter().flatten().collect();
                 return Ok(json_response(
                     StatusCode::OK,
-                    &api::to_table(&resource, &items, list["metadata"].clone()),
+                    &table::to_table(
+                        &resource,
+                        &items,
+                        list["metadata"].clone(),
+                        &include_object,
+                        true,
+                    ),
                 ));
             }
             Ok(json_response(StatusCode::OK, &list))
         }
         (&Method::POST, None) => {
+            let mut options = write_options(&query, &user_agent)?;
             let body = read_body(req).await?;
             let object = parse_object(&body, &content_type)?;
-            let created = api::create(&mut shared.store.lock(), &resource, &namespace, object)?;
-            Ok(json_response(StatusCode::CREATED, &created))
+            let created = api::create(
+                &mut shared.store.lock(),
+                &resource,
+                &namespace,
+                object,
+                &mut options,
+            )?;
+            Ok(with_warnings(
+                json_response(StatusCode::CREATED, &created),
+                &options.warnings,
+            ))
         }
         (&Method::PUT, Some(name)) => {
+            let mut options = write_options(&query, &user_agent)?;
             let body = read_body(req).await?;
             let object = parse_object(&body, &content_type)?;
             let updated = api::update(
@@ -423,59 +525,67 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 name,
                 object,
                 part,
+                &mut options,
             )?;
-            Ok(json_response(StatusCode::OK, &updated))
+            Ok(with_warnings(
+                json_response(StatusCode::OK, &updated),
+                &options.warnings,
+            ))
         }
         (&Method::PATCH, Some(name)) => {
             let kind = PatchKind::from_content_type(&content_type).ok_or_else(|| {
                 ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"))
             })?;
+            let mut options = write_options(&query, &user_agent)?;
             let body = read_body(req).await?;
-            let patched = api::patch(
-                &mut shared.store.lock(),
-                &resource,
-                &namespace,
-                name,
-                kind,
-                &body,
-                part,
-            )?;
-            Ok(json_response(StatusCode::OK, &patched))
-        }
-        (&Method::DELETE, Some(name)) => {
-            let mut store = shared.store.lock();
-            let object = api::delete(&mut store, &resource, &namespace, name)?;
-            if object["metadata"]["deletionTimestamp"].is_string()
-                && store
-                    .get(&crate::store::ObjectKey {
-                        resource: resource.key(),
-                        namespace: if resource.namespaced {
-                            namespace.clone()
-                        } else {
-                            String::new()
-                        },
-                        name: name.clone(),
-                    })
-                    .is_some()
-            {
-                return Ok(json_response(StatusCode::OK, &object));
-            }
-            Ok(json_response(
-                StatusCode::OK,
-                &api::deleted_status(&resource, name, &object["metadata"]["uid"]),
+            let (patched, created) = {
+                let mut store = shared.store.lock();
+                let before = store.rv();
+                let existed = api::get(&store, &resource, &namespace, name).is_ok();
+                let patched = api::patch(
+                    &mut store,
+                    &resource,
+                    &namespace,
+                    name,
+                    kind,
+                    &body,
+                    part,
+                    &mut options,
+                )?;
+                (patched, !existed && store.rv() > before)
+            };
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(with_warnings(
+                json_response(code, &patched),
+                &options.warnings,
             ))
         }
-        (&Method::DELETE, None) => {
+        (&Method::DELETE, Some(name)) => {
+            let body = read_body(req).await?;
+            let options = DeleteOptions::from_body(&body, is_dry_run(&query)?)?;
             let mut store = shared.store.lock();
+            let (object, gone) = api::delete(&mut store, &resource, &namespace, name, &options)?;
+            if gone && !resource.is_namespace() {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &api::deleted_status(&resource, name, &object["metadata"]["uid"]),
+                ));
+            }
+            Ok(json_response(StatusCode::OK, &object))
+        }
+        (&Method::DELETE, None) => {
+            let body = read_body(req).await?;
+            let delete_options = DeleteOptions::from_body(&body, is_dry_run(&query)?)?;
             let options = ListOptions {
-                labels: LabelSelector::parse(
-                    query.get("labelSelector").map(String::as_str).unwrap_or(""),
-                )?,
-                fields: FieldSelector::parse(
-                    query.get("fieldSelector").map(String::as_str).unwrap_or(""),
-                )?,
-                ..ListOptions::default()
+                limit: None,
+                continue_from: None,
+                ..list_options(&query, &resource)?
             };
+            let mut store = shared.store.lock();
             let list = api::list(&store, &resource, target.namespace.as_deref(), &options)?;
             for item in list["items"].as_array().into_iter().flatten() {
                 let ns = item["metadata"]["namespace"]
@@ -483,7 +593,11 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     .unwrap_or("")
                     .to_owned();
                 let name = item["metadata"]["name"].as_str().unwrap_or("").to_owned();
-                api::delete(&mut store, &resource, &ns, &name)?;
+                match api::delete(&mut store, &resource, &ns, &name, &delete_options) {
+                    Ok(_) => {}
+                    Err(err) if err.code == 404 => {}
+                    Err(err) => return Err(err),
+                }
             }
             Ok(json_response(StatusCode::OK, &list))
         }
@@ -493,6 +607,15 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             format!("the server does not allow this method on the requested resource ({method})"),
         )),
     }
+}
+
+fn aggregated_response(doc: &Value) -> Response<Body> {
+    let mut res = json_response(StatusCode::OK, doc);
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(discovery::AGGREGATED_CONTENT_TYPE),
+    );
+    res
 }
 
 /// Largest request body accepted (the real server's limit is 3 MiB for etcd objects).
@@ -542,6 +665,33 @@ fn watch_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// Encodes watch events, as objects or (for `kubectl get -w`) as one-row Tables.
+struct Encoder {
+    resource: Resource,
+    table: Option<String>,
+    definitions_sent: bool,
+}
+
+impl Encoder {
+    fn line(&mut self, kind: &str, object: &Value) -> Bytes {
+        match &self.table {
+            Some(include) if kind != "ERROR" && kind != "BOOKMARK" => {
+                let rv = object["metadata"]["resourceVersion"].clone();
+                let table = table::to_table(
+                    &self.resource,
+                    &[object],
+                    json!({"resourceVersion": rv}),
+                    include,
+                    !self.definitions_sent,
+                );
+                self.definitions_sent = true;
+                watch_line(kind, &table)
+            }
+            _ => watch_line(kind, object),
+        }
+    }
+}
+
 /// Starts a watch: initial events (when asked), replay from `resourceVersion`, then live events.
 fn watch(
     shared: Arc<Shared>,
@@ -549,6 +699,7 @@ fn watch(
     namespace: Option<String>,
     options: ListOptions,
     query: &HashMap<String, String>,
+    table: Option<String>,
 ) -> Result<Response<Body>, ApiError> {
     let send_initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
     let bookmarks = query
@@ -559,10 +710,13 @@ fn watch(
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(1800));
-    let requested_rv = query
-        .get("resourceVersion")
-        .and_then(|rv| rv.parse::<u64>().ok())
-        .filter(|rv| *rv > 0);
+    let requested_rv =
+        match query.get("resourceVersion").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(text) => Some(text.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!("invalid resource version: {text:?}"))
+            })?),
+        };
     let matches = {
         let namespace = namespace.clone();
         let key = resource.key();
@@ -575,6 +729,11 @@ fn watch(
                 && options.fields.matches(object)
         }
     };
+    let mut encoder = Encoder {
+        resource: resource.clone(),
+        table,
+        definitions_sent: false,
+    };
 
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let mut initial = Vec::new();
@@ -586,7 +745,7 @@ fn watch(
             Some(rv) if !send_initial => match store.events_since(rv, &resource.key()) {
                 Some(events) => {
                     for event in events.iter().filter(|e| matches(&e.key, &e.object)) {
-                        initial.push(watch_line(event.kind, &event.object));
+                        initial.push(encoder.line(event.kind, &event.object));
                     }
                 }
                 None => {
@@ -603,17 +762,10 @@ fn watch(
             },
             _ => {
                 // No version (or sendInitialEvents): the current state as ADDED events first.
-                for object in store.list(&resource.key(), namespace.as_deref()) {
-                    let key = crate::store::ObjectKey {
-                        resource: resource.key(),
-                        namespace: object["metadata"]["namespace"]
-                            .as_str()
-                            .unwrap_or("")
-                            .to_owned(),
-                        name: object["metadata"]["name"].as_str().unwrap_or("").to_owned(),
-                    };
-                    if matches(&key, object) {
-                        initial.push(watch_line("ADDED", object));
+                let key = resource.key();
+                for (object_key, object) in store.list_from(&key, namespace.as_deref(), None) {
+                    if matches(object_key, object) {
+                        initial.push(encoder.line("ADDED", object));
                     }
                 }
                 if send_initial {
@@ -650,7 +802,7 @@ fn watch(
                         if event.rv <= start_rv { continue; }
                         last_rv = event.rv;
                         if matches(&event.key, &event.object)
-                            && tx.send(watch_line(event.kind, &event.object)).await.is_err() {
+                            && tx.send(encoder.line(event.kind, &event.object)).await.is_err() {
                             return;
                         }
                     }

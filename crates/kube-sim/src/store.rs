@@ -1,16 +1,25 @@
 //! The object store: resources (built-in and from CRDs), objects, resourceVersions, the event
 //! history that watches resume from, and the optional append-only log that makes writes durable.
+//!
+//! Durability (`--data-dir`): every write appends one JSON line to `objects.jsonl` and calls
+//! `fdatasync` before the write is acknowledged, so an acknowledged write survives `kill -9` and
+//! power loss. A torn last line (a crash mid-append) was never acknowledged and is ignored on
+//! replay. On start the log is replayed (rebuilding the watch history, so watches resume across a
+//! restart) and rewritten as a snapshot when it has grown much larger than the live data.
 
 use std::{
     collections::{BTreeMap, VecDeque},
     fs::File,
     io::{BufRead, BufReader, Write},
+    ops::Bound,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+use tracing::{info, warn};
 
 use crate::error::ApiError;
 
@@ -34,6 +43,8 @@ pub struct Resource {
     pub namespaced: bool,
     /// Short names (`cbp`).
     pub short_names: Vec<String>,
+    /// Categories (`all`).
+    pub categories: Vec<String>,
     /// Whether `/status` is a subresource (status writes through the main resource are ignored).
     pub status_subresource: bool,
     /// The OpenAPI v3 schema of a CRD version.
@@ -77,10 +88,25 @@ impl Resource {
             format!("{}.{}", self.plural, self.group)
         }
     }
+
+    /// Whether this resource comes from a CustomResourceDefinition.
+    pub fn is_custom(&self) -> bool {
+        self.schema.is_some()
+    }
+
+    /// Whether this is the core `namespaces` resource.
+    pub fn is_namespace(&self) -> bool {
+        self.group.is_empty() && self.plural == "namespaces"
+    }
+
+    /// Whether this is `customresourcedefinitions.apiextensions.k8s.io`.
+    pub fn is_crd(&self) -> bool {
+        self.group == "apiextensions.k8s.io" && self.plural == "customresourcedefinitions"
+    }
 }
 
 /// Identifies a resource in storage.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct ResourceKey {
     /// API group.
     pub group: String,
@@ -89,7 +115,7 @@ pub struct ResourceKey {
 }
 
 /// Identifies one object.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct ObjectKey {
     /// Resource.
     pub resource: ResourceKey,
@@ -108,16 +134,23 @@ pub struct WatchEvent {
     pub kind: &'static str,
     /// The object changed.
     pub key: ObjectKey,
-    /// The object after the change (before, for deletions).
-    pub object: Value,
+    /// The object after the change (before, for deletions, with the deletion's version).
+    pub object: Arc<Value>,
 }
 
+/// One line of the data log.
 #[derive(Serialize, Deserialize)]
 struct LogRecord {
     rv: u64,
-    key: ObjectKey,
-    /// `None` for a deletion.
+    /// `None` for a snapshot header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<ObjectKey>,
+    /// `None` for a deletion (or a snapshot header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     object: Option<Value>,
+    /// Set on the first line of a snapshot: records up to `rv` are state, not history.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    snapshot: bool,
 }
 
 /// Every object and resource of one simulated cluster.
@@ -148,8 +181,12 @@ impl Store {
         if let Some(dir) = data_dir {
             std::fs::create_dir_all(dir)?;
             let path = log_path(dir);
+            let mut records = 0;
             if path.exists() {
-                store.replay(&path)?;
+                records = store.replay(&path)?;
+            }
+            if records > 10_000 && records > 4 * store.objects.len() {
+                store.write_snapshot(dir)?;
             }
             store.log = Some(
                 std::fs::OpenOptions::new()
@@ -158,24 +195,24 @@ impl Store {
                     .open(&path)?,
             );
         }
-        for namespace in ["default", "kube-system", "kube-public"] {
+        for namespace in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let key = store.namespace_key(namespace);
             if !store.objects.contains_key(&key) {
-                let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
+                let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {"kubernetes.io/metadata.name": namespace}}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
                 let object = store.stamp_new(object);
                 store
                     .put(key, object, "ADDED")
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
             }
         }
-        // History from before a restart is not replayable: watches resume only from now on.
-        store.compacted_rv = store.rv;
-        store.history.clear();
         Ok(store)
     }
 
-    fn replay(&mut self, path: &Path) -> Result<(), std::io::Error> {
+    /// Replays the log; returns the number of records read.
+    fn replay(&mut self, path: &Path) -> Result<usize, std::io::Error> {
         let reader = BufReader::new(File::open(path)?);
+        let mut records = 0;
+        let mut snapshot_rv = 0;
         for line in reader.lines() {
             let line = line?;
             if line.trim().is_empty() {
@@ -183,24 +220,91 @@ impl Store {
             }
             // A torn last line (a crash mid-write) was never acknowledged: stop there.
             let Ok(record) = serde_json::from_str::<LogRecord>(&line) else {
+                warn!(records, "ignoring a torn record at the end of the data log");
                 break;
             };
+            records += 1;
+            if record.snapshot {
+                snapshot_rv = record.rv;
+                self.history.clear();
+                self.compacted_rv = record.rv;
+                self.rv = self.rv.max(record.rv);
+                continue;
+            }
+            let Some(key) = record.key else { continue };
             self.rv = self.rv.max(record.rv);
-            match record.object {
+            let existed = self.objects.contains_key(&key);
+            let event = match record.object {
                 Some(object) => {
-                    if record.key.resource.plural == "customresourcedefinitions" {
+                    if key.resource.plural == "customresourcedefinitions" {
                         self.register_crd(&object);
                     }
-                    self.objects.insert(record.key, object);
+                    self.objects.insert(key.clone(), object.clone());
+                    (if existed { "MODIFIED" } else { "ADDED" }, Arc::new(object))
                 }
                 None => {
-                    if record.key.resource.plural == "customresourcedefinitions" {
-                        self.unregister_crd(&record.key.name);
+                    let Some(mut object) = self.objects.remove(&key) else {
+                        continue;
+                    };
+                    if key.resource.plural == "customresourcedefinitions" {
+                        self.unregister_crd(&key.name);
                     }
-                    self.objects.remove(&record.key);
+                    object["metadata"]["resourceVersion"] = json!(record.rv.to_string());
+                    ("DELETED", Arc::new(object))
                 }
+            };
+            if record.rv > snapshot_rv {
+                self.push_history(WatchEvent {
+                    rv: record.rv,
+                    kind: event.0,
+                    key,
+                    object: event.1,
+                });
             }
         }
+        info!(
+            records,
+            objects = self.objects.len(),
+            rv = self.rv,
+            "replayed the data log"
+        );
+        Ok(records)
+    }
+
+    /// Rewrites the log as a snapshot of the live objects (atomically: temp file, fsync, rename).
+    fn write_snapshot(&self, dir: &Path) -> Result<(), std::io::Error> {
+        let tmp = dir.join("objects.jsonl.tmp");
+        let mut file = std::io::BufWriter::new(File::create(&tmp)?);
+        let header = LogRecord {
+            rv: self.rv,
+            key: None,
+            object: None,
+            snapshot: true,
+        };
+        serde_json::to_writer(&mut file, &header)?;
+        file.write_all(b"\n")?;
+        for (key, object) in &self.objects {
+            let rv = object["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|rv| rv.parse().ok())
+                .unwrap_or(self.rv);
+            let record = LogRecord {
+                rv,
+                key: Some(key.clone()),
+                object: Some(object.clone()),
+                snapshot: false,
+            };
+            serde_json::to_writer(&mut file, &record)?;
+            file.write_all(b"\n")?;
+        }
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, log_path(dir))?;
+        File::open(dir)?.sync_all()?;
+        info!(
+            objects = self.objects.len(),
+            "compacted the data log into a snapshot"
+        );
         Ok(())
     }
 
@@ -230,10 +334,11 @@ impl Store {
         if rv < self.compacted_rv {
             return None;
         }
+        let start = self.history.partition_point(|event| event.rv <= rv);
         Some(
             self.history
-                .iter()
-                .filter(|event| event.rv > rv && &event.key.resource == resource)
+                .range(start..)
+                .filter(|event| &event.key.resource == resource)
                 .cloned()
                 .collect(),
         )
@@ -275,15 +380,38 @@ impl Store {
         self.objects.get(key)
     }
 
-    /// Every object of a resource, optionally in one namespace, in name order.
-    pub fn list(&self, resource: &ResourceKey, namespace: Option<&str>) -> Vec<&Value> {
-        self.objects
-            .iter()
-            .filter(|(key, _)| {
-                &key.resource == resource && namespace.is_none_or(|ns| key.namespace == ns)
-            })
+    /// Every object of a resource, optionally in one namespace, in (namespace, name) order.
+    pub fn list<'a>(
+        &'a self,
+        resource: &'a ResourceKey,
+        namespace: Option<&'a str>,
+    ) -> Vec<&'a Value> {
+        self.list_from(resource, namespace, None)
             .map(|(_, object)| object)
             .collect()
+    }
+
+    /// Objects of a resource (optionally in one namespace) strictly after `after`, in key order.
+    pub fn list_from<'a>(
+        &'a self,
+        resource: &'a ResourceKey,
+        namespace: Option<&'a str>,
+        after: Option<&ObjectKey>,
+    ) -> impl Iterator<Item = (&'a ObjectKey, &'a Value)> + 'a {
+        let start = ObjectKey {
+            resource: resource.clone(),
+            namespace: namespace.unwrap_or("").to_owned(),
+            name: String::new(),
+        };
+        let lower = match after {
+            Some(after) if *after >= start => Bound::Excluded(after.clone()),
+            _ => Bound::Included(start),
+        };
+        self.objects
+            .range((lower, Bound::Unbounded))
+            .take_while(move |(key, _)| {
+                &key.resource == resource && namespace.is_none_or(|ns| key.namespace == ns)
+            })
     }
 
     /// Every object key in a namespace (for namespace deletion).
@@ -292,6 +420,13 @@ impl Store {
             .keys()
             .filter(|key| key.namespace == namespace)
             .cloned()
+            .collect()
+    }
+
+    /// Every object key of a resource.
+    pub fn keys_of(&self, resource: &ResourceKey) -> Vec<ObjectKey> {
+        self.list_from(resource, None, None)
+            .map(|(key, _)| key.clone())
             .collect()
     }
 
@@ -316,22 +451,24 @@ impl Store {
         mut object: Value,
         kind: &'static str,
     ) -> Result<Value, ApiError> {
-        self.rv += 1;
-        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let rv = self.rv + 1;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.append_log(&LogRecord {
-            rv: self.rv,
-            key: key.clone(),
+            rv,
+            key: Some(key.clone()),
             object: Some(object.clone()),
+            snapshot: false,
         })?;
+        self.rv = rv;
         if key.resource.plural == "customresourcedefinitions" {
             self.register_crd(&object);
         }
         self.objects.insert(key.clone(), object.clone());
         self.record(WatchEvent {
-            rv: self.rv,
+            rv,
             kind,
             key,
-            object: object.clone(),
+            object: Arc::new(object.clone()),
         });
         Ok(object)
     }
@@ -341,33 +478,39 @@ impl Store {
         let Some(mut object) = self.objects.get(key).cloned() else {
             return Ok(None);
         };
-        self.rv += 1;
+        let rv = self.rv + 1;
         self.append_log(&LogRecord {
-            rv: self.rv,
-            key: key.clone(),
+            rv,
+            key: Some(key.clone()),
             object: None,
+            snapshot: false,
         })?;
+        self.rv = rv;
         self.objects.remove(key);
         if key.resource.plural == "customresourcedefinitions" {
             self.unregister_crd(&key.name);
         }
-        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.record(WatchEvent {
-            rv: self.rv,
+            rv,
             kind: "DELETED",
             key: key.clone(),
-            object: object.clone(),
+            object: Arc::new(object.clone()),
         });
         Ok(Some(object))
     }
 
-    fn record(&mut self, event: WatchEvent) {
-        self.history.push_back(event.clone());
+    fn push_history(&mut self, event: WatchEvent) {
+        self.history.push_back(event);
         while self.history.len() > HISTORY_LIMIT {
             if let Some(old) = self.history.pop_front() {
                 self.compacted_rv = old.rv;
             }
         }
+    }
+
+    fn record(&mut self, event: WatchEvent) {
+        self.push_history(event.clone());
         let _ = self.events.send(event);
     }
 
@@ -388,30 +531,48 @@ impl Store {
         let group = spec["group"].as_str().unwrap_or_default().to_owned();
         let names = &spec["names"];
         let plural = names["plural"].as_str().unwrap_or_default().to_owned();
+        let kind = names["kind"].as_str().unwrap_or_default().to_owned();
         self.resources
             .retain(|r| !(r.group == group && r.plural == plural));
-        for version in spec["versions"].as_array().into_iter().flatten() {
-            if version["served"].as_bool() == Some(false) {
-                continue;
-            }
+        let strings = |value: &Value| -> Vec<String> {
+            value
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
+        let mut versions: Vec<&Value> = spec["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["served"].as_bool() != Some(false))
+            .collect();
+        // The storage version first: it is the group's preferred version in discovery.
+        versions.sort_by_key(|v| v["storage"].as_bool() != Some(true));
+        for version in versions {
             self.resources.push(Resource {
                 group: group.clone(),
                 version: version["name"].as_str().unwrap_or_default().to_owned(),
-                kind: names["kind"].as_str().unwrap_or_default().to_owned(),
+                kind: kind.clone(),
                 plural: plural.clone(),
                 singular: names["singular"]
                     .as_str()
+                    .filter(|s| !s.is_empty())
                     .map(str::to_owned)
-                    .unwrap_or_else(|| names["kind"].as_str().unwrap_or_default().to_lowercase()),
+                    .unwrap_or_else(|| kind.to_lowercase()),
                 namespaced: spec["scope"].as_str() != Some("Cluster"),
-                short_names: names["shortNames"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| s.as_str().map(str::to_owned))
-                    .collect(),
+                short_names: strings(&names["shortNames"]),
+                categories: strings(&names["categories"]),
                 status_subresource: version["subresources"]["status"].is_object(),
-                schema: Some(version["schema"]["openAPIV3Schema"].clone()),
+                schema: Some(
+                    version["schema"]["openAPIV3Schema"]
+                        .as_object()
+                        .map(|o| Value::Object(o.clone()))
+                        .unwrap_or_else(|| {
+                            json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+                        }),
+                ),
                 printer_columns: version["additionalPrinterColumns"]
                     .as_array()
                     .cloned()
@@ -457,6 +618,7 @@ fn builtin(
         singular: kind.to_lowercase(),
         namespaced,
         short_names: short.iter().map(|s| (*s).to_owned()).collect(),
+        categories: Vec::new(),
         status_subresource: status,
         schema: None,
         printer_columns: Vec::new(),

@@ -1,0 +1,330 @@
+//! `meta.k8s.io/v1` Table output for `kubectl get`: the CRD's printer columns, or the columns the
+//! real server prints for the built-in kinds.
+
+use serde_json::{Value, json};
+
+use crate::store::Resource;
+
+/// A column: name, type, priority and how a cell is computed.
+struct Column {
+    name: String,
+    kind: String,
+    priority: i64,
+    cell: Box<dyn Fn(&Value) -> Value>,
+}
+
+fn column(name: &str, kind: &str, cell: impl Fn(&Value) -> Value + 'static) -> Column {
+    Column {
+        name: name.to_owned(),
+        kind: kind.to_owned(),
+        priority: 0,
+        cell: Box::new(cell),
+    }
+}
+
+fn path_cell(path: &'static str) -> impl Fn(&Value) -> Value {
+    move |object| json_path(object, path).unwrap_or(Value::Null)
+}
+
+fn count_cell(fields: &'static [&'static str]) -> impl Fn(&Value) -> Value {
+    move |object| {
+        let n: usize = fields
+            .iter()
+            .map(|f| match &object[*f] {
+                Value::Object(m) => m.len(),
+                Value::Array(a) => a.len(),
+                _ => 0,
+            })
+            .sum();
+        json!(n)
+    }
+}
+
+fn name_cell(object: &Value) -> Value {
+    object["metadata"]["name"].clone()
+}
+
+fn age_cell(object: &Value) -> Value {
+    json!(age(object["metadata"]["creationTimestamp"].as_str()))
+}
+
+fn builtin_columns(resource: &Resource) -> Vec<Column> {
+    let name = || column("Name", "string", name_cell);
+    let age_column = || column("Age", "string", age_cell);
+    match (resource.group.as_str(), resource.plural.as_str()) {
+        ("", "namespaces") => vec![
+            name(),
+            column("Status", "string", path_cell(".status.phase")),
+            age_column(),
+        ],
+        ("", "secrets") => vec![
+            name(),
+            column("Type", "string", path_cell(".type")),
+            column("Data", "string", count_cell(&["data"])),
+            age_column(),
+        ],
+        ("", "configmaps") => vec![
+            name(),
+            column("Data", "string", count_cell(&["data", "binaryData"])),
+            age_column(),
+        ],
+        ("", "serviceaccounts") => vec![
+            name(),
+            column("Secrets", "string", count_cell(&["secrets"])),
+            age_column(),
+        ],
+        ("", "pods") => vec![
+            name(),
+            column("Ready", "string", |o| {
+                let statuses = o["status"]["containerStatuses"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let total = o["spec"]["containers"].as_array().map_or(0, Vec::len);
+                let ready = statuses.iter().filter(|s| s["ready"] == true).count();
+                json!(format!("{ready}/{total}"))
+            }),
+            column("Status", "string", |o| {
+                json!(o["status"]["phase"].as_str().unwrap_or("Pending"))
+            }),
+            column("Restarts", "string", |o| {
+                let restarts: i64 = o["status"]["containerStatuses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["restartCount"].as_i64())
+                    .sum();
+                json!(restarts.to_string())
+            }),
+            age_column(),
+        ],
+        ("coordination.k8s.io", "leases") => vec![
+            name(),
+            column("Holder", "string", path_cell(".spec.holderIdentity")),
+            age_column(),
+        ],
+        ("apiextensions.k8s.io", "customresourcedefinitions") => vec![
+            name(),
+            column("Created At", "date", |o| {
+                o["metadata"]["creationTimestamp"].clone()
+            }),
+        ],
+        ("", "events") => vec![
+            column("Last Seen", "string", |o| {
+                let when = o["lastTimestamp"]
+                    .as_str()
+                    .or(o["eventTime"].as_str())
+                    .or(o["metadata"]["creationTimestamp"].as_str());
+                json!(age(when))
+            }),
+            column("Type", "string", path_cell(".type")),
+            column("Reason", "string", path_cell(".reason")),
+            column("Object", "string", |o| {
+                json!(format!(
+                    "{}/{}",
+                    o["involvedObject"]["kind"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_lowercase(),
+                    o["involvedObject"]["name"].as_str().unwrap_or("")
+                ))
+            }),
+            column("Message", "string", path_cell(".message")),
+        ],
+        ("events.k8s.io", "events") => vec![
+            column("Last Seen", "string", |o| {
+                let when = o["deprecatedLastTimestamp"]
+                    .as_str()
+                    .or(o["eventTime"].as_str())
+                    .or(o["metadata"]["creationTimestamp"].as_str());
+                json!(age(when))
+            }),
+            column("Type", "string", path_cell(".type")),
+            column("Reason", "string", path_cell(".reason")),
+            column("Object", "string", |o| {
+                json!(format!(
+                    "{}/{}",
+                    o["regarding"]["kind"].as_str().unwrap_or("").to_lowercase(),
+                    o["regarding"]["name"].as_str().unwrap_or("")
+                ))
+            }),
+            column("Message", "string", path_cell(".note")),
+        ],
+        _ => vec![name(), age_column()],
+    }
+}
+
+fn custom_columns(resource: &Resource) -> Vec<Column> {
+    let mut columns = vec![column("Name", "string", name_cell)];
+    if resource.printer_columns.is_empty() {
+        columns.push(column("Age", "date", age_cell));
+        return columns;
+    }
+    for printer in &resource.printer_columns {
+        let name = printer["name"].as_str().unwrap_or("");
+        let kind = printer["type"].as_str().unwrap_or("string");
+        let path = printer["jsonPath"].as_str().unwrap_or("").to_owned();
+        let is_date = kind == "date";
+        let mut col = column(name, kind, move |object| {
+            let value = json_path(object, &path).unwrap_or(Value::Null);
+            if is_date {
+                json!(age(value.as_str()))
+            } else {
+                value
+            }
+        });
+        col.priority = printer["priority"].as_i64().unwrap_or(0);
+        columns.push(col);
+    }
+    columns
+}
+
+/// Renders objects as a `meta.k8s.io/v1` Table; `include_object` is `Metadata` (the default),
+/// `Object` or `None`; `definitions` false omits the column definitions (later watch events).
+pub fn to_table(
+    resource: &Resource,
+    objects: &[&Value],
+    list_metadata: Value,
+    include_object: &str,
+    definitions: bool,
+) -> Value {
+    let columns = if resource.is_custom() {
+        custom_columns(resource)
+    } else {
+        builtin_columns(resource)
+    };
+    let definitions: Vec<Value> = if definitions {
+        columns
+            .iter()
+            .map(|c| {
+                let format = if c.name == "Name" && c.priority == 0 { "name" } else { "" };
+                json!({"name": c.name, "type": c.kind, "format": format, "description": c.name, "priority": c.priority})
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|object| {
+            let cells: Vec<Value> = columns.iter().map(|c| (c.cell)(object)).collect();
+            let embedded = match include_object {
+                "None" => Value::Null,
+                "Object" => (*object).clone(),
+                _ => {
+                    let mut partial = json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"].clone()});
+                    if let Some(map) = partial["metadata"].as_object_mut() {
+                        map.remove("managedFields");
+                    }
+                    partial
+                }
+            };
+            json!({"cells": cells, "object": embedded})
+        })
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": list_metadata, "columnDefinitions": definitions, "rows": rows})
+}
+
+/// A human age like kubectl's (`5s`, `3m`, `2h`, `4d`).
+fn age(created: Option<&str>) -> String {
+    let Some(created) = created.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else {
+        return "<unknown>".into();
+    };
+    let seconds = (chrono::Utc::now() - created.with_timezone(&chrono::Utc))
+        .num_seconds()
+        .max(0);
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7_200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3_600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Evaluates the JSONPath subset printer columns use: `.a.b`, `.a[0]`, `.a[?(@.k=="v")].b`.
+pub fn json_path(object: &Value, path: &str) -> Option<Value> {
+    let mut current = vec![object.clone()];
+    let mut rest = path
+        .trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .trim_start_matches('.');
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("[?(@.") {
+            let end = after.find(")]")?;
+            let filter = &after[..end];
+            let (field, value) = filter.split_once("==")?;
+            let value = value.trim().trim_matches('"').trim_matches('\'');
+            current = current
+                .iter()
+                .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+                .filter(|item| item[field.trim()].as_str() == Some(value))
+                .collect();
+            rest = after[end + 2..].trim_start_matches('.');
+        } else if let Some(after) = rest.strip_prefix('[') {
+            let end = after.find(']')?;
+            let index: usize = after[..end].parse().ok()?;
+            current = current
+                .iter()
+                .filter_map(|v| v.get(index).cloned())
+                .collect();
+            rest = after[end + 1..].trim_start_matches('.');
+        } else {
+            let end = rest.find(['.', '[']).unwrap_or(rest.len());
+            let field = &rest[..end];
+            current = current
+                .iter()
+                .filter_map(|v| v.get(field).cloned())
+                .collect();
+            rest = rest[end..].trim_start_matches('.');
+        }
+    }
+    match current.len() {
+        0 => None,
+        1 => current.pop(),
+        _ => Some(Value::Array(current)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSONPath subset used by printer columns.
+    #[test]
+    fn json_path_subset() {
+        let object = json!({"spec": {"planeID": "p"}, "status": {"conditions": [{"type": "Ready", "status": "True"}, {"type": "X", "status": "False"}]}});
+        assert_eq!(json_path(&object, ".spec.planeID"), Some(json!("p")));
+        assert_eq!(
+            json_path(&object, ".status.conditions[?(@.type==\"Ready\")].status"),
+            Some(json!("True"))
+        );
+        assert_eq!(
+            json_path(&object, ".status.conditions[1].type"),
+            Some(json!("X"))
+        );
+        assert_eq!(json_path(&object, ".status.missing"), None);
+    }
+
+    /// Secrets print TYPE and DATA like the real server.
+    #[test]
+    fn secrets_have_type_and_data_columns() {
+        let secrets = crate::store::builtin_resources()
+            .into_iter()
+            .find(|r| r.plural == "secrets")
+            .expect("secrets");
+        let secret = json!({"metadata": {"name": "s", "creationTimestamp": "2020-01-01T00:00:00Z"}, "type": "Opaque", "data": {"a": "", "b": ""}});
+        let table = to_table(&secrets, &[&secret], json!({}), "Metadata", true);
+        let names: Vec<&str> = table["columnDefinitions"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        assert_eq!(names, ["Name", "Type", "Data", "Age"]);
+        assert_eq!(
+            table["rows"][0]["cells"].as_array().expect("cells")[..3],
+            [json!("s"), json!("Opaque"), json!(2)]
+        );
+    }
+}
