@@ -281,7 +281,10 @@ async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
         }
     });
     loop {
-        let next = tokio::time::timeout(timeout, stream.next()).await;
+        let next = tokio::select! {
+            next = tokio::time::timeout(timeout, stream.next()) => next,
+            () = shared.shutdown.cancelled() => break,
+        };
         let message = match next {
             Err(_) => {
                 warn!(

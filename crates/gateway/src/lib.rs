@@ -27,6 +27,7 @@ use tokio::{
     net::TcpListener,
     sync::{Semaphore, mpsc},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::{
@@ -110,6 +111,22 @@ pub struct Shared {
     ready: AtomicBool,
     /// Set on shutdown: new agent connections are refused.
     pub draining: AtomicBool,
+    /// Cancelled when the gateway stops: every listener and connection task ends.
+    pub shutdown: CancellationToken,
+}
+
+/// Spawns `fut`, ending it when `token` is cancelled.
+pub(crate) fn spawn_until<F>(token: &CancellationToken, fut: F)
+where
+    F: std::future::Future + Send + 'static,
+{
+    let token = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = fut => {}
+            () = token.cancelled() => {}
+        }
+    });
 }
 
 /// Re-verifies every live connection against the current CRs and Secrets; closes connections
@@ -169,8 +186,13 @@ pub async fn drain(shared: &Shared, stagger: Duration) {
 }
 
 /// Polls certificate files and swaps them into the running listeners when they change.
-fn watch_cert(paths: (PathBuf, PathBuf), cert: Arc<ReloadableCert>, every: Duration) {
-    tokio::spawn(async move {
+fn watch_cert(
+    token: &CancellationToken,
+    paths: (PathBuf, PathBuf),
+    cert: Arc<ReloadableCert>,
+    every: Duration,
+) {
+    spawn_until(token, async move {
         let read = |paths: &(PathBuf, PathBuf)| {
             Some((
                 std::fs::read_to_string(&paths.0).ok()?,
@@ -234,7 +256,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         None => kube::Client::try_default().await?,
     };
     let agent_cert = load_cert(&config.server_cert)?;
+    let shutdown = CancellationToken::new();
     watch_cert(
+        &shutdown,
         config.server_cert.clone(),
         agent_cert.clone(),
         config.cert_reload_interval,
@@ -242,7 +266,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let internal_cert = match &config.internal_server_cert {
         Some(paths) if paths != &config.server_cert => {
             let cert = load_cert(paths)?;
-            watch_cert(paths.clone(), cert.clone(), config.cert_reload_interval);
+            watch_cert(
+                &shutdown,
+                paths.clone(),
+                cert.clone(),
+                config.cert_reload_interval,
+            );
             cert
         }
         _ => agent_cert.clone(),
@@ -251,7 +280,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .with_context(|| format!("reading {}", config.internal_client_ca.display()))?;
     let internal_tls = buildplane_pki::mtls_server_config(internal_cert, &client_ca)?;
     let (changed_tx, mut changed_rx) = mpsc::unbounded_channel();
-    let trust = Trust::start(client, changed_tx);
+    let trust = Trust::start(client, changed_tx, &shutdown);
     let shared = Arc::new(Shared {
         agent_tls: buildplane_pki::agent_listener_config(agent_cert)?,
         handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes.max(1))),
@@ -262,11 +291,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         metrics: Metrics::default(),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        shutdown: shutdown.clone(),
     });
 
     // Trust changes: revalidate live connections, coalescing bursts.
     let revalidator = shared.clone();
-    tokio::spawn(async move {
+    spawn_until(&shutdown, async move {
         while changed_rx.recv().await.is_some() {
             tokio::time::sleep(Duration::from_millis(50)).await;
             while changed_rx.try_recv().is_ok() {}
@@ -281,10 +311,10 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .await
         .with_context(|| format!("binding {}", config.health_listen))?;
     let health_addr = health.local_addr()?;
-    tokio::spawn(metrics::serve(health, shared.clone()));
+    spawn_until(&shutdown, metrics::serve(health, shared.clone()));
 
     let ready = shared.clone();
-    tokio::spawn(async move {
+    spawn_until(&shutdown, async move {
         ready.trust.ready().await;
         ready.ready.store(true, std::sync::atomic::Ordering::SeqCst);
         info!("trust sources synced");
@@ -295,14 +325,15 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .await
         .with_context(|| format!("binding {}", config.agent_listen))?;
     let agent_addr = agents.local_addr()?;
-    tokio::spawn(agents::serve(agents, shared.clone()));
+    spawn_until(&shutdown, agents::serve(agents, shared.clone()));
 
     let internal = TcpListener::bind(config.internal_listen)
         .await
         .with_context(|| format!("binding {}", config.internal_listen))?;
     let internal_addr = internal.local_addr()?;
     let router = internal::router(shared.clone());
-    tokio::spawn(async move {
+    let token = shutdown.clone();
+    spawn_until(&shutdown, async move {
         let acceptor = tokio_rustls::TlsAcceptor::from(internal_tls);
         loop {
             let Ok((tcp, peer)) = internal.accept().await else {
@@ -310,7 +341,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             };
             let acceptor = acceptor.clone();
             let router = router.clone();
-            tokio::spawn(async move {
+            spawn_until(&token, async move {
                 let tls = match acceptor.accept(tcp).await {
                     Ok(tls) => tls,
                     Err(err) => {
@@ -332,6 +363,17 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         internal_addr,
         health_addr,
     })
+}
+
+impl RunningGateway {
+    /// Stops the gateway: closes agent connections (staggered over `stagger`), then every
+    /// listener and task; the ports are free when this returns.
+    pub async fn shutdown(self, stagger: Duration) {
+        drain(&self.shared, stagger).await;
+        self.shared.shutdown.cancel();
+        // Let the cancelled tasks drop their listeners.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 impl Shared {

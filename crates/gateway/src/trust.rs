@@ -45,7 +45,11 @@ pub struct Admission {
 
 impl Trust {
     /// Starts the reflectors; `changed` receives a unit whenever any of them changes.
-    pub fn start(client: Client, changed: mpsc::UnboundedSender<()>) -> Trust {
+    pub fn start(
+        client: Client,
+        changed: mpsc::UnboundedSender<()>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Trust {
         let (namespaced, namespaced_writer) = reflector::store();
         let (cluster, cluster_writer) = reflector::store();
         let (secrets, secrets_writer) = reflector::store();
@@ -53,13 +57,20 @@ impl Trust {
             Api::<BuildPlane>::all(client.clone()),
             namespaced_writer,
             changed.clone(),
+            shutdown,
         );
         spawn_reflector(
             Api::<ClusterBuildPlane>::all(client.clone()),
             cluster_writer,
             changed.clone(),
+            shutdown,
         );
-        spawn_reflector(Api::<Secret>::all(client), secrets_writer, changed);
+        spawn_reflector(
+            Api::<Secret>::all(client),
+            secrets_writer,
+            changed,
+            shutdown,
+        );
         Trust::from_stores(namespaced, cluster, secrets)
     }
 
@@ -228,6 +239,7 @@ fn spawn_reflector<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     changed: mpsc::UnboundedSender<()>,
+    shutdown: &tokio_util::sync::CancellationToken,
 ) where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -237,7 +249,7 @@ fn spawn_reflector<K>(
         + Sync
         + 'static,
 {
-    tokio::spawn(async move {
+    crate::spawn_until(shutdown, async move {
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
             .reflect(writer)

@@ -1,0 +1,262 @@
+//! Admission over real TLS and WebSockets: by CA and planeID, rejection reasons, shared planeIDs,
+//! live grant/revoke when a CA Secret changes, deleting one CR of two.
+
+mod common;
+
+use std::time::Duration;
+
+use buildplane_pki::Ca;
+use common::{DAY, Env, V2_FIRST, from_secret};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// An agent whose leaf chains to the BuildPlane's clientCA and who dials that planeID is admitted
+/// and serves proxied requests from the build cluster; agents with the wrong CA, an unknown
+/// planeID, no certificate or a bad query are refused with the matching status and reason.
+/// (Fails if admission ignored the CA: the wrong-CA dial would get 101 instead of 401.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_by_ca_and_plane_id_with_reasons() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    let other = Ca::generate("other-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "plane-1", ca.cert_pem())
+        .await;
+
+    let _agent = env.agent(&ca, "plane-1", 2);
+    env.wait_proxy_status("plane-1", "org-a", "bp", 200, WAIT)
+        .await;
+    let (_, body) = env
+        .proxy("plane-1", "org-a", "bp", "/api/v1/namespaces")
+        .await;
+    assert!(
+        body.contains("NamespaceList"),
+        "the build cluster answered: {body}"
+    );
+
+    let good = ca.issue_client("plane-1", DAY).unwrap();
+    let wrong = other.issue_client("plane-1", DAY).unwrap();
+    let (status, body) = env
+        .raw_connect("?planeID=plane-1&planeType=buildplane", Some(&wrong), None)
+        .await
+        .err()
+        .expect("wrong CA refused");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("org-a/bp"), "reason names the CR: {body}");
+
+    let (status, body) = env
+        .raw_connect("?planeID=nobody&planeType=buildplane", Some(&good), None)
+        .await
+        .err()
+        .expect("unknown planeID refused");
+    assert_eq!(status, 401);
+    assert!(body.contains("no BuildPlane"), "{body}");
+
+    let (status, body) = env
+        .raw_connect("?planeID=plane-1&planeType=buildplane", None, None)
+        .await
+        .err()
+        .expect("no certificate refused");
+    assert_eq!(status, 401);
+    assert!(body.contains("certificate required"), "{body}");
+
+    let (status, _) = env
+        .raw_connect("?planeType=buildplane", Some(&good), None)
+        .await
+        .err()
+        .expect("missing planeID refused");
+    assert_eq!(status, 400);
+    let (status, _) = env
+        .raw_connect("?planeID=plane-1&planeType=rocket", Some(&good), None)
+        .await
+        .err()
+        .expect("bad planeType refused");
+    assert_eq!(status, 400);
+
+    // An expired leaf from the right CA is refused with the reason.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let expired = ca
+        .issue_client_with(
+            "plane-1",
+            buildplane_pki::Validity {
+                not_before: now - 2 * 86_400,
+                not_after: now - 86_400,
+            },
+            &[rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+        )
+        .unwrap();
+    let (status, body) = env
+        .raw_connect(
+            "?planeID=plane-1&planeType=buildplane",
+            Some(&expired),
+            None,
+        )
+        .await
+        .err()
+        .expect("expired leaf refused");
+    assert_eq!(status, 401);
+    assert!(body.to_lowercase().contains("expired"), "{body}");
+
+    // Subprotocol negotiation: v2 preferred, v1 when only v1 offered, v1 without a header.
+    let (_, protocol) = env
+        .raw_connect(
+            "?planeID=plane-1&planeType=buildplane",
+            Some(&good),
+            Some(V2_FIRST),
+        )
+        .await
+        .expect("admitted");
+    assert_eq!(protocol.as_deref(), Some("buildplane.tunnel.v2"));
+    let (_, protocol) = env
+        .raw_connect(
+            "?planeID=plane-1&planeType=buildplane",
+            Some(&good),
+            Some("buildplane.tunnel.v1"),
+        )
+        .await
+        .expect("admitted");
+    assert_eq!(protocol.as_deref(), Some("buildplane.tunnel.v1"));
+}
+
+/// Two BuildPlanes in different namespaces share a planeID and CA: one agent serves both. A
+/// third CR with the same planeID but another CA gets 403 NotAuthorized; an unknown plane 503.
+/// (Fails if authorisation were per planeID instead of per CR: the third CR would get 200.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_plane_id_routes_both_crs_and_refuses_a_third_ca() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    let other = Ca::generate("other-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "shared", ca.cert_pem())
+        .await;
+    env.build_plane("org-b", "bp", "shared", ca.cert_pem())
+        .await;
+    env.build_plane("org-c", "bp", "shared", other.cert_pem())
+        .await;
+    env.cluster_build_plane("cluster-bp", "shared", ca.cert_pem())
+        .await;
+    let _agent = env.agent(&ca, "shared", 2);
+    env.wait_proxy_status("shared", "org-a", "bp", 200, WAIT)
+        .await;
+    env.wait_proxy_status("shared", "org-b", "bp", 200, WAIT)
+        .await;
+    env.wait_proxy_status("shared", "_cluster", "cluster-bp", 200, WAIT)
+        .await;
+    let (status, body) = env
+        .proxy("shared", "org-c", "bp", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("NotAuthorized"), "{body}");
+    let (status, body) = env
+        .proxy("elsewhere", "org-a", "bp", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("NoAgentConnected"), "{body}");
+    assert_eq!(
+        env.connected_agents("shared", Some(("org-a", "bp"))).await,
+        1
+    );
+    assert_eq!(
+        env.connected_agents("shared", Some(("org-c", "bp"))).await,
+        0
+    );
+}
+
+/// A CR whose clientCA comes from a Secret (namespace defaulting to the CR's) is granted to a
+/// live connection when the Secret gains the right CA and revoked when it loses it, while the
+/// connection stays up for its other CR. (Fails without the Secret reflector: no grant.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_ca_change_grants_and_revokes_live() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    let other = Ca::generate("other-ca", DAY).unwrap();
+    env.build_plane("org-a", "direct", "p", ca.cert_pem()).await;
+    env.secret("org-b", "agent-ca", "ca.crt", other.cert_pem())
+        .await;
+    env.build_plane_from(
+        "org-b",
+        "via-secret",
+        "p",
+        from_secret("agent-ca", None, "ca.crt"),
+    )
+    .await;
+    let _agent = env.agent(&ca, "p", 2);
+    env.wait_proxy_status("p", "org-a", "direct", 200, WAIT)
+        .await;
+    let (status, _) = env
+        .proxy("p", "org-b", "via-secret", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 403);
+    let connections = env.connections().await;
+
+    env.secret("org-b", "agent-ca", "ca.crt", ca.cert_pem())
+        .await;
+    env.wait_proxy_status("p", "org-b", "via-secret", 200, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        env.connections().await,
+        connections,
+        "granted live, no reconnect"
+    );
+
+    env.secret("org-b", "agent-ca", "ca.crt", other.cert_pem())
+        .await;
+    env.wait_proxy_status("p", "org-b", "via-secret", 403, Duration::from_secs(5))
+        .await;
+    let (status, _) = env
+        .proxy("p", "org-a", "direct", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 200, "the sibling CR keeps its agent");
+
+    // The last CR revoked: the connection is closed (and the agent is refused on reconnect).
+    env.build_plane("org-a", "direct", "p", other.cert_pem())
+        .await;
+    env.eventually("the connection closed", Duration::from_secs(5), || async {
+        env.connections().await == 0
+    })
+    .await;
+}
+
+/// Deleting one of two CRs sharing a planeID revokes only that one; the same connection keeps
+/// serving the sibling. `notify deleted` revokes at once, before the reflector sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_one_cr_leaves_its_sibling_connected() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    env.build_plane("org-b", "bp", "p", ca.cert_pem()).await;
+    let _agent = env.agent(&ca, "p", 2);
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+    env.wait_proxy_status("p", "org-b", "bp", 200, WAIT).await;
+    let before: serde_json::Value =
+        serde_json::from_str(&env.get("/api/v1/connections").await.1).unwrap();
+
+    let res = env
+        .http
+        .post(format!("{}/api/v1/planes/notify", env.base))
+        .json(&serde_json::json!({"planeType": "buildplane", "planeID": "p", "event": "deleted", "namespace": "org-a", "name": "bp"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["success"], true);
+    assert_eq!(answer["authorizationsRevoked"], 1, "{answer}");
+    let (status, _) = env.proxy("p", "org-a", "bp", "/api/v1/namespaces").await;
+    assert_eq!(status, 403, "revoked at once by notify");
+    env.delete_build_plane("org-a", "bp").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = env.proxy("p", "org-b", "bp", "/api/v1/namespaces").await;
+    assert_eq!(status, 200);
+    let after: serde_json::Value =
+        serde_json::from_str(&env.get("/api/v1/connections").await.1).unwrap();
+    assert_eq!(
+        before["connections"][0]["id"], after["connections"][0]["id"],
+        "the same connection serves on"
+    );
+    assert_eq!(
+        after["connections"][0]["crs"],
+        serde_json::json!(["org-b/bp"])
+    );
+}
