@@ -313,13 +313,22 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let health_addr = health.local_addr()?;
     spawn_until(&shutdown, metrics::serve(health, shared.clone()));
 
+    // One waiter on the stores (a second concurrent waiter has been seen to miss the wake-up);
+    // start() waits for it through a watch channel, up to 30 s, then serves anyway (readyz
+    // stays 503 until the stores sync).
+    let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
     let ready = shared.clone();
     spawn_until(&shutdown, async move {
         ready.trust.ready().await;
         ready.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = synced_tx.send(true);
         info!("trust sources synced");
     });
-    let _ = tokio::time::timeout(Duration::from_secs(30), shared.trust.ready()).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        synced_rx.wait_for(|synced| *synced),
+    )
+    .await;
 
     let agents = TcpListener::bind(config.agent_listen)
         .await
