@@ -227,6 +227,9 @@ fn admit(
     if resource.group.is_empty() && resource.plural == "secrets" {
         fold_string_data(object);
         check_base64(resource, object)?;
+        if object["type"].as_str().is_none_or(str::is_empty) {
+            object["type"] = json!("Opaque");
+        }
     }
     if resource.is_crd() {
         admit_crd(resource, object, name, old)?;

@@ -419,6 +419,8 @@ impl FaultHandle {
 
     /// Forgets the watch history: watches resuming from older versions get 410 Gone.
     pub fn compact(&self) {
-        self.shared.store.lock().compact();
+        if let Err(err) = self.shared.store.lock().compact() {
+            tracing::warn!(%err, "compacting the history");
+        }
     }
 }

@@ -200,7 +200,9 @@ async fn admin_request(shared: &Shared, path: &str, req: Request<Incoming>) -> R
         }
         (Method::POST, "compact") => {
             let mut store = shared.store.lock();
-            store.compact();
+            if let Err(err) = store.compact() {
+                return error_response(&err);
+            }
             json_response(
                 StatusCode::OK,
                 &json!({"compactedResourceVersion": store.compacted_rv().to_string()}),

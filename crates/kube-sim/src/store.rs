@@ -231,8 +231,8 @@ impl Store {
                 self.rv = self.rv.max(record.rv);
                 continue;
             }
-            let Some(key) = record.key else { continue };
             self.rv = self.rv.max(record.rv);
+            let Some(key) = record.key else { continue };
             let existed = self.objects.contains_key(&key);
             let event = match record.object {
                 Some(object) => {
@@ -323,10 +323,21 @@ impl Store {
         self.compacted_rv
     }
 
-    /// Forgets the history: watches resuming from an older version get 410 Gone.
-    pub fn compact(&mut self) {
-        self.compacted_rv = self.rv;
+    /// Forgets the history: watches resuming from any version handed out so far get 410 Gone.
+    /// The resourceVersion moves on by one (logged, so it never goes back after a restart), so a
+    /// fresh list returns a version that can be watched from.
+    pub fn compact(&mut self) -> Result<(), ApiError> {
+        let rv = self.rv + 1;
+        self.append_log(&LogRecord {
+            rv,
+            key: None,
+            object: None,
+            snapshot: false,
+        })?;
+        self.rv = rv;
+        self.compacted_rv = rv;
         self.history.clear();
+        Ok(())
     }
 
     /// Events after `rv` for one resource, or `None` when `rv` was compacted away.

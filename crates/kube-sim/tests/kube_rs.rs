@@ -1,85 +1,63 @@
-//! kube-rs against kube-sim: typed CRUD, conflicts, watchers through 410 and restarts.
+//! kube-rs against kube-sim: CRUD on dynamic objects, conflicts, server-side apply, pages, dry
+//! runs, discovery, watchers through 410s and restarts, and a `Controller` reconciling.
 
-use std::time::Duration;
+mod common;
 
-use buildplane_api::{BuildPlane, BuildPlaneSpec, ClusterAgentConfig, ValueFrom};
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::{
-    api::core::v1::{ConfigMap, Namespace},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use std::{sync::Arc, time::Duration};
+
+use common::{bp_api, build_plane, build_planes, create_namespace, start, with_crds};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
-    Api, Client, ResourceExt,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
-    runtime::{WatchStreamExt, watcher},
+    Api, ResourceExt,
+    api::{
+        DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams,
+        ValidationDirective,
+    },
+    runtime::{Controller, controller::Action, watcher, watcher::Event},
 };
-use kube_sim::{Config, RunningServer, Server};
+use kube_sim::{Config, Server};
+use serde_json::json;
 
-async fn with_crds(server: &RunningServer) -> Client {
-    let client = server.client().await.expect("client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in buildplane_api::crds() {
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("CRD created");
+fn api_error(err: &kube::Error) -> (u16, String, String) {
+    match err {
+        kube::Error::Api(status) => (status.code, status.reason.clone(), status.message.clone()),
+        other => panic!("expected an API error, got {other:?}"),
     }
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some("org".into()),
-            ..ObjectMeta::default()
-        },
-        ..Namespace::default()
-    };
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace created");
-    client
 }
 
-fn build_plane(name: &str, plane_id: &str) -> BuildPlane {
-    BuildPlane::new(
-        name,
-        BuildPlaneSpec {
-            plane_id: Some(plane_id.into()),
-            cluster_agent: ClusterAgentConfig {
-                client_ca: ValueFrom {
-                    secret_ref: None,
-                    value: Some("pem".into()),
-                },
-            },
-            secret_store_ref: None,
-            observability_plane_ref: None,
-        },
-    )
-}
-
-/// Create, get, list, patch (spec and status), replace with a stale version, delete.
+/// Create, get, list, apply, status patch, stale replace, duplicate create, delete.
+/// (Fails if generation, uid, conflicts or status isolation are wrong.)
 #[tokio::test]
-async fn typed_crud_round_trip() {
-    let server = Server::start(Config::default()).await.expect("starts");
-    let client = with_crds(&server).await;
-    let api: Api<BuildPlane> = Api::namespaced(client, "org");
+async fn crud_round_trip_with_dynamic_objects() {
+    let server = start().await;
+    let api = bp_api(&with_crds(&server).await);
     let created = api
         .create(&PostParams::default(), &build_plane("bp", "p1"))
         .await
         .expect("created");
     assert_eq!(created.metadata.generation, Some(1));
-    assert!(created.metadata.uid.is_some());
-    let patched = api
-        .patch("bp", &PatchParams::apply("test").force(), &Patch::Apply(serde_json::json!({
-            "apiVersion": "openchoreo.dev/v1alpha1", "kind": "BuildPlane", "spec": {"planeID": "p2", "clusterAgent": {"clientCA": {"value": "pem"}}}
-        })))
+    assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
+    let applied = api
+        .patch(
+            "bp",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "openchoreo.dev/v1alpha1", "kind": "BuildPlane",
+                "spec": {"planeID": "p2", "clusterAgent": {"clientCA": {"value": "pem"}}}
+            })),
+        )
         .await
         .expect("applied");
-    assert_eq!(patched.spec.plane_id.as_deref(), Some("p2"));
-    assert_eq!(patched.metadata.generation, Some(2));
+    assert_eq!(applied.data["spec"]["planeID"], "p2");
+    assert_eq!(applied.metadata.generation, Some(2));
     let status = api
         .patch_status(
             "bp",
             &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": {"observedGeneration": 2}})),
+            &Patch::Merge(
+                json!({"status": {"observedGeneration": 2}, "spec": {"planeID": "ignored"}}),
+            ),
         )
         .await
         .expect("status patched");
@@ -88,49 +66,126 @@ async fn typed_crud_round_trip() {
         Some(2),
         "status writes do not bump generation"
     );
+    assert_eq!(
+        status.data["spec"]["planeID"], "p2",
+        "the status subresource ignores spec"
+    );
+    let spec_with_status = api
+        .patch(
+            "bp",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"observedGeneration": 99}})),
+        )
+        .await
+        .expect("patched");
+    assert_eq!(
+        spec_with_status.data["status"]["observedGeneration"], 2,
+        "the main resource ignores status"
+    );
+
     let mut stale = created.clone();
-    stale.spec.plane_id = Some("p3".into());
+    stale.data["spec"]["planeID"] = json!("p3");
     let err = api
         .replace("bp", &PostParams::default(), &stale)
         .await
         .expect_err("stale resourceVersion");
+    let (code, reason, message) = api_error(&err);
+    assert_eq!((code, reason.as_str()), (409, "Conflict"), "{message}");
     assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "Conflict"),
-        "{err:?}"
+        message.contains("the object has been modified"),
+        "{message}"
     );
+    let mut unconditional = spec_with_status.clone();
+    unconditional.metadata.resource_version = None;
+    let err = api
+        .replace("bp", &PostParams::default(), &unconditional)
+        .await
+        .expect_err("custom resources need a resourceVersion");
+    assert_eq!(api_error(&err).0, 422);
+
     let err = api
         .create(&PostParams::default(), &build_plane("bp", "p1"))
         .await
         .expect_err("exists");
-    assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "AlreadyExists"),
-        "{err:?}"
-    );
+    assert_eq!(api_error(&err).1, "AlreadyExists");
+    let mut generated = build_plane("", "p1");
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("gen-".into());
+    let generated = api
+        .create(&PostParams::default(), &generated)
+        .await
+        .expect("generateName");
+    assert!(generated.name_any().starts_with("gen-") && generated.name_any().len() == 9);
     assert_eq!(
-        api.list(&Default::default())
+        api.list(&ListParams::default())
             .await
             .expect("list")
             .items
             .len(),
-        1
+        2
     );
+    let selected = api
+        .list(&ListParams::default().fields("metadata.name=bp"))
+        .await
+        .expect("field selector");
+    assert_eq!(selected.items.len(), 1);
     api.delete("bp", &DeleteParams::default())
         .await
         .expect("deleted");
     let err = api.get("bp").await.expect_err("gone");
-    assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 404),
-        "{err:?}"
+    assert_eq!(api_error(&err).0, 404);
+    server.shutdown().await;
+}
+
+/// The 422 names the field with the real server's wording.
+#[tokio::test]
+async fn invalid_objects_get_the_servers_422() {
+    let server = start().await;
+    let api = bp_api(&with_crds(&server).await);
+    let err = api
+        .create(&PostParams::default(), &build_plane("x", "Bad"))
+        .await
+        .expect_err("invalid planeID");
+    let (code, reason, message) = api_error(&err);
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        message,
+        r#"BuildPlane.openchoreo.dev "x" is invalid: spec.planeID: Invalid value: "Bad": spec.planeID in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'"#
     );
+    let mut neither = build_plane("n", "ok");
+    neither.data["spec"]["clusterAgent"]["clientCA"] = json!({});
+    let err = api
+        .create(&PostParams::default(), &neither)
+        .await
+        .expect_err("CEL");
+    assert!(
+        api_error(&err)
+            .2
+            .contains("exactly one of secretRef or value must be set")
+    );
+    // Strict field validation rejects unknown fields; the default (Warn) prunes them.
+    let typo = json!({"apiVersion": "openchoreo.dev/v1alpha1", "kind": "BuildPlane",
+        "spec": {"planeId": "typo", "clusterAgent": {"clientCA": {"value": "pem"}}}});
+    let mut strict = PatchParams::apply("t");
+    strict.field_validation = Some(ValidationDirective::Strict);
+    let err = api
+        .patch("typo", &strict, &Patch::Apply(&typo))
+        .await
+        .expect_err("strict");
+    assert_eq!(api_error(&err).0, 400);
+    let pruned = api
+        .patch("typo", &PatchParams::apply("t"), &Patch::Apply(&typo))
+        .await
+        .expect("warned and pruned");
+    assert!(pruned.data["spec"].get("planeId").is_none());
     server.shutdown().await;
 }
 
 /// Finalizers hold a deletion until they are removed.
 #[tokio::test]
 async fn finalizers_hold_deletion() {
-    let server = Server::start(Config::default()).await.expect("starts");
-    let client = with_crds(&server).await;
-    let api: Api<BuildPlane> = Api::namespaced(client, "org");
+    let server = start().await;
+    let api = bp_api(&with_crds(&server).await);
     let mut bp = build_plane("held", "p");
     bp.metadata.finalizers = Some(vec!["openchoreo.dev/buildplane-cleanup".into()]);
     api.create(&PostParams::default(), &bp)
@@ -141,10 +196,21 @@ async fn finalizers_hold_deletion() {
         .expect("delete accepted");
     let marked = api.get("held").await.expect("still there");
     assert!(marked.metadata.deletion_timestamp.is_some());
+    let err = api
+        .patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"finalizers": ["openchoreo.dev/buildplane-cleanup", "new"]}}),
+            ),
+        )
+        .await
+        .expect_err("no new finalizers while deleting");
+    assert_eq!(api_error(&err).0, 422);
     api.patch(
         "held",
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"metadata": {"finalizers": []}})),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
     )
     .await
     .expect("finalizer removed");
@@ -156,9 +222,10 @@ async fn finalizers_hold_deletion() {
 }
 
 /// Racing writers on one object: exactly one success per resourceVersion.
+/// (Fails if updates do not compare resourceVersions atomically.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_writers_get_one_success_per_version() {
-    let server = Server::start(Config::default()).await.expect("starts");
+    let server = start().await;
     let client = server.client().await.expect("client");
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
     let cm = ConfigMap {
@@ -168,75 +235,301 @@ async fn racing_writers_get_one_success_per_version() {
         },
         ..ConfigMap::default()
     };
-    let base = api
+    let mut current = api
         .create(&PostParams::default(), &cm)
         .await
         .expect("created");
-    let writers = (0..16).map(|i| {
-        let api = api.clone();
-        let mut cm = base.clone();
-        cm.data = Some([("writer".to_owned(), i.to_string())].into());
-        tokio::spawn(async move {
-            api.replace("race", &PostParams::default(), &cm)
-                .await
-                .is_ok()
-        })
-    });
-    let results = futures::future::join_all(writers).await;
-    let n_ok = results
-        .into_iter()
-        .filter(|r| *r.as_ref().expect("joined"))
-        .count();
-    assert_eq!(n_ok, 1, "every writer used the same resourceVersion");
+    for round in 0..5 {
+        let writers = (0..16).map(|i| {
+            let api = api.clone();
+            let mut cm = current.clone();
+            cm.data = Some([("writer".to_owned(), format!("{round}-{i}"))].into());
+            tokio::spawn(async move { api.replace("race", &PostParams::default(), &cm).await })
+        });
+        let results = futures::future::join_all(writers).await;
+        let mut winners = Vec::new();
+        for result in results {
+            match result.expect("joined") {
+                Ok(cm) => winners.push(cm),
+                Err(err) => assert_eq!(api_error(&err).0, 409),
+            }
+        }
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: every writer used the same resourceVersion"
+        );
+        current = api.get("race").await.expect("get");
+        assert_eq!(current.data, winners[0].data);
+    }
     server.shutdown().await;
+}
+
+/// Pages with `limit`/`continue` cover every object once.
+#[tokio::test]
+async fn lists_page_with_limit_and_continue() {
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    for i in 0..25 {
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(format!("cm-{i:02}")),
+                labels: Some([("parity".to_owned(), (i % 2).to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        };
+        api.create(&PostParams::default(), &cm)
+            .await
+            .expect("created");
+    }
+    let mut names = Vec::new();
+    let mut params = ListParams::default().limit(10).labels("parity=0");
+    loop {
+        let page = api.list(&params).await.expect("page");
+        names.extend(page.items.iter().map(ResourceExt::name_any));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).step_by(2).map(|i| format!("cm-{i:02}")).collect();
+    assert_eq!(names, expected);
+    server.shutdown().await;
+}
+
+/// Dry runs validate and answer but store nothing.
+#[tokio::test]
+async fn dry_runs_store_nothing() {
+    let server = start().await;
+    let api = bp_api(&with_crds(&server).await);
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    api.create(&dry, &build_plane("dry", "p"))
+        .await
+        .expect("dry create");
+    assert!(api.get_opt("dry").await.expect("get").is_none());
+    let err = api
+        .create(&dry, &build_plane("dry", "BAD"))
+        .await
+        .expect_err("still validated");
+    assert_eq!(api_error(&err).0, 422);
+    server.shutdown().await;
+}
+
+/// Server-side apply with two managers: a re-apply removes what the manager dropped, another
+/// manager's change conflicts, force takes ownership.
+#[tokio::test]
+async fn server_side_apply_tracks_field_managers() {
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let config = |data: serde_json::Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": data});
+    api.patch(
+        "ssa",
+        &PatchParams::apply("alice"),
+        &Patch::Apply(config(json!({"a": "1", "b": "2"}))),
+    )
+    .await
+    .expect("created by apply");
+    api.patch(
+        "ssa",
+        &PatchParams::apply("bob"),
+        &Patch::Apply(config(json!({"c": "3"}))),
+    )
+    .await
+    .expect("bob applies his own field");
+    let cm = api
+        .patch(
+            "ssa",
+            &PatchParams::apply("alice"),
+            &Patch::Apply(config(json!({"a": "1"}))),
+        )
+        .await
+        .expect("alice drops b");
+    let data = cm.data.clone().expect("data");
+    assert_eq!(
+        data.keys().collect::<Vec<_>>(),
+        ["a", "c"],
+        "b removed, bob's c kept"
+    );
+    let managers: Vec<String> = cm
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(managers, ["alice", "bob"]);
+    let err = api
+        .patch(
+            "ssa",
+            &PatchParams::apply("bob"),
+            &Patch::Apply(config(json!({"a": "9", "c": "3"}))),
+        )
+        .await
+        .expect_err("conflict with alice");
+    let (code, _, message) = api_error(&err);
+    assert_eq!(code, 409);
+    assert!(
+        message.contains("conflict with \"alice\"") && message.contains(".data.a"),
+        "{message}"
+    );
+    let forced = api
+        .patch(
+            "ssa",
+            &PatchParams::apply("bob").force(),
+            &Patch::Apply(config(json!({"a": "9", "c": "3"}))),
+        )
+        .await
+        .expect("forced");
+    assert_eq!(forced.data.expect("data")["a"], "9");
+    server.shutdown().await;
+}
+
+/// CRDs report Established and their kinds appear in kube-rs discovery.
+#[tokio::test]
+async fn crds_are_established_and_discovered() {
+    let server = start().await;
+    let client = with_crds(&server).await;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    let crd = crds.get("buildplanes.openchoreo.dev").await.expect("crd");
+    let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+    );
+    let discovery = kube::Discovery::new(client).run().await.expect("discovery");
+    let group = discovery.get("openchoreo.dev").expect("group discovered");
+    let kinds: Vec<String> = group
+        .recommended_resources()
+        .into_iter()
+        .map(|(r, _)| r.kind)
+        .collect();
+    assert!(
+        kinds.contains(&"BuildPlane".to_owned()) && kinds.contains(&"ClusterBuildPlane".to_owned()),
+        "{kinds:?}"
+    );
+    server.shutdown().await;
+}
+
+/// How many 410 Expired watch errors the watchers of this test binary saw.
+static EXPIRED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+async fn next_event(
+    events: &mut (impl futures::Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Unpin),
+    what: &str,
+    mut wanted: impl FnMut(&Event<DynamicObject>) -> bool,
+) -> Event<DynamicObject> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.next().await.expect("stream open") {
+                Ok(event) if wanted(&event) => return event,
+                Ok(_) => {}
+                // A watch resumed from a compacted version: the watcher re-lists.
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    EXPIRED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Err(err) => panic!("watch failed: {err:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 /// A kube-rs watcher sees create, update and delete, and re-lists after a forced 410.
 #[tokio::test]
 async fn watcher_sees_changes_and_survives_410() {
-    let server = Server::start(Config::default()).await.expect("starts");
-    let client = with_crds(&server).await;
-    let api: Api<BuildPlane> = Api::namespaced(client, "org");
-    let mut events = watcher(api.clone(), watcher::Config::default())
-        .applied_objects()
-        .boxed();
+    let server = start().await;
+    let api = bp_api(&with_crds(&server).await);
+    let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+    next_event(&mut events, "the initial list", |e| {
+        matches!(e, Event::InitDone)
+    })
+    .await;
     api.create(&PostParams::default(), &build_plane("w", "p1"))
         .await
         .expect("created");
-    let seen = tokio::time::timeout(Duration::from_secs(10), events.try_next())
-        .await
-        .expect("event in time")
-        .expect("ok");
-    assert_eq!(seen.expect("object").name_any(), "w");
-    // Force the watch to resume from a compacted version: the watcher must re-list.
-    server.compact();
-    server.close_watches();
+    next_event(
+        &mut events,
+        "the creation",
+        |e| matches!(e, Event::Apply(o) if o.name_any() == "w"),
+    )
+    .await;
     api.patch(
         "w",
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"planeID": "p2"}})),
+        &Patch::Merge(json!({"spec": {"planeID": "p2"}})),
     )
     .await
     .expect("patched");
-    let updated = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let bp = events
-                .try_next()
-                .await
-                .expect("watch ok")
-                .expect("stream open");
-            if bp.spec.plane_id.as_deref() == Some("p2") {
-                return bp;
-            }
-        }
-    })
+    next_event(
+        &mut events,
+        "the update",
+        |e| matches!(e, Event::Apply(o) if o.data["spec"]["planeID"] == "p2"),
+    )
+    .await;
+
+    // Force the watch to resume from a compacted version: the watcher must re-list.
+    server.faults().compact();
+    assert!(server.faults().close_watches() >= 1, "the watch was open");
+    api.patch(
+        "w",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"planeID": "p3"}})),
+    )
     .await
-    .expect("the watcher recovered from 410 and saw the update");
-    assert_eq!(updated.metadata.generation, Some(2));
+    .expect("patched");
+    next_event(
+        &mut events,
+        "the re-list after 410",
+        |e| matches!(e, Event::InitApply(o) if o.data["spec"]["planeID"] == "p3"),
+    )
+    .await;
+    assert!(
+        EXPIRED.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the resumed watch got 410"
+    );
+    api.delete("w", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    next_event(
+        &mut events,
+        "the deletion",
+        |e| matches!(e, Event::Delete(o) if o.name_any() == "w"),
+    )
+    .await;
     server.shutdown().await;
 }
 
-/// With a data directory, acknowledged writes survive a restart and watchers resume.
+/// A streaming-list watcher (sendInitialEvents) gets the objects and the end bookmark.
+#[tokio::test]
+async fn streaming_list_watcher_gets_initial_events() {
+    let server = start().await;
+    let api = bp_api(&with_crds(&server).await);
+    api.create(&PostParams::default(), &build_plane("existing", "p"))
+        .await
+        .expect("created");
+    let mut events = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
+    next_event(
+        &mut events,
+        "the initial object",
+        |e| matches!(e, Event::InitApply(o) if o.name_any() == "existing"),
+    )
+    .await;
+    next_event(&mut events, "the end of initial events", |e| {
+        matches!(e, Event::InitDone)
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// With a data directory, acknowledged writes survive a restart, the kubeconfig stays valid,
+/// and watches resume from versions before the restart without a 410.
 #[tokio::test]
 async fn data_dir_survives_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -245,52 +538,138 @@ async fn data_dir_survives_restart() {
         ..Config::default()
     };
     let server = Server::start(config.clone()).await.expect("starts");
-    let addr = server.addr();
+    let kubeconfig = server.kubeconfig_yaml();
     let client = with_crds(&server).await;
-    let api: Api<BuildPlane> = Api::namespaced(client.clone(), "org");
-    api.create(&PostParams::default(), &build_plane("durable", "p1"))
+    let api = bp_api(&client);
+    let created = api
+        .create(&PostParams::default(), &build_plane("durable", "p1"))
         .await
         .expect("created");
-    let mut events = watcher(api.clone(), watcher::Config::default())
-        .applied_objects()
-        .boxed();
-    let _ = tokio::time::timeout(Duration::from_secs(10), events.try_next())
-        .await
-        .expect("initial event");
+    let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+    next_event(&mut events, "the initial list", |e| {
+        matches!(e, Event::InitDone)
+    })
+    .await;
     server.shutdown().await;
 
-    let restarted = Server::start(Config {
-        listen: addr,
-        ..config
-    })
-    .await
-    .expect("restarts on the same port");
-    let after = api
-        .get("durable")
-        .await
-        .expect("the object survived with the same kubeconfig");
-    assert_eq!(after.spec.plane_id.as_deref(), Some("p1"));
+    // Port 0 again: the previous port is reused, so the same kubeconfig works.
+    let restarted = Server::start(config).await.expect("restarts");
+    assert_eq!(
+        restarted.kubeconfig_yaml(),
+        kubeconfig,
+        "same port, CA and token"
+    );
+    let after = api.get("durable").await.expect("the object survived");
+    assert_eq!(after.data["spec"]["planeID"], "p1");
+    assert_eq!(after.metadata.uid, created.metadata.uid);
     api.patch(
         "durable",
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"planeID": "p9"}})),
+        &Patch::Merge(json!({"spec": {"planeID": "p9"}})),
     )
     .await
     .expect("patched after restart");
-    let seen = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let bp = events
-                .try_next()
-                .await
-                .expect("watch ok")
-                .expect("stream open");
-            if bp.spec.plane_id.as_deref() == Some("p9") {
-                return bp;
-            }
-        }
-    })
-    .await
-    .expect("the watcher reconnected after the restart");
-    assert_eq!(seen.name_any(), "durable");
+    let seen = next_event(
+        &mut events,
+        "the update after the restart",
+        |e| matches!(e, Event::Apply(o) | Event::InitApply(o) if o.data["spec"]["planeID"] == "p9"),
+    )
+    .await;
+    assert!(
+        matches!(seen, Event::Apply(_)),
+        "resumed without a re-list: {seen:?}"
+    );
     restarted.shutdown().await;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("reconcile failed: {0}")]
+struct ReconcileError(#[from] kube::Error);
+
+/// A kube-rs `Controller` reconciles every change: it writes `status.observedGeneration` for
+/// each new generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_reconciles_on_changes() {
+    let server = start().await;
+    let client = with_crds(&server).await;
+    let api = bp_api(&client);
+    let reconcile = |object: Arc<DynamicObject>, api: Arc<Api<DynamicObject>>| async move {
+        let generation = object.metadata.generation.unwrap_or(0);
+        if object.data["status"]["observedGeneration"] != json!(generation) {
+            api.patch_status(
+                &object.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"observedGeneration": generation}})),
+            )
+            .await?;
+        }
+        Ok::<_, ReconcileError>(Action::await_change())
+    };
+    let controller = Controller::new_with(api.clone(), watcher::Config::default(), build_planes())
+        .run(
+            reconcile,
+            |_, _, _| Action::requeue(Duration::from_millis(200)),
+            Arc::new(api.clone()),
+        )
+        .for_each(|_| async {});
+    let task = tokio::spawn(controller);
+    api.create(&PostParams::default(), &build_plane("ctl", "p1"))
+        .await
+        .expect("created");
+    let observed = |generation: i64| {
+        let api = api.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    let object = api.get("ctl").await.expect("get");
+                    if object.data["status"]["observedGeneration"] == json!(generation) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("generation {generation} was never reconciled"));
+        }
+    };
+    observed(1).await;
+    api.patch(
+        "ctl",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"planeID": "p2"}})),
+    )
+    .await
+    .expect("spec changed");
+    observed(2).await;
+    task.abort();
+    server.shutdown().await;
+}
+
+/// A second namespace keeps objects apart; deleting a namespace removes what it held.
+#[tokio::test]
+async fn namespace_deletion_removes_contents() {
+    let server = start().await;
+    let client = with_crds(&server).await;
+    create_namespace(&client, "other").await;
+    let other: Api<DynamicObject> = Api::namespaced_with(client.clone(), "other", &build_planes());
+    other
+        .create(&PostParams::default(), &build_plane("bp", "p"))
+        .await
+        .expect("created");
+    bp_api(&client)
+        .create(&PostParams::default(), &build_plane("bp", "p"))
+        .await
+        .expect("same name elsewhere");
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .delete("other", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    assert!(
+        namespaces.get_opt("other").await.expect("get").is_none(),
+        "empty: removed at once"
+    );
+    assert!(other.get_opt("bp").await.expect("get").is_none());
+    assert!(bp_api(&client).get_opt("bp").await.expect("get").is_some());
+    server.shutdown().await;
 }

@@ -1,80 +1,52 @@
-//! The real `kubectl` against kube-sim: the seed's registration commands, printer columns,
-//! validation messages, patches, waits and server-side apply.
+//! The real `kubectl` (1.32) against kube-sim: the seed's registration commands, printer columns,
+//! validation messages, patches of every type, waits, client- and server-side apply, deletion.
 
-use std::{path::Path, process::Output};
+mod common;
 
-use kube_sim::{Config, RunningServer, Server};
-use tempfile::TempDir;
+use base64::Engine as _;
+use common::{Kubectl, crd_dir, header, start};
 
-fn repo_root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-struct Cluster {
-    server: RunningServer,
-    dir: TempDir,
-}
-
-impl Cluster {
-    async fn start() -> Self {
-        let server = Server::start(Config::default())
-            .await
-            .expect("kube-sim starts");
-        let dir = tempfile::tempdir().expect("temp dir");
-        server
-            .write_kubeconfig(&dir.path().join("kubeconfig"))
-            .expect("kubeconfig written");
-        Self { server, dir }
-    }
-
-    async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        use tokio::io::AsyncWriteExt as _;
-        let mut command = tokio::process::Command::new("kubectl");
-        command
-            .arg("--kubeconfig")
-            .arg(self.dir.path().join("kubeconfig"))
-            .args(args)
-            .current_dir(repo_root())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = command.spawn().expect("kubectl is installed");
-        let mut input = child.stdin.take().expect("stdin piped");
-        if let Some(text) = stdin {
-            input
-                .write_all(text.as_bytes())
-                .await
-                .expect("stdin written");
-        }
-        drop(input);
-        child.wait_with_output().await.expect("kubectl ran")
-    }
-
-    /// Runs kubectl and returns stdout, failing the test with stderr when it fails.
-    async fn ok(&self, args: &[&str]) -> String {
-        let output = self.kubectl(args, None).await;
-        assert!(
-            output.status.success(),
-            "kubectl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
+fn real_ca_pem() -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).expect("self-signed").pem()
 }
 
 /// The seed's registration workflow and day-to-day kubectl commands work unchanged.
+/// (Fails if: Table rows or printer columns are wrong, secrets lose bytes, status writes leak
+/// into the main resource, generation is not bumped, or SSA cannot create.)
+async fn generation(kubectl: &Kubectl, name: &str) -> String {
+    kubectl
+        .ok(&[
+            "get",
+            "buildplane",
+            name,
+            "-n",
+            "my-org",
+            "-o",
+            "jsonpath={.metadata.generation}",
+        ])
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_registration_workflow() {
-    let cluster = Cluster::start().await;
-    cluster.ok(&["apply", "-f", "k3d/manifests/crds/"]).await;
-    cluster.ok(&["create", "namespace", "my-org"]).await;
-    let ca = cluster.dir.path().join("buildplane-ca.crt");
-    std::fs::write(
-        &ca,
-        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    )
-    .expect("write");
-    cluster
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    kubectl.ok(&["apply", "-f", crd_dir()]).await;
+    kubectl
+        .ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/buildplanes.openchoreo.dev",
+            "--timeout=10s",
+        ])
+        .await;
+    kubectl.ok(&["create", "namespace", "my-org"]).await;
+    let ca = kubectl.dir.path().join("buildplane-ca.crt");
+    std::fs::write(&ca, real_ca_pem()).expect("write");
+    kubectl
         .ok(&[
             "create",
             "secret",
@@ -85,7 +57,7 @@ async fn kubectl_registration_workflow() {
             "my-org",
         ])
         .await;
-    let extracted = cluster
+    let extracted = kubectl
         .ok(&[
             "get",
             "secret",
@@ -96,27 +68,49 @@ async fn kubectl_registration_workflow() {
             "jsonpath={.data.ca\\.crt}",
         ])
         .await;
-    use base64::Engine as _;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(extracted.trim())
         .expect("base64");
     assert_eq!(decoded, std::fs::read(&ca).expect("read"));
+    let secrets = kubectl.ok(&["get", "secrets", "-n", "my-org"]).await;
+    assert_eq!(
+        header(&secrets),
+        ["NAME", "TYPE", "DATA", "AGE"],
+        "{secrets}"
+    );
+    assert!(secrets.contains("Opaque"), "{secrets}");
 
-    cluster
+    kubectl
         .ok(&[
             "apply",
             "-f",
             "crates/api/test_data/seed/option2-secret-ref.yaml",
         ])
         .await;
-    cluster
+    kubectl
         .ok(&[
             "apply",
             "-f",
             "crates/api/test_data/seed/option1-inline-value.yaml",
         ])
         .await;
-    cluster
+    // Client-side apply switched from secretRef to value: the merge patch removed secretRef.
+    let client_ca = kubectl
+        .ok(&[
+            "get",
+            "buildplane",
+            "my-buildplane",
+            "-n",
+            "my-org",
+            "-o",
+            "jsonpath={.spec.clusterAgent.clientCA}",
+        ])
+        .await;
+    assert!(
+        client_ca.contains("BEGIN CERTIFICATE") && !client_ca.contains("secretRef"),
+        "{client_ca}"
+    );
+    kubectl
         .ok(&[
             "patch",
             "buildplane",
@@ -131,7 +125,7 @@ async fn kubectl_registration_workflow() {
             r#"{"status":{"agentConnection":{"connected":true,"connectedAgents":2}}}"#,
         ])
         .await;
-    cluster
+    kubectl
         .ok(&[
             "wait",
             "--for=jsonpath={.status.agentConnection.connected}=true",
@@ -141,15 +135,9 @@ async fn kubectl_registration_workflow() {
             "--timeout=10s",
         ])
         .await;
-    let table = cluster.ok(&["get", "buildplanes", "-n", "my-org"]).await;
-    let header: Vec<&str> = table
-        .lines()
-        .next()
-        .expect("header")
-        .split_whitespace()
-        .collect();
+    let table = kubectl.ok(&["get", "buildplanes", "-n", "my-org"]).await;
     assert_eq!(
-        header,
+        header(&table),
         ["NAME", "PLANEID", "CONNECTED", "AGENTS", "READY", "AGE"],
         "{table}"
     );
@@ -166,19 +154,12 @@ async fn kubectl_registration_workflow() {
     );
 
     // A spec change bumps the generation; the status write before it did not.
-    let generation = cluster
-        .ok(&[
-            "get",
-            "buildplane",
-            "my-buildplane",
-            "-n",
-            "my-org",
-            "-o",
-            "jsonpath={.metadata.generation}",
-        ])
-        .await;
-    assert_eq!(generation, "2", "option 1 re-applied a new spec once");
-    cluster
+    assert_eq!(
+        generation(&kubectl, "my-buildplane").await,
+        "2",
+        "option 1 re-applied a new spec once"
+    );
+    kubectl
         .ok(&[
             "patch",
             "buildplane",
@@ -191,20 +172,23 @@ async fn kubectl_registration_workflow() {
             r#"{"spec":{"planeID":"ci"}}"#,
         ])
         .await;
-    let generation = cluster
+    assert_eq!(generation(&kubectl, "my-buildplane").await, "3");
+    kubectl
         .ok(&[
-            "get",
+            "patch",
             "buildplane",
             "my-buildplane",
             "-n",
             "my-org",
-            "-o",
-            "jsonpath={.metadata.generation}",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/planeID","value":"ci-2"}]"#,
         ])
         .await;
-    assert_eq!(generation, "3");
+    assert_eq!(generation(&kubectl, "my-buildplane").await, "4");
 
-    cluster
+    kubectl
         .ok(&[
             "apply",
             "--server-side",
@@ -212,14 +196,14 @@ async fn kubectl_registration_workflow() {
             "crates/api/test_data/seed/basic.yaml",
         ])
         .await;
-    let names = cluster
+    let names = kubectl
         .ok(&["get", "buildplanes", "-n", "my-org", "-o", "name"])
         .await;
     assert!(
         names.contains("buildplane.openchoreo.dev/production-buildplane"),
         "{names}"
     );
-    cluster
+    kubectl
         .ok(&[
             "delete",
             "buildplane",
@@ -228,49 +212,289 @@ async fn kubectl_registration_workflow() {
             "my-org",
         ])
         .await;
-    let names = cluster
+    let names = kubectl
         .ok(&["get", "buildplanes", "-n", "my-org", "-o", "name"])
         .await;
     assert!(!names.contains("production-buildplane"), "{names}");
-    cluster.server.shutdown().await;
+    server.shutdown().await;
 }
 
-/// An invalid planeID is rejected with the API server's message naming the field.
+/// An invalid planeID is rejected with the API server's message naming the field; so are both
+/// CA sources at once (CEL) and unknown fields (kubectl's strict field validation).
 #[tokio::test(flavor = "multi_thread")]
-async fn kubectl_rejects_an_invalid_plane_id() {
-    let cluster = Cluster::start().await;
-    cluster.ok(&["apply", "-f", "k3d/manifests/crds/"]).await;
-    cluster.ok(&["create", "namespace", "org"]).await;
-    let manifest = "apiVersion: openchoreo.dev/v1alpha1\nkind: BuildPlane\nmetadata: {name: bad, namespace: org}\nspec:\n  planeID: Bad_ID\n  clusterAgent: {clientCA: {value: pem}}\n";
-    let output = cluster.kubectl(&["apply", "-f", "-"], Some(manifest)).await;
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+async fn kubectl_rejects_invalid_buildplanes() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    kubectl.ok(&["apply", "-f", crd_dir()]).await;
+    kubectl.ok(&["create", "namespace", "org"]).await;
+    let manifest = "apiVersion: openchoreo.dev/v1alpha1\nkind: BuildPlane\nmetadata: {name: x, namespace: org}\nspec:\n  planeID: Bad\n  clusterAgent: {clientCA: {value: pem}}\n";
+    let stderr = kubectl.fails(&["apply", "-f", "-"], Some(manifest)).await;
     assert!(
-        stderr.contains(r#"spec.planeID: Invalid value: "Bad_ID": spec.planeID in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'"#),
+        stderr.contains(r#"The BuildPlane "x" is invalid: spec.planeID: Invalid value: "Bad": spec.planeID in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'"#),
         "{stderr}"
     );
     let both = "apiVersion: openchoreo.dev/v1alpha1\nkind: BuildPlane\nmetadata: {name: both, namespace: org}\nspec:\n  clusterAgent: {clientCA: {value: pem, secretRef: {name: s, key: k}}}\n";
-    let output = cluster.kubectl(&["apply", "-f", "-"], Some(both)).await;
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = kubectl.fails(&["apply", "-f", "-"], Some(both)).await;
     assert!(
-        stderr.contains("exactly one of secretRef or value must be set"),
+        stderr.contains("spec.clusterAgent.clientCA: Invalid value: \"object\": exactly one of secretRef or value must be set"),
         "{stderr}"
     );
-    cluster.server.shutdown().await;
+    let long = format!(
+        "apiVersion: openchoreo.dev/v1alpha1\nkind: BuildPlane\nmetadata: {{name: long, namespace: org}}\nspec:\n  planeID: {}\n  clusterAgent: {{clientCA: {{value: pem}}}}\n",
+        "a".repeat(64)
+    );
+    let stderr = kubectl.fails(&["apply", "-f", "-"], Some(&long)).await;
+    assert!(stderr.contains("spec.planeID: Too long"), "{stderr}");
+    let unknown = "apiVersion: openchoreo.dev/v1alpha1\nkind: BuildPlane\nmetadata: {name: typo, namespace: org}\nspec:\n  planeId: typo\n  clusterAgent: {clientCA: {value: pem}}\n";
+    let stderr = kubectl.fails(&["apply", "-f", "-"], Some(unknown)).await;
+    assert!(
+        stderr.contains(r#"strict decoding error: unknown field "spec.planeId""#),
+        "{stderr}"
+    );
+    // With validation off, the unknown field is pruned and the object stored.
+    kubectl
+        .ok_with(&["apply", "--validate=false", "-f", "-"], Some(unknown))
+        .await;
+    let spec = kubectl
+        .ok(&[
+            "get",
+            "buildplane",
+            "typo",
+            "-n",
+            "org",
+            "-o",
+            "jsonpath={.spec}",
+        ])
+        .await;
+    assert!(!spec.contains("planeId"), "{spec}");
+    let stored = kubectl
+        .ok(&["get", "buildplanes", "-n", "org", "-o", "name"])
+        .await;
+    assert_eq!(
+        stored.trim(),
+        "buildplane.openchoreo.dev/typo",
+        "nothing invalid was stored"
+    );
+    server.shutdown().await;
+}
+
+/// Built-in kinds: strategic merge patches, client-side apply removing a field through the
+/// last-applied annotation, short names, cluster-scoped CRs, and `kubectl api-resources`.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_patches_and_applies_builtin_kinds() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    kubectl.ok(&["apply", "-f", crd_dir()]).await;
+    let resources = kubectl.ok(&["api-resources"]).await;
+    let cbp = resources
+        .lines()
+        .find(|l| l.starts_with("clusterbuildplanes"))
+        .expect("clusterbuildplanes listed");
+    assert!(cbp.contains("cbp,cbps") && cbp.contains("false"), "{cbp}");
+
+    let v1 = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, namespace: default, labels: {a: '1'}}\ndata: {keep: x, drop: y}\n";
+    kubectl.ok_with(&["apply", "-f", "-"], Some(v1)).await;
+    let v2 = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, namespace: default, labels: {a: '1'}}\ndata: {keep: x2}\n";
+    kubectl.ok_with(&["apply", "-f", "-"], Some(v2)).await;
+    let data = kubectl
+        .ok(&["get", "cm", "cfg", "-o", "jsonpath={.data}"])
+        .await;
+    assert_eq!(
+        data, r#"{"keep":"x2"}"#,
+        "the three-way patch removed `drop`"
+    );
+    kubectl
+        .ok(&[
+            "patch",
+            "configmap",
+            "cfg",
+            "-p",
+            r#"{"metadata":{"finalizers":["a/b"]},"data":{"more":"z"}}"#,
+        ])
+        .await;
+    kubectl
+        .ok(&[
+            "patch",
+            "configmap",
+            "cfg",
+            "-p",
+            r#"{"metadata":{"finalizers":["c/d"]}}"#,
+        ])
+        .await;
+    let finalizers = kubectl
+        .ok(&["get", "cm", "cfg", "-o", "jsonpath={.metadata.finalizers}"])
+        .await;
+    assert_eq!(finalizers, r#"["a/b","c/d"]"#, "finalizers merge as a set");
+    kubectl
+        .ok(&[
+            "patch",
+            "configmap",
+            "cfg",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ])
+        .await;
+
+    // Strategic merge patches are refused for custom resources, as on a real server.
+    let cbp_manifest = "apiVersion: openchoreo.dev/v1alpha1\nkind: ClusterBuildPlane\nmetadata: {name: shared}\nspec:\n  planeID: shared\n  clusterAgent: {clientCA: {value: pem}}\n";
+    kubectl
+        .ok_with(&["apply", "-f", "-"], Some(cbp_manifest))
+        .await;
+    let listed = kubectl.ok(&["get", "cbp"]).await;
+    assert!(listed.contains("shared"), "{listed}");
+    let stderr = kubectl
+        .fails(
+            &[
+                "patch",
+                "cbp",
+                "shared",
+                "-p",
+                r#"{"spec":{"planeID":"x"}}"#,
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        stderr.contains("UnsupportedMediaType") || stderr.contains("unknown format"),
+        "{stderr}"
+    );
+    server.shutdown().await;
+}
+
+/// Server-side apply: conflicts with another manager are reported and `--force-conflicts`
+/// takes the field over.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_server_side_apply_conflicts() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    kubectl
+        .ok(&["apply", "--server-side", "-f", crd_dir()])
+        .await;
+    kubectl.ok(&["create", "namespace", "org"]).await;
+    let manifest = "apiVersion: openchoreo.dev/v1alpha1\nkind: BuildPlane\nmetadata: {name: bp, namespace: org}\nspec:\n  planeID: one\n  clusterAgent: {clientCA: {value: pem}}\n";
+    kubectl
+        .ok_with(&["apply", "--server-side", "-f", "-"], Some(manifest))
+        .await;
+    kubectl
+        .ok(&[
+            "patch",
+            "buildplane",
+            "bp",
+            "-n",
+            "org",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"planeID":"two"}}"#,
+        ])
+        .await;
+    let changed = manifest.replace("planeID: one", "planeID: three");
+    let stderr = kubectl
+        .fails(&["apply", "--server-side", "-f", "-"], Some(&changed))
+        .await;
+    assert!(
+        stderr.contains("conflict")
+            && stderr.contains(".spec.planeID")
+            && stderr.contains("kubectl-patch"),
+        "{stderr}"
+    );
+    kubectl
+        .ok_with(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(&changed),
+        )
+        .await;
+    let plane_id = kubectl
+        .ok(&[
+            "get",
+            "buildplane",
+            "bp",
+            "-n",
+            "org",
+            "-o",
+            "jsonpath={.spec.planeID}",
+        ])
+        .await;
+    assert_eq!(plane_id, "three");
+    server.shutdown().await;
+}
+
+/// Deleting a namespace removes its contents; an object with a finalizer keeps the namespace
+/// Terminating until the finalizer is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_namespace_deletion_waits_for_finalizers() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    kubectl.ok(&["create", "namespace", "doomed"]).await;
+    kubectl
+        .ok(&[
+            "create",
+            "configmap",
+            "plain",
+            "-n",
+            "doomed",
+            "--from-literal=a=b",
+        ])
+        .await;
+    let held = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: held, namespace: doomed, finalizers: [example.com/hold]}\n";
+    kubectl.ok_with(&["apply", "-f", "-"], Some(held)).await;
+    kubectl
+        .ok(&["delete", "namespace", "doomed", "--wait=false"])
+        .await;
+    let phase = kubectl
+        .ok(&[
+            "get",
+            "namespace",
+            "doomed",
+            "-o",
+            "jsonpath={.status.phase}",
+        ])
+        .await;
+    assert_eq!(phase, "Terminating");
+    let left = kubectl
+        .ok(&["get", "configmaps", "-n", "doomed", "-o", "name"])
+        .await;
+    assert_eq!(
+        left.trim(),
+        "configmap/held",
+        "only the held object remains"
+    );
+    let stderr = kubectl
+        .fails(&["create", "configmap", "late", "-n", "doomed"], None)
+        .await;
+    assert!(stderr.contains("being terminated"), "{stderr}");
+    kubectl
+        .ok(&[
+            "patch",
+            "configmap",
+            "held",
+            "-n",
+            "doomed",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ])
+        .await;
+    kubectl
+        .ok(&["wait", "--for=delete", "namespace/doomed", "--timeout=10s"])
+        .await;
+    server.shutdown().await;
 }
 
 /// Requests without the bearer token get 401.
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_without_the_token_are_unauthorised() {
-    let cluster = Cluster::start().await;
-    let output = cluster
-        .kubectl(&["get", "namespaces", "--token", "wrong"], None)
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    let stderr = kubectl
+        .fails(&["get", "namespaces", "--token", "wrong"], None)
         .await;
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("Unauthorized") || stderr.contains("provide credentials"),
         "{stderr}"
     );
-    cluster.server.shutdown().await;
+    server.shutdown().await;
 }

@@ -1,0 +1,191 @@
+//! Shared test helpers: servers, the committed BuildPlane CRDs, kube-rs dynamic APIs and kubectl.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{path::Path, process::Output};
+
+use k8s_openapi::{
+    api::core::v1::Namespace,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, PostParams},
+};
+use kube_sim::{Config, RunningServer, Server};
+use tempfile::TempDir;
+
+/// The repository root (kubectl runs there, so manifests use repository paths).
+pub fn repo_root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// The committed CRDs (generated from crates/api), or this crate's fixture copy.
+pub fn crd_dir() -> &'static str {
+    if repo_root()
+        .join("k3d/manifests/crds/openchoreo.dev_buildplanes.yaml")
+        .exists()
+    {
+        "k3d/manifests/crds/"
+    } else {
+        "crates/kube-sim/tests/fixtures/crds/"
+    }
+}
+
+/// The CRDs as typed objects.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    let dir = repo_root().join(crd_dir());
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("CRD directory")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| {
+            serde_yaml::from_str(&std::fs::read_to_string(p).expect("read CRD")).expect("CRD YAML")
+        })
+        .collect()
+}
+
+/// `openchoreo.dev/v1alpha1` BuildPlane.
+pub fn build_planes() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("openchoreo.dev", "v1alpha1", "BuildPlane"),
+        "buildplanes",
+    )
+}
+
+/// Starts a server in memory.
+pub async fn start() -> RunningServer {
+    Server::start(Config::default())
+        .await
+        .expect("kube-sim starts")
+}
+
+/// Installs the CRDs and creates namespace `org`; returns a client.
+pub async fn with_crds(server: &RunningServer) -> Client {
+    let client = server.client().await.expect("client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in self::crds() {
+        crds.create(&PostParams::default(), &crd)
+            .await
+            .expect("CRD created");
+    }
+    create_namespace(&client, "org").await;
+    client
+}
+
+/// Creates a namespace.
+pub async fn create_namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace created");
+}
+
+/// A BuildPlane with an inline CA.
+pub fn build_plane(name: &str, plane_id: &str) -> DynamicObject {
+    let mut object = DynamicObject::new(name, &build_planes());
+    object.data = serde_json::json!({"spec": {"planeID": plane_id, "clusterAgent": {"clientCA": {"value": "pem"}}}});
+    object
+}
+
+/// The BuildPlane API in namespace `org`.
+pub fn bp_api(client: &Client) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), "org", &build_planes())
+}
+
+/// A kubectl runner against one server, with its own discovery cache.
+pub struct Kubectl {
+    pub dir: TempDir,
+}
+
+impl Kubectl {
+    /// Writes the server's kubeconfig into a fresh directory.
+    pub fn new(server: &RunningServer) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        server
+            .write_kubeconfig(&dir.path().join("kubeconfig"))
+            .expect("kubeconfig written");
+        Self { dir }
+    }
+
+    /// Runs kubectl with optional stdin.
+    pub async fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        use tokio::io::AsyncWriteExt as _;
+        let mut command = tokio::process::Command::new("kubectl");
+        command
+            .arg("--kubeconfig")
+            .arg(self.dir.path().join("kubeconfig"))
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .args(args)
+            .current_dir(repo_root())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("kubectl is installed");
+        let mut input = child.stdin.take().expect("stdin piped");
+        if let Some(text) = stdin {
+            input
+                .write_all(text.as_bytes())
+                .await
+                .expect("stdin written");
+        }
+        drop(input);
+        child.wait_with_output().await.expect("kubectl ran")
+    }
+
+    /// Runs kubectl and returns stdout, failing the test with stderr when it fails.
+    pub async fn ok(&self, args: &[&str]) -> String {
+        self.ok_with(args, None).await
+    }
+
+    /// Like [`Kubectl::ok`] with stdin.
+    pub async fn ok_with(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let output = self.run(args, stdin).await;
+        assert!(
+            output.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs kubectl expecting failure; returns stderr.
+    pub async fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let output = self.run(args, stdin).await;
+        assert!(
+            !output.status.success(),
+            "kubectl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    /// The kubeconfig path.
+    pub fn kubeconfig(&self) -> std::path::PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+}
+
+/// The header row of `kubectl get` output, split into columns.
+pub fn header(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
