@@ -537,3 +537,133 @@ impl Registry {
         json!({"total": connections.len(), "connections": connections})
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(
+        registry: &Registry,
+        plane: &str,
+        key: &[u8],
+        agent: &str,
+        crs: &[CrKey],
+    ) -> Arc<Connection> {
+        let (tx, _rx) = mpsc::channel(8);
+        let mut c = Connection::new(
+            registry.next_id(),
+            plane.into(),
+            2,
+            Vec::new(),
+            crs.iter().cloned().collect(),
+            tx,
+        )
+        .with_agent_id(agent.into());
+        c.public_key = key.to_vec();
+        Arc::new(c)
+    }
+
+    /// No connection on the plane is 503-worthy; connections that serve other CRs only are
+    /// 403-worthy; requests spread round-robin over the authorised ones.
+    #[test]
+    fn pick_distinguishes_unavailable_from_unauthorised_and_round_robins() {
+        let registry = Registry::default();
+        let a = CrKey::namespaced("org-a", "bp");
+        let b = CrKey::namespaced("org-b", "bp");
+        assert_eq!(
+            registry.pick("p", &a).err(),
+            Some(Unavailable::NoAgentConnected)
+        );
+        let one = conn(&registry, "p", b"k1", "x", std::slice::from_ref(&b));
+        registry.add(one.clone());
+        assert_eq!(
+            registry.pick("p", &a).err(),
+            Some(Unavailable::NotAuthorized)
+        );
+        let two = conn(&registry, "p", b"k2", "y", &[a.clone(), b.clone()]);
+        let three = conn(&registry, "p", b"k3", "z", &[a.clone(), b.clone()]);
+        registry.add(two.clone());
+        registry.add(three.clone());
+        let picks: BTreeSet<u64> = (0..6).map(|_| registry.pick("p", &a).unwrap().id).collect();
+        assert_eq!(picks, BTreeSet::from([two.id, three.id]));
+        let picks: BTreeSet<u64> = (0..9).map(|_| registry.pick("p", &b).unwrap().id).collect();
+        assert_eq!(picks.len(), 3);
+    }
+
+    /// The same agent instance (key and instance id) reconnecting replaces its old connection;
+    /// a replica with the same key but another instance id is a sibling, not a replacement.
+    #[test]
+    fn newest_wins_for_the_same_instance_only() {
+        let registry = Registry::default();
+        let cr = CrKey::namespaced("org", "bp");
+        let mut events = registry.subscribe();
+        let old = conn(&registry, "p", b"key", "pod-1", std::slice::from_ref(&cr));
+        registry.add(old.clone());
+        let sibling = conn(&registry, "p", b"key", "pod-2", std::slice::from_ref(&cr));
+        registry.add(sibling.clone());
+        assert_eq!(registry.all().len(), 2);
+        assert_eq!(registry.count_identity(b"key", "p", "pod-1"), 1);
+        let new = conn(&registry, "p", b"key", "pod-1", std::slice::from_ref(&cr));
+        registry.add(new.clone());
+        let ids: BTreeSet<u64> = registry.all().iter().map(|c| c.id).collect();
+        assert_eq!(ids, BTreeSet::from([sibling.id, new.id]));
+        assert!(
+            old.is_closed(),
+            "the replaced connection's requests fail at once"
+        );
+        assert_eq!(registry.replaced_total(), 1);
+        let types: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| e.type_)
+            .collect();
+        assert_eq!(types, ["connected", "connected", "replaced", "connected"]);
+    }
+
+    /// Pending streams belong to their connection: closing it ends every waiter at once, and
+    /// no stream can be opened on it afterwards.
+    #[test]
+    fn closing_a_connection_fails_its_pending_streams() {
+        let registry = Registry::default();
+        let c = conn(&registry, "p", b"k", "", &[]);
+        let (_, mut rx, _) = c.open_stream().unwrap();
+        let mut v1 = c.open_v1("r1".into()).unwrap();
+        registry.add(c.clone());
+        registry.remove(&c);
+        assert!(rx.try_recv().is_err() && rx.is_closed());
+        assert!(v1.try_recv().is_err() && v1.is_closed());
+        assert!(c.open_stream().is_none());
+        assert!(c.open_v1("r2".into()).is_none());
+    }
+
+    /// Body bytes beyond the stream's window are an overrun (the stream is reset); bytes the
+    /// caller consumed free the window again.
+    #[test]
+    fn a_stream_overrunning_its_window_is_reset() {
+        let registry = Registry::default();
+        let c = conn(&registry, "p", b"k", "", &[]);
+        let (id, mut rx, window) = c.open_stream().unwrap();
+        let half = Bytes::from(vec![
+            0u8;
+            buildplane_tunnel::flow::INITIAL_WINDOW as usize / 2
+        ]);
+        assert_eq!(
+            c.deliver(id, StreamEvent::Data(half.clone())),
+            Delivery::Delivered
+        );
+        assert_eq!(
+            c.deliver(id, StreamEvent::Data(half.clone())),
+            Delivery::Delivered
+        );
+        // The caller consumes one half: room for one more half, not two.
+        let _ = rx.try_recv();
+        assert!(window.lock().consume(half.len()).is_some());
+        assert_eq!(
+            c.deliver(id, StreamEvent::Data(half.clone())),
+            Delivery::Delivered
+        );
+        assert_eq!(
+            c.deliver(id, StreamEvent::Data(Bytes::from_static(b"x"))),
+            Delivery::Overrun
+        );
+        assert_eq!(c.deliver(id, StreamEvent::End), Delivery::NoStream);
+    }
+}
