@@ -259,7 +259,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("binding {listen}"))?;
         tokio::spawn(health(listener, agent.clone()));
     }
-    tokio::spawn(renew_loop(agent.clone()));
+    tokio::spawn(follow_identity(agent.clone()));
     let shutdown = CancellationToken::new();
     let supervisor = tokio::spawn(agent.clone().supervise(shutdown.clone()));
     shutdown_signal().await;
@@ -283,10 +283,11 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Checks the leaf regularly; renews it under the same CA before it expires (or picks up a leaf
-/// another process wrote, e.g. `cluster-agent renew` or `rotate-ca`), swaps it in and tells the
-/// supervisor to reconnect new-before-old.
-async fn renew_loop(agent: Arc<Agent>) {
+/// Checks the leaf in the identity Secrets regularly; renews it under the same CA before it
+/// expires (or picks up a leaf another process wrote, e.g. `cluster-agent renew` or
+/// `rotate-ca`), swaps it into [`Agent::cert`] and tells the supervisor to reconnect
+/// new-before-old. Runs forever.
+pub async fn follow_identity(agent: Arc<Agent>) {
     let config = &agent.config;
     // Cheap reads of two Secrets; frequent so `cluster-agent renew`/`rotate-ca` take effect fast.
     let check_every =
