@@ -280,13 +280,13 @@ pub fn to_fields_v1(set: &FieldSet) -> Value {
     fn mark(node: &mut Map<String, Value>, path: &mut FieldPath, set: &FieldSet) {
         for (key, child) in node.iter_mut() {
             path.push(key.clone());
-            if let Value::Object(child) = child {
-                if !child.is_empty() {
-                    if set.contains(path) {
-                        child.insert(".".into(), json!({}));
-                    }
-                    mark(child, path, set);
+            if let Value::Object(child) = child
+                && !child.is_empty()
+            {
+                if set.contains(path) {
+                    child.insert(".".into(), json!({}));
                 }
+                mark(child, path, set);
             }
             path.pop();
         }

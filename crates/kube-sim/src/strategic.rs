@@ -209,7 +209,7 @@ fn merge_list(field: &str, original: &[Value], patch: &[Value]) -> Result<Vec<Va
     }
 }
 
-fn reorder(items: &mut Vec<Value>, order: &[Value], strategy: &ListStrategy) {
+fn reorder(items: &mut [Value], order: &[Value], strategy: &ListStrategy) {
     let rank = |item: &Value| -> usize {
         order
             .iter()
