@@ -137,7 +137,11 @@ impl Agent {
         server_ca_pem: &[u8],
         cert: Arc<ReloadableCert>,
     ) -> anyhow::Result<Arc<Self>> {
-        let tls = buildplane_pki::client_config(server_ca_pem, Some(cert.clone()))?;
+        // No session resumption: a resumed session would present the previous leaf, so a
+        // renewed or rotated certificate would never reach the gateway.
+        let mut tls = (*buildplane_pki::client_config(server_ca_pem, Some(cert.clone()))?).clone();
+        tls.resumption = rustls::client::Resumption::disabled();
+        let tls = Arc::new(tls);
         let n = config.max_concurrent_requests.max(1);
         Ok(Arc::new(Self {
             config,

@@ -222,6 +222,16 @@ fn watch_cert(
     });
 }
 
+/// Every agent connection does a full handshake: a resumed TLS session would carry the chain of
+/// the session it resumes, so a renewed or rotated leaf would go unseen (and a revoked one could
+/// come back through an old ticket).
+fn without_resumption(config: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    let mut config = (*config).clone();
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Arc::new(config)
+}
+
 fn load_cert(paths: &(PathBuf, PathBuf)) -> anyhow::Result<Arc<ReloadableCert>> {
     let cert = std::fs::read_to_string(&paths.0)
         .with_context(|| format!("reading {}", paths.0.display()))?;
@@ -282,7 +292,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let (changed_tx, mut changed_rx) = mpsc::unbounded_channel();
     let trust = Trust::start(client, changed_tx, &shutdown);
     let shared = Arc::new(Shared {
-        agent_tls: buildplane_pki::agent_listener_config(agent_cert)?,
+        agent_tls: without_resumption(buildplane_pki::agent_listener_config(agent_cert)?),
         handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes.max(1))),
         config: config.clone(),
         trust,

@@ -38,38 +38,38 @@ async fn admission_by_ca_and_plane_id_with_reasons() {
     let (status, body) = env
         .raw_connect("?planeID=plane-1&planeType=buildplane", Some(&wrong), None)
         .await
-        .err()
-        .expect("wrong CA refused");
+        .map(drop)
+        .expect_err("wrong CA refused");
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("org-a/bp"), "reason names the CR: {body}");
 
     let (status, body) = env
         .raw_connect("?planeID=nobody&planeType=buildplane", Some(&good), None)
         .await
-        .err()
-        .expect("unknown planeID refused");
+        .map(drop)
+        .expect_err("unknown planeID refused");
     assert_eq!(status, 401);
     assert!(body.contains("no BuildPlane"), "{body}");
 
     let (status, body) = env
         .raw_connect("?planeID=plane-1&planeType=buildplane", None, None)
         .await
-        .err()
-        .expect("no certificate refused");
+        .map(drop)
+        .expect_err("no certificate refused");
     assert_eq!(status, 401);
     assert!(body.contains("certificate required"), "{body}");
 
     let (status, _) = env
         .raw_connect("?planeType=buildplane", Some(&good), None)
         .await
-        .err()
-        .expect("missing planeID refused");
+        .map(drop)
+        .expect_err("missing planeID refused");
     assert_eq!(status, 400);
     let (status, _) = env
         .raw_connect("?planeID=plane-1&planeType=rocket", Some(&good), None)
         .await
-        .err()
-        .expect("bad planeType refused");
+        .map(drop)
+        .expect_err("bad planeType refused");
     assert_eq!(status, 400);
 
     // An expired leaf from the right CA is refused with the reason.
@@ -94,8 +94,8 @@ async fn admission_by_ca_and_plane_id_with_reasons() {
             None,
         )
         .await
-        .err()
-        .expect("expired leaf refused");
+        .map(drop)
+        .expect_err("expired leaf refused");
     assert_eq!(status, 401);
     assert!(body.to_lowercase().contains("expired"), "{body}");
 

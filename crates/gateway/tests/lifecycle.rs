@@ -1,0 +1,271 @@
+//! Certificates changing under load (leaf renewal, CA rotation) and storm protection.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use buildplane_pki::Ca;
+use cluster_agent::identity;
+use common::{DAY, Env};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Proxied GETs in a loop until stopped: (ok, failed, last failure).
+struct Load {
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    last_failure: Arc<parking_lot::Mutex<String>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(env: &Env, path: &str, workers: usize) -> Load {
+        let load = Load {
+            ok: Arc::default(),
+            failed: Arc::default(),
+            stop: Arc::default(),
+            last_failure: Arc::default(),
+            tasks: Vec::new(),
+        };
+        let tasks = (0..workers)
+            .map(|_| {
+                let (http, url) = (env.http.clone(), format!("{}{path}", env.base));
+                let (ok, failed, stop, last) = (
+                    load.ok.clone(),
+                    load.failed.clone(),
+                    load.stop.clone(),
+                    load.last_failure.clone(),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        match http.get(&url).send().await {
+                            Ok(res) if res.status() == 200 => {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok(res) => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                *last.lock() = format!(
+                                    "{}: {}",
+                                    res.status(),
+                                    res.text().await.unwrap_or_default()
+                                );
+                            }
+                            Err(err) => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                *last.lock() = err.to_string();
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+            })
+            .collect();
+        Load { tasks, ..load }
+    }
+
+    async fn stop(self) -> (usize, usize, String) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            self.last_failure.lock().clone(),
+        )
+    }
+}
+
+async fn connection_ids(env: &Env) -> Vec<u64> {
+    let table: serde_json::Value =
+        serde_json::from_str(&env.get("/api/v1/connections").await.1).unwrap_or_default();
+    table["connections"]
+        .as_array()
+        .map(|c| c.iter().filter_map(|c| c["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// A renewed leaf (same CA) is swapped in without a restart: the agent opens the new connection
+/// first, then drains the old one, and not one request fails meanwhile.
+/// (Fails if the agent closed the old connection first: requests in that gap get 503/502.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaf_renewal_hands_over_without_failed_requests() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let agent = env.agent(&ca, "p", 2);
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+    let before = connection_ids(&env).await;
+    assert_eq!(before.len(), 1);
+
+    let load = Load::start(
+        &env,
+        "/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces",
+        4,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let renewed = ca.issue_client("p", DAY).unwrap();
+    agent
+        .cert
+        .replace_from_pem(&renewed.cert_pem, &renewed.key_pem)
+        .unwrap();
+    agent.renewed.notify_one();
+    env.eventually("the old connection handed over", WAIT, || async {
+        let ids = connection_ids(&env).await;
+        ids.len() == 1 && ids != before
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, failed, last) = load.stop().await;
+    assert!(ok > 20, "requests flowed: {ok}");
+    assert_eq!(
+        failed, 0,
+        "no request failed during the renewal; last: {last}"
+    );
+}
+
+/// CA rotation with the agent's real identity Secrets in the build cluster: `rotate-ca` publishes
+/// old+new CA and a leaf from the new CA; the operator puts the bundle into the BuildPlane; the
+/// agent follows the Secret and hands over; `--finish` drops the old CA. Requests keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotation_with_requests_flowing() {
+    let mut env = Env::start().await;
+    let ns = "openchoreo-build-plane";
+    let start = identity::ensure(&env.build_client, ns, "p", DAY, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    env.build_plane("org-a", "bp", "p", &start.ca_bundle_pem)
+        .await;
+    let agent = env.agent_with_leaf(&start.leaf, "p", 2);
+    tokio::spawn(cluster_agent::follow_identity(agent.clone()));
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+    let first = connection_ids(&env).await;
+    let load = Load::start(
+        &env,
+        "/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces",
+        3,
+    );
+
+    let bundle = identity::rotate_ca(&env.build_client, ns, "p", false, DAY)
+        .await
+        .unwrap();
+    env.build_plane("org-a", "bp", "p", &bundle).await;
+    env.eventually("the agent moved to the new CA's leaf", WAIT, || async {
+        let ids = connection_ids(&env).await;
+        ids.len() == 1 && ids != first
+    })
+    .await;
+    let finished = identity::rotate_ca(&env.build_client, ns, "p", true, DAY)
+        .await
+        .unwrap();
+    env.build_plane("org-a", "bp", "p", &finished).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (ok, failed, last) = load.stop().await;
+    assert!(ok > 20, "requests flowed: {ok}");
+    assert_eq!(
+        failed, 0,
+        "no request failed during the rotation; last: {last}"
+    );
+    let (status, _) = env.proxy("p", "org-a", "bp", "/api/v1/namespaces").await;
+    assert_eq!(status, 200, "served under the new CA alone");
+}
+
+/// Storm protection: beyond `--max-concurrent-handshakes` a connection is closed before TLS; a
+/// certificate past `--max-connections-per-identity` gets 429 with Retry-After, while the same
+/// instance reconnecting replaces its old connection instead of counting twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_protection_caps_handshakes_and_connections_per_identity() {
+    let mut env = Env::start().await;
+    env.stop_gateway().await;
+    env.config.max_concurrent_handshakes = 1;
+    env.config.max_connections_per_identity = 1;
+    env.start_gateway().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+
+    // A peer that connects and never starts TLS holds the only handshake slot.
+    let idle = tokio::net::TcpStream::connect(env.agent_addr)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = env
+        .raw_connect(
+            "?planeID=p&planeType=buildplane&agentID=a",
+            Some(&leaf),
+            None,
+        )
+        .await;
+    assert!(
+        matches!(refused, Err((0, _))),
+        "closed before TLS while the slot is taken"
+    );
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let _first = loop {
+        match env
+            .raw_connect(
+                "?planeID=p&planeType=buildplane&agentID=a",
+                Some(&leaf),
+                None,
+            )
+            .await
+        {
+            Ok(ws) => break ws,
+            Err(err) if tokio::time::Instant::now() > deadline => panic!("not admitted: {err:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    env.eventually("registered", WAIT, || async {
+        env.connections().await == 1
+    })
+    .await;
+    let (status, body) = env
+        .raw_connect(
+            "?planeID=p&planeType=buildplane&agentID=b",
+            Some(&leaf),
+            None,
+        )
+        .await
+        .map(drop)
+        .expect_err("a second instance of the same certificate is capped");
+    assert_eq!(status, 429, "{body}");
+    let _again = env
+        .raw_connect(
+            "?planeID=p&planeType=buildplane&agentID=a",
+            Some(&leaf),
+            None,
+        )
+        .await
+        .expect("the same instance reconnecting replaces its connection");
+    env.eventually("replaced, not added", WAIT, || async {
+        env.connections().await == 1
+    })
+    .await;
+    let metrics = reqwest::get(format!(
+        "http://{}/metrics",
+        env.gateway.as_ref().unwrap().health_addr
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        metrics.contains("cluster_gateway_rejections_total{reason=\"identity_cap\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cluster_gateway_replaced_connections_total 1"),
+        "{metrics}"
+    );
+}
