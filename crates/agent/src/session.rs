@@ -389,6 +389,17 @@ async fn serve(agent: Arc<Agent>, ws: Ws, version: u16, drain: CancellationToken
     ended
 }
 
+/// The body of the 404 for a target this agent does not serve (OpenChoreo's agent routes `k8s`
+/// only).
+fn unknown_target(target: &str) -> Vec<u8> {
+    serde_json::json!({
+        "error": "UnknownTarget",
+        "message": format!("this agent serves target k8s, not {target:?}"),
+    })
+    .to_string()
+    .into_bytes()
+}
+
 fn binary(frame: &Frame) -> Message {
     Message::Binary(Bytes::from(v2::to_vec(frame)))
 }
@@ -518,6 +529,7 @@ async fn run_v2(
     let Frame::RequestHead {
         stream,
         method,
+        target,
         path,
         query,
         headers,
@@ -530,6 +542,25 @@ async fn run_v2(
         let out = out.clone();
         async move { out.send(binary(&frame)).await.is_ok() }
     };
+    if target != "k8s" {
+        let body = unknown_target(&target);
+        if send(Frame::ResponseHead {
+            stream,
+            status: 404,
+            headers: vec![("content-type".into(), "application/json".into())],
+            end_stream: false,
+        })
+        .await
+        {
+            send(Frame::Data {
+                stream,
+                chunk: body,
+            })
+            .await;
+            send(Frame::End { stream }).await;
+        }
+        return;
+    }
     let Some(slot) = admit(&agent, is_streaming(&query)) else {
         send(Frame::Reset {
             stream,
@@ -639,6 +670,18 @@ async fn execute_v1(agent: &Agent, request: v1::HttpTunnelRequest) -> v1::HttpTu
             details: None,
         }),
     };
+    if request.target != "k8s" {
+        return v1::HttpTunnelResponse {
+            request_id: request_id.clone(),
+            status_code: 404,
+            headers: Some(BTreeMap::from([(
+                "Content-Type".to_owned(),
+                vec!["application/json".to_owned()],
+            )])),
+            body: Some(unknown_target(&request.target)),
+            error: None,
+        };
+    }
     let headers = request
         .headers
         .unwrap_or_default()

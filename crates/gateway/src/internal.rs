@@ -44,6 +44,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/planes/notify", post(notify))
         .route(
+            "/api/v1/planes/{plane_type}/{plane_id}/reconnect",
+            post(reconnect),
+        )
+        .route(
             "/api/v1/connections",
             get(|State(shared): State<Arc<Shared>>| async move { Json(shared.registry.table()) }),
         )
@@ -102,11 +106,19 @@ async fn proxy(
             format!("planeType {plane_type:?} is not served; expected buildplane"),
         );
     }
-    if target != "k8s" {
+    // OpenChoreo's validator accepts these targets; agents serve `k8s` and answer 404 otherwise.
+    if !matches!(target.as_str(), "k8s" | "monitoring" | "logs") {
         return error(
             StatusCode::BAD_REQUEST,
             "InvalidTarget",
-            format!("target {target:?} is not supported; expected k8s"),
+            format!("target {target:?} is not supported; expected k8s, monitoring or logs"),
+        );
+    }
+    if req.headers().contains_key(http::header::UPGRADE) {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "UpgradeNotSupported",
+            "connection upgrades (exec, attach, port-forward) are not proxied",
         );
     }
     let path = format!("/{path}");
@@ -143,10 +155,20 @@ async fn proxy(
         }
     };
     let query = req.uri().query().unwrap_or("").to_owned();
+    // OpenChoreo's request id: the caller's X-Request-ID, or `gw-` and 16 hex digits.
+    let gateway_request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map_or_else(
+            || format!("gw-{:016x}", rand::random::<u64>()),
+            str::to_owned,
+        );
     let streaming = query
         .split('&')
         .any(|p| p == "watch=true" || p == "watch=1" || p == "follow=true");
-    let headers: Vec<(String, String)> = req
+    let mut headers: Vec<(String, String)> = req
         .headers()
         .iter()
         .filter(|(name, _)| {
@@ -159,6 +181,9 @@ async fn proxy(
             Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
         })
         .collect();
+    if !headers.iter().any(|(name, _)| name == "x-request-id") {
+        headers.push(("x-request-id".into(), gateway_request_id.clone()));
+    }
     let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
@@ -231,6 +256,7 @@ async fn proxy(
             );
         }
         let request_id = uuid::Uuid::new_v4().to_string();
+        let gateway_request_id = gateway_request_id.clone();
         let Some(rx) = conn.open_v1(request_id.clone()) else {
             return closed();
         };
@@ -244,7 +270,7 @@ async fn proxy(
         }
         let request = v1::HttpTunnelRequest {
             request_id: request_id.clone(),
-            gateway_request_id: None,
+            gateway_request_id: Some(gateway_request_id),
             target,
             method: method.to_string(),
             path,
@@ -452,6 +478,25 @@ async fn plane_status(
         .name
         .map(|name| CrKey::from_url_segments(q.namespace.as_deref().unwrap_or(""), &name));
     Json(status_of(&shared, &plane_id, cr.as_ref()))
+}
+
+/// OpenChoreo's `reconnect`: closes every connection of the plane (agents come back with
+/// backoff and are admitted afresh).
+async fn reconnect(
+    State(shared): State<Arc<Shared>>,
+    Path((_plane_type, plane_id)): Path<(String, String)>,
+) -> Json<serde_json::Value> {
+    let mut disconnected = 0;
+    for conn in shared.registry.all() {
+        if conn.plane_id == plane_id {
+            let _ = conn
+                .outbound
+                .try_send(Outbound::Close("reconnect requested".into()));
+            shared.registry.remove(&conn);
+            disconnected += 1;
+        }
+    }
+    Json(json!({"success": true, "disconnectedAgents": disconnected}))
 }
 
 async fn all_status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {

@@ -329,3 +329,75 @@ async fn event_stream_reports_snapshot_then_changes() {
     assert_eq!(disconnected["type"], "disconnected", "{disconnected}");
     assert_eq!(disconnected["connectedAgentsByCr"]["org-b/bp"], 0);
 }
+
+/// OpenChoreo's validator, before anything reaches an agent: disallowed method 405, blocked
+/// Secret paths 403, `..` 400, over 10 MiB 413, connection upgrades 501; a target the agent
+/// does not serve is answered 404 by the agent; `reconnect` drops the plane's agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_validation_matches_openchoreo() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let _agent = env.agent(&ca, "p", 2);
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+    let base = format!("{}/api/proxy/buildplane/p/org-a/bp", env.base);
+    let status = |res: reqwest::Response| res.status().as_u16();
+    let trace = env
+        .http
+        .request(
+            reqwest::Method::TRACE,
+            format!("{base}/k8s/api/v1/namespaces"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(trace), 405);
+    for blocked in [
+        "/k8s/api/v1/secrets",
+        "/k8s/api/v1/namespaces/kube-system/secrets/x",
+    ] {
+        let (code, body) = env
+            .get(&format!("/api/proxy/buildplane/p/org-a/bp{blocked}"))
+            .await;
+        assert_eq!(code, 403, "{blocked}: {body}");
+    }
+    let (code, _) = env
+        .get("/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces/a..b/pods")
+        .await;
+    assert_eq!(code, 400);
+    let big = env
+        .http
+        .post(format!("{base}/k8s/api/v1/namespaces"))
+        .body(vec![b' '; 10 * 1024 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(big), 413);
+    let upgrade = env
+        .http1
+        .get(format!("{base}/k8s/api/v1/namespaces/x/pods/y/exec"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(upgrade), 501);
+    let (code, body) = env
+        .get("/api/proxy/buildplane/p/org-a/bp/monitoring/api/v1/query")
+        .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("UnknownTarget"), "{body}");
+    let (code, _) = env.get("/api/proxy/buildplane/p/org-a/bp/shell/x").await;
+    assert_eq!(code, 400);
+
+    let res = env
+        .http
+        .post(format!("{}/api/v1/planes/buildplane/p/reconnect", env.base))
+        .send()
+        .await
+        .unwrap();
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["disconnectedAgents"], 1, "{answer}");
+    // The agent comes back by itself.
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+}

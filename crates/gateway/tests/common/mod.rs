@@ -42,6 +42,8 @@ pub struct Env {
     pub config: GatewayConfig,
     pub gateway: Option<RunningGateway>,
     pub http: reqwest::Client,
+    /// HTTP/1.1 only (for headers HTTP/2 cannot carry, like `Upgrade`).
+    pub http1: reqwest::Client,
     pub base: String,
     pub agent_addr: SocketAddr,
     agents: Vec<CancellationToken>,
@@ -115,19 +117,22 @@ impl Env {
         config.heartbeat_interval = Duration::from_secs(2);
         config.heartbeat_timeout = Duration::from_secs(6);
         config.shutdown_stagger = Duration::from_millis(100);
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(server_ca.cert_pem().as_bytes()).unwrap(),
-            )
-            .identity(
-                reqwest::Identity::from_pem(
-                    format!("{}{}", internal_client.cert_pem, internal_client.key_pem).as_bytes(),
+        let client = || {
+            reqwest::Client::builder()
+                .use_rustls_tls()
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(server_ca.cert_pem().as_bytes()).unwrap(),
                 )
-                .unwrap(),
-            )
-            .build()
-            .expect("internal API client");
+                .identity(
+                    reqwest::Identity::from_pem(
+                        format!("{}{}", internal_client.cert_pem, internal_client.key_pem)
+                            .as_bytes(),
+                    )
+                    .unwrap(),
+                )
+        };
+        let http = client().build().expect("internal API client");
+        let http1 = client().http1_only().build().expect("internal API client");
         let mut env = Env {
             control,
             build,
@@ -138,6 +143,7 @@ impl Env {
             config,
             gateway: None,
             http,
+            http1,
             base: String::new(),
             agent_addr: localhost,
             agents: Vec::new(),
