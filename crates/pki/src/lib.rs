@@ -7,7 +7,16 @@
 //! OpenChoreo's Helm chart issues the agent a self-signed, non-CA client certificate and pastes it
 //! as its own `clientCA`. Go accepts it. webpki accepts it too: any certificate can be a trust
 //! anchor (its subject and key are what count), and a self-signed leaf is then a one-element
-//! path to itself. The test `self_signed_leaf_as_its_own_client_ca` proves it.
+//! path to itself. The row "self-signed non-CA leaf as its own clientCA" of the `chain_table`
+//! test proves it (with rustls-webpki 0.103), so no byte-identity special case is needed; the
+//! leaf's validity and EKU are still checked (`expired_self_signed_leaf_is_refused_even_when_pinned`).
+//! Should a future webpki refuse such anchors, that row fails first.
+//!
+//! # Trust at the agent listener
+//! `agent_listener_config` requests a client certificate, accepts any chain, and still checks the
+//! handshake signature with ring's algorithms, so a client holding only someone's certificate is
+//! refused (`agent_listener_rejects_a_client_without_the_private_key`). The gateway decides trust
+//! per BuildPlane after the handshake with `ClientCaBundle::verify_client`.
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -447,7 +456,18 @@ fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>> {
     let chain = parse_cert_bundle(chain_pem.as_bytes())?;
     let key = parse_private_key(key_pem.as_bytes())?;
     let signing_key = provider().key_provider.load_private_key(key)?;
-    Ok(Arc::new(CertifiedKey::new(chain, signing_key)))
+    let certified = CertifiedKey::new(chain, signing_key);
+    // A certificate and key from different files can be caught mid-update (tls.crt written,
+    // tls.key not yet); presenting that pair would fail every handshake, so refuse to load it.
+    // `Unknown` (a key type that cannot report its public key) is let through.
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        certified.keys_match()
+    {
+        return Err(Error::InvalidKey(
+            "the private key does not match the certificate".into(),
+        ));
+    }
+    Ok(Arc::new(certified))
 }
 
 impl ResolvesServerCert for ReloadableCert {

@@ -17,19 +17,39 @@ fn chain(leaf: &Leaf) -> Vec<CertificateDer<'static>> {
     parse_cert_bundle(leaf.cert_pem.as_bytes()).expect("leaf PEM")
 }
 
-fn check(
-    bundle_pem: &str,
-    presented: &[CertificateDer<'static>],
-    expected: Result<(), VerifyError>,
-    case: &str,
-) {
-    let res = ClientCaBundle::from_pem(bundle_pem.as_bytes())
-        .map_err(|e| VerifyError::Invalid(e.to_string()))
-        .and_then(|bundle| bundle.verify_client(&presented[0], &presented[1..], now()));
-    assert_eq!(res, expected, "{case}");
+/// What a case expects.
+#[derive(Debug, PartialEq)]
+enum Expect {
+    /// The chain verifies against the bundle.
+    Accepted,
+    /// The chain is rejected for this reason.
+    Rejected(VerifyError),
+    /// The bundle itself does not parse (so no chain can verify against it).
+    BadBundle,
+}
+
+/// One row of the table: a `clientCA` bundle, a presented chain (leaf first) and the verdict.
+struct Case {
+    name: &'static str,
+    bundle_pem: String,
+    presented: Vec<CertificateDer<'static>>,
+}
+
+fn check(case: Case, expected: Expect) {
+    let res = match ClientCaBundle::from_pem(case.bundle_pem.as_bytes()) {
+        Err(Error::InvalidPem(_)) => Expect::BadBundle,
+        Err(other) => panic!("{}: unexpected bundle error {other}", case.name),
+        Ok(bundle) => match bundle.verify_client(&case.presented[0], &case.presented[1..], now()) {
+            Ok(()) => Expect::Accepted,
+            Err(err) => Expect::Rejected(err),
+        },
+    };
+    assert_eq!(res, expected, "{}", case.name);
 }
 
 /// Every good and bad chain the gateway can be shown, with the verdict and its reason.
+/// Breaking the EKU mapping, the expiry check or the intermediates plumbing in `verify_client`
+/// turns one of these rows red.
 #[test]
 fn chain_table() {
     let ca = Ca::generate("agent-ca", 3650 * DAY).expect("ca");
@@ -42,25 +62,20 @@ fn chain_table() {
         .issue_client("plane-1", DAY)
         .expect("leaf via intermediate");
     let now_s = unix_now();
+    let past = Validity {
+        not_before: now_s - 10 * 86_400,
+        not_after: now_s - 86_400,
+    };
+    let future = Validity {
+        not_before: now_s + 86_400,
+        not_after: now_s + 10 * 86_400,
+    };
+    let client_auth = [ExtendedKeyUsagePurpose::ClientAuth];
     let expired = ca
-        .issue_client_with(
-            "plane-1",
-            Validity {
-                not_before: now_s - 10 * 86_400,
-                not_after: now_s - 86_400,
-            },
-            &[ExtendedKeyUsagePurpose::ClientAuth],
-        )
+        .issue_client_with("plane-1", past, &client_auth)
         .expect("expired leaf");
-    let future = ca
-        .issue_client_with(
-            "plane-1",
-            Validity {
-                not_before: now_s + 86_400,
-                not_after: now_s + 10 * 86_400,
-            },
-            &[ExtendedKeyUsagePurpose::ClientAuth],
-        )
+    let not_yet_valid = ca
+        .issue_client_with("plane-1", future, &client_auth)
         .expect("future leaf");
     let server_only = ca
         .issue_client_with(
@@ -69,110 +84,213 @@ fn chain_table() {
             &[ExtendedKeyUsagePurpose::ServerAuth],
         )
         .expect("server-auth leaf");
+    let no_eku = ca
+        .issue_client_with("plane-1", Validity::from_now(DAY), &[])
+        .expect("leaf without EKU");
     let wrong_ca = other
         .issue_client("plane-1", DAY)
         .expect("leaf of another CA");
     let self_signed = self_signed_client("plane-1", DAY).expect("self-signed leaf");
-
-    check(
-        ca.cert_pem(),
-        &chain(&good),
-        Ok(()),
-        "leaf signed by the CA",
-    );
-    check(
-        ca.cert_pem(),
-        &chain(&via_intermediate),
-        Ok(()),
-        "leaf via a presented intermediate",
-    );
-    check(
-        ca.cert_pem(),
-        &chain(&via_intermediate)[..1],
-        Err(VerifyError::UnknownIssuer),
-        "truncated chain: intermediate missing",
-    );
-    check(
-        ca.cert_pem(),
-        &chain(&wrong_ca),
-        Err(VerifyError::UnknownIssuer),
-        "wrong CA",
-    );
-    check(
-        ca.cert_pem(),
-        &chain(&expired),
-        Err(VerifyError::Expired),
-        "expired leaf",
-    );
-    check(
-        ca.cert_pem(),
-        &chain(&future),
-        Err(VerifyError::NotYetValid),
-        "not yet valid leaf",
-    );
-    check(
-        ca.cert_pem(),
-        &chain(&server_only),
-        Err(VerifyError::WrongUsage),
-        "server-auth-only EKU",
-    );
     let rotation = format!("{}{}", ca.cert_pem(), other.cert_pem());
+    let bundle = |pem: &str| pem.to_owned();
+
+    let table = [
+        (
+            Case {
+                name: "leaf signed by the CA",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: chain(&good),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "leaf via a presented intermediate",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: chain(&via_intermediate),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "truncated chain: intermediate missing",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: chain(&via_intermediate)[..1].to_vec(),
+            },
+            Expect::Rejected(VerifyError::UnknownIssuer),
+        ),
+        (
+            Case {
+                name: "wrong CA",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: chain(&wrong_ca),
+            },
+            Expect::Rejected(VerifyError::UnknownIssuer),
+        ),
+        (
+            Case {
+                name: "expired leaf",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: chain(&expired),
+            },
+            Expect::Rejected(VerifyError::Expired),
+        ),
+        (
+            Case {
+                name: "not yet valid leaf",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: chain(&not_yet_valid),
+            },
+            Expect::Rejected(VerifyError::NotYetValid),
+        ),
+        (
+            Case {
+                name: "server-auth-only EKU",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: chain(&server_only),
+            },
+            Expect::Rejected(VerifyError::WrongUsage),
+        ),
+        (
+            Case {
+                name: "no EKU at all (any usage, as Go treats it)",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: chain(&no_eku),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "old CA of a rotation bundle",
+                bundle_pem: rotation.clone(),
+                presented: chain(&good),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "new CA of a rotation bundle",
+                bundle_pem: rotation.clone(),
+                presented: chain(&wrong_ca),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "self-signed non-CA leaf as its own clientCA (OpenChoreo's chart)",
+                bundle_pem: self_signed.cert_pem.clone(),
+                presented: chain(&self_signed),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "another leaf against a pinned self-signed leaf",
+                bundle_pem: self_signed.cert_pem.clone(),
+                presented: chain(&good),
+            },
+            Expect::Rejected(VerifyError::UnknownIssuer),
+        ),
+        (
+            Case {
+                name: "empty bundle",
+                bundle_pem: String::new(),
+                presented: chain(&good),
+            },
+            Expect::BadBundle,
+        ),
+        (
+            Case {
+                name: "garbage PEM bundle",
+                bundle_pem: "hello, not a certificate".into(),
+                presented: chain(&good),
+            },
+            Expect::BadBundle,
+        ),
+        (
+            Case {
+                name: "PEM with bad base64",
+                bundle_pem: "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n".into(),
+                presented: chain(&good),
+            },
+            Expect::BadBundle,
+        ),
+        (
+            Case {
+                name: "a key, not a certificate",
+                bundle_pem: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into(),
+                presented: chain(&good),
+            },
+            Expect::BadBundle,
+        ),
+        (
+            Case {
+                name: "garbage DER presented as the leaf",
+                bundle_pem: bundle(ca.cert_pem()),
+                presented: vec![CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])],
+            },
+            Expect::Rejected(VerifyError::Invalid("BadDer".into())),
+        ),
+    ];
+    for (case, expected) in table {
+        check(case, expected);
+    }
+}
+
+/// A self-signed leaf pasted as its own clientCA is not a bypass: once expired it is refused.
+#[test]
+fn expired_self_signed_leaf_is_refused_even_when_pinned() {
+    let now_s = unix_now();
+    let key = KeyPair::generate().expect("key");
+    let mut params = params(
+        "plane-1",
+        Validity {
+            not_before: now_s - 10 * 86_400,
+            not_after: now_s - 86_400,
+        },
+    )
+    .expect("params");
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.self_signed(&key).expect("self-signed");
     check(
-        &rotation,
-        &chain(&good),
-        Ok(()),
-        "old CA of a rotation bundle",
-    );
-    check(
-        &rotation,
-        &chain(&wrong_ca),
-        Ok(()),
-        "new CA of a rotation bundle",
-    );
-    check(
-        &self_signed.cert_pem,
-        &chain(&self_signed),
-        Ok(()),
-        "self-signed leaf as its own clientCA (OpenChoreo's chart)",
-    );
-    check(
-        &self_signed.cert_pem,
-        &chain(&good),
-        Err(VerifyError::UnknownIssuer),
-        "another leaf against a pinned self-signed leaf",
+        Case {
+            name: "expired self-signed leaf as its own clientCA",
+            bundle_pem: cert.pem(),
+            presented: vec![cert.der().clone()],
+        },
+        Expect::Rejected(VerifyError::Expired),
     );
 }
 
-/// Garbage and empty bundles are rejected when parsed, with a reason.
+/// A truncated PEM block is not half a certificate.
 #[test]
-fn garbage_and_empty_bundles_are_rejected() {
-    for (pem, case) in [
-        ("", "empty"),
-        ("hello", "garbage"),
-        (
-            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
-            "bad base64",
-        ),
-        (
-            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-            "a key, not a certificate",
-        ),
-    ] {
-        let err = ClientCaBundle::from_pem(pem.as_bytes()).expect_err(case);
-        assert!(matches!(err, Error::InvalidPem(_)), "{case}: {err}");
-    }
+fn truncated_pem_bundle_is_rejected() {
     let ca = Ca::generate("ca", DAY).expect("ca");
     let truncated = &ca.cert_pem()[..ca.cert_pem().len() / 2];
+    assert!(ClientCaBundle::from_pem(truncated.as_bytes()).is_err());
+}
+
+/// A certificate and a key that do not belong together are refused when loaded.
+#[test]
+fn mismatched_certificate_and_key_are_refused() {
+    let ca = Ca::generate("ca", DAY).expect("ca");
+    let first = ca.issue_client("p", DAY).expect("leaf");
+    let second = ca.issue_client("p", DAY).expect("leaf");
+    let err = ReloadableCert::from_pem(&first.cert_pem, &second.key_pem).expect_err("mismatch");
+    assert!(matches!(err, Error::InvalidKey(_)), "{err}");
+    let reloadable = ReloadableCert::from_pem(&first.cert_pem, &first.key_pem).expect("pair");
     assert!(
-        ClientCaBundle::from_pem(truncated.as_bytes()).is_err(),
-        "truncated PEM"
+        reloadable
+            .replace_from_pem(&second.cert_pem, &first.key_pem)
+            .is_err()
     );
-    let garbage_der = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
-    let bundle = ClientCaBundle::from_pem(ca.cert_pem().as_bytes()).expect("bundle");
-    assert!(matches!(
-        bundle.verify_client(&garbage_der, &[], now()),
-        Err(VerifyError::Invalid(_))
-    ));
+    let leaf = parse_cert_bundle(first.cert_pem.as_bytes()).expect("leaf");
+    assert_eq!(
+        reloadable.leaf(),
+        leaf[0],
+        "a refused replacement keeps the old pair"
+    );
 }
 
 /// A CA reloaded from PEM keeps issuing leaves that chain to the same certificate (renewal).
@@ -184,10 +302,12 @@ fn renewal_under_the_same_ca() {
         .issue_client("plane-1", 2 * DAY)
         .expect("renewed leaf");
     check(
-        ca.cert_pem(),
-        &chain(&renewed),
-        Ok(()),
-        "renewed leaf under the reloaded CA",
+        Case {
+            name: "renewed leaf under the reloaded CA",
+            bundle_pem: ca.cert_pem().to_owned(),
+            presented: chain(&renewed),
+        },
+        Expect::Accepted,
     );
     assert!(renewed.not_after().expect("not after") > unix_now() + 86_400);
 }
@@ -359,5 +479,89 @@ mod handshakes {
             first_seen[0], second_seen[0],
             "the renewed leaf was presented"
         );
+    }
+
+    /// Presents one certificate but signs with another key: a client that copied an agent's
+    /// certificate without its key.
+    #[derive(Debug)]
+    struct StolenCert(Arc<CertifiedKey>);
+
+    impl ResolvesClientCert for StolenCert {
+        fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+
+    /// The agent listener accepts any chain but not a certificate whose key the client lacks:
+    /// if `AdmitAfterHandshake::verify_tls13_signature` returned success without checking, the
+    /// stolen certificate would be admitted and this test would fail.
+    #[tokio::test]
+    async fn agent_listener_rejects_a_client_without_the_private_key() {
+        let fx = fixture();
+        let (addr, server) =
+            serve_once(agent_listener_config(fx.server_cert.clone()).expect("config")).await;
+        let ca = Ca::generate("agent-ca", DAY).expect("ca");
+        let victim = ca.issue_client("p", DAY).expect("leaf");
+        let thief = ca.issue_client("p", DAY).expect("leaf");
+        let stolen = CertifiedKey::new(
+            parse_cert_bundle(victim.cert_pem.as_bytes()).expect("chain"),
+            provider()
+                .key_provider
+                .load_private_key(parse_private_key(thief.key_pem.as_bytes()).expect("key"))
+                .expect("signing key"),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(parse_cert_bundle(fx.server_ca.cert_pem().as_bytes()).expect("ca")[0].clone())
+            .expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(StolenCert(Arc::new(stolen))));
+        let _ = connect(addr, Arc::new(client)).await;
+        let res = server.await.expect("joined");
+        let err = res.expect_err("a client without the key must not complete the handshake");
+        assert!(
+            err.to_lowercase().contains("signature"),
+            "rejected for the signature: {err}"
+        );
+    }
+
+    /// The agent listener requests but does not require a certificate: a client without one
+    /// completes the handshake with no peer certificates, and admission answers 401 later.
+    #[tokio::test]
+    async fn agent_listener_lets_a_client_without_certificate_through_to_admission() {
+        let fx = fixture();
+        let (addr, server) =
+            serve_once(agent_listener_config(fx.server_cert.clone()).expect("config")).await;
+        connect(
+            addr,
+            client_config(fx.server_ca.cert_pem().as_bytes(), None).expect("client"),
+        )
+        .await
+        .expect("handshake");
+        let peer = server.await.expect("joined").expect("served");
+        assert!(peer.is_empty(), "no certificate was presented");
+    }
+
+    /// The internal API requires a client certificate.
+    #[tokio::test]
+    async fn internal_api_rejects_a_client_without_certificate() {
+        let fx = fixture();
+        let internal_ca = Ca::generate("internal-ca", DAY).expect("ca");
+        let config = mtls_server_config(fx.server_cert.clone(), internal_ca.cert_pem().as_bytes())
+            .expect("config");
+        let (addr, server) = serve_once(config).await;
+        let _ = connect(
+            addr,
+            client_config(fx.server_ca.cert_pem().as_bytes(), None).expect("client"),
+        )
+        .await;
+        assert!(server.await.expect("joined").is_err());
     }
 }
