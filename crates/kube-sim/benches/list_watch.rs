@@ -28,7 +28,7 @@ fn config_map(i: usize) -> ConfigMap {
 
 /// Creates `count` objects with 16 concurrent writers; returns the elapsed time.
 async fn create_all(api: &Api<ConfigMap>, offset: usize, count: usize) -> Duration {
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     futures::stream::iter(offset..offset + count)
         .map(|i| {
             let api = api.clone();
@@ -134,7 +134,7 @@ fn benches(c: &mut Criterion) {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         create_all(&api, OBJECTS, 1_000).await;
         for watcher in watchers {
             assert_eq!(watcher.await.expect("joined"), 1_000);
