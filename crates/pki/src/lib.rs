@@ -213,10 +213,21 @@ impl Ca {
         &self.key_pem
     }
 
-    /// Issues an intermediate CA signed by this one.
+    /// The intermediates between this CA and its root, this CA first (PEM; empty for a root).
+    /// Leaves it issues already carry it after their own certificate.
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
+    }
+
+    /// Issues an intermediate CA signed by this one, valid for `validity` from now.
     pub fn issue_intermediate(&self, common_name: &str, validity: Duration) -> Result<Ca> {
+        self.issue_intermediate_with(common_name, Validity::from_now(validity))
+    }
+
+    /// Issues an intermediate CA with explicit validity (expired intermediates in tests).
+    pub fn issue_intermediate_with(&self, common_name: &str, validity: Validity) -> Result<Ca> {
         let key = KeyPair::generate()?;
-        let mut params = params(common_name, Validity::from_now(validity))?;
+        let mut params = params(common_name, validity)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -270,10 +281,20 @@ impl Ca {
         ip_addrs: &[std::net::IpAddr],
         validity: Duration,
     ) -> Result<Leaf> {
+        self.issue_server_with(dns_names, ip_addrs, Validity::from_now(validity))
+    }
+
+    /// Issues a server certificate with explicit validity.
+    pub fn issue_server_with(
+        &self,
+        dns_names: &[&str],
+        ip_addrs: &[std::net::IpAddr],
+        validity: Validity,
+    ) -> Result<Leaf> {
         let key = KeyPair::generate()?;
         let mut params = params(
             dns_names.first().copied().unwrap_or("cluster-gateway"),
-            Validity::from_now(validity),
+            validity,
         )?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
@@ -329,6 +350,7 @@ pub fn parse_private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>> {
 
 /// Why a presented client chain was not accepted by a CA bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum VerifyError {
     /// The bundle had no certificate.
     #[error("the clientCA bundle is empty")]
@@ -345,6 +367,9 @@ pub enum VerifyError {
     /// The certificate is not for client authentication.
     #[error("certificate is not valid for client authentication")]
     WrongUsage,
+    /// A certificate (presented or in the bundle) is not valid DER or PEM.
+    #[error("malformed certificate: {0}")]
+    Malformed(String),
     /// The certificate could not be parsed, or another check failed.
     #[error("invalid certificate: {0}")]
     Invalid(String),
@@ -352,12 +377,22 @@ pub enum VerifyError {
 
 impl From<webpki::Error> for VerifyError {
     fn from(err: webpki::Error) -> Self {
-        match err {
+        match &err {
             webpki::Error::UnknownIssuer => Self::UnknownIssuer,
             webpki::Error::CertExpired { .. } => Self::Expired,
             webpki::Error::CertNotValidYet { .. } => Self::NotYetValid,
-            webpki::Error::RequiredEkuNotFoundContext(_) => Self::WrongUsage,
-            other => Self::Invalid(format!("{other:?}")),
+            webpki::Error::RequiredEkuNotFoundContext(_)
+            | webpki::Error::EmptyEkuExtension
+            | webpki::Error::CaUsedAsEndEntity => Self::WrongUsage,
+            webpki::Error::BadDer
+            | webpki::Error::BadDerTime
+            | webpki::Error::TrailingData(_)
+            | webpki::Error::UnsupportedCertVersion
+            | webpki::Error::MalformedExtensions
+            | webpki::Error::ExtensionValueInvalid
+            | webpki::Error::InvalidCertValidity
+            | webpki::Error::InvalidSerialNumber => Self::Malformed(format!("{err:?}")),
+            _ => Self::Invalid(format!("{err:?}")),
         }
     }
 }
@@ -374,6 +409,33 @@ impl ClientCaBundle {
         Ok(Self {
             certs: parse_cert_bundle(pem)?,
         })
+    }
+
+    /// Parses a PEM bundle, giving the reason as a [`VerifyError`]: `EmptyBundle` when it holds
+    /// no certificate, `Malformed` when a PEM block or a certificate in it is not valid.
+    pub fn parse(pem: &[u8]) -> Result<Self, VerifyError> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(VerifyError::EmptyBundle);
+        }
+        for cert in &certs {
+            webpki::anchor_from_trusted_cert(cert)
+                .map_err(|e| VerifyError::Malformed(format!("clientCA certificate: {e:?}")))?;
+        }
+        Ok(Self { certs })
+    }
+
+    /// A bundle of already parsed certificates; when empty, verification fails with
+    /// [`VerifyError::EmptyBundle`].
+    pub fn from_ders(certs: Vec<CertificateDer<'static>>) -> Self {
+        Self { certs }
+    }
+
+    /// The certificates of the bundle.
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.certs
     }
 
     /// The number of CAs.
@@ -402,7 +464,7 @@ impl ClientCaBundle {
             .filter_map(|cert| webpki::anchor_from_trusted_cert(cert).ok())
             .collect();
         if anchors.is_empty() {
-            return Err(VerifyError::Invalid(
+            return Err(VerifyError::Malformed(
                 "no usable CA in the clientCA bundle".into(),
             ));
         }

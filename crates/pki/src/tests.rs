@@ -229,7 +229,7 @@ fn chain_table() {
                 bundle_pem: bundle(ca.cert_pem()),
                 presented: vec![CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])],
             },
-            Expect::Rejected(VerifyError::Invalid("BadDer".into())),
+            Expect::Rejected(VerifyError::Malformed("BadDer".into())),
         ),
     ];
     for (case, expected) in table {
