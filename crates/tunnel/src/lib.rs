@@ -32,12 +32,55 @@
 //! | 0x0A | `GoAway` (stream 0) | reason str: no new streams; drain and reconnect |
 //!
 //! `str` is a u16 length and UTF-8 bytes; `headers` is a u16 count of (name str, value str).
-//! Flags: bit 0 = no body follows (the head ends the sender's half).
-//! A sender may have at most [`flow::INITIAL_WINDOW`] unacknowledged body bytes per stream.
+//! Flags: bit 0 = no body follows (the head ends the sender's half); other bits are ignored.
+//! A sender may have at most [`flow::INITIAL_WINDOW`] unacknowledged body bytes per stream
+//! ([`flow::StreamWindow`] tracks both directions of one stream).
+//!
+//! # v2 rules
+//! - The first frame each way is `Hello`; a peer that receives anything else first closes.
+//! - Stream 0 carries only connection frames (`Hello`, `Ping`, `Pong`, `GoAway`); the stream id
+//!   field of those frames is written as 0 and ignored on decode.
+//! - A stream is opened by `RequestHead`, answered by `ResponseHead`, then `Data` chunks, then
+//!   `End` from each side (or the head's no-body flag); `Reset` ends both halves at once.
+//! - [`v2::decode`] checks the declared payload length against [`v2::Limits::max_frame`] and
+//!   the input before touching the payload, caps header counts at [`v2::MAX_HEADERS`] and by the
+//!   bytes present, rejects bytes after the payload or after its fields, and never panics.
+//! - [`v2::encode`] never fails: over-long strings are cut at a char boundary and heads keep
+//!   their first [`v2::MAX_HEADERS`] headers. [`v2::try_encode`] refuses such frames instead.
+//!
+//! # Example
+//! ```
+//! use buildplane_tunnel::v2::{self, Frame, Limits};
+//!
+//! let mut wire = Vec::new();
+//! v2::encode(&Frame::Ping { nonce: 7 }, &mut wire);
+//! assert_eq!(v2::decode(&wire, Limits::default()), Ok(Frame::Ping { nonce: 7 }));
+//!
+//! let text = r#"{"requestID":"1","statusCode":200}"#;
+//! assert!(matches!(
+//!     buildplane_tunnel::decode_v1(text),
+//!     Ok(buildplane_tunnel::V1Message::Response(_))
+//! ));
+//! ```
 
 pub mod flow;
 pub mod v1;
 pub mod v2;
+
+pub use flow::StreamWindow;
+
+/// A v1 message (request or response), as decided by its fields.
+pub type V1Message = v1::Message;
+
+/// Decodes one v1 text frame with the default size limit ([`v1::DEFAULT_MAX_MESSAGE`]).
+pub fn decode_v1(text: &str) -> Result<V1Message, v1::DecodeError> {
+    v1::decode(text, v1::DEFAULT_MAX_MESSAGE)
+}
+
+/// Encodes a v1 message as OpenChoreo's JSON text.
+pub fn encode_v1(message: &V1Message) -> String {
+    v1::encode(message)
+}
 
 /// Protocol versions.
 pub mod version {

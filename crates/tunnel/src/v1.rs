@@ -90,8 +90,13 @@ pub enum Message {
     Response(HttpTunnelResponse),
 }
 
+/// Default largest v1 text frame: bodies are buffered whole in v1 (OpenChoreo sets no read
+/// limit at all), so this is generous but finite.
+pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
 /// Why a text frame is not a v1 message.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// Larger than the configured limit.
     #[error("message of {len} bytes exceeds the limit of {limit}")]

@@ -96,6 +96,7 @@ pub enum Frame {
 
 /// Why bytes are not a frame.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// Fewer bytes than the header or a field needs.
     #[error("truncated frame: {0}")]
@@ -219,6 +220,91 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     }
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start + 5..start + 9].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Why a frame cannot be encoded without loss.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// A string field is longer than a u16 length can say.
+    #[error("{field} is {len} bytes, more than {max}", max = u16::MAX)]
+    StringTooLong {
+        /// Which field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// More headers than [`MAX_HEADERS`].
+    #[error("{0} headers exceed the limit of {MAX_HEADERS}")]
+    TooManyHeaders(usize),
+    /// The payload would exceed the peer's frame limit.
+    #[error("frame payload of {len} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Limit.
+        limit: usize,
+    },
+}
+
+/// Like [`encode`], but refuses a frame that `encode` would cut (strings over 65535 bytes,
+/// more than [`MAX_HEADERS`] headers) or whose payload exceeds `limits.max_frame`, so the peer
+/// would reject it. On error `out` is left unchanged.
+pub fn try_encode(frame: &Frame, out: &mut Vec<u8>, limits: Limits) -> Result<(), EncodeError> {
+    fn check_str(field: &'static str, text: &str) -> Result<(), EncodeError> {
+        if text.len() > u16::MAX as usize {
+            return Err(EncodeError::StringTooLong {
+                field,
+                len: text.len(),
+            });
+        }
+        Ok(())
+    }
+    fn check_headers(headers: &[(String, String)]) -> Result<(), EncodeError> {
+        if headers.len() > MAX_HEADERS {
+            return Err(EncodeError::TooManyHeaders(headers.len()));
+        }
+        for (name, value) in headers {
+            check_str("header name", name)?;
+            check_str("header value", value)?;
+        }
+        Ok(())
+    }
+    match frame {
+        Frame::Hello { plane_id, .. } => check_str("plane id", plane_id)?,
+        Frame::RequestHead {
+            method,
+            target,
+            path,
+            query,
+            headers,
+            ..
+        } => {
+            check_str("method", method)?;
+            check_str("target", target)?;
+            check_str("path", path)?;
+            check_str("query", query)?;
+            check_headers(headers)?;
+        }
+        Frame::ResponseHead { headers, .. } => check_headers(headers)?,
+        Frame::Reset { reason, .. } | Frame::GoAway { reason } => check_str("reason", reason)?,
+        Frame::Data { .. }
+        | Frame::End { .. }
+        | Frame::WindowUpdate { .. }
+        | Frame::Ping { .. }
+        | Frame::Pong { .. } => {}
+    }
+    let start = out.len();
+    encode(frame, out);
+    let len = out.len() - start - HEADER_LEN;
+    if len > limits.max_frame {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge {
+            len,
+            limit: limits.max_frame,
+        });
+    }
+    Ok(())
 }
 
 /// Encodes one frame into a new buffer.
