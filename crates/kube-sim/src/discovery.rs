@@ -17,6 +17,14 @@ const VERBS: [&str; 8] = [
     "watch",
 ];
 
+fn verbs(resource: &Resource) -> Vec<&'static str> {
+    if resource.create_only {
+        vec!["create"]
+    } else {
+        VERBS.to_vec()
+    }
+}
+
 /// The Content-Type of aggregated discovery responses.
 pub const AGGREGATED_CONTENT_TYPE: &str =
     "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
@@ -48,7 +56,7 @@ pub fn resource_list(store: &Store, group: &str, version: &str) -> Option<Value>
     };
     let mut items = Vec::new();
     for r in resources {
-        let mut entry = json!({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind, "verbs": VERBS});
+        let mut entry = json!({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs(r)});
         if !r.short_names.is_empty() {
             entry["shortNames"] = json!(r.short_names);
         }
@@ -128,7 +136,7 @@ pub fn aggregated(store: &Store, core: bool) -> Value {
                                 "responseKind": kind,
                                 "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
                                 "singularResource": r.singular,
-                                "verbs": VERBS,
+                                "verbs": verbs(r),
                             });
                             if !r.short_names.is_empty() {
                                 entry["shortNames"] = json!(r.short_names);

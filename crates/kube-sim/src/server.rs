@@ -1,7 +1,7 @@
 //! The HTTPS front end: authentication, routing of Kubernetes REST paths, watches as chunked
 //! newline-delimited JSON, Table output, discovery, OpenAPI, and the `/_sim/` admin and fault API.
 
-use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -17,8 +17,9 @@ use crate::{
     api::{self, DeleteOptions, FieldValidation, ListOptions, Part, PatchKind, WriteOptions},
     discovery,
     error::ApiError,
+    events,
     selector::{FieldSelector, LabelSelector},
-    store::{Resource, Store},
+    store::{ObjectKey, Resource, ResourceKey, Store},
     table,
 };
 
@@ -446,6 +447,50 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             ));
         }
     };
+    if resource.create_only {
+        if method != Method::POST || target.name.is_some() {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!(
+                    "the server does not allow this method on the requested resource ({method})"
+                ),
+            ));
+        }
+        let body = read_body(req).await?;
+        // kubectl sends reviews as protobuf, whose spec kube-sim does not decode; the answer
+        // (every request allowed) does not depend on it, so only the JSON spec is echoed.
+        let object = if content_type.contains("protobuf") {
+            json!({})
+        } else {
+            parse_object(&body, &content_type)?
+        };
+        return Ok(json_response(
+            StatusCode::CREATED,
+            &review(&resource, object),
+        ));
+    }
+    // events.k8s.io Events are stored as core Events and converted on the way in and out.
+    let bridged = events::is_view(&resource);
+    let storage = if bridged {
+        events::storage(&shared.store.lock())?
+    } else {
+        resource.clone()
+    };
+    let view = |object: Value| {
+        if bridged {
+            events::from_core(&object)
+        } else {
+            object
+        }
+    };
+    let stored = |object: Value| {
+        if bridged {
+            events::to_core(&object)
+        } else {
+            object
+        }
+    };
     let include_object = query
         .get("includeObject")
         .map(String::as_str)
@@ -455,7 +500,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     match (&method, &target.name) {
         (&Method::GET, Some(name)) => {
             let store = shared.store.lock();
-            let object = api::get(&store, &resource, &namespace, name)?;
+            let object = view(api::get(&store, &storage, &namespace, name)?);
             if wants_table(&accept) {
                 return Ok(json_response(
                     StatusCode::OK,
@@ -477,6 +522,8 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 return watch(
                     shared.clone(),
                     resource,
+                    storage.key(),
+                    bridged,
                     target.namespace.clone(),
                     options,
                     &query,
@@ -484,7 +531,14 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 );
             }
             let store = shared.store.lock();
-            let list = api::list(&store, &resource, target.namespace.as_deref(), &options)?;
+            let list = list_view(
+                &store,
+                &resource,
+                &storage,
+                bridged,
+                target.namespace.as_deref(),
+                options,
+            )?;
             if wants_table(&accept) {
                 let items: Vec<&Value> = list["items"].as_array().into_iter().flatten().collect();
                 return Ok(json_response(
@@ -503,26 +557,26 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (&Method::POST, None) => {
             let mut options = write_options(&query, &user_agent)?;
             let body = read_body(req).await?;
-            let object = parse_object(&body, &content_type)?;
+            let object = stored(parse_object(&body, &content_type)?);
             let created = api::create(
                 &mut shared.store.lock(),
-                &resource,
+                &storage,
                 &namespace,
                 object,
                 &mut options,
             )?;
             Ok(with_warnings(
-                json_response(StatusCode::CREATED, &created),
+                json_response(StatusCode::CREATED, &view(created)),
                 &options.warnings,
             ))
         }
         (&Method::PUT, Some(name)) => {
             let mut options = write_options(&query, &user_agent)?;
             let body = read_body(req).await?;
-            let object = parse_object(&body, &content_type)?;
+            let object = stored(parse_object(&body, &content_type)?);
             let updated = api::update(
                 &mut shared.store.lock(),
-                &resource,
+                &storage,
                 &namespace,
                 name,
                 object,
@@ -530,7 +584,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 &mut options,
             )?;
             Ok(with_warnings(
-                json_response(StatusCode::OK, &updated),
+                json_response(StatusCode::OK, &view(updated)),
                 &options.warnings,
             ))
         }
@@ -543,17 +597,29 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             let (patched, created) = {
                 let mut store = shared.store.lock();
                 let before = store.rv();
-                let existed = api::get(&store, &resource, &namespace, name).is_ok();
-                let patched = api::patch(
-                    &mut store,
-                    &resource,
-                    &namespace,
-                    name,
-                    kind,
-                    &body,
-                    part,
-                    &mut options,
-                )?;
+                let existed = api::get(&store, &storage, &namespace, name).is_ok();
+                let patched = if bridged {
+                    events::patch(
+                        &mut store,
+                        &storage,
+                        &namespace,
+                        name,
+                        kind,
+                        &body,
+                        &mut options,
+                    )?
+                } else {
+                    api::patch(
+                        &mut store,
+                        &storage,
+                        &namespace,
+                        name,
+                        kind,
+                        &body,
+                        part,
+                        &mut options,
+                    )?
+                };
                 (patched, !existed && store.rv() > before)
             };
             let code = if created {
@@ -570,14 +636,14 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             let body = read_body(req).await?;
             let options = DeleteOptions::from_body(&body, is_dry_run(&query)?)?;
             let mut store = shared.store.lock();
-            let (object, gone) = api::delete(&mut store, &resource, &namespace, name, &options)?;
+            let (object, gone) = api::delete(&mut store, &storage, &namespace, name, &options)?;
             if gone && !resource.is_namespace() {
                 return Ok(json_response(
                     StatusCode::OK,
                     &api::deleted_status(&resource, name, &object["metadata"]["uid"]),
                 ));
             }
-            Ok(json_response(StatusCode::OK, &object))
+            Ok(json_response(StatusCode::OK, &view(object)))
         }
         (&Method::DELETE, None) => {
             let body = read_body(req).await?;
@@ -588,14 +654,21 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 ..list_options(&query, &resource)?
             };
             let mut store = shared.store.lock();
-            let list = api::list(&store, &resource, target.namespace.as_deref(), &options)?;
+            let list = list_view(
+                &store,
+                &resource,
+                &storage,
+                bridged,
+                target.namespace.as_deref(),
+                options,
+            )?;
             for item in list["items"].as_array().into_iter().flatten() {
                 let ns = item["metadata"]["namespace"]
                     .as_str()
                     .unwrap_or("")
                     .to_owned();
                 let name = item["metadata"]["name"].as_str().unwrap_or("").to_owned();
-                match api::delete(&mut store, &resource, &ns, &name, &delete_options) {
+                match api::delete(&mut store, &storage, &ns, &name, &delete_options) {
                     Ok(_) => {}
                     Err(err) if err.code == 404 => {}
                     Err(err) => return Err(err),
@@ -609,6 +682,55 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             format!("the server does not allow this method on the requested resource ({method})"),
         )),
     }
+}
+
+/// Lists a resource, or the `events.k8s.io` view of the core events (field selectors then
+/// apply to the converted objects).
+fn list_view(
+    store: &Store,
+    resource: &Resource,
+    storage: &Resource,
+    bridged: bool,
+    namespace: Option<&str>,
+    mut options: ListOptions,
+) -> Result<Value, ApiError> {
+    if !bridged {
+        return api::list(store, resource, namespace, &options);
+    }
+    let fields = std::mem::take(&mut options.fields);
+    let mut list = api::list(store, storage, namespace, &options)?;
+    let items: Vec<Value> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(events::from_core)
+        .filter(|item| fields.matches(item))
+        .collect();
+    list["items"] = Value::Array(items);
+    list["apiVersion"] = json!(resource.api_version());
+    Ok(list)
+}
+
+/// The answer to an access or identity review: kube-sim's token may do everything.
+fn review(resource: &Resource, mut object: Value) -> Value {
+    if !object.is_object() {
+        object = json!({});
+    }
+    object["apiVersion"] = json!(resource.api_version());
+    object["kind"] = json!(resource.kind);
+    object["metadata"] = json!({"creationTimestamp": null});
+    object["status"] = match resource.kind.as_str() {
+        "SelfSubjectAccessReview" => {
+            json!({"allowed": true, "reason": "kube-sim grants every request to its token"})
+        }
+        "SelfSubjectRulesReview" => {
+            json!({"resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}], "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}], "incomplete": false})
+        }
+        _ => {
+            json!({"userInfo": {"username": "kube-sim:admin", "groups": ["system:masters", "system:authenticated"]}})
+        }
+    };
+    object
 }
 
 fn aggregated_response(doc: &Value) -> Response<Body> {
@@ -667,6 +789,34 @@ fn watch_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// Chooses the events of one watch (and converts them for the `events.k8s.io` view).
+struct Selector {
+    key: ResourceKey,
+    namespace: Option<String>,
+    options: ListOptions,
+    bridged: bool,
+}
+
+impl Selector {
+    fn select<'a>(&self, key: &ObjectKey, object: &'a Value) -> Option<Cow<'a, Value>> {
+        if key.resource != self.key
+            || self
+                .namespace
+                .as_deref()
+                .is_some_and(|ns| key.namespace != ns)
+        {
+            return None;
+        }
+        let object = if self.bridged {
+            Cow::Owned(events::from_core(object))
+        } else {
+            Cow::Borrowed(object)
+        };
+        (self.options.labels.matches(&object) && self.options.fields.matches(&object))
+            .then_some(object)
+    }
+}
+
 /// Encodes watch events, as objects or (for `kubectl get -w`) as one-row Tables.
 struct Encoder {
     resource: Resource,
@@ -695,9 +845,12 @@ impl Encoder {
 }
 
 /// Starts a watch: initial events (when asked), replay from `resourceVersion`, then live events.
+#[allow(clippy::too_many_arguments)]
 fn watch(
     shared: Arc<Shared>,
     resource: Resource,
+    storage: ResourceKey,
+    bridged: bool,
     namespace: Option<String>,
     options: ListOptions,
     query: &HashMap<String, String>,
@@ -719,17 +872,11 @@ fn watch(
                 ApiError::bad_request(format!("invalid resource version: {text:?}"))
             })?),
         };
-    let matches = {
-        let namespace = namespace.clone();
-        let key = resource.key();
-        move |event_key: &crate::store::ObjectKey, object: &Value| {
-            event_key.resource == key
-                && namespace
-                    .as_deref()
-                    .is_none_or(|ns| event_key.namespace == ns)
-                && options.labels.matches(object)
-                && options.fields.matches(object)
-        }
+    let selector = Selector {
+        key: storage.clone(),
+        namespace: namespace.clone(),
+        options,
+        bridged,
     };
     let mut encoder = Encoder {
         resource: resource.clone(),
@@ -744,10 +891,12 @@ fn watch(
         let live = store.subscribe();
         let closed = shared.close_watches.subscribe();
         match requested_rv {
-            Some(rv) if !send_initial => match store.events_since(rv, &resource.key()) {
+            Some(rv) if !send_initial => match store.events_since(rv, &storage) {
                 Some(events) => {
-                    for event in events.iter().filter(|e| matches(&e.key, &e.object)) {
-                        initial.push(encoder.line(event.kind, &event.object));
+                    for event in &events {
+                        if let Some(object) = selector.select(&event.key, &event.object) {
+                            initial.push(encoder.line(event.kind, &object));
+                        }
                     }
                 }
                 None => {
@@ -764,10 +913,9 @@ fn watch(
             },
             _ => {
                 // No version (or sendInitialEvents): the current state as ADDED events first.
-                let key = resource.key();
-                for (object_key, object) in store.list_from(&key, namespace.as_deref(), None) {
-                    if matches(object_key, object) {
-                        initial.push(encoder.line("ADDED", object));
+                for (object_key, object) in store.list_from(&storage, namespace.as_deref(), None) {
+                    if let Some(object) = selector.select(object_key, object) {
+                        initial.push(encoder.line("ADDED", &object));
                     }
                 }
                 if send_initial {
@@ -803,8 +951,12 @@ fn watch(
                     Ok(event) => {
                         if event.rv <= start_rv { continue; }
                         last_rv = event.rv;
-                        if matches(&event.key, &event.object)
-                            && tx.send(encoder.line(event.kind, &event.object)).await.is_err() {
+                        let line = selector
+                            .select(&event.key, &event.object)
+                            .map(|object| encoder.line(event.kind, &object));
+                        if let Some(line) = line
+                            && tx.send(line).await.is_err()
+                        {
                             return;
                         }
                     }

@@ -45,6 +45,8 @@ pub struct Resource {
     pub short_names: Vec<String>,
     /// Categories (`all`).
     pub categories: Vec<String>,
+    /// Create-only virtual resources (access and identity reviews): answered, never stored.
+    pub create_only: bool,
     /// Whether `/status` is a subresource (status writes through the main resource are ignored).
     pub status_subresource: bool,
     /// The OpenAPI v3 schema of a CRD version.
@@ -575,6 +577,7 @@ impl Store {
                 namespaced: spec["scope"].as_str() != Some("Cluster"),
                 short_names: strings(&names["shortNames"]),
                 categories: strings(&names["categories"]),
+                create_only: false,
                 status_subresource: version["subresources"]["status"].is_object(),
                 schema: Some(
                     version["schema"]["openAPIV3Schema"]
@@ -630,6 +633,7 @@ fn builtin(
         namespaced,
         short_names: short.iter().map(|s| (*s).to_owned()).collect(),
         categories: Vec::new(),
+        create_only: false,
         status_subresource: status,
         schema: None,
         printer_columns: Vec::new(),
@@ -638,6 +642,40 @@ fn builtin(
 
 /// The built-in resources kube-sim stores and serves.
 pub fn builtin_resources() -> Vec<Resource> {
+    let mut resources = stored_builtins();
+    for resource in &mut resources {
+        if matches!(
+            resource.plural.as_str(),
+            "pods" | "services" | "deployments"
+        ) {
+            resource.categories = vec!["all".into()];
+        }
+    }
+    for (group, kind, plural) in [
+        (
+            "authorization.k8s.io",
+            "SelfSubjectAccessReview",
+            "selfsubjectaccessreviews",
+        ),
+        (
+            "authorization.k8s.io",
+            "SelfSubjectRulesReview",
+            "selfsubjectrulesreviews",
+        ),
+        (
+            "authentication.k8s.io",
+            "SelfSubjectReview",
+            "selfsubjectreviews",
+        ),
+    ] {
+        let mut review = builtin(group, "v1", kind, plural, false, false, &[]);
+        review.create_only = true;
+        resources.push(review);
+    }
+    resources
+}
+
+fn stored_builtins() -> Vec<Resource> {
     vec![
         builtin("", "v1", "Namespace", "namespaces", false, true, &["ns"]),
         builtin("", "v1", "Secret", "secrets", true, false, &[]),

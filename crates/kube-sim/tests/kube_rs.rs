@@ -673,3 +673,70 @@ async fn namespace_deletion_removes_contents() {
     assert!(bp_api(&client).get_opt("bp").await.expect("get").is_some());
     server.shutdown().await;
 }
+
+/// An event a kube-rs `Recorder` publishes (events.k8s.io/v1) is a core v1 Event too, found by
+/// the field selector `kubectl describe` uses; repeating it patches its series.
+#[tokio::test]
+async fn recorder_events_show_as_core_events() {
+    use k8s_openapi::api::{core::v1::Event as CoreEvent, events::v1::Event as NewEvent};
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let server = start().await;
+    let client = with_crds(&server).await;
+    let bp = bp_api(&client)
+        .create(&PostParams::default(), &build_plane("ev", "p"))
+        .await
+        .expect("created");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "test-controller".into(),
+            instance: None,
+        },
+    );
+    let reference = kube::Resource::object_ref(&bp, &build_planes());
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "SecretNotFound".into(),
+        note: Some("secret org/x not found".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&event, &reference)
+        .await
+        .expect("published");
+    recorder
+        .publish(&event, &reference)
+        .await
+        .expect("published again (a patch)");
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "org");
+    let selector = format!(
+        "involvedObject.name=ev,involvedObject.namespace=org,involvedObject.kind=BuildPlane,involvedObject.uid={}",
+        bp.metadata.uid.clone().expect("uid")
+    );
+    let found = core
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].reason.as_deref(), Some("SecretNotFound"));
+    assert_eq!(found[0].message.as_deref(), Some("secret org/x not found"));
+    assert_eq!(
+        found[0].reporting_component.as_deref(),
+        Some("test-controller")
+    );
+    let new: Api<NewEvent> = Api::namespaced(client, "org");
+    let listed = new
+        .list(&ListParams::default().fields("regarding.name=ev"))
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].series.as_ref().map(|s| s.count),
+        Some(2),
+        "the repeat patched the series"
+    );
+    server.shutdown().await;
+}

@@ -188,6 +188,39 @@ async fn kubectl_registration_workflow() {
         .await;
     assert_eq!(generation(&kubectl, "my-buildplane").await, "4");
 
+    // An events.k8s.io Event about the BuildPlane shows in describe and `get events`.
+    let uid = kubectl
+        .ok(&[
+            "get",
+            "buildplane",
+            "my-buildplane",
+            "-n",
+            "my-org",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .await;
+    let event = format!(
+        "apiVersion: events.k8s.io/v1\nkind: Event\nmetadata: {{name: my-buildplane.1, namespace: my-org}}\neventTime: \"2026-01-01T00:00:00.000000Z\"\nreportingController: buildplane-controller\nreportingInstance: c-0\naction: Reconcile\nreason: AgentsConnected\ntype: Normal\nnote: 2 agents connected\nregarding: {{apiVersion: openchoreo.dev/v1alpha1, kind: BuildPlane, name: my-buildplane, namespace: my-org, uid: {uid}}}\n"
+    );
+    kubectl.ok_with(&["create", "-f", "-"], Some(&event)).await;
+    let described = kubectl
+        .ok(&["describe", "buildplane", "my-buildplane", "-n", "my-org"])
+        .await;
+    assert!(
+        described.contains("AgentsConnected") && described.contains("2 agents connected"),
+        "{described}"
+    );
+    let events = kubectl.ok(&["get", "events", "-n", "my-org"]).await;
+    assert!(events.contains("buildplane/my-buildplane"), "{events}");
+    assert_eq!(
+        kubectl
+            .ok(&["auth", "can-i", "create", "buildplanes"])
+            .await
+            .trim(),
+        "yes"
+    );
+
     kubectl
         .ok(&[
             "apply",
