@@ -97,4 +97,47 @@ mod tests {
             distinct.len()
         );
     }
+
+    /// A 401 backs off harder than a network error (no tight retry on bad credentials), still
+    /// jittered; a 429's Retry-After is a floor, with jitter on top so a refused storm spreads.
+    #[test]
+    fn refusals_back_off_harder_and_honour_retry_after() {
+        let mut network = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut auth = network.clone();
+        let _ = network.next_delay();
+        let _ = auth.after_refusal(401, None);
+        assert_eq!(network.ceiling(), Duration::from_secs(1));
+        assert_eq!(
+            auth.ceiling(),
+            Duration::from_secs(4),
+            "two extra doublings"
+        );
+        for _ in 0..50 {
+            let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+            let delay = b.after_refusal(429, Some(Duration::from_secs(5)));
+            assert!(delay >= Duration::from_secs(5) && delay <= Duration::from_millis(5500));
+        }
+    }
+
+    /// With paused time, a sequence of failed attempts waits no longer than the sum of the
+    /// ceilings, and a reset brings the next wait back under the base.
+    #[tokio::test(start_paused = true)]
+    async fn waits_follow_the_ceilings_in_paused_time() {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(4));
+        let start = tokio::time::Instant::now();
+        let mut ceilings = Duration::ZERO;
+        for _ in 0..6 {
+            ceilings += backoff.ceiling();
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        assert!(start.elapsed() <= ceilings);
+        assert_eq!(
+            ceilings,
+            Duration::from_millis(500 + 1000 + 2000 + 4000 + 4000 + 4000)
+        );
+        backoff.reset();
+        let before = tokio::time::Instant::now();
+        tokio::time::sleep(backoff.next_delay()).await;
+        assert!(before.elapsed() <= Duration::from_millis(500));
+    }
 }

@@ -401,3 +401,43 @@ async fn proxy_validation_matches_openchoreo() {
     // The agent comes back by itself.
     env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
 }
+
+/// Heartbeats: an agent that stops answering (a partition: the socket stays open, nothing comes
+/// back) is dropped after `--heartbeat-timeout`, and the plane reports no agent (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_dropped_after_the_heartbeat_timeout() {
+    let mut env = Env::start().await;
+    env.stop_gateway().await;
+    env.config.heartbeat_interval = Duration::from_millis(300);
+    env.config.heartbeat_timeout = Duration::from_secs(1);
+    env.start_gateway().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Connected, then silent: never read (so never pong) and never write.
+    let _silent = loop {
+        match env
+            .raw_connect(
+                "?planeID=p&planeType=buildplane",
+                Some(&leaf),
+                Some(V2_FIRST),
+            )
+            .await
+        {
+            Ok(ws) => break ws,
+            Err(err) if tokio::time::Instant::now() > deadline => panic!("not admitted: {err:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    env.eventually("registered", WAIT, || async {
+        env.connections().await == 1
+    })
+    .await;
+    env.eventually("dropped by the heartbeat timeout", WAIT, || async {
+        env.connections().await == 0
+    })
+    .await;
+    let (status, _) = env.proxy("p", "org-a", "bp", "/api/v1/namespaces").await;
+    assert_eq!(status, 503);
+}
