@@ -18,6 +18,9 @@ use tokio::{sync::mpsc, time::Instant};
 
 use crate::status::AgentView;
 
+/// How long the event stream may stay silent (the gateway's keepalive is every 15 s).
+pub const EVENT_STREAM_IDLE: Duration = Duration::from_secs(45);
+
 /// Failures talking to the gateway.
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -171,7 +174,21 @@ impl GatewayClient {
         Ok(async_stream_lines(
             move |tx: mpsc::Sender<Result<GatewayEvent, GatewayError>>| async move {
                 let mut buffer = Vec::new();
-                while let Some(chunk) = bytes.next().await {
+                loop {
+                    // The gateway writes a keepalive line every 15 s; silence for longer means a
+                    // dead peer that TCP has not noticed.
+                    let chunk = match tokio::time::timeout(EVENT_STREAM_IDLE, bytes.next()).await {
+                        Ok(Some(chunk)) => chunk,
+                        Ok(None) => break,
+                        Err(_) => {
+                            let _ = tx
+                                .send(Err(GatewayError::Transient(format!(
+                                    "no event or keepalive for {EVENT_STREAM_IDLE:?}"
+                                ))))
+                                .await;
+                            return;
+                        }
+                    };
                     let chunk = match chunk {
                         Ok(chunk) => chunk,
                         Err(err) => {
@@ -225,9 +242,22 @@ struct CrEntry {
     last_seen: Option<Timestamp>,
 }
 
+/// How far the table can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Sync {
+    /// No snapshot yet since the process started: statuses keep what they show (a restarted
+    /// controller must not churn them while it connects).
+    #[default]
+    AwaitSnapshot,
+    /// Following the stream.
+    Following,
+    /// The gateway has been unreachable for a while (or is not configured).
+    Lost,
+}
+
 #[derive(Debug, Default)]
 struct TableState {
-    synced: bool,
+    sync: Sync,
     entries: HashMap<CrKey, CrEntry>,
 }
 
@@ -255,8 +285,10 @@ impl ConnectionTable {
     /// The view of one CR for its status.
     pub fn view(&self, cr: &CrKey) -> AgentView {
         let mut state = self.state.lock();
-        if !state.synced {
-            return AgentView::Unknown;
+        match state.sync {
+            Sync::AwaitSnapshot => return AgentView::Pending,
+            Sync::Lost => return AgentView::Unknown,
+            Sync::Following => {}
         }
         let grace = self.grace;
         let entry = state.entries.entry(cr.clone()).or_default();
@@ -272,9 +304,14 @@ impl ConnectionTable {
         }
     }
 
-    /// Marks the table unknown (the gateway is unreachable).
+    /// Marks the table unknown (the gateway is unreachable, or not configured).
     pub fn mark_unsynced(&self) {
-        self.state.lock().synced = false;
+        self.state.lock().sync = Sync::Lost;
+    }
+
+    /// Whether the gateway is marked unreachable.
+    pub fn is_lost(&self) -> bool {
+        self.state.lock().sync == Sync::Lost
     }
 
     /// Applies one event; returns the CRs whose view changed now, and those whose view may change
@@ -292,8 +329,9 @@ impl ConnectionTable {
         for key in event.crs.iter().filter_map(|key| CrKey::parse(key)) {
             counts.entry(key).or_insert(0);
         }
-        let was_synced = state.synced;
-        if event.type_ == "snapshot" {
+        let was_following = state.sync == Sync::Following;
+        let snapshot = event.type_ == "snapshot";
+        if snapshot {
             // A snapshot lists every CR with connections: every other CR has none.
             for (key, entry) in state.entries.iter() {
                 if !counts.contains_key(key) && entry.reported > 0 {
@@ -304,17 +342,21 @@ impl ConnectionTable {
                 counts.insert(key.clone(), 0);
             }
             deferred.clear();
-            state.synced = true;
+            state.sync = Sync::Following;
         }
         for (key, n) in counts {
             let entry = state.entries.entry(key.clone()).or_default();
             entry.reported = n;
             if n > 0 {
-                entry.last_seen = event
-                    .time
-                    .as_deref()
-                    .and_then(|t| t.parse().ok())
-                    .or(entry.last_seen);
+                // A snapshot's time is when it was taken, not when an agent was heard from:
+                // using it would rewrite every status on each controller restart.
+                if !snapshot {
+                    entry.last_seen = event
+                        .time
+                        .as_deref()
+                        .and_then(|t| t.parse().ok())
+                        .or(entry.last_seen);
+                }
                 entry.zero_since = None;
                 if entry.shown != n {
                     entry.shown = n;
@@ -328,7 +370,7 @@ impl ConnectionTable {
             } else if entry.shown > 0 {
                 entry.zero_since.get_or_insert(now);
                 deferred.push(key);
-            } else if !was_synced {
+            } else if !was_following {
                 changed.push(key);
             }
         }
@@ -359,20 +401,29 @@ mod tests {
             AgentView::Known {
                 connected_agents, ..
             } => connected_agents,
-            AgentView::Unknown => panic!("table should be synced"),
+            AgentView::Pending | AgentView::Unknown => panic!("table should be synced"),
         }
     }
 
-    /// Before the first snapshot the view is unknown, not "disconnected".
+    /// Before the first snapshot the view is pending (statuses keep what they show), not
+    /// "disconnected"; once the gateway is lost it is unknown.
     #[tokio::test(start_paused = true)]
-    async fn unsynced_table_is_unknown() {
+    async fn unsynced_table_is_pending_then_lost_is_unknown() {
         let table = ConnectionTable::new(Duration::from_secs(2));
+        assert_eq!(
+            table.view(&CrKey::namespaced("org", "bp")),
+            AgentView::Pending
+        );
+        table.apply(&event("snapshot", &[]));
+        assert_eq!(agents(&table, "org/bp"), 0);
+        table.mark_unsynced();
+        assert!(table.is_lost());
         assert_eq!(
             table.view(&CrKey::namespaced("org", "bp")),
             AgentView::Unknown
         );
-        table.apply(&event("snapshot", &[]));
-        assert_eq!(agents(&table, "org/bp"), 0);
+        table.apply(&event("snapshot", &[("org/bp", 1)]));
+        assert_eq!(agents(&table, "org/bp"), 1, "a new snapshot follows again");
     }
 
     /// An agent reconnecting within the grace period never shows as disconnected (#2225).

@@ -128,3 +128,22 @@ pub async fn hold(client: &Client, config: &LeaseConfig) {
         }
     }
 }
+
+/// Gives the lease up (empty holder), so a standby takes over without waiting for expiry.
+pub async fn release(client: &Client, config: &LeaseConfig) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
+    let Some(mut lease) = api.get_opt(&config.name).await? else {
+        return Ok(());
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    api.replace(&config.name, &PostParams::default(), &lease)
+        .await?;
+    info!(identity = %config.identity, "released the leader lease");
+    Ok(())
+}

@@ -16,7 +16,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use buildplane_api::{BuildPlane, ClusterBuildPlane, CrKey, PlaneCr};
-use futures::{StreamExt, future};
+use futures::{FutureExt as _, StreamExt, future};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client,
@@ -30,6 +30,7 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
@@ -79,19 +80,55 @@ pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client>
     Client::try_from(config).context("building Kubernetes client")
 }
 
-/// Runs the controller until a termination signal or the loss of leadership.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// A controller started in this process.
+pub struct RunningController {
+    /// Where `/healthz`, `/readyz` and `/metrics` listen, if configured.
+    pub health_addr: Option<SocketAddr>,
+    /// The controller's metrics (and leadership).
+    pub metrics: Metrics,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningController {
+    /// Whether this replica holds the leader lease and reconciles.
+    pub fn is_leader(&self) -> bool {
+        self.metrics.is_leader()
+    }
+
+    /// Stops reconciling (in-flight reconciles finish), releases the lease, and waits.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("controller task panicked")?
+    }
+
+    /// Waits until the controller stops by itself (lost lease or fatal error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("controller task panicked")?
+    }
+}
+
+/// Starts the controller: binds the health listener, then elects and reconciles in a task.
+pub async fn start(config: Config) -> anyhow::Result<RunningController> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube_client(config.kubeconfig.as_ref()).await?;
     let metrics = Metrics::default();
-    if let Some(listen) = config.health_listen {
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(err) = metrics::serve(listen, metrics).await {
-                warn!(%err, "health server stopped");
-            }
-        });
-    }
+    let health_addr = match config.health_listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the health listener {listen}"))?;
+            let addr = listener.local_addr()?;
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                if let Err(err) = metrics::serve(listener, metrics).await {
+                    warn!(%err, "health server stopped");
+                }
+            });
+            Some(addr)
+        }
+        None => None,
+    };
     let gateway = match (&config.gateway_url, &config.gateway_tls) {
         (Some(url), Some((cert, key, ca))) => Some(GatewayClient::from_files(url, cert, key, ca)?),
         (Some(_), None) => anyhow::bail!(
@@ -103,14 +140,77 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     metrics.set_ready();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(lead_and_reconcile(
+        client,
+        config,
+        gateway,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    Ok(RunningController {
+        health_addr,
+        metrics,
+        shutdown,
+        task,
+    })
+}
 
+/// Runs the controller until SIGINT/SIGTERM or the loss of leadership.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mut running = start(config).await?;
+    tokio::select! {
+        res = running.wait() => res,
+        () = shutdown_signal() => {
+            info!("shutting down");
+            running.shutdown().await
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Waits for the lease (when configured), then runs both controllers until `shutdown` or the
+/// loss of the lease; releases the lease on a clean shutdown so a standby takes over at once.
+async fn lead_and_reconcile(
+    client: Client,
+    config: Config,
+    gateway: Option<GatewayClient>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     if let Some(lease) = &config.leader {
         info!(identity = %lease.identity, "waiting for the leader lease");
-        leader::acquire(&client, lease).await;
+        tokio::select! {
+            () = leader::acquire(&client, lease) => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
     }
     metrics.set_leader(true);
 
     let connections = ConnectionTable::new(config.disconnect_grace);
+    if gateway.is_none() {
+        connections.mark_unsynced();
+    }
     let ctx = Arc::new(Context {
         client: client.clone(),
         gateway: gateway.clone(),
@@ -120,27 +220,59 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             controller: "buildplane-controller".into(),
             instance: config.leader.as_ref().map(|l| l.identity.clone()),
         },
+        failures: parking_lot::Mutex::default(),
     });
     let (namespaced_tx, namespaced_rx) = mpsc::channel(1024);
     let (cluster_tx, cluster_rx) = mpsc::channel(1024);
-    if let Some(gateway) = gateway {
+    let (namespaced_all_tx, namespaced_all_rx) = mpsc::channel(4);
+    let (cluster_all_tx, cluster_all_rx) = mpsc::channel(4);
+    let follower = gateway.map(|gateway| {
         tokio::spawn(follow_gateway(
             gateway,
             connections,
-            namespaced_tx,
-            cluster_tx,
-        ));
-    }
-    let namespaced = run_controller::<BuildPlane>(client.clone(), ctx.clone(), namespaced_rx);
-    let cluster = run_controller::<ClusterBuildPlane>(client.clone(), ctx, cluster_rx);
+            Triggers {
+                namespaced: namespaced_tx,
+                cluster: cluster_tx,
+                namespaced_all: namespaced_all_tx,
+                cluster_all: cluster_all_tx,
+            },
+        ))
+    });
+    let stopped = |shutdown: &CancellationToken| {
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            let _ = tx.send(());
+        });
+        rx.map(|_| ())
+    };
+    let namespaced = run_controller::<BuildPlane>(
+        client.clone(),
+        ctx.clone(),
+        namespaced_rx,
+        namespaced_all_rx,
+        stopped(&shutdown),
+    );
+    let cluster = run_controller::<ClusterBuildPlane>(
+        client.clone(),
+        ctx,
+        cluster_rx,
+        cluster_all_rx,
+        stopped(&shutdown),
+    );
     let controllers = future::join(namespaced, cluster);
-    match &config.leader {
+    let res = match &config.leader {
         Some(lease) => {
             tokio::select! {
-                _ = controllers => Ok(()),
+                _ = controllers => {
+                    if let Err(err) = leader::release(&client, lease).await {
+                        warn!(%err, "could not release the leader lease");
+                    }
+                    Ok(())
+                }
                 () = leader::hold(&client, lease) => {
-                    metrics.set_leader(false);
-                    anyhow::bail!("lost the leader lease; exiting so a fresh replica can stand by")
+                    Err(anyhow::format_err!("lost the leader lease; exiting so a fresh replica can stand by"))
                 }
             }
         }
@@ -148,7 +280,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             controllers.await;
             Ok(())
         }
+    };
+    metrics.set_leader(false);
+    if let Some(follower) = follower {
+        follower.abort();
     }
+    res
 }
 
 /// Runs one kind's controller, triggered by the CRs, the Secrets they reference and `triggers`.
@@ -156,6 +293,8 @@ async fn run_controller<K>(
     client: Client,
     ctx: Arc<Context>,
     triggers: mpsc::Receiver<ObjectRef<K>>,
+    resync_all: mpsc::Receiver<()>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) where
     K: PlaneCr
         + PlaneApi
@@ -189,7 +328,8 @@ async fn run_controller<K>(
             },
         )
         .reconcile_on(ReceiverStream::new(triggers))
-        .shutdown_on_signal()
+        .reconcile_all_on(ReceiverStream::new(resync_all))
+        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| {
             if let Err(err) = res {
@@ -200,22 +340,43 @@ async fn run_controller<K>(
         .await;
 }
 
-/// Follows the gateway's event stream forever, updating `connections` and triggering the CRs
-/// whose agent count changed.
-async fn follow_gateway(
-    gateway: GatewayClient,
-    connections: ConnectionTable,
+/// Where gateway events send reconcile requests.
+struct Triggers {
     namespaced: mpsc::Sender<ObjectRef<BuildPlane>>,
     cluster: mpsc::Sender<ObjectRef<ClusterBuildPlane>>,
-) {
-    let trigger = move |key: &CrKey| match &key.namespace {
-        Some(namespace) => {
-            let _ = namespaced.try_send(ObjectRef::new(&key.name).within(namespace));
+    namespaced_all: mpsc::Sender<()>,
+    cluster_all: mpsc::Sender<()>,
+}
+
+impl Triggers {
+    fn one(&self, key: &CrKey) {
+        match &key.namespace {
+            Some(namespace) => {
+                let _ = self
+                    .namespaced
+                    .try_send(ObjectRef::new(&key.name).within(namespace));
+            }
+            None => {
+                let _ = self.cluster.try_send(ObjectRef::new(&key.name));
+            }
         }
-        None => {
-            let _ = cluster.try_send(ObjectRef::new(&key.name));
-        }
-    };
+    }
+
+    /// Every CR of both kinds (a full channel already holds a pending "all").
+    fn all(&self) {
+        let _ = self.namespaced_all.try_send(());
+        let _ = self.cluster_all.try_send(());
+    }
+}
+
+/// How long the event stream may stay down before statuses say the gateway is unreachable.
+pub const GATEWAY_LOST_AFTER: Duration = Duration::from_secs(5);
+
+/// Follows the gateway's event stream forever, updating `connections` and triggering the CRs
+/// whose agent count changed; after each (re)connection's snapshot, and when the gateway is
+/// lost, every CR is reconciled.
+async fn follow_gateway(gateway: GatewayClient, connections: ConnectionTable, triggers: Triggers) {
+    let triggers = Arc::new(triggers);
     let mut delay = Duration::from_millis(200);
     let mut down_since: Option<tokio::time::Instant> = None;
     loop {
@@ -233,22 +394,19 @@ async fn follow_gateway(
                     down_since = None;
                     delay = Duration::from_millis(200);
                     let (changed, deferred) = connections.apply(&event);
-                    let resync = event.type_ == "snapshot";
                     for key in &changed {
-                        trigger(key);
+                        triggers.one(key);
                     }
-                    if resync {
-                        for key in connections.known_crs() {
-                            trigger(&key);
-                        }
+                    if event.type_ == "snapshot" {
+                        triggers.all();
                     }
                     if !deferred.is_empty() {
                         let grace = connections.grace();
-                        let trigger = trigger.clone();
+                        let triggers = triggers.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(grace + Duration::from_millis(50)).await;
                             for key in &deferred {
-                                trigger(key);
+                                triggers.one(key);
                             }
                         });
                     }
@@ -257,11 +415,10 @@ async fn follow_gateway(
             Err(err) => tracing::debug!(%err, "gateway event stream unavailable"),
         }
         let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
-        if since.elapsed() >= Duration::from_secs(5) {
+        if since.elapsed() >= GATEWAY_LOST_AFTER && !connections.is_lost() {
+            warn!("cluster gateway unreachable; agent status becomes Unknown");
             connections.mark_unsynced();
-            for key in connections.known_crs() {
-                trigger(&key);
-            }
+            triggers.all();
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));

@@ -1,7 +1,6 @@
 //! Prometheus metrics and the health endpoints (`/healthz`, `/readyz`, `/metrics`).
 
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -101,6 +100,11 @@ impl Metrics {
         self.leader.set(i64::from(leader));
     }
 
+    /// Whether this replica holds the leader lease.
+    pub fn is_leader(&self) -> bool {
+        self.leader.get() == 1
+    }
+
     /// Marks the process ready (it has started and can elect).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
@@ -114,8 +118,8 @@ impl Metrics {
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` until the process ends.
-pub async fn serve(listen: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
+/// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -124,7 +128,6 @@ pub async fn serve(listen: SocketAddr, metrics: Metrics) -> std::io::Result<()> 
             get(|State(metrics): State<Metrics>| async move { metrics.render() }),
         )
         .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     axum::serve(listener, app).await
 }
 

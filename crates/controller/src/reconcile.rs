@@ -1,6 +1,6 @@
 //! The reconciler shared by BuildPlane and ClusterBuildPlane.
 
-use std::{fmt::Debug, sync::Arc, time::Duration};
+use std::{collections::HashMap, fmt::Debug, sync::Arc, time::Duration};
 
 use buildplane_api::{BuildPlaneStatus, PlaneCr, names};
 use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
@@ -12,6 +12,7 @@ use kube::{
         events::{Event, EventType, Recorder, Reporter},
     },
 };
+use parking_lot::Mutex;
 use serde::{Serialize, de::DeserializeOwned};
 use thiserror::Error;
 use tracing::{info, warn};
@@ -64,6 +65,26 @@ pub struct Context {
     pub metrics: Metrics,
     /// Event reporter identity.
     pub reporter: Reporter,
+    /// Consecutive failed reconciles per CR, for exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+/// The backoff after `n_failures` consecutive failures: 500 ms doubling up to a minute.
+pub fn backoff(n_failures: u32) -> Duration {
+    let exponent = n_failures.saturating_sub(1).min(7);
+    (Duration::from_millis(500) * 2u32.pow(exponent)).min(MAX_BACKOFF)
+}
+
+/// The longest wait between retries of a failing CR.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+fn failure_key<K: Resource<DynamicType = ()>>(cr: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        cr.meta().namespace.as_deref().unwrap_or(""),
+        cr.meta().name.as_deref().unwrap_or("")
+    )
 }
 
 /// The API handle for one CR of a kind: namespaced or cluster-wide.
@@ -128,6 +149,9 @@ where
 {
     let started = tokio::time::Instant::now();
     let res = reconcile_inner(&*cr, &ctx).await;
+    if res.is_ok() {
+        ctx.failures.lock().remove(&failure_key(&*cr));
+    }
     ctx.metrics
         .observe_reconcile(K::kind(&()).as_ref(), started.elapsed(), res.as_ref().err());
     res
@@ -229,6 +253,38 @@ where
     let previous_ca_reason = condition_reason(current, names::condition::CLIENT_CA_RESOLVED);
     if Some(&desired) != current {
         write_status(&api, cr, &desired).await?;
+        let was = condition_status(current, names::condition::AGENT_CONNECTED);
+        let now = condition_status(Some(&desired), names::condition::AGENT_CONNECTED);
+        if was.is_some() && was != now {
+            let message = desired
+                .agent_connection
+                .as_ref()
+                .and_then(|c| c.message.clone())
+                .unwrap_or_default();
+            match now.as_deref() {
+                Some("True") => {
+                    publish(
+                        &recorder,
+                        &object_ref,
+                        EventType::Normal,
+                        "AgentConnected",
+                        &message,
+                    )
+                    .await
+                }
+                Some("False") => {
+                    publish(
+                        &recorder,
+                        &object_ref,
+                        EventType::Warning,
+                        "AgentDisconnected",
+                        &message,
+                    )
+                    .await
+                }
+                _ => {}
+            }
+        }
         if previous_ca_reason.as_deref() != Some(ca.reason) {
             let (kind, reason) = if ca.usable && ca.reason == names::reason::RESOLVED {
                 (EventType::Normal, "ClientCAResolved")
@@ -247,6 +303,14 @@ where
     } else {
         Action::requeue(RETRY_FAILED_CA)
     })
+}
+
+fn condition_status(status: Option<&BuildPlaneStatus>, type_: &str) -> Option<String> {
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.clone())
 }
 
 fn condition_reason(status: Option<&BuildPlaneStatus>, type_: &str) -> Option<String> {
@@ -291,11 +355,20 @@ async fn publish(
     }
 }
 
-/// Backoff after a failed reconcile.
-pub fn error_policy<K>(_cr: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(%err, "reconcile failed");
-    Action::requeue(match err {
-        Error::Gateway(_) => Duration::from_secs(2),
-        Error::Kube(_) => Duration::from_secs(1),
-    })
+/// Backoff after a failed reconcile: exponential per CR (see [`backoff`]).
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    cr: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = failure_key(&*cr);
+    let n_failures = {
+        let mut failures = ctx.failures.lock();
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n_failures);
+    warn!(cr = %key, %err, n_failures, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
 }

@@ -15,13 +15,16 @@ use crate::ca::CaCheck;
 /// What the gateway says about the agents of one CR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentView {
-    /// The gateway's event stream has not been read yet, or the gateway is unreachable.
-    Unknown,
     /// The number of connected agents authorised for the CR, and when one was last heard from.
     Known {
         connected_agents: u32,
         last_seen: Option<Timestamp>,
     },
+    /// The process started and has not read the gateway's first snapshot yet: the status keeps
+    /// what it shows, so a restarted controller does not churn it.
+    Pending,
+    /// The gateway is unreachable (or not configured).
+    Unknown,
 }
 
 /// Everything the status is computed from.
@@ -69,7 +72,41 @@ pub fn desired_status(
         now,
     );
 
-    let agent_connection = match observed.agents {
+    let previous_agent = conditions
+        .iter()
+        .find(|c| c.type_ == condition::AGENT_CONNECTED)
+        .cloned();
+    let (agent_connection, connected) = match observed.agents {
+        AgentView::Pending => {
+            match previous_agent {
+                Some(previous) => {
+                    // Keep the condition as it is; only the generation it describes moves.
+                    set_condition(
+                        &mut conditions,
+                        condition::AGENT_CONNECTED,
+                        &previous.status,
+                        &previous.reason,
+                        &previous.message,
+                        generation,
+                        now,
+                    );
+                }
+                None => set_condition(
+                    &mut conditions,
+                    condition::AGENT_CONNECTED,
+                    "Unknown",
+                    reason::GATEWAY_UNREACHABLE,
+                    "waiting for the cluster gateway's first report",
+                    generation,
+                    now,
+                ),
+            }
+            let connected = current
+                .agent_connection
+                .as_ref()
+                .is_some_and(|c| c.connected);
+            (current.agent_connection.clone(), connected)
+        }
         AgentView::Unknown => {
             set_condition(
                 &mut conditions,
@@ -80,7 +117,7 @@ pub fn desired_status(
                 generation,
                 now,
             );
-            current.agent_connection.clone()
+            (current.agent_connection.clone(), false)
         }
         AgentView::Known {
             connected_agents,
@@ -103,36 +140,60 @@ pub fn desired_status(
                 generation,
                 now,
             );
-            Some(AgentConnectionStatus {
+            let last_connected_time = if connected && was_connected != Some(true) {
+                Some(Time(now))
+            } else {
+                previous.last_connected_time
+            };
+            // "Heartbeat" is the last connection event the gateway reported for this CR, not
+            // every ping: per-ping updates would write every CR's status every 30 s.
+            let last_heartbeat_time = last_seen
+                .map(Time)
+                .or(previous.last_heartbeat_time)
+                .or_else(|| connected.then(|| last_connected_time.clone()).flatten());
+            let status = AgentConnectionStatus {
                 connected,
                 connected_agents: i32::try_from(connected_agents).unwrap_or(i32::MAX),
-                last_connected_time: if connected && was_connected != Some(true) {
-                    Some(Time(now))
-                } else {
-                    previous.last_connected_time
-                },
+                last_connected_time,
                 last_disconnected_time: if !connected && was_connected == Some(true) {
                     Some(Time(now))
                 } else {
                     previous.last_disconnected_time
                 },
-                last_heartbeat_time: last_seen.map(Time).or(previous.last_heartbeat_time),
+                last_heartbeat_time,
                 message: Some(message),
-            })
+            };
+            (Some(status), connected)
         }
     };
 
-    let connected = matches!(observed.agents, AgentView::Known { connected_agents, .. } if connected_agents > 0);
+    let previous_ready = conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .filter(|c| {
+            [
+                reason::AGENTS_CONNECTED,
+                reason::NO_AGENTS_CONNECTED,
+                reason::GATEWAY_UNREACHABLE,
+            ]
+            .contains(&c.reason.as_str())
+        })
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
     let (ready, ready_reason, ready_message) = if !observed.ca.usable {
         (
             "False",
             observed.ca.reason,
             format!("clientCA: {}", observed.ca.message),
         )
+    } else if let (AgentView::Pending, Some((status, reason, message))) =
+        (observed.agents, &previous_ready)
+    {
+        // The agent side of Ready is not known yet: keep what it said.
+        (status.as_str(), reason.as_str(), message.clone())
     } else if !connected {
         let why = match observed.agents {
-            AgentView::Unknown => reason::GATEWAY_UNREACHABLE,
             AgentView::Known { .. } => reason::NO_AGENTS_CONNECTED,
+            AgentView::Pending | AgentView::Unknown => reason::GATEWAY_UNREACHABLE,
         };
         (
             "False",
