@@ -100,6 +100,18 @@ impl Metrics {
         self.leader.set(i64::from(leader));
     }
 
+    /// Reconciles so far, of every kind.
+    pub fn reconciles(&self) -> u64 {
+        ["BuildPlane", "ClusterBuildPlane"]
+            .into_iter()
+            .map(|kind| {
+                self.reconciles
+                    .get_or_create(&KindLabel { kind: kind.into() })
+                    .get()
+            })
+            .sum()
+    }
+
     /// Whether this replica holds the leader lease.
     pub fn is_leader(&self) -> bool {
         self.leader.get() == 1

@@ -3,7 +3,7 @@
 //! of the internal API.
 #![allow(dead_code, unreachable_pub)]
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use buildplane_api::{
     BuildPlane, BuildPlaneSpec, ClusterAgentConfig, ClusterBuildPlane, ClusterBuildPlaneSpec,
@@ -44,12 +44,15 @@ pub struct Env {
     pub http: reqwest::Client,
     /// HTTP/1.1 only (for headers HTTP/2 cannot carry, like `Upgrade`).
     pub http1: reqwest::Client,
+    /// Files of an internal-API client (certificate, key, the gateway's serving CA), for
+    /// processes that call the internal API themselves (the controller).
+    pub internal_client_files: (PathBuf, PathBuf, PathBuf),
     pub base: String,
     pub agent_addr: SocketAddr,
     agents: Vec<CancellationToken>,
 }
 
-fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write fixture file");
     path
@@ -132,6 +135,11 @@ impl Env {
                 )
         };
         let http = client().build().expect("internal API client");
+        let internal_client_files = (
+            write(dir.path(), "internal-client.crt", &internal_client.cert_pem),
+            write(dir.path(), "internal-client.key", &internal_client.key_pem),
+            write(dir.path(), "server-ca.crt", server_ca.cert_pem()),
+        );
         let http1 = client().http1_only().build().expect("internal API client");
         let mut env = Env {
             control,
@@ -144,6 +152,7 @@ impl Env {
             gateway: None,
             http,
             http1,
+            internal_client_files,
             base: String::new(),
             agent_addr: localhost,
             agents: Vec::new(),
