@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's automation (code generation, tidy checks, e2e, benches, k3d).
 
+mod bench;
 mod codegen;
 mod e2e;
 mod tidy;
@@ -27,6 +28,8 @@ enum Command {
     Tidy,
     /// Run the end-to-end scenarios (see crates/harness/README.md).
     E2e(Box<e2e::E2eFlags>),
+    /// Run the benchmarks and write BENCHMARKS.md (see the README's Benchmarks section).
+    Bench(bench::BenchFlags),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::Codegen { check } => codegen::run(check),
         Command::Tidy => tidy::run(),
         Command::E2e(flags) => e2e::run(*flags),
+        Command::Bench(flags) => bench::run(flags),
     }
 }
 

@@ -1,0 +1,95 @@
+//! End-to-end throughput over loopback TLS: the same HTTP/1.1 client fetching 1 KiB, 64 KiB and
+//! 16 MiB responses at concurrency 1, 64 and 256 straight from the backend (`direct`), through
+//! the raw TLS byte relay (`relay`) and through the gateway and an agent (`v1`, `v2`).
+//!
+//! One iteration is one round of `concurrency` concurrent requests; throughput counts body bytes.
+//! 16 MiB runs at concurrency 1 and 64 only (a round at 256 moves 4 GiB), and not over v1, whose
+//! base64 JSON message for 16 MiB exceeds the 16 MiB WebSocket message limit.
+
+use std::time::Duration;
+
+use buildplane_benches::{Backend, KIB, MIB, Pki, Relay, Tunnel, round};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+
+fn cases() -> Vec<(usize, usize)> {
+    if buildplane_benches::quick() {
+        vec![(KIB, 1), (KIB, 64), (64 * KIB, 64), (16 * MIB, 1)]
+    } else {
+        vec![
+            (KIB, 1),
+            (KIB, 64),
+            (KIB, 256),
+            (64 * KIB, 1),
+            (64 * KIB, 64),
+            (64 * KIB, 256),
+            (16 * MIB, 1),
+            (16 * MIB, 64),
+        ]
+    }
+}
+
+fn size_name(size: usize) -> String {
+    if size >= MIB {
+        format!("{}MiB", size / MIB)
+    } else {
+        format!("{}KiB", size / KIB)
+    }
+}
+
+fn e2e(c: &mut Criterion) {
+    buildplane_benches::init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let pki = Pki::generate().expect("PKI");
+    let (backend, relay, tunnel) = rt.block_on(async {
+        let backend = Backend::start().await.expect("backend");
+        let relay = Relay::start(&pki, backend.addr).await.expect("relay");
+        let tunnel = Tunnel::start(&pki, &backend).await.expect("tunnel");
+        (backend, relay, tunnel)
+    });
+    let client = pki.http_client().expect("HTTP client");
+    let quick = buildplane_benches::quick();
+    for (size, concurrency) in cases() {
+        let bytes = (size * concurrency) as u64;
+        let mut group = c.benchmark_group(format!("e2e_{}_c{concurrency}", size_name(size)));
+        group.throughput(Throughput::Bytes(bytes));
+        if bytes >= 64 * MIB as u64 {
+            group
+                .sampling_mode(SamplingMode::Flat)
+                .sample_size(10)
+                .warm_up_time(Duration::from_millis(1))
+                .measurement_time(Duration::from_secs(1));
+        } else if quick {
+            group
+                .sample_size(10)
+                .warm_up_time(Duration::from_millis(200))
+                .measurement_time(Duration::from_millis(300));
+        } else {
+            group
+                .sample_size(20)
+                .warm_up_time(Duration::from_millis(500))
+                .measurement_time(Duration::from_millis(1500));
+        }
+        let mut paths = vec![("direct", backend.url(size)), ("relay", relay.url(size))];
+        if size < 16 * MIB {
+            paths.push(("v1", tunnel.url(1, size)));
+        }
+        paths.push(("v2", tunnel.url(2, size)));
+        for (name, url) in paths {
+            group.bench_function(name, |b| {
+                b.to_async(&rt).iter(|| async {
+                    round(&client, &url, concurrency, size)
+                        .await
+                        .unwrap_or_else(|err| panic!("{name}: {err:#}"))
+                })
+            });
+        }
+        group.finish();
+    }
+    drop(tunnel);
+}
+
+criterion_group!(benches, e2e);
+criterion_main!(benches);

@@ -1,0 +1,86 @@
+//! `buildplane-bench`: the measurements criterion cannot make, each printing one JSON object on
+//! stdout for `cargo xtask bench`.
+//!
+//! - `latency`: peak request rate of 1 KiB over v2 at concurrency 64, then open-loop latency at
+//!   half that rate for every path (direct, relay, v1, v2).
+//! - `fleet`: a gateway process and N agents in `cluster-agent swarm` processes: gateway RSS per
+//!   idle agent, and with `--storm` the gateway killed (SIGKILL) and restarted: time until every
+//!   agent is back, admission rate and reconnect delay percentiles.
+
+mod fleet;
+
+use std::time::Duration;
+
+use buildplane_benches::{Backend, KIB, Pki, Relay, Tunnel, load};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "buildplane-bench")]
+struct Flags {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Added latency at half of peak load.
+    Latency {
+        /// Shorter runs (CI smoke).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Gateway memory per idle agent, optionally a restart storm.
+    Fleet(fleet::FleetFlags),
+}
+
+fn main() -> anyhow::Result<()> {
+    buildplane_benches::init();
+    let flags = Flags::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = match flags.command {
+        Command::Latency { quick } => rt.block_on(latency(quick))?,
+        Command::Fleet(flags) => rt.block_on(fleet::run(flags))?,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+async fn latency(quick: bool) -> anyhow::Result<serde_json::Value> {
+    let pki = Pki::generate()?;
+    let backend = Backend::start().await?;
+    let relay = Relay::start(&pki, backend.addr).await?;
+    let tunnel = Tunnel::start(&pki, &backend).await?;
+    let client = pki.http_client()?;
+    let size = KIB;
+    let paths = [
+        ("direct", backend.url(size)),
+        ("relay", relay.url(size)),
+        ("v1", tunnel.url(1, size)),
+        ("v2", tunnel.url(2, size)),
+    ];
+    for (_, url) in &paths {
+        load::round(&client, url, 64, size).await?;
+    }
+    let peak_for = Duration::from_millis(if quick { 500 } else { 3000 });
+    let measure_for = Duration::from_millis(if quick { 1000 } else { 5000 });
+    let peak = load::peak_rate(&client, &paths[3].1, 64, peak_for).await?;
+    let rate = peak / 2.0;
+    let mut report = serde_json::json!({
+        "size": size,
+        "peak_concurrency": 64,
+        "peak_rps_v2": peak,
+        "rate": rate,
+    });
+    for (name, url) in &paths {
+        let latency = load::open_loop(&client, url, rate, measure_for).await?;
+        report[*name] = serde_json::to_value(latency)?;
+    }
+    let p99 = |name: &str| report[name]["p99_ms"].as_f64().unwrap_or(f64::NAN);
+    let (direct, relay, v2) = (p99("direct"), p99("relay"), p99("v2"));
+    report["added_p99_ms_v2"] = (v2 - direct).into();
+    report["added_p99_ms_relay"] = (relay - direct).into();
+    drop(tunnel);
+    Ok(report)
+}

@@ -1,0 +1,946 @@
+//! `cargo xtask bench`: runs the criterion benches of `benches/` and `buildplane-bench` (latency,
+//! idle memory, restart storm), writes `BENCHMARKS.md` and `target/bench/bench.json`, and
+//! compares with a saved baseline.
+//!
+//! `--quick` is the CI smoke: the dev profile (no release build), short runs, 100 agents, the
+//! report under `target/bench/`; it checks that every figure was produced and never fails on a
+//! wall-clock figure or a target.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, bail, format_err};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::project_root;
+
+/// Flags of `cargo xtask bench`.
+#[derive(Args)]
+pub(crate) struct BenchFlags {
+    /// CI smoke: dev profile, short runs, small fleet; never fails on timings.
+    #[arg(long)]
+    quick: bool,
+    /// Save this run as baseline NAME (`target/bench/baselines/NAME.json`).
+    #[arg(long, value_name = "NAME")]
+    save_baseline: Option<String>,
+    /// Compare with baseline NAME; exit non-zero if a figure regressed beyond --threshold.
+    #[arg(long, value_name = "NAME")]
+    baseline: Option<String>,
+    /// Regression threshold in percent (a figure worse than the baseline by more fails).
+    #[arg(long, default_value_t = 20.0)]
+    threshold: f64,
+    /// Agents of the storm (and of the first memory point).
+    #[arg(long)]
+    storm_agents: Option<usize>,
+}
+
+/// Higher or lower is better.
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+struct Figure {
+    value: f64,
+    unit: &'static str,
+    better: Better,
+}
+
+#[derive(Default)]
+struct Figures(BTreeMap<String, Figure>);
+
+impl Figures {
+    fn put(&mut self, name: impl Into<String>, value: f64, unit: &'static str, better: Better) {
+        if value.is_finite() {
+            self.0.insert(
+                name.into(),
+                Figure {
+                    value,
+                    unit,
+                    better,
+                },
+            );
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<f64> {
+        self.0.get(name).map(|f| f.value)
+    }
+}
+
+/// One criterion result.
+struct Estimate {
+    group: String,
+    function: String,
+    value: Option<String>,
+    mean_ns: f64,
+    /// Bytes or elements per iteration.
+    per_iter: f64,
+}
+
+pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
+    let root = project_root();
+    let started = SystemTime::now();
+    let target = target_dir(&root)?;
+    let (profile_args, profile_dir): (&[&str], &str) = if flags.quick {
+        (&["--profile", "dev"], "debug")
+    } else {
+        (&["--release"], "release")
+    };
+    let bin_dir = target.join(profile_dir);
+    let out_dir = target.join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+
+    eprintln!("== building the gateway, the agent and buildplane-bench");
+    cargo(
+        &root,
+        &[
+            &["build"],
+            profile_args,
+            &[
+                "-p",
+                "cluster-gateway",
+                "-p",
+                "cluster-agent",
+                "-p",
+                "buildplane-benches",
+            ],
+            &["--bins"],
+        ]
+        .concat(),
+        flags.quick,
+    )?;
+
+    eprintln!("== criterion benches (codec, e2e, handshake)");
+    let bench_profile: &[&str] = if flags.quick {
+        &["--profile", "dev"]
+    } else {
+        &[]
+    };
+    cargo(
+        &root,
+        &[
+            &["bench"],
+            bench_profile,
+            &[
+                "-p",
+                "buildplane-benches",
+                "--bench",
+                "codec",
+                "--bench",
+                "e2e",
+            ],
+            &["--bench", "handshake", "--", "--noplot"],
+        ]
+        .concat(),
+        flags.quick,
+    )?;
+    let estimates = read_criterion(&target.join("criterion"), started)?;
+
+    let bench = bin_dir.join("buildplane-bench");
+    eprintln!("== latency at half of peak load");
+    let latency = run_json(
+        &bench,
+        &[
+            &["latency"][..],
+            if flags.quick { &["--quick"] } else { &[] },
+        ]
+        .concat(),
+    )?;
+
+    let storm_agents = flags
+        .storm_agents
+        .unwrap_or(if flags.quick { 100 } else { 1000 });
+    let bin = bin_dir.display().to_string();
+    eprintln!("== fleet of {storm_agents} agents: idle memory, then a gateway restart storm");
+    let storm_count = storm_agents.to_string();
+    let fleet_small = run_json(
+        &bench,
+        &[
+            "fleet",
+            "--count",
+            &storm_count,
+            "--processes",
+            "2",
+            "--bin-dir",
+            &bin,
+            "--storm",
+        ],
+    )?;
+    let fleet_large = if flags.quick {
+        None
+    } else {
+        eprintln!("== fleet of 10000 agents: idle memory");
+        Some(run_json(
+            &bench,
+            &[
+                "fleet",
+                "--count",
+                "10000",
+                "--processes",
+                "4",
+                "--bin-dir",
+                &bin,
+            ],
+        )?)
+    };
+
+    let mut figures = Figures::default();
+    collect_criterion(&estimates, &mut figures);
+    collect_json(&latency, &fleet_small, fleet_large.as_ref(), &mut figures);
+    let missing = missing_figures(&figures, flags.quick);
+    let targets = targets(&figures, flags.quick);
+    let machine = machine();
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
+    let report = json!({
+        "date": date,
+        "quick": flags.quick,
+        "machine": machine,
+        "figures": figures.0.iter().map(|(k, f)| (k.clone(), json!({"value": f.value, "unit": f.unit, "better": if f.better == Better::Higher { "higher" } else { "lower" }}))).collect::<serde_json::Map<_, _>>(),
+        "targets": targets.iter().map(|t| json!({"name": t.name, "value": t.value, "target": t.target, "met": t.met})).collect::<Vec<_>>(),
+        "raw": {"latency": latency, "fleet": fleet_small, "fleet_10k": fleet_large},
+    });
+    let json_path = out_dir.join(if flags.quick {
+        "bench-quick.json"
+    } else {
+        "bench.json"
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    let markdown_path = if flags.quick {
+        out_dir.join("BENCHMARKS.md")
+    } else {
+        root.join("BENCHMARKS.md")
+    };
+    let notes = std::fs::read_to_string(root.join("BENCHMARKS.md"))
+        .ok()
+        .and_then(|text| text.find(NOTES_MARKER).map(|at| text[at..].to_owned()));
+    std::fs::write(
+        &markdown_path,
+        markdown(&report, &figures, &targets, notes.as_deref()),
+    )?;
+    eprintln!(
+        "wrote {} and {}",
+        markdown_path.display(),
+        json_path.display()
+    );
+    for t in &targets {
+        eprintln!(
+            "target {:<48} {:>10.3} vs {:<10} {}",
+            t.name,
+            t.value,
+            t.target,
+            if t.met { "met" } else { "NOT MET" }
+        );
+    }
+
+    let mut failed = Vec::new();
+    if !missing.is_empty() {
+        failed.push(format!("figures not produced: {}", missing.join(", ")));
+    }
+    if let Some(name) = &flags.save_baseline {
+        let dir = out_dir.join("baselines");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&json_path, dir.join(format!("{name}.json")))?;
+        eprintln!("saved baseline {name}");
+    }
+    if let Some(name) = &flags.baseline {
+        let path = out_dir.join("baselines").join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading baseline {}", path.display()))?;
+        let baseline: Value = serde_json::from_str(&text)?;
+        let regressions = compare(&baseline, &figures, flags.threshold);
+        if regressions.is_empty() {
+            eprintln!(
+                "no figure regressed by more than {}% against {name}",
+                flags.threshold
+            );
+        } else if flags.quick {
+            eprintln!(
+                "--quick does not fail on timings; {} figure(s) worse than {name} by more than {}%:\n  {}",
+                regressions.len(),
+                flags.threshold,
+                regressions.join("\n  ")
+            );
+        } else {
+            failed.push(format!(
+                "{} figure(s) regressed by more than {}% against baseline {name}:\n  {}",
+                regressions.len(),
+                flags.threshold,
+                regressions.join("\n  ")
+            ));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("\n"));
+    }
+    Ok(())
+}
+
+const NOTES_MARKER: &str = "<!-- notes: kept across runs -->";
+
+fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(root)
+        .output()?;
+    let metadata: Value = serde_json::from_slice(&output.stdout)?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| format_err!("cargo metadata has no target_directory"))
+}
+
+fn cargo(root: &Path, args: &[&str], quick: bool) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.args(args).current_dir(root);
+    if quick {
+        command.env("BUILDPLANE_BENCH_QUICK", "1");
+    }
+    let status = command.status()?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn run_json(bin: &Path, args: &[&str]) -> anyhow::Result<Value> {
+    let output = Command::new(bin)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !output.status.success() {
+        bail!("{} {} failed", bin.display(), args.join(" "));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format_err!("{} printed no JSON", bin.display()))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let output = Command::new(program).args(args).output().ok()?;
+    Some(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Every `new/benchmark.json` under `dir` written since `since`, with its estimates.
+fn read_criterion(dir: &Path, since: SystemTime) -> anyhow::Result<Vec<Estimate>> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let fresh = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m >= since);
+            if !fresh
+                || path.file_name().is_none_or(|n| n != "benchmark.json")
+                || path
+                    .parent()
+                    .and_then(Path::file_name)
+                    .is_none_or(|n| n != "new")
+            {
+                continue;
+            }
+            let benchmark: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+            let estimates: Value = serde_json::from_str(&std::fs::read_to_string(
+                path.with_file_name("estimates.json"),
+            )?)?;
+            let throughput = &benchmark["throughput"];
+            let per_iter = throughput["Bytes"]
+                .as_f64()
+                .or_else(|| throughput["BytesDecimal"].as_f64())
+                .or_else(|| throughput["Elements"].as_f64())
+                .unwrap_or(1.0);
+            found.push(Estimate {
+                group: benchmark["group_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                function: benchmark["function_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                value: benchmark["value_str"].as_str().map(str::to_owned),
+                mean_ns: estimates["mean"]["point_estimate"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+                per_iter,
+            });
+        }
+    }
+    Ok(found)
+}
+
+fn collect_criterion(estimates: &[Estimate], figures: &mut Figures) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    for e in estimates {
+        let per_sec = e.per_iter / (e.mean_ns * 1e-9);
+        if e.group == "codec" {
+            let size = e.value.clone().unwrap_or_default();
+            figures.put(
+                format!("codec.{}.{size}", e.function),
+                per_sec / MIB,
+                "MiB/s",
+                Better::Higher,
+            );
+            figures.put(
+                format!("codec.{}.{size}.per_msg", e.function),
+                1e9 / e.mean_ns,
+                "msg/s",
+                Better::Higher,
+            );
+        } else if let Some(case) = e.group.strip_prefix("e2e_") {
+            figures.put(
+                format!("e2e.{case}.{}", e.function),
+                per_sec / MIB,
+                "MiB/s",
+                Better::Higher,
+            );
+        } else if e.group == "handshake" {
+            figures.put(
+                format!("handshake.{}", e.function),
+                per_sec,
+                "1/s",
+                Better::Higher,
+            );
+        }
+    }
+}
+
+fn collect_json(
+    latency: &Value,
+    fleet: &Value,
+    fleet_large: Option<&Value>,
+    figures: &mut Figures,
+) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    figures.put(
+        "latency.peak_rps_v2",
+        f(&latency["peak_rps_v2"]),
+        "req/s",
+        Better::Higher,
+    );
+    for path in ["direct", "relay", "v1", "v2"] {
+        figures.put(
+            format!("latency.{path}.p50"),
+            f(&latency[path]["p50_ms"]),
+            "ms",
+            Better::Lower,
+        );
+        figures.put(
+            format!("latency.{path}.p99"),
+            f(&latency[path]["p99_ms"]),
+            "ms",
+            Better::Lower,
+        );
+    }
+    figures.put(
+        "latency.added_p99_v2",
+        f(&latency["added_p99_ms_v2"]),
+        "ms",
+        Better::Lower,
+    );
+    figures.put(
+        "latency.added_p99_relay",
+        f(&latency["added_p99_ms_relay"]),
+        "ms",
+        Better::Lower,
+    );
+    let count = fleet["count"].as_u64().unwrap_or(0);
+    figures.put(
+        format!("memory.per_agent.{count}"),
+        f(&fleet["rss_per_agent_kib"]),
+        "KiB",
+        Better::Lower,
+    );
+    figures.put(
+        format!("memory.per_cr.{count}"),
+        f(&fleet["rss_per_cr_kib"]),
+        "KiB",
+        Better::Lower,
+    );
+    if let Some(large) = fleet_large {
+        let count = large["count"].as_u64().unwrap_or(0);
+        figures.put(
+            format!("memory.per_agent.{count}"),
+            f(&large["rss_per_agent_kib"]),
+            "KiB",
+            Better::Lower,
+        );
+        figures.put(
+            format!("memory.per_cr.{count}"),
+            f(&large["rss_per_cr_kib"]),
+            "KiB",
+            Better::Lower,
+        );
+        figures.put(
+            format!("fleet.initial_connect.{count}"),
+            f(&large["initial_connect_secs"]),
+            "s",
+            Better::Lower,
+        );
+    }
+    let storm = &fleet["storm"];
+    figures.put(
+        "storm.all_back",
+        f(&storm["all_back_secs"]),
+        "s",
+        Better::Lower,
+    );
+    figures.put(
+        "storm.gateway_restart",
+        f(&storm["events_subscribed_secs"]),
+        "s",
+        Better::Lower,
+    );
+    figures.put(
+        "storm.admission_rate_peak",
+        f(&storm["admission_rate_peak_1s"]),
+        "1/s",
+        Better::Higher,
+    );
+    figures.put(
+        "storm.admission_rate_mean",
+        f(&storm["admission_rate_mean"]),
+        "1/s",
+        Better::Higher,
+    );
+    for q in ["p50", "p90", "p99"] {
+        figures.put(
+            format!("storm.reconnect_{q}"),
+            f(&storm[format!("reconnect_{q}_secs")]),
+            "s",
+            Better::Lower,
+        );
+    }
+}
+
+/// Figures every run must produce (a missing one means a bench silently did not run).
+fn missing_figures(figures: &Figures, quick: bool) -> Vec<String> {
+    let mut expected = vec![
+        "codec.v1_encode.65536".to_owned(),
+        "codec.v2_decode.1048576".into(),
+        "handshake.raw_rustls".into(),
+        "handshake.gateway_admission".into(),
+        "latency.added_p99_v2".into(),
+        "storm.all_back".into(),
+        "storm.admission_rate_peak".into(),
+    ];
+    for path in ["direct", "relay", "v1", "v2"] {
+        expected.push(format!("e2e.1KiB_c64.{path}"));
+        expected.push(format!("e2e.64KiB_c64.{path}"));
+    }
+    for path in ["direct", "relay", "v2"] {
+        expected.push(format!("e2e.16MiB_c{}.{path}", if quick { 1 } else { 64 }));
+    }
+    if !quick {
+        expected.push("memory.per_agent.10000".into());
+    }
+    expected.retain(|name| figures.get(name).is_none());
+    expected
+}
+
+struct Target {
+    name: String,
+    value: f64,
+    target: String,
+    met: bool,
+}
+
+fn targets(figures: &Figures, quick: bool) -> Vec<Target> {
+    let ratio = |a: &str, b: &str| match (figures.get(a), figures.get(b)) {
+        (Some(a), Some(b)) if b > 0.0 => a / b,
+        _ => f64::NAN,
+    };
+    let large = if quick { "16MiB_c1" } else { "16MiB_c64" };
+    let memory = figures
+        .0
+        .iter()
+        .filter(|(k, _)| k.starts_with("memory.per_agent."))
+        .max_by_key(|(k, _)| k.rsplit('.').next().and_then(|n| n.parse::<u64>().ok()))
+        .map(|(k, f)| (k.clone(), f.value));
+    let (memory_name, memory_value) = memory.unwrap_or(("memory.per_agent".into(), f64::NAN));
+    let mut targets = vec![
+        (
+            "v2 / raw TLS relay, 1 KiB, c64".to_owned(),
+            ratio("e2e.1KiB_c64.v2", "e2e.1KiB_c64.relay"),
+            ">= 0.7",
+            0.7,
+            true,
+        ),
+        (
+            format!("v2 / raw TLS relay, 16 MiB, {}", &large[6..]),
+            ratio(&format!("e2e.{large}.v2"), &format!("e2e.{large}.relay")),
+            ">= 0.6",
+            0.6,
+            true,
+        ),
+        (
+            "v2 / v1, 64 KiB, c64".into(),
+            ratio("e2e.64KiB_c64.v2", "e2e.64KiB_c64.v1"),
+            ">= 3",
+            3.0,
+            true,
+        ),
+        (
+            "added p99 latency at half of peak (ms)".into(),
+            figures.get("latency.added_p99_v2").unwrap_or(f64::NAN),
+            "<= 2",
+            2.0,
+            false,
+        ),
+        (
+            "storm admission peak / raw handshakes".into(),
+            ratio("storm.admission_rate_peak", "handshake.raw_rustls"),
+            ">= 0.5",
+            0.5,
+            true,
+        ),
+        (
+            format!(
+                "gateway KiB per idle agent ({})",
+                memory_name.rsplit('.').next().unwrap_or("")
+            ),
+            memory_value,
+            "<= 48",
+            48.0,
+            false,
+        ),
+    ];
+    targets
+        .drain(..)
+        .map(|(name, value, target, limit, higher)| Target {
+            met: if higher {
+                value >= limit
+            } else {
+                value <= limit
+            },
+            name,
+            value,
+            target: target.into(),
+        })
+        .collect()
+}
+
+/// Figures worse than the baseline's by more than `threshold` percent.
+fn compare(baseline: &Value, figures: &Figures, threshold: f64) -> Vec<String> {
+    let mut regressions = Vec::new();
+    let Some(old) = baseline["figures"].as_object() else {
+        return vec!["the baseline has no figures".into()];
+    };
+    for (name, figure) in &figures.0 {
+        let Some(before) = old.get(name).and_then(|f| f["value"].as_f64()) else {
+            continue;
+        };
+        if before == 0.0 {
+            continue;
+        }
+        let change = (figure.value - before) / before.abs() * 100.0;
+        let worse = match figure.better {
+            Better::Higher => -change,
+            Better::Lower => change,
+        };
+        // Sub-millisecond latencies and tiny memory deltas are noise-dominated: compare those
+        // only when the absolute change is material too.
+        let material = match figure.unit {
+            "ms" => (figure.value - before).abs() > 0.5,
+            "KiB" => (figure.value - before).abs() > 4.0,
+            _ => true,
+        };
+        if worse > threshold && material {
+            regressions.push(format!(
+                "{name}: {before:.3} -> {:.3} {} ({worse:+.1}% worse)",
+                figure.value, figure.unit
+            ));
+        }
+    }
+    regressions
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let rustc = command_output("rustc", &["--version"]).unwrap_or_default();
+    json!({"cpu": model, "cpus": cpus, "memory": memory, "kernel": kernel, "rustc": rustc})
+}
+
+fn fmt(value: Option<f64>) -> String {
+    match value {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) if v >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+        None => "–".into(),
+    }
+}
+
+fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option<&str>) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let m = &report["machine"];
+    let quick = report["quick"].as_bool().unwrap_or(false);
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Generated by `cargo xtask bench{}` on {}.",
+        if quick { " --quick" } else { "" },
+        report["date"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        md,
+        "Machine: {} × {} (/proc/cpuinfo), {} RAM, Linux {}, {}.",
+        m["cpus"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["memory"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or(""),
+        m["rustc"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        md,
+        "Everything runs on this one machine over 127.0.0.1: load generator, gateway, agents and backend share its cores, so ratios measured in the same run matter more than absolute figures.\n"
+    );
+    if quick {
+        let _ = writeln!(
+            md,
+            "**Quick (CI smoke) run: dev profile, short samples; the figures are not representative.**\n"
+        );
+    }
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(md, "| target | measured | goal | |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for t in targets {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            t.name,
+            fmt(t.value.is_finite().then_some(t.value)),
+            t.target,
+            if t.met { "met" } else { "**not met**" }
+        );
+    }
+    let _ = writeln!(md, "\n## End to end (MiB/s of response bodies)\n");
+    let _ = writeln!(
+        md,
+        "Client → gateway internal API (mTLS, HTTP/1.1) → tunnel (WebSocket over TLS) → agent → backend (HTTP/1.1), against the same client straight to the backend and a raw TLS byte relay with the same hops (client → relay → TLS → relay → backend). One iteration is one round of `c` concurrent requests.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| body, concurrency | direct | raw relay | v1 | v2 | v2/relay | v2/v1 |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for case in [
+        "1KiB_c1",
+        "1KiB_c64",
+        "1KiB_c256",
+        "64KiB_c1",
+        "64KiB_c64",
+        "64KiB_c256",
+        "16MiB_c1",
+        "16MiB_c64",
+    ] {
+        let get = |p: &str| figures.get(&format!("e2e.{case}.{p}"));
+        if get("v2").is_none() {
+            continue;
+        }
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            case.replace('_', ", "),
+            fmt(get("direct")),
+            fmt(get("relay")),
+            if case.starts_with("16MiB") {
+                "n/a¹".into()
+            } else {
+                fmt(get("v1"))
+            },
+            fmt(get("v2")),
+            fmt(ratio(get("v2"), get("relay"))),
+            fmt(ratio(get("v2"), get("v1"))),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n¹ v1 carries a body base64-encoded in one JSON text message; 16 MiB becomes about 21 MiB, over the 16 MiB message limit. 16 MiB at c256 is not run (4 GiB per round).\n"
+    );
+    let _ = writeln!(md, "## Latency at half of peak load (1 KiB)\n");
+    let _ = writeln!(
+        md,
+        "Peak over v2 at c64: {} req/s; open-loop load at half of it, latency from each request's scheduled start.\n",
+        fmt(figures.get("latency.peak_rps_v2"))
+    );
+    let _ = writeln!(md, "| path | p50 ms | p99 ms |");
+    let _ = writeln!(md, "|---|---|---|");
+    for path in ["direct", "relay", "v1", "v2"] {
+        let _ = writeln!(
+            md,
+            "| {path} | {} | {} |",
+            fmt(figures.get(&format!("latency.{path}.p50"))),
+            fmt(figures.get(&format!("latency.{path}.p99")))
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nAdded p99 (v2 − direct): {} ms; raw relay − direct: {} ms.\n",
+        fmt(figures.get("latency.added_p99_v2")),
+        fmt(figures.get("latency.added_p99_relay"))
+    );
+    let _ = writeln!(md, "## Handshakes\n");
+    let _ = writeln!(
+        md,
+        "Full mTLS handshakes (ECDSA P-256, TLS 1.3, no resumption, ring), 32 in flight, client and server on the same machine.\n"
+    );
+    let _ = writeln!(md, "| | per second |");
+    let _ = writeln!(md, "|---|---|");
+    let _ = writeln!(
+        md,
+        "| raw rustls (same server config) | {} |",
+        fmt(figures.get("handshake.raw_rustls"))
+    );
+    let _ = writeln!(
+        md,
+        "| gateway admission (TLS + upgrade + admit + register) | {} |",
+        fmt(figures.get("handshake.gateway_admission"))
+    );
+    let storm = &report["raw"]["fleet"]["storm"];
+    let _ = writeln!(md, "\n## Restart storm\n");
+    let _ = writeln!(
+        md,
+        "{} agents in {} `cluster-agent swarm` processes (backoff base {}, cap {}, full jitter); the gateway process is killed (SIGKILL) and started again on the same ports. Times from the kill.\n",
+        storm["count"],
+        report["raw"]["fleet"]["processes"],
+        storm["backoff_base"].as_str().unwrap_or(""),
+        storm["backoff_cap"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(md, "| figure | value |");
+    let _ = writeln!(md, "|---|---|");
+    for (label, name, unit) in [
+        ("gateway serving again", "storm.gateway_restart", "s"),
+        ("all agents back", "storm.all_back", "s"),
+        (
+            "admission rate, peak 1 s window",
+            "storm.admission_rate_peak",
+            "/s",
+        ),
+        (
+            "admission rate, mean first → last",
+            "storm.admission_rate_mean",
+            "/s",
+        ),
+        ("reconnect delay p50", "storm.reconnect_p50", "s"),
+        ("reconnect delay p90", "storm.reconnect_p90", "s"),
+        ("reconnect delay p99", "storm.reconnect_p99", "s"),
+    ] {
+        let _ = writeln!(md, "| {label} | {} {unit} |", fmt(figures.get(name)));
+    }
+    let _ = writeln!(md, "\n## Idle memory\n");
+    let _ = writeln!(
+        md,
+        "Gateway VmRSS with every agent connected and idle, minus VmRSS with every BuildPlane loaded and no connection, per agent.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| agents | KiB per agent | KiB per BuildPlane (reflector) |"
+    );
+    let _ = writeln!(md, "|---|---|---|");
+    for (name, _) in figures
+        .0
+        .iter()
+        .filter(|(k, _)| k.starts_with("memory.per_agent."))
+    {
+        let count = name.rsplit('.').next().unwrap_or("");
+        let _ = writeln!(
+            md,
+            "| {count} | {} | {} |",
+            fmt(figures.get(name)),
+            fmt(figures.get(&format!("memory.per_cr.{count}")))
+        );
+    }
+    let _ = writeln!(md, "\n## Codec (one response message)\n");
+    let _ = writeln!(
+        md,
+        "v1: `HTTPTunnelResponse` JSON with a base64 body; v2: `ResponseHead`, one `Data`, `End` (a fresh buffer per frame). MiB/s of body (0 B: messages/s).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| body | v1 encode | v1 decode | v2 encode | v2 decode |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for (label, size) in [
+        ("0 B", "0"),
+        ("1 KiB", "1024"),
+        ("64 KiB", "65536"),
+        ("1 MiB", "1048576"),
+    ] {
+        let get = |f: &str| {
+            if size == "0" {
+                figures.get(&format!("codec.{f}.{size}.per_msg"))
+            } else {
+                figures.get(&format!("codec.{f}.{size}"))
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} |",
+            fmt(get("v1_encode")),
+            fmt(get("v1_decode")),
+            fmt(get("v2_encode")),
+            fmt(get("v2_decode"))
+        );
+    }
+    let _ = writeln!(md, "\n## Running\n");
+    let _ = writeln!(
+        md,
+        "`cargo xtask bench` (about 15 minutes on 2 cores after the release build) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings).\n"
+    );
+    match notes {
+        Some(notes) => md.push_str(notes),
+        None => {
+            let _ = writeln!(md, "{NOTES_MARKER}\n## Notes\n");
+        }
+    }
+    md
+}
