@@ -544,7 +544,9 @@ async fn notify(State(shared): State<Arc<Shared>>, Json(body): Json<Notify>) -> 
     } else {
         "revalidate"
     };
-    let (granted, revoked) = crate::revalidate(&shared);
+    // The plane's connections now, so the answer says what changed; every other connection
+    // (a planeID edit moves CRs between planes) follows through the reflectors' revalidation.
+    let (granted, revoked) = crate::revalidate_planes(&shared, Some(&body.plane_id));
     Json(json!({"success": true, "action": action, "authorizationsGranted": granted, "authorizationsRevoked": revoked})).into_response()
 }
 

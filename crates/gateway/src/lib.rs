@@ -132,10 +132,19 @@ where
 /// Re-verifies every live connection against the current CRs and Secrets; closes connections
 /// authorised for nothing. Returns (granted, revoked).
 pub fn revalidate(shared: &Shared) -> (usize, usize) {
+    revalidate_planes(shared, None)
+}
+
+/// [`revalidate`] for the connections of one planeID only (or all with `None`).
+pub fn revalidate_planes(shared: &Shared, plane_id: Option<&str>) -> (usize, usize) {
     shared.trust.prune_deleted();
+    let index = shared.trust.index(plane_id);
     let (mut granted, mut revoked) = (0, 0);
     for conn in shared.registry.all() {
-        let admission = shared.trust.admit(&conn.plane_id, &conn.chain);
+        if plane_id.is_some_and(|p| p != conn.plane_id) {
+            continue;
+        }
+        let admission = index.admit(&conn.plane_id, &conn.chain);
         if admission.granted.is_empty() {
             // Authorised for nothing: close it; its `disconnected` event carries the CRs it lost.
             revoked += conn.crs.read().len();

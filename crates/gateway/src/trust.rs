@@ -188,6 +188,59 @@ impl Trust {
 
     /// Admission of a chain for a planeID: every CR with that planeID whose CA verifies it.
     pub fn admit(&self, plane_id: &str, chain: &[CertificateDer<'static>]) -> Admission {
+        self.index(Some(plane_id)).admit(plane_id, chain)
+    }
+
+    /// The CRs (of one planeID, or all) that may admit agents, with their CA bundles parsed
+    /// once: revalidating many connections costs one pass over the stores, not one per
+    /// connection.
+    pub fn index(&self, plane_id: Option<&str>) -> TrustIndex {
+        let mut index = TrustIndex::default();
+        let mut parsed: HashMap<Vec<u8>, Result<Arc<ClientCaBundle>, String>> = HashMap::new();
+        let mut add = |key: CrKey, plane: String, ca: Result<Vec<u8>, String>| {
+            let bundle = ca.and_then(|pem| {
+                parsed
+                    .entry(pem)
+                    .or_insert_with_key(|pem| {
+                        ClientCaBundle::from_pem(pem)
+                            .map(Arc::new)
+                            .map_err(|e| e.to_string())
+                    })
+                    .clone()
+            });
+            index.by_plane.entry(plane).or_default().push((key, bundle));
+        };
+        let wanted = |plane: &str| plane_id.is_none_or(|p| p == plane);
+        for cr in self.namespaced.state() {
+            let plane = cr.effective_plane_id();
+            if wanted(&plane) && self.may_admit(cr.as_ref()) {
+                add(cr.cr_key(), plane, self.client_ca(cr.as_ref()));
+            }
+        }
+        for cr in self.cluster.state() {
+            let plane = cr.effective_plane_id();
+            if wanted(&plane) && self.may_admit(cr.as_ref()) {
+                add(cr.cr_key(), plane, self.client_ca(cr.as_ref()));
+            }
+        }
+        index
+    }
+
+    /// Not being deleted, and not reported deleted by the controller.
+    fn may_admit<K: PlaneCr>(&self, cr: &K) -> bool {
+        cr.meta().deletion_timestamp.is_none() && !self.is_deleted(&cr.cr_key(), &cr.meta().uid)
+    }
+}
+
+/// The admitting CRs by planeID at one moment (see [`Trust::index`]).
+#[derive(Default)]
+pub struct TrustIndex {
+    by_plane: HashMap<String, Vec<(CrKey, Result<Arc<ClientCaBundle>, String>)>>,
+}
+
+impl TrustIndex {
+    /// Admission of a chain for a planeID: every CR with that planeID whose CA verifies it.
+    pub fn admit(&self, plane_id: &str, chain: &[CertificateDer<'static>]) -> Admission {
         let mut admission = Admission {
             granted: BTreeSet::new(),
             refused: Vec::new(),
@@ -196,40 +249,18 @@ impl Trust {
             return admission;
         };
         let now = UnixTime::now();
-        let mut check = |key: CrKey, ca: Result<Vec<u8>, String>| {
-            let verdict = ca
-                .and_then(|pem| ClientCaBundle::from_pem(&pem).map_err(|e| e.to_string()))
-                .and_then(|bundle| {
-                    bundle
-                        .verify_client(end_entity, intermediates, now)
-                        .map_err(|e| e.to_string())
-                });
+        for (key, bundle) in self.by_plane.get(plane_id).into_iter().flatten() {
+            let verdict = bundle.as_ref().map_err(Clone::clone).and_then(|bundle| {
+                bundle
+                    .verify_client(end_entity, intermediates, now)
+                    .map_err(|e| e.to_string())
+            });
             match verdict {
                 Ok(()) => {
-                    admission.granted.insert(key);
+                    admission.granted.insert(key.clone());
                 }
-                Err(reason) => admission.refused.push((key, reason)),
+                Err(reason) => admission.refused.push((key.clone(), reason)),
             }
-        };
-        for cr in self
-            .namespaced
-            .state()
-            .iter()
-            .filter(|cr| cr.effective_plane_id() == plane_id)
-            .filter(|cr| cr.metadata.deletion_timestamp.is_none())
-            .filter(|cr| !self.is_deleted(&cr.cr_key(), &cr.metadata.uid))
-        {
-            check(cr.cr_key(), self.client_ca(cr.as_ref()));
-        }
-        for cr in self
-            .cluster
-            .state()
-            .iter()
-            .filter(|cr| cr.effective_plane_id() == plane_id)
-            .filter(|cr| cr.metadata.deletion_timestamp.is_none())
-            .filter(|cr| !self.is_deleted(&cr.cr_key(), &cr.metadata.uid))
-        {
-            check(cr.cr_key(), self.client_ca(cr.as_ref()));
         }
         admission
     }
