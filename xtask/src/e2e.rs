@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail, format_err};
 use buildplane_harness::backend::Backend;
-use buildplane_harness::backend::k3d::K3dBackend;
+use buildplane_harness::backend::k3d::{K3dBackend, K3dBackendOptions, Setup};
 use buildplane_harness::backend::kubeconfig::KubeconfigBackend;
 use buildplane_harness::backend::sim::SimBackend;
 use buildplane_harness::runner::{RunOptions, run_suite, summary_table};
@@ -55,6 +55,15 @@ pub(crate) struct E2eFlags {
     /// Do not build the component binaries (use what is in the target directory).
     #[arg(long)]
     no_build: bool,
+    /// k3d backend: keep the clusters after the run (delete them later with `cargo xtask k3d down`).
+    #[arg(long)]
+    keep: bool,
+    /// k3d backend: print the commands that set up and tear down the clusters instead of running.
+    #[arg(long)]
+    dry_run: bool,
+    /// k3d backend: k3s image of both clusters (default: k3d/values.yaml, or K3S_IMAGE).
+    #[arg(long, env = "K3S_IMAGE")]
+    k3s_image: Option<String>,
     /// kubeconfig backend: the kubeconfig file.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -152,6 +161,10 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
     });
     let scenarios = load(&scenario_dir)?;
     progress(format!("{} scenario files checked", scenarios.len()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut k3d_backend = None;
     let backend: Arc<dyn Backend> = match flags.backend {
         BackendKind::Sim => {
             let binaries = if flags.no_build {
@@ -165,7 +178,27 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
             };
             Arc::new(SimBackend::new(binaries))
         }
-        BackendKind::K3d => Arc::new(K3dBackend),
+        BackendKind::K3d => {
+            let layout = crate::k3d::layout(flags.k3s_image.clone())?;
+            if flags.dry_run {
+                print!("{}", buildplane_harness::k3d::plan::up(&layout).script());
+                if !flags.keep {
+                    print!("{}", buildplane_harness::k3d::plan::down(&layout).script());
+                }
+                return Ok(());
+            }
+            let backend = Arc::new(K3dBackend::new(K3dBackendOptions {
+                root: root.clone(),
+                layout,
+                setup: Setup::Up,
+                progress: progress.clone(),
+            }));
+            // Set up once before any scenario, so missing tools give one message, not one per
+            // scenario.
+            runtime.block_on(backend.prepare())?;
+            k3d_backend = Some(backend.clone());
+            backend
+        }
         BackendKind::Kubeconfig => Arc::new(KubeconfigBackend {
             kubeconfig: flags
                 .kubeconfig
@@ -206,10 +239,12 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
         work_dir: report_dir.join("work"),
         verbose: true,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let suite = runtime.block_on(run_suite(backend, scenarios, options, progress.clone()));
+    if let Some(k3d) = k3d_backend
+        && let Err(err) = runtime.block_on(k3d.finish(flags.keep))
+    {
+        progress(format!("tearing down the k3d clusters failed: {err}"));
+    }
     let paths = report::write_all(&suite, &report_dir).context("writing the reports")?;
     for path in paths {
         progress(format!("report: {}", path.display()));

@@ -3,6 +3,7 @@
 mod bench;
 mod codegen;
 mod e2e;
+mod k3d;
 mod tidy;
 
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ enum Command {
     Tidy,
     /// Run the end-to-end scenarios (see crates/harness/README.md).
     E2e(Box<e2e::E2eFlags>),
+    /// Create, deploy, inspect or delete the k3d clusters; render k3d/ from k3d/values.yaml.
+    K3d(k3d::K3dFlags),
     /// Run the benchmarks and write BENCHMARKS.md (see the README's Benchmarks section).
     Bench(bench::BenchFlags),
 }
@@ -38,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::Codegen { check } => codegen::run(check),
         Command::Tidy => tidy::run(),
         Command::E2e(flags) => e2e::run(*flags),
+        Command::K3d(flags) => k3d::run(flags),
         Command::Bench(flags) => bench::run(flags),
     }
 }

@@ -12,6 +12,7 @@ pub mod bindings;
 pub mod build;
 pub mod duration;
 pub mod engine;
+pub mod k3d;
 pub mod kube_ops;
 pub mod lint;
 pub mod matcher;

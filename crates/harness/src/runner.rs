@@ -431,7 +431,32 @@ pub fn summary_table(suite: &SuiteResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::k3d::K3dBackend;
+    use crate::backend::{Backend, BackendError, BoxFuture, EnvSpec, Environment};
+
+    /// A backend that never provides an environment.
+    struct Unavailable;
+
+    impl Backend for Unavailable {
+        fn name(&self) -> &'static str {
+            "unavailable"
+        }
+
+        fn isolated(&self) -> bool {
+            false
+        }
+
+        fn environment(
+            &self,
+            _spec: EnvSpec,
+        ) -> BoxFuture<'_, crate::backend::Result<Box<dyn Environment>>> {
+            Box::pin(async {
+                Err(BackendError::NotImplemented {
+                    backend: "unavailable",
+                    issue: "no issue (a test backend)",
+                })
+            })
+        }
+    }
 
     fn scenario(name: &str, labels: &[&str]) -> LoadedScenario {
         let text = format!(
@@ -454,7 +479,7 @@ mod tests {
             ..RunOptions::default()
         };
         let suite = run_suite(
-            Arc::new(K3dBackend),
+            Arc::new(Unavailable),
             vec![scenario("a", &["fast"])],
             options,
             quiet,
@@ -485,7 +510,7 @@ mod tests {
             scenario("b", &["slow"]),
             scenario("c", &["fast"]),
         ];
-        let suite = run_suite(Arc::new(K3dBackend), scenarios, options, quiet).await;
+        let suite = run_suite(Arc::new(Unavailable), scenarios, options, quiet).await;
         let mut names: Vec<_> = suite
             .scenarios
             .iter()

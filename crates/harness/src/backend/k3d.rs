@@ -1,26 +1,4 @@
-//! The k3d backend placeholder: the scenario files and the trait are ready for it, the
-//! implementation is its own issue.
+//! The k3d backend: real k3s clusters made with k3d; the implementation lives in
+//! [`crate::k3d`] (values, rendered manifests, command plans, the backend itself).
 
-use super::{Backend, BackendError, BoxFuture, EnvSpec, Environment, Result};
-
-/// Placeholder for real k3s clusters created with k3d.
-pub struct K3dBackend;
-
-impl Backend for K3dBackend {
-    fn name(&self) -> &'static str {
-        "k3d"
-    }
-
-    fn isolated(&self) -> bool {
-        false
-    }
-
-    fn environment(&self, _spec: EnvSpec) -> BoxFuture<'_, Result<Box<dyn Environment>>> {
-        Box::pin(async {
-            Err(BackendError::NotImplemented {
-                backend: "k3d",
-                issue: "the k3d backend issue (k3d/ and xtask k3d); use --backend sim",
-            })
-        })
-    }
-}
+pub use crate::k3d::backend::{K3dBackend, K3dBackendOptions, Setup};
