@@ -205,13 +205,19 @@ where
             .cloned()
             .collect();
         let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
-        api.patch(
-            &cr.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-        info!(%key, "finalizer removed");
+        match api
+            .patch(
+                &cr.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => info!(%key, "finalizer removed"),
+            // Already gone (a stale event of an object whose finalizer this replica removed).
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
+        }
         return Ok(Action::await_change());
     }
 
