@@ -187,12 +187,12 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let backend = Arc::new(K3dBackend::new(K3dBackendOptions {
-                root: root.clone(),
+            let backend = Arc::new(K3dBackend::new(K3dBackendOptions::new(
+                root.clone(),
                 layout,
-                setup: Setup::Up,
-                progress: progress.clone(),
-            }));
+                Setup::Up,
+                progress.clone(),
+            )));
             // Set up once before any scenario, so missing tools give one message, not one per
             // scenario.
             runtime.block_on(backend.prepare())?;

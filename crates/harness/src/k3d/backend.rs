@@ -11,7 +11,7 @@
 //! clusters; run those scenarios with `--backend sim`) and stopping an API server.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,6 +56,29 @@ pub struct K3dBackendOptions {
     pub setup: Setup,
     /// Progress lines.
     pub progress: Arc<dyn Fn(String) + Send + Sync>,
+    /// Makes the executor of each plan: real processes ([`System`]), or a recorder in tests.
+    pub executor: ExecutorFactory,
+}
+
+/// Makes an executor that runs commands from a directory.
+pub type ExecutorFactory = Arc<dyn Fn(&Path) -> Box<dyn Executor + Send> + Send + Sync>;
+
+impl K3dBackendOptions {
+    /// Options that run real processes from `root`.
+    pub fn new(
+        root: PathBuf,
+        layout: Layout,
+        setup: Setup,
+        progress: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> K3dBackendOptions {
+        K3dBackendOptions {
+            root,
+            layout,
+            setup,
+            progress,
+            executor: Arc::new(|dir: &Path| Box::new(System::new(dir)) as Box<dyn Executor + Send>),
+        }
+    }
 }
 
 /// The k3d backend.
@@ -77,13 +100,14 @@ fn unsupported<T>(what: impl Into<String>) -> Result<T> {
 
 /// Runs a plan on a blocking thread.
 async fn run_plan(
+    executor: ExecutorFactory,
     root: PathBuf,
     plan: Plan,
     progress: Arc<dyn Fn(String) + Send + Sync>,
 ) -> std::result::Result<exec::Vars, K3dError> {
     tokio::task::spawn_blocking(move || {
-        let mut system = System::new(&root);
-        exec::execute(&plan, &mut system, &|line| progress(line))
+        let mut system = executor(&root);
+        exec::execute(&plan, system.as_mut(), &|line| progress(line))
     })
     .await
     .unwrap_or_else(|join| {
@@ -96,9 +120,9 @@ async fn run_plan(
 }
 
 /// Runs one command on a blocking thread and returns its output whatever the exit code.
-async fn run_raw(root: PathBuf, cmd: Cmd) -> Result<Output> {
+async fn run_raw(executor: ExecutorFactory, root: PathBuf, cmd: Cmd) -> Result<Output> {
     tokio::task::spawn_blocking(move || {
-        System::new(&root)
+        executor(&root)
             .run(&cmd, None)
             .map_err(|err| other(format!("{}: {err:?}", cmd.display())))
     })
@@ -163,9 +187,14 @@ impl K3dBackend {
                 plan
             }
         };
-        run_plan(options.root.clone(), plan, options.progress.clone())
-            .await
-            .map_err(other)?;
+        run_plan(
+            options.executor.clone(),
+            options.root.clone(),
+            plan,
+            options.progress.clone(),
+        )
+        .await
+        .map_err(other)?;
         let names: Vec<&str> = layout
             .values
             .cluster_gateway
@@ -199,6 +228,7 @@ impl K3dBackend {
             return Ok(());
         }
         run_plan(
+            self.options.executor.clone(),
             self.options.root.clone(),
             plan::down(&self.options.layout),
             self.options.progress.clone(),
@@ -227,6 +257,7 @@ impl Backend for K3dBackend {
                 id: env_id(&spec.id),
                 gateway,
                 progress: self.options.progress.clone(),
+                executor: self.options.executor.clone(),
                 state: Mutex::new(EnvState::default()),
             };
             env.select_components(&spec).await?;
@@ -275,6 +306,7 @@ struct K3dEnv {
     id: String,
     gateway: GatewayAccess,
     progress: Arc<dyn Fn(String) + Send + Sync>,
+    executor: ExecutorFactory,
     state: Mutex<EnvState>,
 }
 
@@ -306,9 +338,14 @@ impl K3dEnv {
             name: name.to_string(),
             steps,
         };
-        run_plan(self.root.clone(), plan, self.progress.clone())
-            .await
-            .map_err(other)
+        run_plan(
+            self.executor.clone(),
+            self.root.clone(),
+            plan,
+            self.progress.clone(),
+        )
+        .await
+        .map_err(other)
     }
 
     fn kubectl<I, S>(&self, role: Role, args: I) -> Cmd
@@ -800,6 +837,7 @@ impl Environment for K3dEnv {
             let pod = self.pod_of(role, &namespace, &deployment).await?;
             let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/metrics");
             let output = run_raw(
+                self.executor.clone(),
                 self.root.clone(),
                 self.kubectl(role, ["get", "--raw", path.as_str()]),
             )
@@ -839,7 +877,12 @@ impl Environment for K3dEnv {
                 "--plane-id".into(),
                 spec.plane_id.clone(),
             ]);
-            let output = run_raw(self.root.clone(), self.kubectl(Role::Build, full)).await?;
+            let output = run_raw(
+                self.executor.clone(),
+                self.root.clone(),
+                self.kubectl(Role::Build, full),
+            )
+            .await?;
             Ok(CommandOutput {
                 code: output.code,
                 stdout: output.stdout,
@@ -868,7 +911,7 @@ impl Environment for K3dEnv {
                 ),
             ));
         }
-        let mut system = System::new(&self.root);
+        let mut system = (self.executor)(&self.root);
         commands
             .into_iter()
             .map(|(name, cmd)| {
@@ -936,5 +979,189 @@ mod tests {
         );
         assert!(!name.ends_with('-'));
         assert_ne!(env_id("scenario-a#1"), env_id("scenario-a#2"));
+    }
+
+    /// Records every command (with `<<stdin` when it gets input) and answers like a healthy
+    /// k3d setup: clusters missing, the agent's CA present, pods found.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        root: PathBuf,
+        ran: Arc<Mutex<Vec<Ran>>>,
+    }
+
+    /// A command line and its standard input.
+    type Ran = (String, Option<String>);
+
+    impl Executor for Recorder {
+        fn base_dir(&self) -> Option<&Path> {
+            Some(&self.root)
+        }
+
+        fn run(
+            &mut self,
+            cmd: &Cmd,
+            stdin: Option<&[u8]>,
+        ) -> std::result::Result<Output, exec::SpawnError> {
+            let line = cmd.display();
+            let stdout = if line.contains("jsonpath={.data.ca") {
+                "Q0EK".to_string()
+            } else if line.contains("jsonpath={.items[0].metadata.name}") {
+                "pod-0".to_string()
+            } else {
+                String::new()
+            };
+            let code = i32::from(line.starts_with("k3d cluster get"));
+            self.ran
+                .lock()
+                .unwrap()
+                .push((line, stdin.map(|s| String::from_utf8_lossy(s).into_owned())));
+            Ok(Output {
+                code,
+                stdout,
+                stderr: String::new(),
+            })
+        }
+    }
+
+    fn target(kind: ComponentKind, name: Option<&str>) -> ComponentTarget {
+        ComponentTarget {
+            kind,
+            name: name.map(str::to_string),
+            cluster: None,
+        }
+    }
+
+    /// One scenario's environment on k3d, as commands: the gateway redeployed with the
+    /// scenario's flags, the controller scaled away, an agent deployed into its own identity
+    /// namespace and killed, then everything restored; link faults and API server stops are
+    /// refused with the reason.
+    #[tokio::test]
+    async fn environment_runs_the_expected_commands() {
+        let root = tempfile::tempdir().unwrap();
+        let values =
+            super::super::values::Values::committed(&super::super::project_root()).unwrap();
+        let recorder = Recorder {
+            root: root.path().to_path_buf(),
+            ..Recorder::default()
+        };
+        let factory = recorder.clone();
+        let mut options = K3dBackendOptions::new(
+            root.path().to_path_buf(),
+            Layout::new(values),
+            Setup::Up,
+            Arc::new(|_| {}),
+        );
+        options.executor =
+            Arc::new(move |_dir: &Path| Box::new(factory.clone()) as Box<dyn Executor + Send>);
+        let backend = K3dBackend::new(options);
+        let gateway = backend.prepare().await.unwrap();
+        assert_eq!(gateway.base_url, "https://127.0.0.1:38444");
+        assert!(root.path().join("target/k3d/pki/harness.crt").is_file());
+        // The plan's PKI step resolves against the executor's directory, not the test's cwd.
+        assert!(
+            !Path::new("target/k3d/pki").exists(),
+            "PKI written to the cwd"
+        );
+        let up = std::mem::take(&mut *recorder.ran.lock().unwrap());
+        let expected: usize = plan::up(&backend.options.layout)
+            .steps
+            .iter()
+            .map(|step| {
+                let commands = match step.action {
+                    Action::Pipe { .. } => 2,
+                    Action::GeneratePki { .. } => 0,
+                    _ => 1,
+                };
+                commands + usize::from(step.unless.is_some())
+            })
+            .sum();
+        assert_eq!(
+            up.len(),
+            expected,
+            "the up plan ran once, command by command"
+        );
+
+        let spec = EnvSpec {
+            id: "agent-registration-1".into(),
+            components: vec![ComponentKind::Gateway],
+            component_args: [(
+                ComponentKind::Gateway,
+                vec!["--heartbeat-interval=1s".to_string()],
+            )]
+            .into_iter()
+            .collect(),
+            work_dir: root.path().join("work"),
+        };
+        let env = backend.environment(spec).await.unwrap();
+        env.start_agent(AgentSpec {
+            name: "agent_1".into(),
+            plane_id: "plane-1".into(),
+            identity_namespace: "org-a-agent".into(),
+            protocol: Some("v1".into()),
+            args: vec![],
+        })
+        .await
+        .unwrap();
+        env.stop(
+            target(ComponentKind::Agent, Some("agent_1")),
+            StopMode::Kill,
+        )
+        .await
+        .unwrap();
+        let faults = env.set_faults("agent_1", Toxics::default()).unwrap_err();
+        assert!(faults.to_string().contains("--backend sim"), "{faults}");
+        let apiserver = env
+            .stop(target(ComponentKind::Apiserver, None), StopMode::Graceful)
+            .await
+            .unwrap_err();
+        assert!(
+            apiserver.to_string().contains("--backend sim"),
+            "{apiserver}"
+        );
+        let unknown = env
+            .stop(target(ComponentKind::Agent, Some("nobody")), StopMode::Kill)
+            .await
+            .unwrap_err();
+        assert!(matches!(unknown, BackendError::Unknown { .. }), "{unknown}");
+        env.shutdown().await.unwrap();
+
+        let ran = recorder.ran.lock().unwrap().clone();
+        let stdin_of = |needle: &str| {
+            ran.iter()
+                .find(|(line, stdin)| {
+                    line.contains("apply") && stdin.as_deref().is_some_and(|s| s.contains(needle))
+                })
+                .and_then(|(_, stdin)| stdin.clone())
+                .unwrap_or_else(|| panic!("no apply with {needle:?}"))
+        };
+        assert!(stdin_of("--heartbeat-interval=1s").contains("\"name\": \"cluster-gateway\""));
+        let agent = stdin_of("plane-1");
+        assert!(
+            agent.contains("org-a-agent") && agent.contains("--protocol=v1"),
+            "{agent}"
+        );
+        assert!(agent.contains(ENV_LABEL), "{agent}");
+        let restored = ran
+            .iter()
+            .rev()
+            .filter_map(|(_, stdin)| stdin.as_deref())
+            .find(|s| s.contains("\"name\": \"cluster-gateway\""))
+            .unwrap();
+        assert!(
+            !restored.contains("--heartbeat-interval=1s"),
+            "shutdown restores the flags"
+        );
+        let root_text = root.path().display().to_string();
+        let script: String = ran
+            .iter()
+            .map(|(line, stdin)| {
+                let line = line.replace(&root_text, "<root>");
+                match stdin {
+                    Some(_) => format!("{line} <<stdin\n"),
+                    None => format!("{line}\n"),
+                }
+            })
+            .collect();
+        insta::assert_snapshot!("environment_commands", script);
     }
 }

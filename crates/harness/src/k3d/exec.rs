@@ -45,6 +45,12 @@ pub enum SpawnError {
 pub trait Executor {
     /// Runs `cmd` with `stdin` and waits for it.
     fn run(&mut self, cmd: &Cmd, stdin: Option<&[u8]>) -> Result<Output, SpawnError>;
+
+    /// The directory commands run in: relative paths of in-process steps (the PKI) resolve
+    /// against it, as the commands' do. `None`: the process's working directory.
+    fn base_dir(&self) -> Option<&Path> {
+        None
+    }
 }
 
 /// Runs real processes in a directory, with an optional `PATH`.
@@ -67,6 +73,10 @@ impl System {
 }
 
 impl Executor for System {
+    fn base_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+
     fn run(&mut self, cmd: &Cmd, stdin: Option<&[u8]>) -> Result<Output, SpawnError> {
         let mut command = Command::new(&cmd.program);
         command
@@ -222,7 +232,11 @@ fn run_action(
         }
         Action::GeneratePki { dir, dns_names } => {
             let names: Vec<&str> = dns_names.iter().map(String::as_str).collect();
-            K3dPki::load_or_generate(dir, &names)?;
+            // An absolute `dir` stays as it is.
+            let dir = exec
+                .base_dir()
+                .map_or_else(|| dir.clone(), |base| base.join(dir));
+            K3dPki::load_or_generate(&dir, &names)?;
         }
     }
     Ok(())
