@@ -902,10 +902,10 @@ pub fn status(layout: &Layout) -> Plan {
         )
         .shown(),
     ];
-    Plan {
-        name: "status".into(),
-        steps,
-    }
+    let mut plan = checks(true);
+    plan.name = "status".into();
+    plan.steps.extend(steps);
+    plan
 }
 
 /// `kubectl logs` of every component (collected when something fails).
@@ -993,6 +993,28 @@ mod tests {
         assert!(position("build/00-namespace.yaml") < position("configmap cluster-gateway-ca"));
         assert!(position("AGENT_CA=") < position("kind: BuildPlane"));
         assert_eq!(plan.steps.last().unwrap().kind, StepKind::Wait);
+    }
+
+    /// Every subcommand checks its tools before anything else, so a machine without Docker or
+    /// k3d gets the one install message instead of a failed step.
+    #[test]
+    fn every_plan_checks_its_tools_first() {
+        let layout = layout();
+        for plan in [up(&layout), deploy(&layout), down(&layout), status(&layout)] {
+            let n_checks = plan
+                .steps
+                .iter()
+                .take_while(|s| s.kind == StepKind::Check)
+                .count();
+            assert!(n_checks >= 2, "{} starts with {n_checks} checks", plan.name);
+            assert!(
+                plan.steps[n_checks..]
+                    .iter()
+                    .all(|s| s.kind != StepKind::Check),
+                "{}: checks after other steps",
+                plan.name
+            );
+        }
     }
 
     /// Arguments with shell metacharacters are quoted so the script can be pasted.
