@@ -1577,10 +1577,33 @@ impl Engine {
                     continue;
                 }
             };
-            let results: Vec<Result<(), String>> =
+            // Every deletion is issued before any is awaited, so finalizers of a large group
+            // (a storm's thousand BuildPlanes) run side by side, not sixteen at a time.
+            let deadline = Instant::now() + timeout;
+            let deleted: Vec<Result<ObjectRef, String>> =
                 futures::stream::iter(group.into_iter().map(|item| {
                     let kube = kube.clone();
-                    async move { delete_and_wait(&kube, &item.reference, timeout).await }
+                    async move {
+                        match kube.delete(&item.reference).await {
+                            Ok(_) => Ok(item.reference),
+                            Err(e) => Err(format!("deleting {}: {e}", item.reference)),
+                        }
+                    }
+                }))
+                .buffer_unordered(APPLY_CONCURRENCY)
+                .collect()
+                .await;
+            let mut pending = Vec::new();
+            for result in deleted {
+                match result {
+                    Ok(reference) => pending.push(reference),
+                    Err(err) => errors.push(err),
+                }
+            }
+            let results: Vec<Result<(), String>> =
+                futures::stream::iter(pending.into_iter().map(|reference| {
+                    let kube = kube.clone();
+                    async move { wait_gone(&kube, &reference, deadline, timeout).await }
                 }))
                 .buffer_unordered(APPLY_CONCURRENCY)
                 .collect()
@@ -1603,16 +1626,13 @@ impl Engine {
     }
 }
 
-/// Deletes one object and waits until it is gone.
-async fn delete_and_wait(
+/// Waits until a deleted object is gone (finalizers done), until `deadline`.
+async fn wait_gone(
     kube: &Kube,
     reference: &ObjectRef,
+    deadline: Instant,
     timeout: Duration,
 ) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    kube.delete(reference)
-        .await
-        .map_err(|e| format!("deleting {reference}: {e}"))?;
     loop {
         match kube.get(reference).await {
             Ok(None) => return Ok(()),
