@@ -196,7 +196,7 @@ impl Trust {
     /// connection.
     pub fn index(&self, plane_id: Option<&str>) -> TrustIndex {
         let mut index = TrustIndex::default();
-        let mut parsed: HashMap<Vec<u8>, Result<Arc<ClientCaBundle>, String>> = HashMap::new();
+        let mut parsed: HashMap<Vec<u8>, CaVerdict> = HashMap::new();
         let mut add = |key: CrKey, plane: String, ca: Result<Vec<u8>, String>| {
             let bundle = ca.and_then(|pem| {
                 parsed
@@ -232,10 +232,13 @@ impl Trust {
     }
 }
 
+/// A CR's parsed `clientCA`, or why it cannot be used.
+type CaVerdict = Result<Arc<ClientCaBundle>, String>;
+
 /// The admitting CRs by planeID at one moment (see [`Trust::index`]).
 #[derive(Default)]
 pub struct TrustIndex {
-    by_plane: HashMap<String, Vec<(CrKey, Result<Arc<ClientCaBundle>, String>)>>,
+    by_plane: HashMap<String, Vec<(CrKey, CaVerdict)>>,
 }
 
 impl TrustIndex {
