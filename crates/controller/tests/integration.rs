@@ -14,10 +14,13 @@ use std::time::Duration;
 use buildplane_api::{BuildPlane, names};
 use buildplane_controller::{Config, RunningController, leader::LeaseConfig};
 use buildplane_pki::Ca;
-use common::{DAY, Env, from_secret};
+use common::{Env, from_secret};
 use kube::Api;
 
 const WAIT: Duration = Duration::from_secs(15);
+/// CAs valid for a year: a one-day CA is `CAExpiresSoon`, whose message counts days and may tick
+/// from "1 day(s)" to "0 day(s)" in the middle of a test.
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
 
 fn controller_config(env: &Env) -> Config {
     let kubeconfig = env.dir.path().join("control.kubeconfig");
@@ -82,7 +85,7 @@ async fn wait_agents(env: &Env, ns: &str, name: &str, want: (&str, i32)) {
 async fn status_follows_the_agent_and_deletion_spares_the_sibling() {
     let mut env = Env::start().await;
     let controller = start_controller(controller_config(&env)).await;
-    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    let ca = Ca::generate("agent-ca", YEAR).unwrap();
     // The seed's multi-tenant example: two organisations share one planeID.
     env.build_plane("org-a", "bp", "shared-builder", ca.cert_pem())
         .await;
@@ -130,8 +133,8 @@ async fn status_follows_the_agent_and_deletion_spares_the_sibling() {
 async fn editing_the_ca_secret_rotates_trust() {
     let mut env = Env::start().await;
     let controller = start_controller(controller_config(&env)).await;
-    let old = Ca::generate("old-ca", DAY).unwrap();
-    let new = Ca::generate("new-ca", DAY).unwrap();
+    let old = Ca::generate("old-ca", YEAR).unwrap();
+    let new = Ca::generate("new-ca", YEAR).unwrap();
     env.secret("org-a", "agent-ca", "ca.crt", old.cert_pem())
         .await;
     env.build_plane_from("org-a", "bp", "p", from_secret("agent-ca", None, "ca.crt"))
@@ -177,7 +180,7 @@ async fn editing_the_ca_secret_rotates_trust() {
 async fn a_restarted_controller_writes_nothing() {
     let mut env = Env::start().await;
     let controller = start_controller(controller_config(&env)).await;
-    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    let ca = Ca::generate("agent-ca", YEAR).unwrap();
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     env.agent(&ca, "p", 2);
     wait_agents(&env, "org-a", "bp", ("True", 1)).await;
@@ -237,7 +240,7 @@ async fn two_replicas_elect_one_leader() {
     };
     // The standby does not reconcile; once the leader steps down (releasing the lease) it takes
     // over well before the 15 s lease would expire, and reconciles.
-    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    let ca = Ca::generate("agent-ca", YEAR).unwrap();
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     wait_agents(&env, "org-a", "bp", ("False", 0)).await;
     assert_eq!(standby.metrics.reconciles(), 0, "the standby reconciled");
