@@ -80,6 +80,9 @@ pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client>
     Client::try_from(config).context("building Kubernetes client")
 }
 
+/// How long [`RunningController::shutdown`] waits for in-flight work.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A controller started in this process.
 pub struct RunningController {
     /// Where `/healthz`, `/readyz` and `/metrics` listen, if configured.
@@ -96,10 +99,19 @@ impl RunningController {
         self.metrics.is_leader()
     }
 
-    /// Stops reconciling (in-flight reconciles finish), releases the lease, and waits.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    /// Stops reconciling (in-flight reconciles finish), releases the lease, and waits, at most
+    /// [`SHUTDOWN_GRACE`]; past it the remaining work is aborted (a standby then waits for the
+    /// lease to expire instead of taking over at once).
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        self.task.await.context("controller task panicked")?
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
+            Ok(res) => res.context("controller task panicked")?,
+            Err(_) => {
+                warn!(grace = ?SHUTDOWN_GRACE, "controller did not stop in time; aborting it");
+                self.task.abort();
+                Ok(())
+            }
+        }
     }
 
     /// Waits until the controller stops by itself (lost lease or fatal error).

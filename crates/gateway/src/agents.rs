@@ -44,6 +44,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // Tunnel frames are small and latency-bound: no Nagle delay behind a delayed ACK.
+        let _ = tcp.set_nodelay(true);
         if shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
             drop(tcp);
             continue;
