@@ -191,7 +191,8 @@ async fn a_restarted_controller_writes_nothing() {
 
     let restarted = start_controller(controller_config(&env)).await;
     env.eventually("the new controller reconciled", WAIT, || async {
-        restarted.metrics.reconciles() >= 2
+        // At least the initial reconcile (the snapshot's resync may fold into it).
+        restarted.metrics.reconciles() >= 1
     })
     .await;
     // Give the gateway snapshot's resync time to land too.
