@@ -137,23 +137,6 @@ async fn proxy(
         );
     }
     let cr = CrKey::from_url_segments(&namespace, &name);
-    let conn = match shared.registry.pick(&plane_id, &cr) {
-        Ok(conn) => conn,
-        Err(Unavailable::NoAgentConnected) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "NoAgentConnected",
-                format!("no agent is connected for planeID {plane_id:?}"),
-            );
-        }
-        Err(Unavailable::NotAuthorized) => {
-            return error(
-                StatusCode::FORBIDDEN,
-                "NotAuthorized",
-                format!("no connected agent of planeID {plane_id:?} is authorised for {cr}"),
-            );
-        }
-    };
     let query = req.uri().query().unwrap_or("").to_owned();
     // OpenChoreo's request id: the caller's X-Request-ID, or `gw-` and 16 hex digits.
     let gateway_request_id = req
@@ -204,92 +187,138 @@ async fn proxy(
             "the agent connection closed before the request was sent",
         )
     };
-    let mut v1_guard = None;
-    let (mut rx, guard) = if conn.version >= 2 {
-        let Some((stream, rx, window)) = conn.open_stream() else {
-            return closed();
+    // A GET or HEAD whose connection closed before the agent answered (a renewal or CA
+    // rotation handing over: the old connection drains as the new one registers) is sent again
+    // on another authorised connection; other methods get 502, as they may have run.
+    let retriable = matches!(method, Method::GET | Method::HEAD);
+    let mut attempt = 0;
+    let mut closed_connection: Option<u64> = None;
+    let (conn, rx, guard, v1_guard, _pending, head) = loop {
+        attempt += 1;
+        let conn = match shared.registry.pick(&plane_id, &cr) {
+            Ok(conn) => conn,
+            // Nothing to retry on: the caller learns the connection it was on closed.
+            Err(_) if let Some(id) = closed_connection => {
+                shared.metrics.proxy_failed("connection_closed");
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "AgentConnectionClosed",
+                    format!(
+                        "the agent connection (id {id}) closed before the agent answered; the request may or may not have run"
+                    ),
+                );
+            }
+            Err(Unavailable::NoAgentConnected) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "NoAgentConnected",
+                    format!("no agent is connected for planeID {plane_id:?}"),
+                );
+            }
+            Err(Unavailable::NotAuthorized) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "NotAuthorized",
+                    format!("no connected agent of planeID {plane_id:?} is authorised for {cr}"),
+                );
+            }
         };
-        let guard = StreamGuard {
-            conn: conn.clone(),
-            stream,
-            window,
-            done: false,
-        };
-        let end_stream = body.is_empty();
-        let head = Frame::RequestHead {
-            stream,
-            method: method.to_string(),
-            target,
-            path,
-            query,
-            headers,
-            end_stream,
-        };
-        let mut ok = conn.outbound.send(Outbound::Frame(head)).await.is_ok();
-        if !end_stream {
-            for chunk in body.chunks(64 * 1024) {
+        let mut v1_guard = None;
+        let (rx, guard) = if conn.version >= 2 {
+            let Some((stream, rx, window)) = conn.open_stream() else {
+                return closed();
+            };
+            let guard = StreamGuard {
+                conn: conn.clone(),
+                stream,
+                window,
+                done: false,
+            };
+            let end_stream = body.is_empty();
+            let head = Frame::RequestHead {
+                stream,
+                method: method.to_string(),
+                target: target.clone(),
+                path: path.clone(),
+                query: query.clone(),
+                headers: headers.clone(),
+                end_stream,
+            };
+            let mut ok = conn.outbound.send(Outbound::Frame(head)).await.is_ok();
+            if !end_stream {
+                for chunk in body.chunks(64 * 1024) {
+                    ok &= conn
+                        .outbound
+                        .send(Outbound::Frame(Frame::Data {
+                            stream,
+                            chunk: chunk.to_vec(),
+                        }))
+                        .await
+                        .is_ok();
+                }
                 ok &= conn
                     .outbound
-                    .send(Outbound::Frame(Frame::Data {
-                        stream,
-                        chunk: chunk.to_vec(),
-                    }))
+                    .send(Outbound::Frame(Frame::End { stream }))
                     .await
                     .is_ok();
             }
-            ok &= conn
+            if !ok {
+                return closed();
+            }
+            (rx, Some(guard))
+        } else {
+            if streaming {
+                return error(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "StreamingNotSupported",
+                    "the agent speaks tunnel v1 (OpenChoreo JSON), which cannot stream watch or follow responses",
+                );
+            }
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let gateway_request_id = gateway_request_id.clone();
+            let Some(rx) = conn.open_v1(request_id.clone()) else {
+                return closed();
+            };
+            v1_guard = Some(V1Guard {
+                conn: conn.clone(),
+                request_id: request_id.clone(),
+            });
+            let mut grouped: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (name, value) in headers.clone() {
+                grouped.entry(name).or_default().push(value);
+            }
+            let request = v1::HttpTunnelRequest {
+                request_id: request_id.clone(),
+                gateway_request_id: Some(gateway_request_id),
+                target: target.clone(),
+                method: method.to_string(),
+                path: path.clone(),
+                query: (!query.is_empty()).then(|| query.clone()),
+                headers: Some(grouped),
+                body: (!body.is_empty()).then(|| body.to_vec()),
+            };
+            if conn
                 .outbound
-                .send(Outbound::Frame(Frame::End { stream }))
+                .send(Outbound::Text(v1::encode(&v1::Message::Request(request))))
                 .await
-                .is_ok();
-        }
-        if !ok {
-            return closed();
-        }
-        (rx, Some(guard))
-    } else {
-        if streaming {
-            return error(
-                StatusCode::NOT_IMPLEMENTED,
-                "StreamingNotSupported",
-                "the agent speaks tunnel v1 (OpenChoreo JSON), which cannot stream watch or follow responses",
-            );
-        }
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let gateway_request_id = gateway_request_id.clone();
-        let Some(rx) = conn.open_v1(request_id.clone()) else {
-            return closed();
+                .is_err()
+            {
+                return closed();
+            }
+            (rx, None)
         };
-        v1_guard = Some(V1Guard {
-            conn: conn.clone(),
-            request_id: request_id.clone(),
-        });
-        let mut grouped: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, value) in headers {
-            grouped.entry(name).or_default().push(value);
+        let mut rx = rx;
+        let pending = shared.metrics.pending_guard();
+        let head = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, rx.recv()).await;
+        if matches!(head, Ok(None)) && retriable && attempt < 3 {
+            shared.metrics.proxy_failed("connection_closed_retried");
+            closed_connection = Some(conn.id);
+            drop((guard, v1_guard));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
         }
-        let request = v1::HttpTunnelRequest {
-            request_id: request_id.clone(),
-            gateway_request_id: Some(gateway_request_id),
-            target,
-            method: method.to_string(),
-            path,
-            query: (!query.is_empty()).then_some(query),
-            headers: Some(grouped),
-            body: (!body.is_empty()).then(|| body.to_vec()),
-        };
-        if conn
-            .outbound
-            .send(Outbound::Text(v1::encode(&v1::Message::Request(request))))
-            .await
-            .is_err()
-        {
-            return closed();
-        }
-        (rx, None)
+        break (conn, rx, guard, v1_guard, pending, head);
     };
-    let _pending = shared.metrics.pending_guard();
-    let head = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, rx.recv()).await;
     let (status, headers, end) = match head {
         Err(_) => {
             return error(
