@@ -97,8 +97,24 @@ impl Proc {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released; components bind it right after).
+/// A free TCP port on 127.0.0.1, below the ephemeral range (bound then released; components
+/// bind it right after).
 pub fn free_port() -> std::io::Result<u16> {
+    // Below the kernel's ephemeral range: a port handed out by `bind(0)` comes from that range,
+    // where every outgoing connection (agents, kube clients) also takes its local port, so it
+    // could be taken before the component binds it (seen as `Address already in use`).
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 20_000 {
+        for _ in 0..64 {
+            let port = rand::random_range(20_000..low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
