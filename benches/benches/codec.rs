@@ -9,7 +9,9 @@ use buildplane_tunnel::{
     v1::HttpTunnelResponse,
     v2::{self, Frame, Limits},
 };
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 
 const SIZES: [usize; 4] = [0, KIB, 64 * KIB, MIB];
 
@@ -58,10 +60,20 @@ fn v2_response(size: usize) -> Vec<Frame> {
 fn codec(c: &mut Criterion) {
     let limits = Limits { max_frame: 2 * MIB };
     let mut group = c.benchmark_group("codec");
-    group
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1));
+    if buildplane_benches::quick() {
+        // The CI smoke runs unoptimised, where a 1 MiB v1 message takes milliseconds: a fixed
+        // number of iterations per sample keeps it to seconds.
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(50))
+            .measurement_time(Duration::from_millis(200));
+    } else {
+        group
+            .sample_size(20)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1));
+    }
     for size in SIZES {
         // Bytes counts the body so v1 and v2 compare per payload byte (0 B: one message).
         group.throughput(Throughput::Bytes(size.max(1) as u64));

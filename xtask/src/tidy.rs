@@ -21,6 +21,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let mut failures = Vec::new();
     check_module_docs(&project_root(), &mut failures)?;
     check_tunnel_has_no_io(&mut failures)?;
+    check_workspace_hack(&project_root(), &mut failures)?;
     if !failures.is_empty() {
         bail!(
             "tidy found {} problem(s):\n  {}",
@@ -94,6 +95,38 @@ fn check_tunnel_has_no_io(failures: &mut Vec<String>) -> anyhow::Result<()> {
         let name = line.split_whitespace().next().unwrap_or("");
         if IO_CRATES.contains(&name) {
             failures.push(format!("buildplane-tunnel depends on I/O crate {name}"));
+        }
+    }
+    Ok(())
+}
+
+/// Every member but the protocol crate depends on `workspace-hack`, so builds of any subset of the
+/// workspace share compiled dependencies (`cargo hakari manage-deps` adds the line).
+fn check_workspace_hack(root: &Path, failures: &mut Vec<String>) -> anyhow::Result<()> {
+    let mut manifests = vec![
+        root.join("xtask/Cargo.toml"),
+        root.join("benches/Cargo.toml"),
+    ];
+    for entry in std::fs::read_dir(root.join("crates"))? {
+        manifests.push(entry?.path().join("Cargo.toml"));
+    }
+    for manifest in manifests {
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
+        let package = manifest
+            .parent()
+            .and_then(|p| p.file_name())
+            .unwrap_or_default();
+        if package == "tunnel" || package == "workspace-hack" {
+            continue;
+        }
+        if !text.lines().any(|l| l.starts_with("workspace-hack")) {
+            let shown = manifest.strip_prefix(root).unwrap_or(&manifest);
+            failures.push(format!(
+                "{}: no workspace-hack dependency (run `cargo hakari manage-deps`)",
+                shown.display()
+            ));
         }
     }
     Ok(())

@@ -31,6 +31,11 @@ use crate::Agent;
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Largest body chunk sent in one `Data` frame.
 const CHUNK: usize = 64 * 1024;
+/// WebSocket read buffer. tungstenite zero-fills the whole buffer before every read, so its
+/// default (128 KiB) is resident memory per connection; one TLS record (16 KiB) is enough.
+const READ_BUFFER: usize = 16 * 1024;
+/// Bytes of queued messages written before one flush.
+const MAX_BATCH: usize = 256 * 1024;
 /// How long a drained connection waits for its in-flight requests.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
@@ -167,6 +172,7 @@ pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
         Err(_) => return Err(Ended::closed("TLS handshake timed out")),
     };
     let config_ws = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
     let upgrade = tokio::time::timeout(
@@ -240,9 +246,26 @@ async fn serve(agent: Arc<Agent>, ws: Ws, version: u16, drain: CancellationToken
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
     let writer = tokio::spawn(async move {
-        while let Some(message) = out_rx.recv().await {
-            let close = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() || close {
+        // Everything already queued goes out in one flush: under load many small frames share
+        // TLS records and syscalls instead of paying for one each.
+        'write: while let Some(mut message) = out_rx.recv().await {
+            let mut batched = 0;
+            loop {
+                let close = matches!(message, Message::Close(_));
+                batched += message.len();
+                if sink.feed(message).await.is_err() || close {
+                    let _ = sink.flush().await;
+                    break 'write;
+                }
+                if batched >= MAX_BATCH {
+                    break;
+                }
+                match out_rx.try_recv() {
+                    Ok(next) => message = next,
+                    Err(_) => break,
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }

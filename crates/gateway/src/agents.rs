@@ -26,6 +26,11 @@ use crate::{
 
 /// Largest tunnel message accepted from an agent.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+/// WebSocket read buffer. tungstenite zero-fills the whole buffer before every read, so its
+/// default (128 KiB) is resident memory per idle agent; one TLS record (16 KiB) is enough.
+const READ_BUFFER: usize = 16 * 1024;
+/// Bytes of queued messages written before one flush.
+const MAX_BATCH: usize = 256 * 1024;
 
 fn reject(status: StatusCode, message: String) -> ErrorResponse {
     let mut res = ErrorResponse::new(Some(message));
@@ -194,6 +199,7 @@ async fn accept(
         Ok(res)
     };
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
     let ws =
@@ -256,19 +262,35 @@ async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
         loop {
             tokio::select! {
                 out = rx.recv() => {
-                    let message = match out {
-                        Some(Outbound::Frame(frame)) => Message::Binary(Bytes::from(v2::to_vec(&frame))),
-                        Some(Outbound::Text(text)) => Message::Text(text.into()),
-                        Some(Outbound::Close(reason)) => {
-                            let _ = sink.send(Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Policy,
-                                reason: reason.into(),
-                            }))).await;
-                            return;
+                    // Everything already queued goes out in one flush, so under load small
+                    // frames share TLS records and syscalls.
+                    let mut out = out;
+                    let mut batched = 0;
+                    loop {
+                        let message = match out {
+                            Some(Outbound::Frame(frame)) => Message::Binary(Bytes::from(v2::to_vec(&frame))),
+                            Some(Outbound::Text(text)) => Message::Text(text.into()),
+                            Some(Outbound::Close(reason)) => {
+                                let _ = sink.send(Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                                    code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Policy,
+                                    reason: reason.into(),
+                                }))).await;
+                                return;
+                            }
+                            None => {
+                                let _ = sink.flush().await;
+                                return;
+                            }
+                        };
+                        batched += message.len();
+                        if sink.feed(message).await.is_err() { return; }
+                        if batched >= MAX_BATCH { break; }
+                        match rx.try_recv() {
+                            Ok(next) => out = Some(next),
+                            Err(_) => break,
                         }
-                        None => return,
-                    };
-                    if sink.send(message).await.is_err() { return; }
+                    }
+                    if sink.flush().await.is_err() { return; }
                 }
                 _ = ping.tick() => {
                     nonce += 1;
