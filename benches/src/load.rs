@@ -9,11 +9,12 @@ use tokio::time::Instant;
 /// GETs `url`, reads the body to the end and returns its length.
 pub async fn fetch(client: &reqwest::Client, url: &str) -> anyhow::Result<usize> {
     let mut res = client.get(url).send().await?;
-    anyhow::ensure!(
-        res.status() == reqwest::StatusCode::OK,
-        "{url} answered {}",
-        res.status()
-    );
+    let status = res.status();
+    if status != reqwest::StatusCode::OK {
+        let body = res.text().await.unwrap_or_default();
+        let body: String = body.chars().take(300).collect();
+        anyhow::bail!("{url} answered {status}: {body}");
+    }
     let mut n = 0;
     while let Some(chunk) = res.chunk().await? {
         n += chunk.len();
@@ -58,12 +59,19 @@ pub async fn peak_rate(
 }
 
 /// Latency percentiles of an open-loop run.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Latency {
     /// Requests started per second.
     pub rate: f64,
-    /// Requests measured.
+    /// Requests started.
     pub n: usize,
+    /// Requests that failed (a non-200 answer or a broken connection). A path that cannot
+    /// sustain the rate sheds load (the agent answers 503 past its queue limit); those requests
+    /// are counted here and left out of the percentiles, instead of ending the run.
+    pub failed: usize,
+    /// The first failure, for the report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_failure: Option<String>,
     /// Median, milliseconds.
     pub p50_ms: f64,
     /// 99th percentile, milliseconds.
@@ -93,9 +101,21 @@ pub async fn open_loop(
         }));
     }
     let mut latencies = Vec::with_capacity(n);
+    let mut failed = 0;
+    let mut first_failure = None;
     for task in tasks {
-        latencies.push(task.await??);
+        match task.await? {
+            Ok(latency) => latencies.push(latency),
+            Err(err) => {
+                failed += 1;
+                first_failure.get_or_insert_with(|| format!("{err:#}"));
+            }
+        }
     }
+    anyhow::ensure!(
+        !latencies.is_empty(),
+        "{url}: all {n} requests failed at {rate:.0}/s"
+    );
     latencies.sort();
     let at = |q: f64| {
         let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
@@ -104,6 +124,8 @@ pub async fn open_loop(
     Ok(Latency {
         rate,
         n,
+        failed,
+        first_failure,
         p50_ms: at(0.50),
         p99_ms: at(0.99),
     })

@@ -28,6 +28,12 @@ enum Command {
         /// Shorter runs (CI smoke).
         #[arg(long)]
         quick: bool,
+        /// The open-loop rate as a fraction of the closed-loop peak.
+        #[arg(long, default_value_t = 0.5)]
+        fraction: f64,
+        /// Measure only these paths (direct, relay, v1, v2); all by default.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Gateway memory per idle agent, optionally a restart storm.
     Fleet(fleet::FleetFlags),
@@ -40,14 +46,18 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let report = match flags.command {
-        Command::Latency { quick } => rt.block_on(latency(quick))?,
+        Command::Latency {
+            quick,
+            fraction,
+            only,
+        } => rt.block_on(latency(quick, fraction, &only))?,
         Command::Fleet(flags) => rt.block_on(fleet::run(flags))?,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
-async fn latency(quick: bool) -> anyhow::Result<serde_json::Value> {
+async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<serde_json::Value> {
     let pki = Pki::generate()?;
     let backend = Backend::start().await?;
     let relay = Relay::start(&pki, backend.addr).await?;
@@ -66,7 +76,7 @@ async fn latency(quick: bool) -> anyhow::Result<serde_json::Value> {
     let peak_for = Duration::from_millis(if quick { 500 } else { 3000 });
     let measure_for = Duration::from_millis(if quick { 1000 } else { 5000 });
     let peak = load::peak_rate(&client, &paths[3].1, 64, peak_for).await?;
-    let rate = peak / 2.0;
+    let rate = peak * fraction;
     let mut report = serde_json::json!({
         "size": size,
         "peak_concurrency": 64,
@@ -74,6 +84,13 @@ async fn latency(quick: bool) -> anyhow::Result<serde_json::Value> {
         "rate": rate,
     });
     for (name, url) in &paths {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        // A fresh connection pool per path, warmed with one round: a path that shed load
+        // leaves hundreds of connections behind, which must not weigh on the next one.
+        let client = pki.http_client()?;
+        load::round(&client, url, 64, size).await?;
         let latency = load::open_loop(&client, url, rate, measure_for).await?;
         report[*name] = serde_json::to_value(latency)?;
     }

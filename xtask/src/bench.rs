@@ -452,6 +452,15 @@ fn collect_json(
             "ms",
             Better::Lower,
         );
+        let (failed, started) = (f(&latency[path]["failed"]), f(&latency[path]["n"]));
+        if started > 0.0 {
+            figures.put(
+                format!("latency.{path}.failed"),
+                failed / started * 100.0,
+                "%",
+                Better::Lower,
+            );
+        }
     }
     figures.put(
         "latency.added_p99_v2",
@@ -664,6 +673,7 @@ fn compare(baseline: &Value, figures: &Figures, threshold: f64) -> Vec<String> {
         let material = match figure.unit {
             "ms" => (figure.value - before).abs() > 0.5,
             "KiB" => (figure.value - before).abs() > 4.0,
+            "%" => (figure.value - before).abs() > 1.0,
             _ => true,
         };
         if worse > threshold && material {
@@ -812,16 +822,21 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
         "Peak over v2 at c64: {} req/s; open-loop load at half of it, latency from each request's scheduled start.\n",
         fmt(figures.get("latency.peak_rps_v2"))
     );
-    let _ = writeln!(md, "| path | p50 ms | p99 ms |");
-    let _ = writeln!(md, "|---|---|---|");
+    let _ = writeln!(md, "| path | p50 ms | p99 ms | failed % |");
+    let _ = writeln!(md, "|---|---|---|---|");
     for path in ["direct", "relay", "v1", "v2"] {
         let _ = writeln!(
             md,
-            "| {path} | {} | {} |",
+            "| {path} | {} | {} | {} |",
             fmt(figures.get(&format!("latency.{path}.p50"))),
-            fmt(figures.get(&format!("latency.{path}.p99")))
+            fmt(figures.get(&format!("latency.{path}.p99"))),
+            fmt(figures.get(&format!("latency.{path}.failed")))
         );
     }
+    let _ = writeln!(
+        md,
+        "\nA path that cannot sustain the rate sheds load (the agent answers 503 past its queue of 4 × its concurrency limit); failed requests are counted, not timed."
+    );
     let _ = writeln!(
         md,
         "\nAdded p99 (v2 − direct): {} ms; raw relay − direct: {} ms.\n",

@@ -340,11 +340,7 @@ async fn proxy(
         }
         Ok(Some(StreamEvent::Reset { code, reason })) => {
             shared.metrics.proxy_failed("agent_reset");
-            return error(
-                StatusCode::BAD_GATEWAY,
-                "AgentError",
-                format!("the agent failed the request ({code}): {reason}"),
-            );
+            return agent_refused(code, &reason);
         }
         Ok(Some(StreamEvent::Head {
             status,
@@ -384,6 +380,28 @@ async fn proxy(
     let mut res = Response::new(body);
     *res.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *res.headers_mut() = response_headers;
+    res
+}
+
+/// The answer to a stream the agent reset before its response head. The agent's code is an
+/// HTTP status (400 invalid request, 502 the build cluster's API server failed, 503 at its
+/// request limit) and the caller gets it, as a v1 agent's status reaches the caller; a 503
+/// carries `Retry-After`, since the agent sheds load and a retry a moment later succeeds.
+/// Codes outside 400..=599 are a protocol error of the agent's: 502.
+fn agent_refused(code: u16, reason: &str) -> Response {
+    let status = StatusCode::from_u16(code)
+        .ok()
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut res = error(
+        status,
+        "AgentError",
+        format!("the agent failed the request ({code}): {reason}"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        res.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     res
 }
 

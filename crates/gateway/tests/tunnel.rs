@@ -8,7 +8,7 @@ use std::time::Duration;
 use buildplane_pki::Ca;
 use buildplane_tunnel::v2::{self, Frame, Limits};
 use common::{DAY, Env, V2_FIRST};
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::{
     Api,
@@ -440,4 +440,90 @@ async fn a_silent_agent_is_dropped_after_the_heartbeat_timeout() {
     .await;
     let (status, _) = env.proxy("p", "org-a", "bp", "/api/v1/namespaces").await;
     assert_eq!(status, 503);
+}
+
+/// An agent that resets a stream before answering passes its code on: 503 (at its request
+/// limit) with `Retry-After`, 400 and 502 as they are, anything outside 4xx/5xx as 502. (Seen
+/// to fail before: every reset was a 502, so callers could not tell "busy, retry" from "failed".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reset_gives_the_caller_its_status() {
+    let env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (mut ws, _) = loop {
+        match env
+            .raw_connect(
+                "?planeID=p&planeType=buildplane",
+                Some(&leaf),
+                Some(V2_FIRST),
+            )
+            .await
+        {
+            Ok(ok) => break ok,
+            Err(err) if tokio::time::Instant::now() > deadline => panic!("not admitted: {err:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    env.eventually("the fake agent is registered", WAIT, || async {
+        env.connections().await == 1
+    })
+    .await;
+    for (code, expected) in [(503, 503), (400, 400), (502, 502), (999, 502), (200, 502)] {
+        let caller = {
+            let http = env.http.clone();
+            let url = format!(
+                "{}/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces",
+                env.base
+            );
+            tokio::spawn(async move {
+                let res = http.get(url).send().await.expect("answered");
+                let retry_after = res
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                (
+                    res.status().as_u16(),
+                    retry_after,
+                    res.text().await.unwrap_or_default(),
+                )
+            })
+        };
+        let stream = loop {
+            let message = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("request arrives")
+                .expect("open")
+                .expect("frame");
+            if let Message::Binary(bytes) = message
+                && let Ok(Frame::RequestHead { stream, .. }) =
+                    v2::decode(&bytes, Limits { max_frame: 1 << 20 })
+            {
+                break stream;
+            }
+        };
+        let reset = Frame::Reset {
+            stream,
+            code,
+            reason: "the agent is at its request limit; retry later".into(),
+        };
+        ws.send(Message::Binary(v2::to_vec(&reset).into()))
+            .await
+            .expect("reset sent");
+        let (status, retry_after, body) = tokio::time::timeout(WAIT, caller)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(status, expected, "reset code {code}: {body}");
+        assert!(
+            body.contains("AgentError") && body.contains(&format!("({code})")),
+            "{body}"
+        );
+        assert_eq!(
+            retry_after.as_deref(),
+            (expected == 503).then_some("1"),
+            "reset code {code}"
+        );
+    }
 }

@@ -1,0 +1,69 @@
+//! Real k3s (testcontainers' K3s module). Skipped with a message where no Docker engine
+//! answers; `.github/workflows/e2e.yml` runs them with BUILDPLANE_REQUIRE_DOCKER=1, the k3s
+//! version from its matrix, and our images preloaded.
+
+mod common;
+
+use buildplane_testcluster::{IMAGES_ENV, K3sCluster, K3sOptions};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+
+#[tokio::test]
+async fn buildplane_api_on_k3s() {
+    let Some(cluster) = K3sCluster::start_or_skip("buildplane_api_on_k3s", K3sOptions::from_env())
+        .await
+        .expect("k3s starts")
+    else {
+        return;
+    };
+    common::buildplane_api_conformance(cluster.client(), "default").await;
+}
+
+/// The images named in BUILDPLANE_TEST_IMAGES are on the node without any registry.
+#[tokio::test]
+async fn our_images_are_preloaded() {
+    let options = K3sOptions::from_env();
+    if options.images.is_empty() {
+        eprintln!(
+            "skipped our_images_are_preloaded: set {IMAGES_ENV} to local images (built from the \
+             Dockerfile) to check that the cluster gets them"
+        );
+        return;
+    }
+    let wanted = options.images.clone();
+    let Some(cluster) = K3sCluster::start_or_skip("our_images_are_preloaded", options)
+        .await
+        .expect("k3s starts")
+    else {
+        return;
+    };
+    // k3s imports the tarballs while it starts; the kubelet reports them on the node shortly
+    // after, so poll rather than read once.
+    let nodes: Api<Node> = Api::all(cluster.client().clone());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let listed = nodes.list(&ListParams::default()).await.expect("nodes");
+        let names: Vec<String> = listed
+            .items
+            .iter()
+            .flat_map(|n| n.status.iter().flat_map(|s| s.images.iter().flatten()))
+            .flat_map(|i| i.names.iter().flatten().cloned())
+            .collect();
+        let missing: Vec<&String> = wanted
+            .iter()
+            .filter(|w| {
+                !names
+                    .iter()
+                    .any(|n| n == *w || n.ends_with(&format!("/{w}")))
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "images {missing:?} not on the node; it has {names:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
