@@ -41,6 +41,13 @@ fn reject(status: StatusCode, message: String) -> ErrorResponse {
 /// Accepts agents until the listener fails.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
+        // Storm protection: at most `max_concurrent_handshakes` handshakes run at once, and the
+        // next connection is accepted only when one finishes. The rest wait in the kernel's
+        // accept queue, where waiting costs no CPU and, unlike a refused connection, sends no
+        // agent into a longer backoff: a reconnect storm drains at the handshake rate.
+        let Ok(permit) = shared.handshakes.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
@@ -55,12 +62,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             drop(tcp);
             continue;
         }
-        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-            // Storm protection: refuse before spending a TLS handshake.
-            shared.metrics.rejected("handshake_cap");
-            drop(tcp);
-            continue;
-        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();

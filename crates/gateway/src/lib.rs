@@ -349,8 +349,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     )
     .await;
 
-    let agents = TcpListener::bind(config.agent_listen)
-        .await
+    let agents = bind_agent_listener(config.agent_listen)
         .with_context(|| format!("binding {}", config.agent_listen))?;
     let agent_addr = agents.local_addr()?;
     spawn_until(&shutdown, agents::serve(agents, shared.clone()));
@@ -412,4 +411,22 @@ impl Shared {
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// Connections waiting for a handshake slot queue in the kernel (see `agents::serve`); the
+/// queue is as long as the system allows (`net.core.somaxconn` caps it, 4096 on current
+/// kernels), not the 1024 of `TcpListener::bind`, so a reconnect storm waits instead of
+/// having its SYNs dropped and retried a second later.
+const AGENT_ACCEPT_BACKLOG: u32 = 4096;
+
+fn bind_agent_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted gateway rebinds while old sockets sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(AGENT_ACCEPT_BACKLOG)
 }

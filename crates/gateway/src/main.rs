@@ -41,7 +41,8 @@ struct Flags {
     /// Silence after which an agent is disconnected.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     heartbeat_timeout: Duration,
-    /// Concurrent TLS handshakes on the agent listener; excess connections are closed before TLS.
+    /// Concurrent TLS handshakes on the agent listener; further connections wait in the kernel's
+    /// accept queue until one finishes.
     #[arg(long, default_value_t = 256)]
     max_concurrent_handshakes: usize,
     /// Live connections one agent certificate (leaf public key) may hold; excess get 429.

@@ -303,19 +303,43 @@ pub struct GatewayEvent {
     pub connected_agents_by_cr: BTreeMap<String, usize>,
 }
 
-/// Every live connection.
+/// Every live connection, grouped by planeID: admission, routing and the connection events look
+/// at one plane's connections, never at all of them, so a storm of N agents costs O(N) in
+/// total, not O(N²). (A CR serves one planeID, so its agents are all on that plane.)
 pub struct Registry {
-    connections: RwLock<Vec<Arc<Connection>>>,
+    table: RwLock<Table>,
     round_robin: AtomicUsize,
     next_id: AtomicU64,
     replaced: AtomicU64,
     events: broadcast::Sender<GatewayEvent>,
 }
 
+#[derive(Default)]
+struct Table {
+    by_plane: HashMap<String, Vec<Arc<Connection>>>,
+    /// Live connections per leaf public key (the per-identity cap).
+    by_identity: HashMap<Vec<u8>, usize>,
+}
+
+impl Table {
+    fn forget_identity(&mut self, public_key: &[u8]) {
+        if let Some(n) = self.by_identity.get_mut(public_key) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_identity.remove(public_key);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<Connection>> {
+        self.by_plane.values().flatten()
+    }
+}
+
 impl Default for Registry {
     fn default() -> Self {
         Self {
-            connections: RwLock::new(Vec::new()),
+            table: RwLock::new(Table::default()),
             round_robin: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             replaced: AtomicU64::new(0),
@@ -343,24 +367,40 @@ impl Registry {
     /// Live connections presenting `public_key`, not counting the instance `agent_id` on
     /// `plane_id` (which a new connection would replace rather than add to).
     pub fn count_identity(&self, public_key: &[u8], plane_id: &str, agent_id: &str) -> usize {
-        self.connections
-            .read()
-            .iter()
-            .filter(|c| {
-                c.public_key == public_key && !(c.plane_id == plane_id && c.agent_id == agent_id)
-            })
-            .count()
+        let table = self.table.read();
+        let all = table.by_identity.get(public_key).copied().unwrap_or(0);
+        let same_instance = table
+            .by_plane
+            .get(plane_id)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.public_key == public_key && c.agent_id == agent_id)
+            .count();
+        all - same_instance
     }
 
     /// Registers a connection; an older connection of the same agent instance (same planeID,
     /// leaf public key and instance id) is replaced: newest wins.
     pub fn add(&self, conn: Arc<Connection>) {
         let replaced: Vec<Arc<Connection>> = {
-            let mut connections = self.connections.write();
-            let (old, keep): (Vec<_>, Vec<_>) =
-                connections.drain(..).partition(|c| c.same_instance(&conn));
-            *connections = keep;
-            connections.push(conn.clone());
+            let mut table = self.table.write();
+            let plane = table.by_plane.entry(conn.plane_id.clone()).or_default();
+            let mut old = Vec::new();
+            plane.retain(|c| {
+                let same = c.same_instance(&conn);
+                if same {
+                    old.push(c.clone());
+                }
+                !same
+            });
+            plane.push(conn.clone());
+            for o in &old {
+                table.forget_identity(&o.public_key);
+            }
+            *table
+                .by_identity
+                .entry(conn.public_key.clone())
+                .or_insert(0) += 1;
             old
         };
         for old in replaced {
@@ -378,10 +418,23 @@ impl Registry {
     /// Removes a connection (if still registered) and fails its pending requests.
     pub fn remove(&self, conn: &Arc<Connection>) {
         let removed = {
-            let mut connections = self.connections.write();
-            let before = connections.len();
-            connections.retain(|c| c.id != conn.id);
-            before != connections.len()
+            let mut table = self.table.write();
+            let removed = match table.by_plane.get_mut(&conn.plane_id) {
+                Some(plane) => {
+                    let before = plane.len();
+                    plane.retain(|c| c.id != conn.id);
+                    let removed = before != plane.len();
+                    if plane.is_empty() {
+                        table.by_plane.remove(&conn.plane_id);
+                    }
+                    removed
+                }
+                None => false,
+            };
+            if removed {
+                table.forget_identity(&conn.public_key);
+            }
+            removed
         };
         conn.fail_pending();
         if removed {
@@ -392,15 +445,18 @@ impl Registry {
 
     /// Every connection.
     pub fn all(&self) -> Vec<Arc<Connection>> {
-        self.connections.read().clone()
+        self.table.read().iter().cloned().collect()
     }
 
     /// Picks a connection authorised for `cr` on `plane_id`, round-robin.
     pub fn pick(&self, plane_id: &str, cr: &CrKey) -> Result<Arc<Connection>, Unavailable> {
-        let connections = self.connections.read();
-        let on_plane: Vec<&Arc<Connection>> = connections
-            .iter()
-            .filter(|c| c.plane_id == plane_id && !c.is_closed())
+        let table = self.table.read();
+        let on_plane: Vec<&Arc<Connection>> = table
+            .by_plane
+            .get(plane_id)
+            .into_iter()
+            .flatten()
+            .filter(|c| !c.is_closed())
             .collect();
         // A draining connection (renewal handing over) serves only when it is all there is.
         let fresh: Vec<&Arc<Connection>> = on_plane
@@ -429,10 +485,13 @@ impl Registry {
     /// Connections of a plane authorised for `cr` (or all of the plane when `cr` is `None`),
     /// and when the newest of them last heard from its agent (Unix ms, 0 when none).
     pub fn count(&self, plane_id: &str, cr: Option<&CrKey>) -> (usize, u64) {
-        let connections = self.connections.read();
-        let matching: Vec<&Arc<Connection>> = connections
-            .iter()
-            .filter(|c| c.plane_id == plane_id && cr.is_none_or(|cr| c.crs.read().contains(cr)))
+        let table = self.table.read();
+        let matching: Vec<&Arc<Connection>> = table
+            .by_plane
+            .get(plane_id)
+            .into_iter()
+            .flatten()
+            .filter(|c| cr.is_none_or(|cr| c.crs.read().contains(cr)))
             .collect();
         let last_seen = matching
             .iter()
@@ -444,17 +503,18 @@ impl Registry {
 
     /// Live connections per planeID.
     pub fn by_plane(&self) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for conn in self.connections.read().iter() {
-            *counts.entry(conn.plane_id.clone()).or_insert(0) += 1;
-        }
-        counts
+        self.table
+            .read()
+            .by_plane
+            .iter()
+            .map(|(plane, conns)| (plane.clone(), conns.len()))
+            .collect()
     }
 
-    /// Agents per CR key.
+    /// Agents per CR key (every CR with a connection; for the snapshot event).
     pub fn agents_by_cr(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
-        for conn in self.connections.read().iter() {
+        for conn in self.table.read().iter() {
             for cr in conn.crs.read().iter() {
                 *counts.entry(cr.to_string()).or_insert(0) += 1;
             }
@@ -480,17 +540,22 @@ impl Registry {
         (granted.len(), revoked.len())
     }
 
+    /// Sends one event; its counts come from the connection's own plane only.
     fn emit(&self, type_: &str, conn: &Connection, crs: Vec<CrKey>) {
-        let by_cr = self.agents_by_cr();
-        let counts = crs
-            .iter()
-            .map(|cr| {
-                (
-                    cr.to_string(),
-                    by_cr.get(&cr.to_string()).copied().unwrap_or(0),
-                )
-            })
-            .collect();
+        let counts = {
+            let table = self.table.read();
+            let plane = table.by_plane.get(&conn.plane_id);
+            crs.iter()
+                .map(|cr| {
+                    let n = plane
+                        .into_iter()
+                        .flatten()
+                        .filter(|c| c.crs.read().contains(cr))
+                        .count();
+                    (cr.to_string(), n)
+                })
+                .collect()
+        };
         let _ = self.events.send(GatewayEvent {
             type_: type_.into(),
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -516,11 +581,11 @@ impl Registry {
         }
     }
 
-    /// The connection table (for operators and the harness).
+    /// The connection table (for operators and the harness), oldest connection first.
     pub fn table(&self) -> Value {
-        let connections: Vec<Value> = self
-            .connections
-            .read()
+        let mut all = self.all();
+        all.sort_by_key(|c| c.id);
+        let connections: Vec<Value> = all
             .iter()
             .map(|c| {
                 json!({
@@ -665,5 +730,45 @@ mod tests {
             Delivery::Overrun
         );
         assert_eq!(c.deliver(id, StreamEvent::End), Delivery::NoStream);
+    }
+
+    /// Connections are grouped by planeID: the identity count spans planes, events count a CR's
+    /// agents on its own plane, and a plane's entry goes with its last connection.
+    #[test]
+    fn planes_group_connections_and_counts_follow() {
+        let registry = Registry::default();
+        let mut events = registry.subscribe();
+        let cr1 = CrKey::namespaced("org", "bp1");
+        let cr2 = CrKey::namespaced("org", "bp2");
+        let a = conn(&registry, "p1", b"key", "a", std::slice::from_ref(&cr1));
+        let b = conn(&registry, "p2", b"key", "b", std::slice::from_ref(&cr2));
+        let c = conn(&registry, "p1", b"other", "c", std::slice::from_ref(&cr1));
+        registry.add(a.clone());
+        registry.add(b.clone());
+        registry.add(c.clone());
+        assert_eq!(registry.count_identity(b"key", "p3", "x"), 2);
+        assert_eq!(
+            registry.count_identity(b"key", "p1", "a"),
+            1,
+            "a would be replaced"
+        );
+        assert_eq!(registry.count_identity(b"other", "p1", "c"), 0);
+        let counts: Vec<usize> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| e.connected_agents_by_cr.values().sum())
+            .collect();
+        assert_eq!(counts, [1, 1, 2], "p1's CR counts p1's connections only");
+        assert_eq!(registry.by_plane().get("p1"), Some(&2));
+        assert_eq!(registry.agents_by_cr().get("org/bp1"), Some(&2));
+        registry.remove(&b);
+        registry.remove(&b);
+        assert_eq!(registry.by_plane().get("p2"), None);
+        assert_eq!(registry.count_identity(b"key", "p3", "x"), 1);
+        assert_eq!(registry.count("p1", Some(&cr1)).0, 2);
+        assert!(matches!(
+            registry.pick("p2", &cr2),
+            Err(Unavailable::NoAgentConnected)
+        ));
+        assert_eq!(registry.all().len(), 2);
+        assert_eq!(registry.table()["total"], 2);
     }
 }

@@ -177,7 +177,7 @@ async fn ca_rotation_with_requests_flowing() {
     assert_eq!(status, 200, "served under the new CA alone");
 }
 
-/// Storm protection: beyond `--max-concurrent-handshakes` a connection is closed before TLS; a
+/// Storm protection: beyond `--max-concurrent-handshakes` a connection waits for a slot; a
 /// certificate past `--max-connections-per-identity` gets 429 with Retry-After, while the same
 /// instance reconnecting replaces its old connection instead of counting twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,24 +191,42 @@ async fn storm_protection_caps_handshakes_and_connections_per_identity() {
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     let leaf = ca.issue_client("p", DAY).unwrap();
 
-    // A peer that connects and never starts TLS holds the only handshake slot.
+    // A peer that connects and never starts TLS holds the only handshake slot; the next agent
+    // waits in the accept queue (no CPU spent, no refusal to back off from) and is admitted
+    // as soon as the slot frees.
     let idle = tokio::net::TcpStream::connect(env.agent_addr)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let refused = env
-        .raw_connect(
-            "?planeID=p&planeType=buildplane&agentID=a",
-            Some(&leaf),
-            None,
-        )
-        .await;
+    let other = ca.issue_client("p", DAY).unwrap();
+    let waiting = env.raw_connect(
+        "?planeID=p&planeType=buildplane&agentID=w",
+        Some(&other),
+        None,
+    );
+    tokio::pin!(waiting);
     assert!(
-        matches!(refused, Err((0, _))),
-        "closed before TLS while the slot is taken"
+        tokio::time::timeout(Duration::from_millis(500), &mut waiting)
+            .await
+            .is_err(),
+        "no handshake while the only slot is taken"
     );
     drop(idle);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waited = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiting agent's handshake runs once the slot frees");
+    // Through TLS: admitted, or refused by the upgrade with a status (the reflector may not
+    // have the BuildPlane yet); never closed before TLS.
+    assert!(
+        !matches!(waited, Err((0, _))),
+        "the waiting agent got through TLS: {:?}",
+        waited.as_ref().map(drop)
+    );
+    drop(waited);
+    env.eventually("the waiting agent is gone again", WAIT, || async {
+        env.connections().await == 0
+    })
+    .await;
 
     let deadline = tokio::time::Instant::now() + WAIT;
     let _first = loop {
