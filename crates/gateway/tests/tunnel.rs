@@ -147,21 +147,9 @@ async fn agent_killed_mid_request_fails_the_caller_at_once() {
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     let leaf = ca.issue_client("p", DAY).unwrap();
     // The reflector sees the new BuildPlane shortly after it is applied.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let (mut ws, protocol) = loop {
-        match env
-            .raw_connect(
-                "?planeID=p&planeType=buildplane",
-                Some(&leaf),
-                Some(V2_FIRST),
-            )
-            .await
-        {
-            Ok(ok) => break ok,
-            Err(err) if tokio::time::Instant::now() > deadline => panic!("not admitted: {err:?}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let (mut ws, protocol) = env
+        .raw_admitted("?planeID=p&planeType=buildplane", &leaf, Some(V2_FIRST))
+        .await;
     assert_eq!(protocol.as_deref(), Some("buildplane.tunnel.v2"));
     env.eventually("the fake agent is registered", WAIT, || async {
         env.connections().await == 1
@@ -451,21 +439,9 @@ async fn an_agent_reset_gives_the_caller_its_status() {
     let ca = Ca::generate("agent-ca", DAY).unwrap();
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     let leaf = ca.issue_client("p", DAY).unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let (mut ws, _) = loop {
-        match env
-            .raw_connect(
-                "?planeID=p&planeType=buildplane",
-                Some(&leaf),
-                Some(V2_FIRST),
-            )
-            .await
-        {
-            Ok(ok) => break ok,
-            Err(err) if tokio::time::Instant::now() > deadline => panic!("not admitted: {err:?}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let (mut ws, _) = env
+        .raw_admitted("?planeID=p&planeType=buildplane", &leaf, Some(V2_FIRST))
+        .await;
     env.eventually("the fake agent is registered", WAIT, || async {
         env.connections().await == 1
     })

@@ -400,6 +400,26 @@ impl Env {
         }
     }
 
+    /// [`Env::raw_connect`] until admitted: the reflector sees a new BuildPlane shortly after
+    /// it is applied.
+    pub async fn raw_admitted(
+        &self,
+        query: &str,
+        leaf: &Leaf,
+        protocols: Option<&str>,
+    ) -> (Ws, Option<String>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.raw_connect(query, Some(leaf), protocols).await {
+                Ok(ok) => return ok,
+                Err(err) if tokio::time::Instant::now() > deadline => {
+                    panic!("not admitted: {err:?}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// The connection table's `total`.
     pub async fn connections(&self) -> usize {
         let (_, body) = self.get("/api/v1/connections").await;
