@@ -414,6 +414,27 @@ pub fn summary_table(suite: &SuiteResult) -> String {
             crate::duration::pretty(result.duration)
         ));
     }
+    // Failures again, one line each, next to the closing line: a CI log shows its tail, and
+    // the full rendering printed when the scenario ended may be far above it.
+    let failed: Vec<_> = suite
+        .scenarios
+        .iter()
+        .filter(|s| s.status == Status::Failed)
+        .collect();
+    if !failed.is_empty() {
+        out.push_str("failures:\n");
+        for result in failed {
+            let reason = result
+                .failure
+                .as_ref()
+                .map_or("(no reason recorded)", |f| f.message.as_str());
+            out.push_str(&format!(
+                "  {}: {}\n",
+                result.name,
+                reason.lines().next().unwrap_or_default()
+            ));
+        }
+    }
     out.push_str(&format!(
         "total wall time {} (backend {}, profile {})\n",
         crate::duration::pretty(suite.duration),
@@ -491,7 +512,12 @@ mod tests {
             message.contains("not implemented in this build"),
             "{message}"
         );
-        assert!(summary_table(&suite).ends_with("0 passed, 1 failed"));
+        let table = summary_table(&suite);
+        assert!(table.ends_with("0 passed, 1 failed"), "{table}");
+        assert!(
+            table.contains("failures:\n  a: ") && table.contains("not implemented in this build"),
+            "{table}"
+        );
     }
 
     /// Filters and labels select scenarios; repeat multiplies them.
