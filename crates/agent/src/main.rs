@@ -159,6 +159,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     buildplane_pki::install_crypto_provider();
+    // A swarm holds one socket per agent: raise the open-files soft limit to the hard one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(err) => tracing::warn!(%err, "could not raise the open-files limit"),
+    }
     match Flags::parse().command {
         Command::Run {
             common,

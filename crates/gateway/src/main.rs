@@ -103,6 +103,12 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
+    // Every agent holds a socket: thousands of agents need more than the usual soft limit of
+    // 1,024 open files, so raise it to the hard limit (as the Go runtime does at start).
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(err) => tracing::warn!(%err, "could not raise the open-files limit"),
+    }
     let flags = Flags::parse();
     let internal_server_cert = match (flags.internal_server_cert, flags.internal_server_key) {
         (Some(cert), Some(key)) => Some((cert, key)),

@@ -191,6 +191,27 @@ fn component_env() -> BTreeMap<String, String> {
     ])
 }
 
+/// Open files a swarm of `agents` costs this process: the fault proxy holds two sockets per
+/// agent (the agent's and the gateway's), plus room for clients, logs and watches. The
+/// components inherit the same limit and need at most one per agent.
+fn open_files_needed(agents: u64) -> u64 {
+    agents.saturating_mul(2).saturating_add(512)
+}
+
+/// Fails before the swarm starts, with the fix, when the open-files limit cannot hold it
+/// (otherwise the storm would fail minutes later with agents that never connect).
+fn open_files_suffice(agents: u64) -> Result<()> {
+    let needed = open_files_needed(agents);
+    match rlimit::Resource::NOFILE.get() {
+        Ok((soft, hard)) if soft < needed => Err(BackendError::Other(format!(
+            "a swarm of {agents} agents needs about {needed} open files in the harness, \
+             but the limit is {soft} (hard limit {hard}); raise it (`ulimit -n {needed}`, or \
+             LimitNOFILE for a service) or run fewer agents"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn unavailable(component: &str, reason: impl Into<String>) -> BackendError {
     BackendError::ComponentUnavailable {
         component: component.to_string(),
@@ -645,6 +666,7 @@ impl Environment for SimEnv {
 
     fn start_swarm(&self, spec: SwarmSpec) -> BoxFuture<'_, Result<Vec<SwarmPlane>>> {
         Box::pin(async move {
+            open_files_suffice(spec.count)?;
             let link = self.link(&spec.name).await?;
             let n_processes = spec.processes.max(1) as u64;
             let mut names = Vec::new();
@@ -871,5 +893,26 @@ impl Environment for SimEnv {
             state.links.clear();
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A swarm the open-files limit cannot hold is refused up front, naming the fix; one it
+    /// can hold passes.
+    #[test]
+    fn a_swarm_over_the_open_files_limit_is_refused_with_the_fix() {
+        let (soft, _) = rlimit::Resource::NOFILE.get().unwrap();
+        if soft == rlimit::INFINITY {
+            return; // nothing to exceed on this machine
+        }
+        let err = open_files_suffice(soft).unwrap_err().to_string();
+        assert!(err.contains(&format!("the limit is {soft}")), "{err}");
+        assert!(err.contains("ulimit -n"), "{err}");
+        if soft >= open_files_needed(10) {
+            open_files_suffice(10).unwrap();
+        }
     }
 }
