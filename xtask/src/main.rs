@@ -36,11 +36,6 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The harness relays two sockets per agent of a storm, and the components it starts
-    // inherit the limit: raise the open-files soft limit to the hard one for all of them.
-    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
-        eprintln!("warning: could not raise the open-files limit: {err}");
-    }
     let flags = Flags::parse();
     match flags.subcommand {
         Command::Codegen { check } => codegen::run(check),

@@ -198,10 +198,12 @@ fn open_files_needed(agents: u64) -> u64 {
     agents.saturating_mul(2).saturating_add(512)
 }
 
-/// Fails before the swarm starts, with the fix, when the open-files limit cannot hold it
-/// (otherwise the storm would fail minutes later with agents that never connect).
+/// Raises this process's open-files soft limit to the hard one, then fails before the swarm
+/// starts, with the fix, if it still cannot hold it (otherwise the storm would fail minutes
+/// later with agents that never connect).
 fn open_files_suffice(agents: u64) -> Result<()> {
     let needed = open_files_needed(agents);
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     match rlimit::Resource::NOFILE.get() {
         Ok((soft, hard)) if soft < needed => Err(BackendError::Other(format!(
             "a swarm of {agents} agents needs about {needed} open files in the harness, \
@@ -904,6 +906,7 @@ mod tests {
     /// can hold passes.
     #[test]
     fn a_swarm_over_the_open_files_limit_is_refused_with_the_fix() {
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
         let (soft, _) = rlimit::Resource::NOFILE.get().unwrap();
         if soft == rlimit::INFINITY {
             return; // nothing to exceed on this machine
