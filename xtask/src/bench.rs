@@ -17,6 +17,8 @@ use anyhow::{Context as _, bail, format_err};
 use clap::Args;
 use serde_json::{Value, json};
 
+use buildplane_harness::build::cargo_command;
+
 use crate::project_root;
 
 /// Flags of `cargo xtask bench`.
@@ -290,7 +292,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
 const NOTES_MARKER: &str = "<!-- notes: kept across runs -->";
 
 fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
-    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let output = cargo_command(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .current_dir(root)
         .output()?;
@@ -303,7 +305,7 @@ fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
 
 fn cargo(root: &Path, args: &[&str], quick: bool) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
+    let mut command = cargo_command(cargo);
     command.args(args).current_dir(root);
     if quick {
         command.env("BUILDPLANE_BENCH_QUICK", "1");

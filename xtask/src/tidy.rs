@@ -4,6 +4,8 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context, bail};
 
+use buildplane_harness::build::cargo_command;
+
 use crate::project_root;
 
 /// Crates the wire-protocol crate must never depend on (it does no I/O).
@@ -71,7 +73,7 @@ fn walk(dir: &Path, visit: &mut dyn FnMut(&Path) -> anyhow::Result<()>) -> anyho
 /// `buildplane-tunnel` has no tokio, rustls, tungstenite, kube or hyper in its normal dependencies.
 fn check_tunnel_has_no_io(failures: &mut Vec<String>) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
+    let output = cargo_command(cargo)
         .args([
             "tree",
             "-p",

@@ -1,6 +1,7 @@
 //! Building the component binaries with cargo and finding them (for the sim backend).
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -13,6 +14,33 @@ pub const COMPONENTS: [(&str, &str); 4] = [
     ("cluster-agent", "cluster-agent"),
     ("buildplane-controller", "buildplane-controller"),
 ];
+
+/// The variables cargo sets for the package it runs (`cargo xtask` runs the xtask package).
+/// Build scripts track some of them (ring's tracks `CARGO_MANIFEST_DIR`), so a cargo started
+/// from xtask with them inherited sees those scripts as changed and rebuilds ring, rustls and
+/// everything above them, and the next plain `cargo build` or `cargo test` rebuilds them back.
+const PACKAGE_VARIABLES: [&str; 6] = [
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_MANIFEST_LINKS",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+];
+
+/// A `cargo` command with the environment of the invoking cargo's package removed, so the
+/// builds it runs share their artifacts with the user's own `cargo build` and `cargo test`.
+/// `cargo` is the `CARGO` variable under cargo, else `cargo`.
+pub fn cargo_command(cargo: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(cargo);
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if PACKAGE_VARIABLES.contains(&name) || name.starts_with("CARGO_PKG_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
 
 /// Builds the component binaries and returns where they are, with the build errors of those
 /// that failed.
@@ -67,7 +95,7 @@ fn cargo_build(
             binary.to_string(),
         ]);
     }
-    let output = Command::new(cargo)
+    let output = cargo_command(cargo)
         .current_dir(root)
         .args(&args)
         .stdin(Stdio::null())
