@@ -1,6 +1,6 @@
 //! `cargo xtask tidy`: repository conventions that are cheaper to check than to review.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use anyhow::{Context, bail};
 
