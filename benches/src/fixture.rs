@@ -326,10 +326,9 @@ impl Tunnel {
         let gateway = cluster_gateway::start(config).await?;
         let internal_base = format!("https://127.0.0.1:{}", gateway.internal_addr.port());
         let agents = CancellationToken::new();
-        let backend_client = {
-            let config = kube::Config::new(format!("http://{}", backend.addr).parse()?);
-            kube::Client::try_from(config)?
-        };
+        let backend_cluster = cluster_agent::BuildCluster::from_config(kube::Config::new(
+            format!("http://{}", backend.addr).parse()?,
+        ))?;
         for protocol in [1, 2] {
             let mut config = AgentConfig::new(
                 format!("wss://127.0.0.1:{}/ws", gateway.agent_addr.port()),
@@ -338,7 +337,7 @@ impl Tunnel {
             config.protocol = protocol;
             let agent = Agent::new(
                 config,
-                backend_client.clone(),
+                backend_cluster.clone(),
                 pki.server_ca.cert_pem().as_bytes(),
                 pki.agent_cert()?,
             )?;

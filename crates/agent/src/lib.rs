@@ -7,6 +7,7 @@
 //! [`swarm`] can run thousands of agents (each with its own identity and planeID) in one process.
 
 pub mod backoff;
+pub mod cluster;
 pub mod identity;
 mod session;
 pub mod swarm;
@@ -28,6 +29,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use crate::cluster::BuildCluster;
 use crate::{
     backoff::Backoff,
     session::{Ended, connect},
@@ -95,15 +97,24 @@ impl AgentConfig {
 /// Builds a client for the kubeconfig or the in-cluster configuration (kube-rs refreshes a
 /// projected service-account token by itself).
 pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
+    Ok(Client::try_from(kube_config(kubeconfig).await?)?)
+}
+
+/// The build cluster for the kubeconfig or the in-cluster configuration: a client and the
+/// direct path for proxied requests.
+pub async fn build_cluster(kubeconfig: Option<&PathBuf>) -> anyhow::Result<BuildCluster> {
+    Ok(BuildCluster::from_config(kube_config(kubeconfig).await?)?)
+}
+
+async fn kube_config(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Config> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
         }
         None => kube::Config::infer().await?,
-    };
-    Ok(Client::try_from(config)?)
+    })
 }
 
 /// One agent: its settings, the build cluster's API, its TLS identity and its counters. Shared
@@ -111,8 +122,10 @@ pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client>
 pub struct Agent {
     /// Settings.
     pub config: AgentConfig,
-    /// The build cluster's API server.
+    /// The build cluster's API server (the agent's own objects).
     pub client: Client,
+    /// The build cluster's API server (the requests the agent runs).
+    pub cluster: BuildCluster,
     /// Client TLS (gateway CA + [`Agent::cert`]).
     pub tls: Arc<rustls::ClientConfig>,
     /// The client certificate in use; replacing it takes effect on the next connection.
@@ -133,7 +146,7 @@ impl Agent {
     /// An agent that connects with `cert`, trusting `server_ca_pem` for the gateway.
     pub fn new(
         config: AgentConfig,
-        client: Client,
+        cluster: impl Into<BuildCluster>,
         server_ca_pem: &[u8],
         cert: Arc<ReloadableCert>,
     ) -> anyhow::Result<Arc<Self>> {
@@ -143,9 +156,11 @@ impl Agent {
         tls.resumption = rustls::client::Resumption::disabled();
         let tls = Arc::new(tls);
         let n = config.max_concurrent_requests.max(1);
+        let cluster = cluster.into();
         Ok(Arc::new(Self {
             config,
-            client,
+            client: cluster.client.clone(),
+            cluster,
             tls,
             cert,
             renewed: Notify::new(),
@@ -244,7 +259,8 @@ impl Agent {
 /// missing), leaf renewal before expiry, one supervised connection, health listener.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     buildplane_pki::install_crypto_provider();
-    let client = kube_client(config.kubeconfig.as_ref()).await?;
+    let cluster = build_cluster(config.kubeconfig.as_ref()).await?;
+    let client = cluster.client.clone();
     let identity = identity::ensure(
         &client,
         &config.identity_namespace,
@@ -256,7 +272,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let cert = ReloadableCert::from_pem(&identity.leaf.cert_pem, &identity.leaf.key_pem)?;
     let server_ca = std::fs::read(&config.server_ca)
         .with_context(|| format!("reading the gateway CA {}", config.server_ca.display()))?;
-    let agent = Agent::new(config.clone(), client.clone(), &server_ca, cert.clone())?;
+    let agent = Agent::new(config.clone(), cluster, &server_ca, cert.clone())?;
     if let Some(listen) = config.health_listen {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

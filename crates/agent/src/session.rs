@@ -609,7 +609,7 @@ async fn run_v2(
             return;
         }
     };
-    let response = match agent.client.send(request).await {
+    let response = match agent.cluster.send(request).await {
         Ok(response) => response,
         Err(err) => {
             send(Frame::Reset {
@@ -720,7 +720,7 @@ async fn execute_v1(agent: &Agent, request: v1::HttpTunnelRequest) -> v1::HttpTu
         Ok(r) => r,
         Err(err) => return failed(400, format!("invalid request: {err}")),
     };
-    let response = match agent.client.send(http_request).await {
+    let response = match agent.cluster.send(http_request).await {
         Ok(response) => response,
         Err(err) => {
             warn!(%err, "the build cluster's API server failed");

@@ -4,9 +4,9 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
+use crate::BuildCluster;
 use anyhow::Context as _;
 use buildplane_pki::{Ca, ReloadableCert};
-use kube::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -39,7 +39,7 @@ impl Swarm {
     /// Starts `config.count` agents against the build cluster behind `client`.
     pub fn start(
         config: SwarmConfig,
-        client: Client,
+        client: BuildCluster,
         server_ca_pem: &[u8],
     ) -> anyhow::Result<Swarm> {
         buildplane_pki::install_crypto_provider();
@@ -98,7 +98,7 @@ impl Swarm {
 
 /// `cluster-agent swarm`: runs until SIGINT/SIGTERM, logging the connected count now and then.
 pub async fn run(config: SwarmConfig, server_ca: PathBuf) -> anyhow::Result<()> {
-    let client = crate::kube_client(config.agent.kubeconfig.as_ref()).await?;
+    let client = crate::build_cluster(config.agent.kubeconfig.as_ref()).await?;
     let server_ca = std::fs::read(&server_ca)
         .with_context(|| format!("reading the gateway CA {}", server_ca.display()))?;
     let swarm = Swarm::start(config, client, &server_ca)?;

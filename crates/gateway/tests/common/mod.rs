@@ -11,7 +11,7 @@ use buildplane_api::{
 };
 use buildplane_pki::{Ca, Leaf, ReloadableCert};
 use buildplane_tunnel::{SUBPROTOCOL_V1, SUBPROTOCOL_V2};
-use cluster_agent::{Agent, AgentConfig, backoff::Backoff};
+use cluster_agent::{Agent, AgentConfig, BuildCluster, backoff::Backoff};
 use cluster_gateway::{GatewayConfig, RunningGateway};
 use k8s_openapi::{
     ByteString,
@@ -37,6 +37,8 @@ pub struct Env {
     pub build: RunningServer,
     pub control_client: Client,
     pub build_client: Client,
+    /// The build cluster as agents reach it (the direct request path, as in `cluster-agent run`).
+    pub build_cluster: BuildCluster,
     pub dir: tempfile::TempDir,
     pub server_ca: Ca,
     pub config: GatewayConfig,
@@ -82,7 +84,10 @@ impl Env {
         .await
         .expect("build API server");
         let control_client = control.client().await.expect("control client");
-        let build_client = build.client().await.expect("build client");
+        let build_cluster =
+            BuildCluster::from_config(build.client_config().await.expect("build client config"))
+                .expect("build cluster");
+        let build_client = build_cluster.client.clone();
         let crds: Api<CustomResourceDefinition> = Api::all(control_client.clone());
         for crd in buildplane_api::crds() {
             crds.create(&PostParams::default(), &crd)
@@ -146,6 +151,7 @@ impl Env {
             build,
             control_client,
             build_client,
+            build_cluster,
             dir,
             server_ca,
             config,
@@ -342,7 +348,7 @@ impl Env {
         let cert = ReloadableCert::from_pem(&leaf.cert_pem, &leaf.key_pem).expect("cert");
         let agent = Agent::new(
             config,
-            self.build_client.clone(),
+            self.build_cluster.clone(),
             self.server_ca.cert_pem().as_bytes(),
             cert,
         )
