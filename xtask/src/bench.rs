@@ -961,7 +961,7 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     let _ = writeln!(md, "\n## Running\n");
     let _ = writeln!(
         md,
-        "`cargo xtask bench` (about 15 minutes on 2 cores after the release build) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings).\n"
+        "`cargo xtask bench` (about 5 minutes on 2 cores once the release build is done) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings).\n"
     );
     match notes {
         Some(notes) => md.push_str(notes),
