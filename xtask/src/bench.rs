@@ -236,6 +236,11 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         markdown_path.display(),
         json_path.display()
     );
+    if flags.quick {
+        eprintln!(
+            "--quick: dev profile, short samples and {storm_agents} agents (a storm of {storm_agents} cannot admit more than {storm_agents}/s), so these verdicts are a smoke check; the release run's are in BENCHMARKS.md"
+        );
+    }
     for t in &targets {
         eprintln!(
             "target {:<48} {:>10.3} vs {:<10} {}",
