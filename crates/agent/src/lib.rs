@@ -122,9 +122,8 @@ async fn kube_config(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Confi
 pub struct Agent {
     /// Settings.
     pub config: AgentConfig,
-    /// The build cluster's API server (the agent's own objects).
-    pub client: Client,
-    /// The build cluster's API server (the requests the agent runs).
+    /// The build cluster's API server: its client for the agent's own objects, and the path
+    /// for the requests the agent runs.
     pub cluster: BuildCluster,
     /// Client TLS (gateway CA + [`Agent::cert`]).
     pub tls: Arc<rustls::ClientConfig>,
@@ -156,11 +155,9 @@ impl Agent {
         tls.resumption = rustls::client::Resumption::disabled();
         let tls = Arc::new(tls);
         let n = config.max_concurrent_requests.max(1);
-        let cluster = cluster.into();
         Ok(Arc::new(Self {
             config,
-            client: cluster.client.clone(),
-            cluster,
+            cluster: cluster.into(),
             tls,
             cert,
             renewed: Notify::new(),
@@ -315,7 +312,7 @@ pub async fn follow_identity(agent: Arc<Agent>) {
     loop {
         tokio::time::sleep(check_every).await;
         match identity::ensure(
-            &agent.client,
+            &agent.cluster.client,
             &config.identity_namespace,
             &config.plane_id,
             config.leaf_validity,
