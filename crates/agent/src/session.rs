@@ -8,7 +8,7 @@ use std::{
 };
 
 use buildplane_tunnel::{
-    SUBPROTOCOL_V1, SUBPROTOCOL_V2,
+    MAX_MESSAGE, SUBPROTOCOL_V1, SUBPROTOCOL_V2,
     flow::SendWindow,
     v1,
     v2::{self, Frame, Limits},
@@ -27,8 +27,6 @@ use tracing::{debug, info, warn};
 
 use crate::Agent;
 
-/// Largest tunnel message accepted from the gateway.
-const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Largest body chunk sent in one `Data` frame.
 const CHUNK: usize = 64 * 1024;
 /// WebSocket read buffer. tungstenite zero-fills the whole buffer before every read, so its

@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use buildplane_tunnel::{
-    negotiate, v1,
+    MAX_MESSAGE, negotiate, v1,
     v2::{self, Frame, Limits},
 };
 use bytes::Bytes;
@@ -24,8 +24,6 @@ use crate::{
     registry::{Connection, Delivery, Outbound, StreamEvent, public_key_of},
 };
 
-/// Largest tunnel message accepted from an agent.
-pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// WebSocket read buffer. tungstenite zero-fills the whole buffer before every read, so its
 /// default (128 KiB) is resident memory per idle agent; one TLS record (16 KiB) is enough.
 const READ_BUFFER: usize = 16 * 1024;

@@ -92,6 +92,10 @@ pub mod version {
     pub const CURRENT: u16 = V2;
 }
 
+/// Largest tunnel message (and WebSocket frame) the gateway and the agent accept from each
+/// other, in either version: a v2 frame, or a v1 JSON message with its base64 body.
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
 /// The WebSocket subprotocol of v1.
 pub const SUBPROTOCOL_V1: &str = "buildplane.tunnel.v1";
 /// The WebSocket subprotocol of v2.
