@@ -101,7 +101,7 @@ pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client>
 }
 
 /// The build cluster for the kubeconfig or the in-cluster configuration: a client and the
-/// direct path for proxied requests.
+/// path for proxied requests.
 pub async fn build_cluster(kubeconfig: Option<&PathBuf>) -> anyhow::Result<BuildCluster> {
     Ok(BuildCluster::from_config(kube_config(kubeconfig).await?)?)
 }
@@ -145,7 +145,7 @@ impl Agent {
     /// An agent that connects with `cert`, trusting `server_ca_pem` for the gateway.
     pub fn new(
         config: AgentConfig,
-        cluster: impl Into<BuildCluster>,
+        cluster: BuildCluster,
         server_ca_pem: &[u8],
         cert: Arc<ReloadableCert>,
     ) -> anyhow::Result<Arc<Self>> {
@@ -157,7 +157,7 @@ impl Agent {
         let n = config.max_concurrent_requests.max(1);
         Ok(Arc::new(Self {
             config,
-            cluster: cluster.into(),
+            cluster,
             tls,
             cert,
             renewed: Notify::new(),
@@ -257,9 +257,8 @@ impl Agent {
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     buildplane_pki::install_crypto_provider();
     let cluster = build_cluster(config.kubeconfig.as_ref()).await?;
-    let client = cluster.client.clone();
     let identity = identity::ensure(
-        &client,
+        &cluster.client,
         &config.identity_namespace,
         &config.plane_id,
         config.leaf_validity,

@@ -36,10 +36,10 @@ pub struct Swarm {
 }
 
 impl Swarm {
-    /// Starts `config.count` agents against the build cluster behind `client`.
+    /// Starts `config.count` agents against `cluster`.
     pub fn start(
         config: SwarmConfig,
-        client: BuildCluster,
+        cluster: BuildCluster,
         server_ca_pem: &[u8],
     ) -> anyhow::Result<Swarm> {
         buildplane_pki::install_crypto_provider();
@@ -65,7 +65,7 @@ impl Swarm {
             agent_config.plane_id = plane_id;
             agent_config.agent_id = uuid::Uuid::new_v4().to_string();
             agent_config.health_listen = None;
-            let agent = Agent::new(agent_config, client.clone(), server_ca_pem, cert)?;
+            let agent = Agent::new(agent_config, cluster.clone(), server_ca_pem, cert)?;
             tasks.push(tokio::spawn(agent.clone().supervise(shutdown.clone())));
             agents.push(agent);
         }
@@ -98,10 +98,10 @@ impl Swarm {
 
 /// `cluster-agent swarm`: runs until SIGINT/SIGTERM, logging the connected count now and then.
 pub async fn run(config: SwarmConfig, server_ca: PathBuf) -> anyhow::Result<()> {
-    let client = crate::build_cluster(config.agent.kubeconfig.as_ref()).await?;
+    let cluster = crate::build_cluster(config.agent.kubeconfig.as_ref()).await?;
     let server_ca = std::fs::read(&server_ca)
         .with_context(|| format!("reading the gateway CA {}", server_ca.display()))?;
-    let swarm = Swarm::start(config, client, &server_ca)?;
+    let swarm = Swarm::start(config, cluster, &server_ca)?;
     let mut report = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {

@@ -138,9 +138,15 @@ async fn leaf_renewal_hands_over_without_failed_requests() {
 async fn ca_rotation_with_requests_flowing() {
     let mut env = Env::start().await;
     let ns = "openchoreo-build-plane";
-    let start = identity::ensure(&env.build_client, ns, "p", DAY, Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let start = identity::ensure(
+        &env.build_cluster.client,
+        ns,
+        "p",
+        DAY,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
     env.build_plane("org-a", "bp", "p", &start.ca_bundle_pem)
         .await;
     let agent = env.agent_with_leaf(&start.leaf, "p", 2);
@@ -153,7 +159,7 @@ async fn ca_rotation_with_requests_flowing() {
         3,
     );
 
-    let bundle = identity::rotate_ca(&env.build_client, ns, "p", false, DAY)
+    let bundle = identity::rotate_ca(&env.build_cluster.client, ns, "p", false, DAY)
         .await
         .unwrap();
     env.build_plane("org-a", "bp", "p", &bundle).await;
@@ -162,7 +168,7 @@ async fn ca_rotation_with_requests_flowing() {
         ids.len() == 1 && ids != first
     })
     .await;
-    let finished = identity::rotate_ca(&env.build_client, ns, "p", true, DAY)
+    let finished = identity::rotate_ca(&env.build_cluster.client, ns, "p", true, DAY)
         .await
         .unwrap();
     env.build_plane("org-a", "bp", "p", &finished).await;

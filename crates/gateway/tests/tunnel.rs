@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn build_namespace(env: &Env, name: &str) {
-    let api: Api<Namespace> = Api::all(env.build_client.clone());
+    let api: Api<Namespace> = Api::all(env.build_cluster.client.clone());
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -31,7 +31,7 @@ async fn build_namespace(env: &Env, name: &str) {
 }
 
 async fn config_map(env: &Env, ns: &str, name: &str, size: usize) {
-    let api: Api<ConfigMap> = Api::namespaced(env.build_client.clone(), ns);
+    let api: Api<ConfigMap> = Api::namespaced(env.build_cluster.client.clone(), ns);
     let cm = ConfigMap {
         metadata: ObjectMeta {
             name: Some(name.into()),

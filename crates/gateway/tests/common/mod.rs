@@ -36,8 +36,7 @@ pub struct Env {
     pub control: RunningServer,
     pub build: RunningServer,
     pub control_client: Client,
-    pub build_client: Client,
-    /// The build cluster as agents reach it (the direct request path, as in `cluster-agent run`).
+    /// The build cluster (its client, and the request path agents use, as in `cluster-agent run`).
     pub build_cluster: BuildCluster,
     pub dir: tempfile::TempDir,
     pub server_ca: Ca,
@@ -87,7 +86,6 @@ impl Env {
         let build_cluster =
             BuildCluster::from_config(build.client_config().await.expect("build client config"))
                 .expect("build cluster");
-        let build_client = build_cluster.client.clone();
         let crds: Api<CustomResourceDefinition> = Api::all(control_client.clone());
         for crd in buildplane_api::crds() {
             crds.create(&PostParams::default(), &crd)
@@ -150,7 +148,6 @@ impl Env {
             control,
             build,
             control_client,
-            build_client,
             build_cluster,
             dir,
             server_ca,
