@@ -12,6 +12,15 @@
 //! leaf's validity and EKU are still checked (`expired_self_signed_leaf_is_refused_even_when_pinned`).
 //! Should a future webpki refuse such anchors, that row fails first.
 //!
+//! # The clientCA certificates' own constraints
+//! webpki keeps only a trust anchor's subject, key and name constraints: it ignores the anchor's
+//! validity and its basicConstraints pathLen. Go's and OpenSSL's verifiers check both, and so
+//! does `verify_client`, on every path webpki builds: a leaf of an expired (or not yet valid)
+//! CA gets `CaExpired` (`CaNotYetValid`), a chain with more intermediates below the CA than its
+//! pathLen allows gets `PathLenExceeded`, and a fresh leaf signed with the key of an expired
+//! pinned self-signed leaf gets `CaExpired` (`trust_anchor_constraints_table`). webpki itself
+//! checks the validity and pathLen of the intermediates.
+//!
 //! # Trust at the agent listener
 //! `agent_listener_config` requests a client certificate, accepts any chain, and still checks the
 //! handshake signature with ring's algorithms, so a client holding only someone's certificate is
@@ -367,6 +376,32 @@ pub enum VerifyError {
     /// The certificate is not for client authentication.
     #[error("certificate is not valid for client authentication")]
     WrongUsage,
+    /// The clientCA certificate the chain leads to has expired (webpki does not check a trust
+    /// anchor's own validity; Go and OpenSSL do, and so does `verify_client`).
+    #[error("the CA {ca:?} of the clientCA bundle has expired")]
+    CaExpired {
+        /// The CA's subject common name (or whole subject).
+        ca: String,
+    },
+    /// The clientCA certificate the chain leads to is not valid yet.
+    #[error("the CA {ca:?} of the clientCA bundle is not yet valid")]
+    CaNotYetValid {
+        /// The CA's subject common name (or whole subject).
+        ca: String,
+    },
+    /// The clientCA certificate's basicConstraints pathLen allows fewer intermediates below it
+    /// than the chain has.
+    #[error(
+        "the CA {ca:?} of the clientCA bundle allows {path_len} intermediate(s) below it; the chain has {intermediates}"
+    )]
+    PathLenExceeded {
+        /// The CA's subject common name (or whole subject).
+        ca: String,
+        /// Its pathLenConstraint.
+        path_len: u32,
+        /// Intermediates between it and the presented leaf.
+        intermediates: usize,
+    },
     /// A certificate (presented or in the bundle) is not valid DER or PEM.
     #[error("malformed certificate: {0}")]
     Malformed(String),
@@ -469,17 +504,126 @@ impl ClientCaBundle {
             ));
         }
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(VerifyError::from)?;
-        cert.verify_for_usage(
+        // webpki keeps only a trust anchor's subject, key and name constraints: it checks
+        // neither the anchor's validity nor its pathLen. Each candidate path is checked here
+        // against the bundle certificate it ends in; a refusal makes webpki try the next path
+        // (another anchor of a rotation bundle, another presented intermediate).
+        let refusal = std::cell::RefCell::new(None::<VerifyError>);
+        let check_anchor = |path: &webpki::VerifiedPath<'_>| {
+            let n_intermediates = path.intermediate_certificates().count();
+            let res = self.check_anchor(path.anchor(), n_intermediates, now);
+            if let Err(err) = &res {
+                refusal.borrow_mut().get_or_insert_with(|| err.clone());
+            }
+            res.map_err(|err| err.to_webpki(now))
+        };
+        let res = cert.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &anchors,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
             None,
-            None,
-        )
-        .map(|_| ())
-        .map_err(VerifyError::from)
+            Some(&check_anchor),
+        );
+        match res {
+            Ok(_) => Ok(()),
+            Err(
+                webpki::Error::CertExpired { .. }
+                | webpki::Error::CertNotValidYet { .. }
+                | webpki::Error::PathLenConstraintViolated,
+            ) if let Some(refusal) = refusal.take() => Err(refusal),
+            Err(err) => Err(VerifyError::from(err)),
+        }
+    }
+
+    /// Checks what webpki leaves out for the bundle certificate(s) behind `anchor`: validity at
+    /// `now`, and its pathLen against the intermediates below it (as Go's and OpenSSL's
+    /// verifiers do). Several certificates can share the anchor's subject and key (a CA
+    /// re-issued with the same key); one that passes is enough.
+    fn check_anchor(
+        &self,
+        anchor: &rustls_pki_types::TrustAnchor<'_>,
+        n_intermediates: usize,
+        now: UnixTime,
+    ) -> Result<(), VerifyError> {
+        let mut first_refusal = None;
+        for der in &self.certs {
+            let Ok(candidate) = webpki::anchor_from_trusted_cert(der) else {
+                continue;
+            };
+            if candidate.subject != anchor.subject
+                || candidate.subject_public_key_info != anchor.subject_public_key_info
+            {
+                continue;
+            }
+            match anchor_limits(der, n_intermediates, now) {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    first_refusal.get_or_insert(err);
+                }
+            }
+        }
+        Err(first_refusal.unwrap_or_else(|| {
+            VerifyError::Invalid("the trust anchor is not a certificate of the bundle".into())
+        }))
+    }
+}
+
+/// The validity and pathLen checks of one clientCA certificate used as the anchor of a path with
+/// `n_intermediates` CAs below it.
+fn anchor_limits(
+    der: &CertificateDer<'_>,
+    n_intermediates: usize,
+    now: UnixTime,
+) -> Result<(), VerifyError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| VerifyError::Malformed(format!("clientCA certificate: {e}")))?;
+    let ca = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map_or_else(|| cert.subject().to_string(), str::to_owned);
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let validity = cert.validity();
+    if now < validity.not_before.timestamp() {
+        return Err(VerifyError::CaNotYetValid { ca });
+    }
+    if now > validity.not_after.timestamp() {
+        return Err(VerifyError::CaExpired { ca });
+    }
+    let constraints = cert
+        .basic_constraints()
+        .map_err(|e| VerifyError::Malformed(format!("clientCA basicConstraints: {e}")))?;
+    if let Some(path_len) = constraints.and_then(|ext| ext.value.path_len_constraint)
+        && n_intermediates > path_len as usize
+    {
+        return Err(VerifyError::PathLenExceeded {
+            ca,
+            path_len,
+            intermediates: n_intermediates,
+        });
+    }
+    Ok(())
+}
+
+impl VerifyError {
+    /// The webpki error standing for this refusal inside path building (where webpki ranks the
+    /// errors of the paths it tried); `verify_client` gives the caller the refusal itself.
+    fn to_webpki(&self, now: UnixTime) -> webpki::Error {
+        match self {
+            Self::CaExpired { .. } => webpki::Error::CertExpired {
+                time: now,
+                not_after: now,
+            },
+            Self::CaNotYetValid { .. } => webpki::Error::CertNotValidYet {
+                time: now,
+                not_before: now,
+            },
+            Self::PathLenExceeded { .. } => webpki::Error::PathLenConstraintViolated,
+            _ => webpki::Error::UnknownIssuer,
+        }
     }
 }
 

@@ -17,6 +17,39 @@ fn chain(leaf: &Leaf) -> Vec<CertificateDer<'static>> {
     parse_cert_bundle(leaf.cert_pem.as_bytes()).expect("leaf PEM")
 }
 
+/// A self-signed CA with explicit validity and basicConstraints (the public constructors make
+/// unconstrained CAs only).
+fn ca_with(common_name: &str, validity: Validity, constraints: BasicConstraints) -> Ca {
+    let key = KeyPair::generate().expect("key");
+    let mut params = params(common_name, validity).expect("params");
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = params.self_signed(&key).expect("self-signed CA");
+    Ca {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        issuer: Issuer::new(params, key),
+        chain_pem: String::new(),
+    }
+}
+
+/// OpenChoreo's self-signed, non-CA agent leaf with explicit validity, as a `Ca` so that tests
+/// can sign other leaves with its key (what a holder of a pinned leaf's key could do).
+fn self_signed_leaf_with(common_name: &str, validity: Validity) -> Ca {
+    let key = KeyPair::generate().expect("key");
+    let mut params = params(common_name, validity).expect("params");
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = params.self_signed(&key).expect("self-signed leaf");
+    Ca {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        issuer: Issuer::new(params, key),
+        chain_pem: String::new(),
+    }
+}
+
 /// What a case expects.
 #[derive(Debug, PartialEq)]
 enum Expect {
@@ -230,6 +263,181 @@ fn chain_table() {
                 presented: vec![CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])],
             },
             Expect::Rejected(VerifyError::Malformed("BadDer".into())),
+        ),
+    ];
+    for (case, expected) in table {
+        check(case, expected);
+    }
+}
+
+/// The clientCA certificate's own constraints count (issue #19): webpki ignores a trust anchor's
+/// validity and pathLen, so before `verify_client` checked them, the rows "leaf of an expired
+/// CA", "leaf via an intermediate of a pathLen 0 CA" and "fresh leaf signed by an expired pinned
+/// leaf" were accepted.
+#[test]
+fn trust_anchor_constraints_table() {
+    let now_s = unix_now();
+    let past = Validity {
+        not_before: now_s - 10 * 86_400,
+        not_after: now_s - 86_400,
+    };
+    let future = Validity {
+        not_before: now_s + 86_400,
+        not_after: now_s + 10 * 86_400,
+    };
+    let valid = Validity::from_now(3650 * DAY);
+    let fresh = Validity::from_now(DAY);
+    let client_auth = [ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf_of = |ca: &Ca| {
+        ca.issue_client_with("plane-1", fresh, &client_auth)
+            .expect("leaf")
+    };
+
+    let expired_ca = ca_with("expired-ca", past, BasicConstraints::Unconstrained);
+    let future_ca = ca_with("future-ca", future, BasicConstraints::Unconstrained);
+    let valid_ca = ca_with("valid-ca", valid, BasicConstraints::Unconstrained);
+    let path_len_0 = ca_with("constrained-ca", valid, BasicConstraints::Constrained(0));
+    let under_path_len_0 = path_len_0
+        .issue_intermediate("intermediate", 365 * DAY)
+        .expect("intermediate");
+    let path_len_1 = ca_with("one-level-ca", valid, BasicConstraints::Constrained(1));
+    let under_path_len_1 = path_len_1
+        .issue_intermediate("intermediate", 365 * DAY)
+        .expect("intermediate");
+    let expired_pin = self_signed_leaf_with("pinned-agent", past);
+    let valid_pin = self_signed_leaf_with("pinned-agent", fresh);
+    // The same CA (subject and key) re-issued with a new validity: the expired certificate and
+    // its renewal side by side in a bundle.
+    let reissued_key = KeyPair::generate().expect("key");
+    let reissued = |validity| {
+        let mut params = params("reissued-ca", validity).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let cert = params.self_signed(&reissued_key).expect("CA");
+        (cert.pem(), params)
+    };
+    let (reissued_old_pem, _) = reissued(past);
+    let (reissued_new_pem, reissued_params) = reissued(valid);
+    let reissued_ca = Ca {
+        cert_pem: reissued_new_pem.clone(),
+        key_pem: reissued_key.serialize_pem(),
+        issuer: Issuer::new(
+            reissued_params,
+            KeyPair::from_pem(&reissued_key.serialize_pem()).expect("key"),
+        ),
+        chain_pem: String::new(),
+    };
+
+    let table = [
+        (
+            Case {
+                name: "leaf of an expired CA",
+                bundle_pem: expired_ca.cert_pem().to_owned(),
+                presented: chain(&leaf_of(&expired_ca)),
+            },
+            Expect::Rejected(VerifyError::CaExpired {
+                ca: "expired-ca".into(),
+            }),
+        ),
+        (
+            Case {
+                name: "leaf of a CA that is not valid yet",
+                bundle_pem: future_ca.cert_pem().to_owned(),
+                presented: chain(&leaf_of(&future_ca)),
+            },
+            Expect::Rejected(VerifyError::CaNotYetValid {
+                ca: "future-ca".into(),
+            }),
+        ),
+        (
+            Case {
+                name: "leaf of a valid CA",
+                bundle_pem: valid_ca.cert_pem().to_owned(),
+                presented: chain(&leaf_of(&valid_ca)),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "leaf of the expired CA of a rotation bundle",
+                bundle_pem: format!("{}{}", expired_ca.cert_pem(), valid_ca.cert_pem()),
+                presented: chain(&leaf_of(&expired_ca)),
+            },
+            Expect::Rejected(VerifyError::CaExpired {
+                ca: "expired-ca".into(),
+            }),
+        ),
+        (
+            Case {
+                name: "leaf of the valid CA of a rotation bundle with an expired one",
+                bundle_pem: format!("{}{}", expired_ca.cert_pem(), valid_ca.cert_pem()),
+                presented: chain(&leaf_of(&valid_ca)),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "leaf of a re-issued CA, expired certificate listed first",
+                bundle_pem: format!("{reissued_old_pem}{reissued_new_pem}"),
+                presented: chain(&leaf_of(&reissued_ca)),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "leaf of a re-issued CA whose bundle has only the expired certificate",
+                bundle_pem: reissued_old_pem.clone(),
+                presented: chain(&leaf_of(&reissued_ca)),
+            },
+            Expect::Rejected(VerifyError::CaExpired {
+                ca: "reissued-ca".into(),
+            }),
+        ),
+        (
+            Case {
+                name: "leaf directly under a pathLen 0 CA",
+                bundle_pem: path_len_0.cert_pem().to_owned(),
+                presented: chain(&leaf_of(&path_len_0)),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "leaf via an intermediate of a pathLen 0 CA",
+                bundle_pem: path_len_0.cert_pem().to_owned(),
+                presented: chain(&leaf_of(&under_path_len_0)),
+            },
+            Expect::Rejected(VerifyError::PathLenExceeded {
+                ca: "constrained-ca".into(),
+                path_len: 0,
+                intermediates: 1,
+            }),
+        ),
+        (
+            Case {
+                name: "leaf via an intermediate of a pathLen 1 CA",
+                bundle_pem: path_len_1.cert_pem().to_owned(),
+                presented: chain(&leaf_of(&under_path_len_1)),
+            },
+            Expect::Accepted,
+        ),
+        (
+            Case {
+                name: "fresh leaf signed by an expired pinned leaf",
+                bundle_pem: expired_pin.cert_pem().to_owned(),
+                presented: chain(&leaf_of(&expired_pin)),
+            },
+            Expect::Rejected(VerifyError::CaExpired {
+                ca: "pinned-agent".into(),
+            }),
+        ),
+        (
+            Case {
+                name: "valid pinned self-signed leaf presenting itself",
+                bundle_pem: valid_pin.cert_pem().to_owned(),
+                presented: parse_cert_bundle(valid_pin.cert_pem().as_bytes()).expect("pin"),
+            },
+            Expect::Accepted,
         ),
     ];
     for (case, expected) in table {
