@@ -29,6 +29,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use base64::Engine as _;
@@ -222,6 +223,9 @@ async fn bind(config: &Config) -> Result<TcpListener, Error> {
 /// Starts servers.
 pub struct Server;
 
+/// Pause after a failed accept (EMFILE, ENFILE, ECONNABORTED), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 impl Server {
     /// Starts a server and returns once it accepts connections.
     pub async fn start(config: Config) -> Result<RunningServer, Error> {
@@ -250,7 +254,13 @@ impl Server {
                 let (tcp, peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok(accepted) => accepted,
-                        Err(err) => { debug!(%err, "accept failed"); continue; }
+                        // Out of file descriptors (EMFILE) fails every accept at once until
+                        // one is freed: back off instead of spinning on the error.
+                        Err(err) => {
+                            debug!(%err, "accept failed");
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                            continue;
+                        }
                     },
                     _ = shutdown_rx.changed() => return,
                 };
