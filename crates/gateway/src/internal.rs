@@ -63,12 +63,6 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
-const BLOCKED_PATHS: &[&str] = &[
-    "/api/v1/namespaces/kube-system/secrets",
-    "/api/v1/secrets",
-    "/apis/v1/serviceaccounts",
-];
-
 async fn proxy(
     State(shared): State<Arc<Shared>>,
     Path((plane_type, plane_id, namespace, name, target, path)): Path<(
@@ -121,21 +115,10 @@ async fn proxy(
             "connection upgrades (exec, attach, port-forward) are not proxied",
         );
     }
-    let path = format!("/{path}");
-    if path.contains("..") || path.contains('\0') {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "InvalidPath",
-            "the path must not contain '..' or NUL",
-        );
-    }
-    if let Some(blocked) = BLOCKED_PATHS.iter().find(|b| path.starts_with(*b)) {
-        return error(
-            StatusCode::FORBIDDEN,
-            "PathBlocked",
-            format!("{blocked} may not be proxied"),
-        );
-    }
+    let path = match shared.config.proxy_policy.check(&path) {
+        Ok(normalised) => normalised,
+        Err(refusal) => return error(refusal.status(), refusal.code(), refusal.to_string()),
+    };
     let cr = CrKey::from_url_segments(&namespace, &name);
     let query = req.uri().query().unwrap_or("").to_owned();
     // OpenChoreo's request id: the caller's X-Request-ID, or `gw-` and 16 hex digits.

@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod internal;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
 pub mod trust;
 
@@ -32,6 +33,7 @@ use tracing::{debug, info};
 
 use crate::{
     metrics::Metrics,
+    policy::ProxyPolicy,
     registry::{Outbound, Registry},
     trust::Trust,
 };
@@ -65,6 +67,8 @@ pub struct GatewayConfig {
     pub shutdown_stagger: Duration,
     /// How often certificate files are checked for changes.
     pub cert_reload_interval: Duration,
+    /// The paths the proxy refuses (`--proxy-deny`).
+    pub proxy_policy: ProxyPolicy,
 }
 
 impl GatewayConfig {
@@ -88,6 +92,7 @@ impl GatewayConfig {
             max_connections_per_identity: 4,
             shutdown_stagger: Duration::from_secs(1),
             cert_reload_interval: Duration::from_secs(2),
+            proxy_policy: ProxyPolicy::default(),
         }
     }
 }

@@ -51,6 +51,12 @@ struct Flags {
     /// On shutdown, agent connections are closed spread over this long.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     shutdown_stagger: Duration,
+    /// A path the proxy refuses with 403 (repeatable): `/`-separated segments, `*` for any one
+    /// segment, denying the path and everything below it (`/api/v1/namespaces/*/configmaps`).
+    /// Without the flag the defaults apply (Secrets cluster-wide and in kube-system, the
+    /// serviceaccounts/NAME/token subresource); `default` stands for them among other rules.
+    #[arg(long = "proxy-deny", value_name = "RULE")]
+    proxy_deny: Vec<String>,
 }
 
 /// The agent listener address: `--agent-listen`, else `0.0.0.0:$AGENT_SERVER_PORT`, else
@@ -115,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => None,
         _ => anyhow::bail!("--internal-server-cert and --internal-server-key go together"),
     };
+    let proxy_policy = cluster_gateway::policy::ProxyPolicy::from_flags(&flags.proxy_deny)?;
     let gateway = cluster_gateway::start(cluster_gateway::GatewayConfig {
         kubeconfig: flags.kubeconfig,
         agent_listen: agent_listen(flags.agent_listen)?,
@@ -129,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         max_connections_per_identity: flags.max_connections_per_identity,
         shutdown_stagger: flags.shutdown_stagger,
         cert_reload_interval: Duration::from_secs(2),
+        proxy_policy,
     })
     .await?;
     shutdown_signal().await;

@@ -1,0 +1,107 @@
+//! Issue #19 over real sockets: the proxy's path policy, the accepted planeTypes, the generic
+//! 401 of the agent listener, and the internal listener's client CA reload.
+
+mod common;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use buildplane_pki::Ca;
+use common::{DAY, Env};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A request through the proxy: (status, body).
+async fn proxied(env: &Env, method: reqwest::Method, path: &str) -> (u16, String) {
+    let url = format!("{}/api/proxy/buildplane/p/org-a/bp/k8s{path}", env.base);
+    match env
+        .http
+        .request(method, url)
+        .header("content-type", "application/json")
+        .body(r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{}}"#)
+        .send()
+        .await
+    {
+        Ok(res) => {
+            let status = res.status().as_u16();
+            (status, res.text().await.unwrap_or_default())
+        }
+        Err(err) => (0, err.to_string()),
+    }
+}
+
+/// Denied paths are refused with 403 `PathBlocked` in every spelling (an empty segment, the
+/// legacy watch prefix, percent-encoded slashes, TokenRequest) and never reach the agent, while
+/// paths beside them (`/api/v1/serviceaccounts`, `/api/v1/secrets-backup`) are forwarded, with
+/// empty segments collapsed. (Before the policy module, `/api/v1//secrets` and the watch
+/// variants got 200 from the build cluster and the TokenRequest was forwarded.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_denies_every_spelling_of_a_denied_path() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let agent = env.agent(&ca, "p", 2);
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+
+    let blocked = [
+        (reqwest::Method::GET, "/api/v1/secrets"),
+        (reqwest::Method::GET, "/api/v1//secrets"),
+        (reqwest::Method::GET, "//api/v1/secrets"),
+        (reqwest::Method::GET, "/api/v1/secrets/"),
+        (
+            reqwest::Method::GET,
+            "/api/v1/namespaces/kube-system//secrets",
+        ),
+        (reqwest::Method::GET, "/api/v1/watch/secrets"),
+        (
+            reqwest::Method::GET,
+            "/api/v1/watch/namespaces/kube-system/secrets",
+        ),
+        // The router decodes once: `%2F` is a slash, `%73` an `s`.
+        (
+            reqwest::Method::GET,
+            "/api/v1/namespaces/kube-system%2Fsecrets",
+        ),
+        (reqwest::Method::GET, "/api/v1/%73ecrets"),
+        (
+            reqwest::Method::POST,
+            "/api/v1/namespaces/default/serviceaccounts/default/token",
+        ),
+    ];
+    let before = agent.requests.load(Ordering::SeqCst);
+    for (method, path) in blocked {
+        let (status, body) = proxied(&env, method.clone(), path).await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert!(body.contains("PathBlocked"), "{method} {path}: {body}");
+    }
+    // Encoded twice: the API server would decode the rest, so it is refused.
+    let (status, body) = proxied(
+        &env,
+        reqwest::Method::GET,
+        "/api/v1/namespaces/kube-system%252Fsecrets",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("InvalidPath"), "{body}");
+    assert_eq!(
+        agent.requests.load(Ordering::SeqCst),
+        before,
+        "no refused request reached the agent"
+    );
+
+    let (status, body) = proxied(&env, reqwest::Method::GET, "/api/v1/serviceaccounts").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("ServiceAccountList"), "{body}");
+    let (status, body) = proxied(&env, reqwest::Method::GET, "/api/v1//namespaces/").await;
+    assert_eq!(status, 200, "the normalised path was forwarded: {body}");
+    assert!(body.contains("NamespaceList"), "{body}");
+    let (status, body) = proxied(&env, reqwest::Method::GET, "/api/v1/secrets-backup").await;
+    assert_eq!(
+        status, 404,
+        "forwarded, and unknown to the API server: {body}"
+    );
+    assert_eq!(
+        agent.requests.load(Ordering::SeqCst),
+        before + 3,
+        "the allowed requests reached the agent"
+    );
+}
