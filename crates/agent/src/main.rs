@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use buildplane_api::names::PlaneType;
 use clap::{Args, Parser, Subcommand};
 use cluster_agent::{AgentConfig, backoff::Backoff, parse_duration, swarm::SwarmConfig};
 
@@ -39,9 +40,9 @@ struct Connection {
         default_value = "wss://cluster-gateway:8443/ws"
     )]
     server_url: String,
-    /// The plane type.
+    /// The plane type: `buildplane`, or `workflowplane` (OpenChoreo v1.x's name for it).
     #[arg(long, env = "PLANE_TYPE", default_value = "buildplane")]
-    plane_type: String,
+    plane_type: PlaneType,
     /// The gateway's serving CA.
     #[arg(long, env = "SERVER_CA", default_value = "/ca-certs/ca.crt")]
     server_ca: PathBuf,
@@ -137,7 +138,7 @@ fn agent_config(
         anyhow::bail!("--backoff-base must be positive and at most --backoff-cap");
     }
     let mut config = AgentConfig::new(connection.server_url, plane_id);
-    config.plane_type = connection.plane_type;
+    config.plane_type = connection.plane_type.as_str().to_owned();
     config.kubeconfig = common.kubeconfig.clone();
     config.server_ca = connection.server_ca;
     config.identity_namespace = common.identity_namespace.clone();
@@ -233,6 +234,43 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plane_type_of(args: &[&str]) -> Result<String, String> {
+        let argv = ["cluster-agent", "run", "--plane-id", "p"]
+            .iter()
+            .chain(args)
+            .copied();
+        match Flags::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Run { connection, .. } => Ok(connection.plane_type.to_string()),
+            _ => Err("not run".into()),
+        }
+    }
+
+    /// `--plane-type` takes `buildplane` (the default) and `workflowplane`, and refuses any
+    /// other plane type when the flags are parsed (issue #19), not at the gateway's 400.
+    #[test]
+    fn plane_type_flag_accepts_only_build_plane_names() {
+        assert_eq!(plane_type_of(&[]).as_deref(), Ok("buildplane"));
+        assert_eq!(
+            plane_type_of(&["--plane-type", "workflowplane"]).as_deref(),
+            Ok("workflowplane")
+        );
+        for other in ["dataplane", "observabilityplane", ""] {
+            let err = plane_type_of(&["--plane-type", other]).expect_err(other);
+            assert!(
+                err.contains("expected buildplane or workflowplane"),
+                "{err}"
+            );
         }
     }
 }

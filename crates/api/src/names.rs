@@ -1,13 +1,18 @@
 //! Names that the controller, gateway, agent and harness agree on.
 
+use std::{fmt, str::FromStr};
+
 /// The API group of every plane kind.
 pub const GROUP: &str = "openchoreo.dev";
 /// The served version.
 pub const VERSION: &str = "v1alpha1";
 /// `apiVersion` as written in manifests.
 pub const API_VERSION: &str = "openchoreo.dev/v1alpha1";
-/// The planeType of BuildPlanes in gateway URLs (`?planeType=buildplane`).
+/// The planeType of BuildPlanes in gateway URLs (`?planeType=buildplane`); what agents send by
+/// default and what the gateway reports.
 pub const PLANE_TYPE: &str = "buildplane";
+/// OpenChoreo v1.x's newer name for the same plane type; accepted wherever [`PLANE_TYPE`] is.
+pub const WORKFLOW_PLANE_TYPE: &str = "workflowplane";
 /// Namespace of the cluster agent in the build cluster.
 pub const AGENT_NAMESPACE: &str = "openchoreo-build-plane";
 /// Secret holding the agent's `ca.crt`, `tls.crt` and `tls.key` (the seed's name).
@@ -65,4 +70,77 @@ pub mod reason {
     pub const NO_AGENTS_CONNECTED: &str = "NoAgentsConnected";
     /// The gateway could not be reached.
     pub const GATEWAY_UNREACHABLE: &str = "GatewayUnreachable";
+}
+
+/// A planeType the gateway serves: BuildPlanes, under either name. Both share one planeID
+/// space (an agent of planeID `p` serves the CRs of planeID `p` whichever name it dials with);
+/// any other planeType (`dataplane`, `observabilityplane`) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PlaneType {
+    /// `buildplane`, [`PLANE_TYPE`].
+    BuildPlane,
+    /// `workflowplane`, [`WORKFLOW_PLANE_TYPE`].
+    WorkflowPlane,
+}
+
+impl PlaneType {
+    /// Every accepted planeType.
+    pub const ALL: [PlaneType; 2] = [PlaneType::BuildPlane, PlaneType::WorkflowPlane];
+
+    /// The name in URLs and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BuildPlane => PLANE_TYPE,
+            Self::WorkflowPlane => WORKFLOW_PLANE_TYPE,
+        }
+    }
+}
+
+impl fmt::Display for PlaneType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A planeType other than `buildplane` and `workflowplane`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("planeType {0:?} is not served; expected buildplane or workflowplane")]
+pub struct UnknownPlaneType(pub String);
+
+impl FromStr for PlaneType {
+    type Err = UnknownPlaneType;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|plane_type| plane_type.as_str() == text)
+            .ok_or_else(|| UnknownPlaneType(text.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `buildplane` and `workflowplane` parse and print back; OpenChoreo's other plane types,
+    /// other cases and the empty string are refused (issue #19: the gateway served
+    /// `dataplane` and `observabilityplane` agents as build planes).
+    #[test]
+    fn plane_type_accepts_exactly_the_build_plane_names() {
+        for (text, expected) in [
+            ("buildplane", Some(PlaneType::BuildPlane)),
+            ("workflowplane", Some(PlaneType::WorkflowPlane)),
+            ("dataplane", None),
+            ("observabilityplane", None),
+            ("BuildPlane", None),
+            ("buildplane ", None),
+            ("", None),
+        ] {
+            let res = text.parse::<PlaneType>().ok();
+            assert_eq!(res, expected, "{text:?}");
+            if let Some(plane_type) = res {
+                assert_eq!(plane_type.to_string(), text);
+            }
+        }
+    }
 }

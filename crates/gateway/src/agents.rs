@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
+use buildplane_api::names::PlaneType;
 use buildplane_tunnel::{
     MAX_MESSAGE, negotiate, v1,
     v2::{self, Frame, Limits},
@@ -128,15 +129,9 @@ async fn accept(
                 "missing planeID query parameter".into(),
             ));
         };
-        if !matches!(
-            plane_type.as_str(),
-            "buildplane" | "dataplane" | "observabilityplane"
-        ) {
+        if let Err(err) = plane_type.parse::<PlaneType>() {
             metrics.rejected("bad_request");
-            return Err(reject(
-                StatusCode::BAD_REQUEST,
-                format!("invalid planeType {plane_type:?}; expected buildplane"),
-            ));
+            return Err(reject(StatusCode::BAD_REQUEST, err.to_string()));
         }
         if chain.is_empty() {
             metrics.rejected("no_certificate");

@@ -11,7 +11,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{any, get, post},
 };
-use buildplane_api::CrKey;
+use buildplane_api::{
+    CrKey,
+    names::{PlaneType, UnknownPlaneType},
+};
 use buildplane_tunnel::{v1, v2::Frame};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -63,6 +66,10 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
+fn invalid_plane_type(err: &UnknownPlaneType) -> Response {
+    error(StatusCode::BAD_REQUEST, "InvalidPlaneType", err.to_string())
+}
+
 async fn proxy(
     State(shared): State<Arc<Shared>>,
     Path((plane_type, plane_id, namespace, name, target, path)): Path<(
@@ -93,12 +100,8 @@ async fn proxy(
             format!("method {method} is not proxied"),
         );
     }
-    if plane_type != buildplane_api::names::PLANE_TYPE {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "InvalidPlaneType",
-            format!("planeType {plane_type:?} is not served; expected buildplane"),
-        );
+    if let Err(err) = plane_type.parse::<PlaneType>() {
+        return invalid_plane_type(&err);
     }
     // OpenChoreo's validator accepts these targets; agents serve `k8s` and answer 404 otherwise.
     if !matches!(target.as_str(), "k8s" | "monitoring" | "logs") {
@@ -501,21 +504,27 @@ fn status_of(shared: &Shared, plane_id: &str, cr: Option<&CrKey>) -> serde_json:
 
 async fn plane_status(
     State(shared): State<Arc<Shared>>,
-    Path((_plane_type, plane_id)): Path<(String, String)>,
+    Path((plane_type, plane_id)): Path<(String, String)>,
     Query(q): Query<CrQuery>,
-) -> Json<serde_json::Value> {
+) -> Response {
+    if let Err(err) = plane_type.parse::<PlaneType>() {
+        return invalid_plane_type(&err);
+    }
     let cr = q
         .name
         .map(|name| CrKey::from_url_segments(q.namespace.as_deref().unwrap_or(""), &name));
-    Json(status_of(&shared, &plane_id, cr.as_ref()))
+    Json(status_of(&shared, &plane_id, cr.as_ref())).into_response()
 }
 
 /// OpenChoreo's `reconnect`: closes every connection of the plane (agents come back with
 /// backoff and are admitted afresh).
 async fn reconnect(
     State(shared): State<Arc<Shared>>,
-    Path((_plane_type, plane_id)): Path<(String, String)>,
-) -> Json<serde_json::Value> {
+    Path((plane_type, plane_id)): Path<(String, String)>,
+) -> Response {
+    if let Err(err) = plane_type.parse::<PlaneType>() {
+        return invalid_plane_type(&err);
+    }
     let mut disconnected = 0;
     for conn in shared.registry.all() {
         if conn.plane_id == plane_id {
@@ -526,7 +535,7 @@ async fn reconnect(
             disconnected += 1;
         }
     }
-    Json(json!({"success": true, "disconnectedAgents": disconnected}))
+    Json(json!({"success": true, "disconnectedAgents": disconnected})).into_response()
 }
 
 async fn all_status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {

@@ -105,3 +105,85 @@ async fn proxy_denies_every_spelling_of_a_denied_path() {
         "the allowed requests reached the agent"
     );
 }
+
+/// The agent listener, the proxy and the plane routes serve exactly `buildplane` and
+/// `workflowplane` (one planeID space) and answer 400 to any other planeType. (Before, agents
+/// dialing `dataplane` or `observabilityplane` were admitted as build planes, and
+/// `reconnect` under any planeType closed the build plane's agents.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_build_plane_types_are_served() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let _agent = env.agent(&ca, "p", 2);
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+
+    for plane_type in ["dataplane", "observabilityplane", "BuildPlane", ""] {
+        let res = env
+            .raw_connect(
+                &format!("?planeID=p&planeType={plane_type}"),
+                Some(&leaf),
+                None,
+            )
+            .await
+            .map(drop);
+        let (status, body) = res.expect_err("refused");
+        assert_eq!(status, 400, "{plane_type:?}: {body}");
+        assert!(body.contains("workflowplane"), "{body}");
+
+        for (method, path) in [
+            (
+                reqwest::Method::GET,
+                format!("/api/proxy/{plane_type}/p/org-a/bp/k8s/api/v1/namespaces"),
+            ),
+            (
+                reqwest::Method::GET,
+                format!("/api/v1/planes/{plane_type}/p/status"),
+            ),
+            (
+                reqwest::Method::POST,
+                format!("/api/v1/planes/{plane_type}/p/reconnect"),
+            ),
+        ] {
+            if plane_type.is_empty() {
+                continue; // an empty segment does not route at all
+            }
+            let res = env
+                .http
+                .request(method.clone(), format!("{}{path}", env.base))
+                .send()
+                .await
+                .expect("answered");
+            let status = res.status().as_u16();
+            let body = res.text().await.unwrap_or_default();
+            assert_eq!(status, 400, "{method} {path}: {body}");
+            assert!(body.contains("InvalidPlaneType"), "{method} {path}: {body}");
+        }
+    }
+    assert_eq!(env.connections().await, 1, "no reconnect went through");
+
+    let (ws, _) = env
+        .raw_admitted("?planeID=p&planeType=workflowplane", &leaf, None)
+        .await;
+    env.eventually(
+        "one planeID space: both agents count under either name",
+        WAIT,
+        || async {
+            let (_, body) = env.get("/api/v1/planes/workflowplane/p/status").await;
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["connectedAgents"] == 2
+        },
+    )
+    .await;
+    // The raw peer answers nothing: close it so the next request goes to the real agent.
+    drop(ws);
+    env.eventually("the raw peer is gone", WAIT, || async {
+        env.connections().await == 1
+    })
+    .await;
+    let (status, body) = env
+        .get("/api/proxy/workflowplane/p/org-a/bp/k8s/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("NamespaceList"), "{body}");
+}
