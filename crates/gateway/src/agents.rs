@@ -31,6 +31,9 @@ const READ_BUFFER: usize = 16 * 1024;
 /// Bytes of queued messages written before one flush.
 const MAX_BATCH: usize = 256 * 1024;
 
+/// The body of every 401 for a certificate no CR admits, whatever the reason (logged instead).
+pub const NOT_ACCEPTED: &str = "certificate not accepted for this planeID";
+
 fn reject(status: StatusCode, message: String) -> ErrorResponse {
     let mut res = ErrorResponse::new(Some(message));
     *res.status_mut() = status;
@@ -157,10 +160,10 @@ async fn accept(
                     .collect::<Vec<_>>()
                     .join("; ")
             };
-            return Err(reject(
-                StatusCode::UNAUTHORIZED,
-                format!("certificate not valid for any CR with planeID {plane_id:?}: {reasons}"),
-            ));
+            // The caller is not authenticated: the CRs sharing the planeID, their Secrets and
+            // whether the planeID exists at all are for the gateway's log, not for it.
+            info!(%plane_id, %reasons, "agent certificate not accepted");
+            return Err(reject(StatusCode::UNAUTHORIZED, NOT_ACCEPTED.into()));
         }
         let agent_id = param("agentID").unwrap_or_default();
         let public_key = chain.first().map(public_key_of).unwrap_or_default();

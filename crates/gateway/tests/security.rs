@@ -187,3 +187,85 @@ async fn only_build_plane_types_are_served() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("NamespaceList"), "{body}");
 }
+
+/// A 401 tells an unauthenticated caller nothing: a random self-signed certificate dialing a
+/// planeID shared by two CRs (one with a missing clientCA Secret) gets the same generic body as
+/// a dial to a planeID nobody has, naming no CR, namespace or Secret; the detail stays in the
+/// gateway (its log, from `Trust::admit`) and the rejection metric tells the cases apart.
+/// (Before, the body listed `org-a/bp: ... secret org-a/hidden-ca-secret not found; ...`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_callers_get_a_generic_401() {
+    let env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane_from(
+        "org-a",
+        "tenant-one",
+        "p",
+        common::from_secret("hidden-ca-secret", None, "ca.crt"),
+    )
+    .await;
+    env.build_plane("org-b", "tenant-two", "p", ca.cert_pem())
+        .await;
+    let stranger = buildplane_pki::self_signed_client("p", DAY).unwrap();
+    let chain = buildplane_pki::parse_cert_bundle(stranger.cert_pem.as_bytes()).unwrap();
+    env.eventually("the gateway sees both CRs", WAIT, || async {
+        env.shared().trust.admit("p", &chain).refused.len() == 2
+    })
+    .await;
+
+    let (status, shared_plane) = env
+        .raw_connect("?planeID=p&planeType=buildplane", Some(&stranger), None)
+        .await
+        .map(drop)
+        .expect_err("a stranger is refused");
+    assert_eq!(status, 401, "{shared_plane}");
+    let (status, unknown_plane) = env
+        .raw_connect(
+            "?planeID=nobody&planeType=buildplane",
+            Some(&stranger),
+            None,
+        )
+        .await
+        .map(drop)
+        .expect_err("an unknown planeID is refused");
+    assert_eq!(status, 401, "{unknown_plane}");
+    assert_eq!(shared_plane, cluster_gateway::agents::NOT_ACCEPTED);
+    assert_eq!(
+        unknown_plane, shared_plane,
+        "whether a planeID exists does not show"
+    );
+    for secret in [
+        "org-a",
+        "org-b",
+        "tenant-one",
+        "tenant-two",
+        "hidden-ca-secret",
+    ] {
+        assert!(
+            !shared_plane.contains(secret),
+            "{secret} leaked: {shared_plane}"
+        );
+    }
+
+    // What the gateway logs instead, and the metric that tells the cases apart.
+    let refused = env.shared().trust.admit("p", &chain).refused;
+    let detail = format!("{refused:?}");
+    assert!(detail.contains("hidden-ca-secret"), "{detail}");
+    let metrics = reqwest::get(format!(
+        "http://{}/metrics",
+        env.gateway.as_ref().unwrap().health_addr
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    for reason in ["not_authorized", "unknown_plane"] {
+        assert!(
+            metrics.contains(&format!(
+                "cluster_gateway_rejections_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+}
