@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use buildplane_pki::ReloadableCert;
+use buildplane_pki::{ClientCaBundle, ReloadableCert};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tokio::{
@@ -29,7 +29,7 @@ use tokio::{
     sync::{Semaphore, mpsc},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     metrics::Metrics,
@@ -236,6 +236,83 @@ fn watch_cert(
     });
 }
 
+/// Pause after a failed accept (EMFILE, ENFILE, ECONNABORTED), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// A client of the internal API that has not finished its TLS handshake by then is dropped.
+const INTERNAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The internal API's TLS for new handshakes and the client CA it verifies, swapped together
+/// when `--internal-client-ca` changes.
+struct InternalTls {
+    config: Arc<rustls::ServerConfig>,
+    client_ca: Arc<ClientCaBundle>,
+}
+
+impl InternalTls {
+    /// Without session resumption: a session of a client the previous CA admitted must not
+    /// resume after the CA changed.
+    fn new(server_cert: Arc<ReloadableCert>, client_ca_pem: &[u8]) -> anyhow::Result<Self> {
+        Ok(Self {
+            config: without_resumption(buildplane_pki::mtls_server_config(
+                server_cert,
+                client_ca_pem,
+            )?),
+            client_ca: Arc::new(ClientCaBundle::parse(client_ca_pem)?),
+        })
+    }
+}
+
+/// Whether a live internal connection's client chain still verifies against `bundle`.
+fn still_trusted(
+    bundle: &ClientCaBundle,
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<(), buildplane_pki::VerifyError> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(buildplane_pki::VerifyError::Invalid(
+            "no client certificate".into(),
+        ));
+    };
+    bundle.verify_client(leaf, intermediates, rustls_pki_types::UnixTime::now())
+}
+
+/// Polls the internal API's client CA file and swaps a new TLS configuration in when it
+/// changes; an unusable file keeps the previous CA in force (and is retried while it changes).
+fn watch_client_ca(
+    token: &CancellationToken,
+    path: PathBuf,
+    mut current: Vec<u8>,
+    server_cert: Arc<ReloadableCert>,
+    tls: tokio::sync::watch::Sender<InternalTls>,
+    every: Duration,
+) {
+    spawn_until(token, async move {
+        let mut refused: Option<Vec<u8>> = None;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Ok(fresh) = std::fs::read(&path) else {
+                continue;
+            };
+            if fresh == current || refused.as_ref() == Some(&fresh) {
+                continue;
+            }
+            match InternalTls::new(server_cert.clone(), &fresh) {
+                Ok(next) => {
+                    tls.send_replace(next);
+                    info!(ca = %path.display(), "reloaded the internal API's client CA");
+                    current = fresh;
+                    refused = None;
+                }
+                // Often a half-written file: the next change is tried again.
+                Err(err) => {
+                    warn!(ca = %path.display(), %err, "internal API client CA not loadable; keeping the previous one");
+                    refused = Some(fresh);
+                }
+            }
+        }
+    });
+}
+
 /// Every agent connection does a full handshake: a resumed TLS session would carry the chain of
 /// the session it resumes, so a renewed or rotated leaf would go unseen (and a revoked one could
 /// come back through an old ticket).
@@ -302,7 +379,16 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     };
     let client_ca = std::fs::read(&config.internal_client_ca)
         .with_context(|| format!("reading {}", config.internal_client_ca.display()))?;
-    let internal_tls = buildplane_pki::mtls_server_config(internal_cert, &client_ca)?;
+    let (internal_tls, _) =
+        tokio::sync::watch::channel(InternalTls::new(internal_cert.clone(), &client_ca)?);
+    watch_client_ca(
+        &shutdown,
+        config.internal_client_ca.clone(),
+        client_ca,
+        internal_cert,
+        internal_tls.clone(),
+        config.cert_reload_interval,
+    );
     let (changed_tx, mut changed_rx) = mpsc::unbounded_channel();
     let trust = Trust::start(client, changed_tx, &shutdown);
     let shared = Arc::new(Shared {
@@ -366,28 +452,67 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let router = internal::router(shared.clone());
     let token = shutdown.clone();
     spawn_until(&shutdown, async move {
-        let acceptor = tokio_rustls::TlsAcceptor::from(internal_tls);
         loop {
-            let Ok((tcp, peer)) = internal.accept().await else {
-                continue;
+            let (tcp, peer) = match internal.accept().await {
+                Ok(accepted) => accepted,
+                // Out of file descriptors fails every accept until one is freed: back off
+                // instead of spinning, as the agent listener does.
+                Err(err) => {
+                    debug!(%err, "internal API accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
             };
             // Proxied responses are written in pieces; Nagle would hold the last one back
             // (40 ms p99 tails measured in `cargo xtask bench` without this).
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // The client CA in force now: a reload since the last accept counts.
+            let mut client_ca = internal_tls.subscribe();
+            let acceptor =
+                tokio_rustls::TlsAcceptor::from(client_ca.borrow_and_update().config.clone());
             let router = router.clone();
             spawn_until(&token, async move {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(tls) => tls,
-                    Err(err) => {
-                        debug!(%peer, %err, "internal API handshake refused");
-                        return;
-                    }
-                };
+                let tls =
+                    match tokio::time::timeout(INTERNAL_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(err)) => {
+                            debug!(%peer, %err, "internal API handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "internal API handshake timed out");
+                            return;
+                        }
+                    };
+                let chain = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(<[_]>::to_vec)
+                    .unwrap_or_default();
                 let service = hyper_util::service::TowerToHyperService::new(router);
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                // A live connection (the controller's event stream) outlives a CA change: when
+                // the new CA no longer admits its client, it is closed.
+                loop {
+                    tokio::select! {
+                        _ = &mut conn => return,
+                        changed = client_ca.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            let bundle = client_ca.borrow_and_update().client_ca.clone();
+                            if let Err(err) = still_trusted(&bundle, &chain) {
+                                info!(%peer, %err, "internal API client no longer trusted by the reloaded CA; closing");
+                                return;
+                            }
+                        }
+                    }
+                }
             });
         }
     });

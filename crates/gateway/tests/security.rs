@@ -269,3 +269,104 @@ async fn unauthenticated_callers_get_a_generic_401() {
         );
     }
 }
+
+/// An internal-API client whose certificate comes from `ca`, trusting the gateway's serving CA.
+fn internal_client(env: &Env, leaf: &buildplane_pki::Leaf) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(env.server_ca.cert_pem().as_bytes()).unwrap(),
+        )
+        .identity(
+            reqwest::Identity::from_pem(format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes())
+                .unwrap(),
+        )
+        .build()
+        .expect("internal API client")
+}
+
+async fn status_of(client: &reqwest::Client, env: &Env) -> Result<u16, String> {
+    client
+        .get(format!("{}/api/v1/connections", env.base))
+        .send()
+        .await
+        .map(|res| res.status().as_u16())
+        .map_err(|err| format!("{err:?}"))
+}
+
+/// Replacing `--internal-client-ca` takes effect without a restart: new handshakes of the old
+/// CA's clients are refused (with or without a session to resume), a live connection of an old
+/// client (an event stream) is closed, and a client of the new CA is served. (Before, the CA
+/// was read once at start and the old client went on being served.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_client_ca_reload_refuses_the_old_ca() {
+    let env = Env::start().await;
+    let old_client = env.http.clone();
+    assert_eq!(status_of(&old_client, &env).await, Ok(200));
+    let events = old_client
+        .get(format!("{}/api/v1/events", env.base))
+        .send()
+        .await
+        .expect("event stream");
+    assert_eq!(events.status(), 200);
+    let mut events = events.bytes_stream();
+    let snapshot = futures::StreamExt::next(&mut events).await;
+    assert!(
+        matches!(snapshot, Some(Ok(_))),
+        "snapshot line: {snapshot:?}"
+    );
+
+    let new_ca = Ca::generate("new-internal-ca", DAY).unwrap();
+    let new_leaf = new_ca.issue_client("controller", DAY).unwrap();
+    std::fs::write(&env.config.internal_client_ca, new_ca.cert_pem()).unwrap();
+
+    env.eventually("a fresh client of the old CA is refused", WAIT, || async {
+        let (cert, key, _) = &env.internal_client_files;
+        let old_leaf = buildplane_pki::Leaf {
+            cert_pem: std::fs::read_to_string(cert).unwrap(),
+            key_pem: std::fs::read_to_string(key).unwrap(),
+        };
+        status_of(&internal_client(&env, &old_leaf), &env)
+            .await
+            .is_err()
+    })
+    .await;
+    let res = status_of(&internal_client(&env, &new_leaf), &env).await;
+    assert_eq!(res, Ok(200), "the new CA's client is served");
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match futures::StreamExt::next(&mut events).await {
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return format!("ended with {err}"),
+                None => return "ended".to_owned(),
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the old client's live event stream was closed");
+    // The client that had sessions with the gateway (resumption tickets, pooled connections).
+    let res = status_of(&old_client, &env).await;
+    assert!(res.is_err(), "the old client is refused: {res:?}");
+}
+
+/// A client that connects to the internal API and never starts its TLS handshake is dropped
+/// after the handshake timeout (10 s) instead of holding its socket and task forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_listener_drops_a_silent_handshake() {
+    use tokio::io::AsyncReadExt;
+
+    let env = Env::start().await;
+    let addr = env.gateway.as_ref().unwrap().internal_addr;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the gateway closed the socket: {read:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "not before the timeout"
+    );
+}
