@@ -24,7 +24,6 @@ use std::{
 
 use anyhow::Context as _;
 use buildplane_pki::ReloadableCert;
-use kube::Client;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -94,27 +93,11 @@ impl AgentConfig {
     }
 }
 
-/// Builds a client for the kubeconfig or the in-cluster configuration (kube-rs refreshes a
-/// projected service-account token by itself).
-pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    Ok(Client::try_from(kube_config(kubeconfig).await?)?)
-}
-
 /// The build cluster for the kubeconfig or the in-cluster configuration: a client and the
 /// path for proxied requests.
 pub async fn build_cluster(kubeconfig: Option<&PathBuf>) -> anyhow::Result<BuildCluster> {
-    Ok(BuildCluster::from_config(kube_config(kubeconfig).await?)?)
-}
-
-async fn kube_config(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Config> {
-    Ok(match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    })
+    let config = buildplane_runtime::kube_config(kubeconfig.map(PathBuf::as_path)).await?;
+    Ok(BuildCluster::from_config(config)?)
 }
 
 /// One agent: its settings, the build cluster's API, its TLS identity and its counters. Shared
@@ -278,25 +261,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tokio::spawn(follow_identity(agent.clone()));
     let shutdown = CancellationToken::new();
     let supervisor = tokio::spawn(agent.clone().supervise(shutdown.clone()));
-    shutdown_signal().await;
+    buildplane_runtime::shutdown_signal().await;
     info!("shutting down; draining in-flight requests");
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), supervisor).await;
     Ok(())
-}
-
-/// SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = async {
-            match term.as_mut() {
-                Some(term) => { term.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
-    }
 }
 
 /// Checks the leaf in the identity Secrets regularly; renews it under the same CA before it
@@ -361,32 +330,4 @@ async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
             }),
         );
     let _ = axum::serve(listener, app).await;
-}
-
-/// Parses `500ms`, `15s`, `2m`, `1h`, `1d`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86_400.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("duration {text:?} must not be negative"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }

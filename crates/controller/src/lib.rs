@@ -60,26 +60,6 @@ pub struct Config {
     pub disconnect_grace: Duration,
 }
 
-/// Builds a client for the kubeconfig or the in-cluster configuration.
-pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(
-                kubeconfig,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .context("loading kubeconfig")?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("inferring Kubernetes configuration")?,
-    };
-    Client::try_from(config).context("building Kubernetes client")
-}
-
 /// How long [`RunningController::shutdown`] waits for in-flight work.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -123,7 +103,7 @@ impl RunningController {
 /// Starts the controller: binds the health listener, then elects and reconciles in a task.
 pub async fn start(config: Config) -> anyhow::Result<RunningController> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = kube_client(config.kubeconfig.as_ref()).await?;
+    let client = buildplane_runtime::kube_client(config.kubeconfig.as_deref()).await?;
     let metrics = Metrics::default();
     let health_addr = match config.health_listen {
         Some(listen) => {
@@ -173,31 +153,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut running = start(config).await?;
     tokio::select! {
         res = running.wait() => res,
-        () = shutdown_signal() => {
+        () = buildplane_runtime::shutdown_signal() => {
             info!("shutting down");
             running.shutdown().await
         }
-    }
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
