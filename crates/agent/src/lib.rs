@@ -24,9 +24,10 @@ use std::{
 
 use anyhow::Context as _;
 use buildplane_pki::ReloadableCert;
+use buildplane_runtime::Tasks;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use crate::cluster::BuildCluster;
 use crate::{
@@ -252,20 +253,52 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let server_ca = std::fs::read(&config.server_ca)
         .with_context(|| format!("reading the gateway CA {}", config.server_ca.display()))?;
     let agent = Agent::new(config.clone(), cluster, &server_ca, cert.clone())?;
-    if let Some(listen) = config.health_listen {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        tokio::spawn(health(listener, agent.clone()));
+    let health = match config.health_listen {
+        Some(listen) => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?,
+        ),
+        None => None,
+    };
+    serve(
+        agent.clone(),
+        health,
+        follow_identity(agent),
+        buildplane_runtime::shutdown_signal(),
+    )
+    .await
+}
+
+/// Runs the agent's long-lived tasks (connection supervisor, identity follower, health server)
+/// until `shutdown`, then drains for up to 30 s. A task that ends before is an error naming it:
+/// the process exits instead of answering `/healthz` with half of it dead.
+pub(crate) async fn serve<F>(
+    agent: Arc<Agent>,
+    health_listener: Option<tokio::net::TcpListener>,
+    identity_follower: F,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + buildplane_runtime::tasks::TaskOutput,
+{
+    let mut tasks = Tasks::new();
+    if let Some(listener) = health_listener {
+        tasks.spawn("health server", health(listener, agent.clone()));
     }
-    tokio::spawn(follow_identity(agent.clone()));
-    let shutdown = CancellationToken::new();
-    let supervisor = tokio::spawn(agent.clone().supervise(shutdown.clone()));
-    buildplane_runtime::shutdown_signal().await;
-    info!("shutting down; draining in-flight requests");
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), supervisor).await;
-    Ok(())
+    tasks.spawn("identity follower", identity_follower);
+    let supervisor = agent.clone();
+    tasks.spawn_graceful("connection supervisor", |shutdown| {
+        supervisor.supervise(shutdown)
+    });
+    let res = tasks.run_until(shutdown).await;
+    match &res {
+        Ok(()) => info!("shutting down; draining in-flight requests"),
+        Err(ended) => error!(%ended, "a long-lived task ended; shutting down"),
+    }
+    let stopped = tasks.shutdown(Duration::from_secs(30)).await;
+    Ok(res.and(stopped)?)
 }
 
 /// Checks the leaf in the identity Secrets regularly; renews it under the same CA before it
@@ -310,7 +343,7 @@ pub async fn follow_identity(agent: Arc<Agent>) {
     }
 }
 
-async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
+async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route(
@@ -329,5 +362,48 @@ async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
                 }
             }),
         );
-    let _ = axum::serve(listener, app).await;
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch_broke() {
+        panic!("the identity watch broke")
+    }
+
+    /// A long-lived task that panics ends the agent with an error naming the task, and the
+    /// health listener goes with it: no process whose `/healthz` says OK while half of it is
+    /// dead.
+    #[tokio::test]
+    async fn panicking_task_ends_the_agent() {
+        buildplane_pki::install_crypto_provider();
+        // Nothing listens on port 9 (discard): the supervisor just keeps backing off.
+        let kube_config = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+        let cluster = BuildCluster::from_config(kube_config).unwrap();
+        let ca = buildplane_pki::Ca::generate("agent-ca", Duration::from_secs(3600)).unwrap();
+        let leaf = ca.issue_client("p", Duration::from_secs(3600)).unwrap();
+        let cert = ReloadableCert::from_pem(&leaf.cert_pem, &leaf.key_pem).unwrap();
+        let config = AgentConfig::new("wss://127.0.0.1:9/ws", "p");
+        let agent = Agent::new(config, cluster, ca.cert_pem().as_bytes(), cert).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health_addr = listener.local_addr().unwrap();
+        let follower = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            watch_broke();
+        };
+        let res = tokio::time::timeout(
+            Duration::from_secs(10),
+            serve(agent, Some(listener), follower, std::future::pending()),
+        )
+        .await
+        .expect("the agent noticed its dead task and stopped");
+        let err = res.expect_err("a dead task is an error");
+        assert!(err.to_string().contains("identity follower"), "{err:#}");
+        assert!(
+            tokio::net::TcpStream::connect(health_addr).await.is_err(),
+            "the health listener is closed"
+        );
+    }
 }

@@ -11,8 +11,8 @@
 //!     shutdown.cancelled().await; // then drain
 //! });
 //! let res = tasks.run_until(shutdown_signal()).await;
-//! tasks.shutdown(std::time::Duration::from_secs(30)).await;
-//! res
+//! let stopped = tasks.shutdown(std::time::Duration::from_secs(30)).await;
+//! res.and(stopped)
 //! # }
 //! ```
 
@@ -139,14 +139,18 @@ impl Tasks {
     }
 
     /// Tells every task to stop, waits up to `grace` for the graceful ones, then aborts the
-    /// rest.
-    pub async fn shutdown(mut self, grace: Duration) {
+    /// rest. Returns the first failure or panic seen while stopping.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<(), TaskEnded> {
         self.shutdown.cancel();
+        let mut first = Ok(());
         let wait = async {
             while let Some(joined) = self.set.join_next_with_id().await {
                 let ended = self.ended(joined);
                 if !matches!(ended, TaskEnded::Returned { .. }) {
                     warn!(%ended, "task failed while shutting down");
+                    if first.is_ok() {
+                        first = Err(ended);
+                    }
                 }
             }
         };
@@ -157,6 +161,7 @@ impl Tasks {
             );
             self.set.shutdown().await;
         }
+        first
     }
 
     fn ended(&mut self, joined: Result<(Id, Option<String>), JoinError>) -> TaskEnded {
@@ -226,7 +231,7 @@ mod tests {
             res.unwrap_err().to_string().contains("identity follower"),
             "the error names the task"
         );
-        tasks.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(tasks.shutdown(Duration::from_secs(1)).await, Ok(()));
     }
 
     /// A task that returns, with or without an error, is reported too.
@@ -265,7 +270,7 @@ mod tests {
             .run_until(tokio::time::sleep(Duration::from_secs(5)))
             .await;
         assert_eq!(res, Ok(()));
-        tasks.shutdown(Duration::from_secs(30)).await;
+        assert_eq!(tasks.shutdown(Duration::from_secs(30)).await, Ok(()));
         assert!(drained.load(std::sync::atomic::Ordering::SeqCst));
         assert_eq!(start.elapsed(), Duration::from_secs(8));
     }
@@ -276,7 +281,19 @@ mod tests {
         let mut tasks = Tasks::new();
         tasks.spawn_graceful("stuck", |_shutdown| forever());
         let start = tokio::time::Instant::now();
-        tasks.shutdown(Duration::from_secs(2)).await;
+        assert_eq!(tasks.shutdown(Duration::from_secs(2)).await, Ok(()));
         assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    /// A failure while stopping is returned.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_returns_a_failure_while_stopping() {
+        let mut tasks = Tasks::new();
+        tasks.spawn_graceful("lease", |shutdown| async move {
+            shutdown.cancelled().await;
+            Err::<(), _>("could not release")
+        });
+        let err = tasks.shutdown(Duration::from_secs(2)).await.unwrap_err();
+        assert_eq!(err.name(), "lease");
     }
 }
