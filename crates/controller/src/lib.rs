@@ -36,7 +36,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     gateway::{ConnectionTable, GatewayClient},
-    leader::LeaseConfig,
+    leader::{Elector, LeaseConfig},
     metrics::Metrics,
     reconcile::{Context, PlaneApi, error_policy, reconcile},
 };
@@ -156,10 +156,11 @@ async fn lead_and_reconcile(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if let Some(lease) = &config.leader {
-        info!(identity = %lease.identity, "waiting for the leader lease");
+    let mut elector = config.leader.clone().map(Elector::new);
+    if let Some(elector) = &mut elector {
+        info!(identity = %elector.config().identity, "waiting for the leader lease");
         tokio::select! {
-            () = leader::acquire(&client, lease) => {}
+            () = elector.acquire(&client) => {}
             () = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -221,19 +222,21 @@ async fn lead_and_reconcile(
     );
     let controllers = future::join(namespaced, cluster);
     let reconciling = async {
-        match &config.leader {
-            Some(lease) => {
-                tokio::select! {
-                    _ = controllers => {
-                        if let Err(err) = leader::release(&client, lease).await {
-                            warn!(%err, "could not release the leader lease");
-                        }
-                        Ok(())
-                    }
-                    () = leader::hold(&client, lease) => {
-                        Err(anyhow::format_err!("lost the leader lease; exiting so a fresh replica can stand by"))
-                    }
+        match &mut elector {
+            Some(elector) => {
+                let stopped = tokio::select! {
+                    _ = controllers => true,
+                    () = elector.hold(&client) => false,
+                };
+                if !stopped {
+                    return Err(anyhow::format_err!(
+                        "lost the leader lease; exiting so a fresh replica can stand by"
+                    ));
                 }
+                if let Err(err) = elector.release(&client).await {
+                    warn!(%err, "could not release the leader lease");
+                }
+                Ok(())
             }
             None => {
                 controllers.await;
