@@ -301,46 +301,38 @@ where
     Ok(res.and(stopped)?)
 }
 
-/// Checks the leaf in the identity Secrets regularly; renews it under the same CA before it
-/// expires (or picks up a leaf another process wrote, e.g. `cluster-agent renew` or
-/// `rotate-ca`), swaps it into [`Agent::cert`] and tells the supervisor to reconnect
-/// new-before-old. Runs forever.
-pub async fn follow_identity(agent: Arc<Agent>) {
+/// Follows the identity Secrets ([`identity::follow`]: a watch, renewal scheduled
+/// `renew_before` ahead of expiry) and, when the leaf changed (renewed here, or written by
+/// another process, e.g. `cluster-agent renew` or `rotate-ca`), swaps it into [`Agent::cert`]
+/// and tells the supervisor to reconnect new-before-old. Runs until the watch ends.
+pub async fn follow_identity(agent: Arc<Agent>) -> anyhow::Result<()> {
     let config = &agent.config;
-    // Cheap reads of two Secrets; frequent so `cluster-agent renew`/`rotate-ca` take effect fast.
-    let check_every =
-        (config.renew_before / 4).clamp(Duration::from_millis(500), Duration::from_secs(2));
-    loop {
-        tokio::time::sleep(check_every).await;
-        match identity::ensure(
-            &agent.cluster.client,
-            &config.identity_namespace,
-            &config.plane_id,
-            config.leaf_validity,
-            config.renew_before,
-        )
-        .await
-        {
-            Ok(identity) => {
-                let current = agent.cert.leaf();
-                let fresh = buildplane_pki::parse_cert_bundle(identity.leaf.cert_pem.as_bytes())
-                    .ok()
-                    .and_then(|c| c.into_iter().next());
-                if fresh.is_some_and(|fresh| fresh != current) {
-                    if let Err(err) = agent
-                        .cert
-                        .replace_from_pem(&identity.leaf.cert_pem, &identity.leaf.key_pem)
-                    {
-                        warn!(%err, "could not load the renewed certificate");
-                        continue;
-                    }
-                    info!("client certificate renewed");
-                    agent.renewed.notify_one();
-                }
+    identity::follow(
+        &agent.cluster.client,
+        &config.identity_namespace,
+        &config.plane_id,
+        config.leaf_validity,
+        config.renew_before,
+        |identity| {
+            let current = agent.cert.leaf();
+            let fresh = buildplane_pki::parse_cert_bundle(identity.leaf.cert_pem.as_bytes())
+                .ok()
+                .and_then(|c| c.into_iter().next());
+            if fresh.is_none_or(|fresh| fresh == current) {
+                return;
             }
-            Err(err) => warn!(%err, "certificate renewal check failed"),
-        }
-    }
+            if let Err(err) = agent
+                .cert
+                .replace_from_pem(&identity.leaf.cert_pem, &identity.leaf.key_pem)
+            {
+                warn!(%err, "could not load the renewed certificate");
+                return;
+            }
+            info!("client certificate renewed");
+            agent.renewed.notify_one();
+        },
+    )
+    .await
 }
 
 async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> std::io::Result<()> {
