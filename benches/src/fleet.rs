@@ -354,7 +354,7 @@ async fn storm(
     let mut back: HashSet<String> = HashSet::new();
     let mut delays = Vec::with_capacity(count);
     let mut lines = response.bytes_stream();
-    let mut buffer = Vec::new();
+    let mut buffer = buildplane_runtime::LineBuffer::new();
     while back.len() < count {
         let chunk = match tokio::time::timeout_at(deadline, lines.next()).await {
             Ok(Some(chunk)) => chunk?,
@@ -365,9 +365,8 @@ async fn storm(
             ),
         };
         let now = killed.elapsed().as_secs_f64();
-        buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buffer.drain(..=end).collect();
+        buffer.push(&chunk);
+        while let Some(line) = buffer.next_line() {
             let Ok(event) = serde_json::from_slice::<serde_json::Value>(&line) else {
                 continue;
             };

@@ -32,9 +32,7 @@ pub fn init() {
         .with_writer(std::io::stderr)
         .try_init();
     // c256 rounds and fleets of agents hold many sockets: raise the open-files soft limit.
-    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
-        tracing::warn!(%err, "could not raise the open-files limit");
-    }
+    buildplane_runtime::raise_open_files_limit();
 }
 
 /// Whether the benches run in the short CI smoke mode (`BUILDPLANE_BENCH_QUICK=1`).

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use k8s_openapi::jiff::{Timestamp, fmt::rfc2822};
+
 /// Backoff state.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -51,17 +53,42 @@ impl Backoff {
     }
 
     /// The delay before retrying after the gateway refused with `status`, honouring its
-    /// `Retry-After` (plus jitter, so a storm does not return in step).
+    /// `Retry-After` (at most [`MAX_RETRY_AFTER`], plus jitter up to as much again, so a storm
+    /// does not return in step; a zero `Retry-After` leaves the backoff alone).
     pub fn after_refusal(&mut self, status: u16, retry_after: Option<Duration>) -> Duration {
         if matches!(status, 401 | 403) {
             self.penalize(2);
         }
         let delay = self.next_delay();
-        match retry_after {
-            Some(after) => after + delay.min(after),
-            None => delay,
+        match retry_after.map(|after| after.min(MAX_RETRY_AFTER)) {
+            Some(after) if !after.is_zero() => after.saturating_add(delay.min(after)),
+            _ => delay,
         }
     }
+}
+
+/// The longest `Retry-After` honoured: a gateway (or anything in front of it) asking for more
+/// gets this, so a bad header cannot park an agent for years.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Reads a `Retry-After` header: delay-seconds or an HTTP date (RFC 9110), clamped to
+/// [`MAX_RETRY_AFTER`]; a date in the past is zero. Anything else is ignored (`None`).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    parse_retry_after_at(value, Timestamp::now())
+}
+
+fn parse_retry_after_at(value: &str, now: Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    let after = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still "a very long time".
+        value
+            .parse::<u64>()
+            .map_or(MAX_RETRY_AFTER, Duration::from_secs)
+    } else {
+        let date = rfc2822::parse(value).ok()?.timestamp();
+        Duration::try_from(now.duration_until(date)).unwrap_or(Duration::ZERO)
+    };
+    Some(after.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -139,5 +166,51 @@ mod tests {
         let before = tokio::time::Instant::now();
         tokio::time::sleep(backoff.next_delay()).await;
         assert!(before.elapsed() <= Duration::from_millis(500));
+    }
+
+    /// A huge `Retry-After` (here `u64::MAX` seconds) neither panics the backoff arithmetic
+    /// (`Duration` overflow) nor makes the agent sleep for years: it is clamped.
+    #[test]
+    fn huge_retry_after_is_clamped_without_overflow() {
+        let after = parse_retry_after(&u64::MAX.to_string()).expect("a number");
+        assert_eq!(after, MAX_RETRY_AFTER);
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let delay = backoff.after_refusal(429, Some(after));
+        assert!(
+            delay >= MAX_RETRY_AFTER && delay <= MAX_RETRY_AFTER * 2,
+            "{delay:?}"
+        );
+        let delay = backoff.after_refusal(429, Some(Duration::MAX));
+        assert!(delay <= MAX_RETRY_AFTER * 2, "{delay:?}");
+    }
+
+    fn check_retry_after(value: &str, expected: Option<Duration>) {
+        let now = "2025-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(parse_retry_after_at(value, now), expected, "{value:?}");
+    }
+
+    /// Seconds and HTTP dates are read, clamped to [`MAX_RETRY_AFTER`]; a date in the past is
+    /// zero; anything else is ignored.
+    #[test]
+    fn retry_after_forms() {
+        let secs = Duration::from_secs;
+        check_retry_after("5", Some(secs(5)));
+        check_retry_after(" 0 ", Some(secs(0)));
+        check_retry_after("300", Some(secs(300)));
+        check_retry_after("301", Some(MAX_RETRY_AFTER));
+        check_retry_after("99999999999999999999999999", Some(MAX_RETRY_AFTER));
+        check_retry_after("Wed, 01 Jan 2025 00:00:42 GMT", Some(secs(42)));
+        check_retry_after("Wed, 01 Jan 2025 01:00:00 GMT", Some(MAX_RETRY_AFTER));
+        check_retry_after("Tue, 31 Dec 2024 23:00:00 GMT", Some(secs(0)));
+        for ignored in [
+            "",
+            "-5",
+            "1.5",
+            "soon",
+            "5s",
+            "Wed, 32 Jan 2025 00:00:00 GMT",
+        ] {
+            check_retry_after(ignored, None);
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 use anyhow::Context as _;
 use buildplane_api::names;
 use buildplane_pki::{Ca, Leaf};
+use futures::StreamExt as _;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Namespace, Secret},
@@ -15,8 +16,10 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
+    runtime::{WatchStreamExt as _, watcher},
 };
-use tracing::info;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 /// The identity in use.
 pub struct Identity {
@@ -136,10 +139,7 @@ pub async fn ensure(
             },
         ))
     });
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = unix_now();
     if let Some((bundle, leaf)) = existing {
         let fresh = leaf
             .not_after()
@@ -276,4 +276,117 @@ pub async fn rotate_ca(
     )
     .await?;
     Ok(bundle)
+}
+
+/// After a change of either Secret, further changes this close are taken together (`rotate-ca`
+/// writes both).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// After a failed check, the next one.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
+
+/// Follows the identity: watches the two Secrets, and after every change (another process
+/// writing them: `cluster-agent renew`, `rotate-ca`) and when the leaf is due for renewal
+/// (`renew_before` ahead of its expiry, re-armed after each change) runs [`ensure`], which
+/// renews under the same CA when due, and reports the identity to `on_identity`. Reads nothing
+/// while nothing changes. Returns only if the watch ends (it retries errors with backoff).
+pub async fn follow(
+    client: &Client,
+    namespace: &str,
+    plane_id: &str,
+    leaf_validity: Duration,
+    renew_before: Duration,
+    mut on_identity: impl FnMut(Identity),
+) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let watch = |name: &str| {
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        watcher(secrets.clone(), config).default_backoff().boxed()
+    };
+    let mut changes = futures::stream::select(
+        watch(names::AGENT_CA_KEY_SECRET),
+        watch(names::AGENT_TLS_SECRET),
+    );
+    // The first check comes with the watches' initial lists (`InitDone`).
+    let mut next_check: Option<Instant> = None;
+    loop {
+        let check = async {
+            match next_check {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = changes.next() => match event {
+                Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)) => {
+                    let settled = Instant::now() + SETTLE;
+                    next_check = Some(next_check.map_or(settled, |at| at.min(settled)));
+                }
+                Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+                Some(Err(err)) => warn!(%err, "identity Secret watch failed; retrying"),
+                None => anyhow::bail!("the identity Secret watch ended"),
+            },
+            () = check => {
+                next_check = Some(match ensure(client, namespace, plane_id, leaf_validity, renew_before).await {
+                    Ok(identity) => {
+                        let due = renewal_due_in(&identity.leaf, renew_before, unix_now());
+                        debug!(due_in_s = due.as_secs(), "identity checked; renewal scheduled");
+                        on_identity(identity);
+                        // At least a second apart: a leaf that cannot be made fresh (renew_before
+                        // longer than the validity) must not spin.
+                        Instant::now() + due.max(Duration::from_secs(1))
+                    }
+                    Err(err) => {
+                        warn!(%err, "identity check failed");
+                        Instant::now() + RETRY_AFTER_ERROR
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// How long from `now` (Unix seconds) until `leaf` is due for renewal: `renew_before` ahead
+/// of its expiry (zero when due already, or when its expiry cannot be read).
+pub fn renewal_due_in(leaf: &Leaf, renew_before: Duration, now: i64) -> Duration {
+    let Ok(not_after) = leaf.not_after() else {
+        return Duration::ZERO;
+    };
+    let renew_before = i64::try_from(renew_before.as_secs()).unwrap_or(i64::MAX);
+    let due = not_after.saturating_sub(renew_before);
+    Duration::from_secs(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Renewal is due `renew_before` ahead of the leaf's expiry, counted from now; never
+    /// negative.
+    #[test]
+    fn renewal_is_due_renew_before_ahead_of_expiry() {
+        let ca = Ca::generate("agent-ca", Duration::from_secs(86_400)).unwrap();
+        let leaf = ca.issue_client("p", Duration::from_secs(86_400)).unwrap();
+        let not_after = leaf.not_after().unwrap();
+        let hour = Duration::from_secs(3600);
+        let check = |now: i64, renew_before: Duration, expected: Duration| {
+            assert_eq!(
+                renewal_due_in(&leaf, renew_before, now),
+                expected,
+                "{now} {renew_before:?}"
+            );
+        };
+        check(not_after - 24 * 3600, hour * 8, hour * 16);
+        check(not_after - 8 * 3600, hour * 8, Duration::ZERO);
+        check(not_after, hour * 8, Duration::ZERO);
+        check(not_after - 10, Duration::ZERO, Duration::from_secs(10));
+        check(not_after - 10, Duration::MAX, Duration::ZERO);
+    }
 }

@@ -24,10 +24,10 @@ use std::{
 
 use anyhow::Context as _;
 use buildplane_pki::ReloadableCert;
-use kube::Client;
+use buildplane_runtime::Tasks;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use crate::cluster::BuildCluster;
 use crate::{
@@ -94,27 +94,11 @@ impl AgentConfig {
     }
 }
 
-/// Builds a client for the kubeconfig or the in-cluster configuration (kube-rs refreshes a
-/// projected service-account token by itself).
-pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    Ok(Client::try_from(kube_config(kubeconfig).await?)?)
-}
-
 /// The build cluster for the kubeconfig or the in-cluster configuration: a client and the
 /// path for proxied requests.
 pub async fn build_cluster(kubeconfig: Option<&PathBuf>) -> anyhow::Result<BuildCluster> {
-    Ok(BuildCluster::from_config(kube_config(kubeconfig).await?)?)
-}
-
-async fn kube_config(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Config> {
-    Ok(match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    })
+    let config = buildplane_runtime::kube_config(kubeconfig.map(PathBuf::as_path)).await?;
+    Ok(BuildCluster::from_config(config)?)
 }
 
 /// One agent: its settings, the build cluster's API, its TLS identity and its counters. Shared
@@ -269,79 +253,89 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let server_ca = std::fs::read(&config.server_ca)
         .with_context(|| format!("reading the gateway CA {}", config.server_ca.display()))?;
     let agent = Agent::new(config.clone(), cluster, &server_ca, cert.clone())?;
-    if let Some(listen) = config.health_listen {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        tokio::spawn(health(listener, agent.clone()));
-    }
-    tokio::spawn(follow_identity(agent.clone()));
-    let shutdown = CancellationToken::new();
-    let supervisor = tokio::spawn(agent.clone().supervise(shutdown.clone()));
-    shutdown_signal().await;
-    info!("shutting down; draining in-flight requests");
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), supervisor).await;
-    Ok(())
+    let health = match config.health_listen {
+        Some(listen) => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?,
+        ),
+        None => None,
+    };
+    serve(
+        agent.clone(),
+        health,
+        follow_identity(agent),
+        buildplane_runtime::shutdown_signal(),
+    )
+    .await
 }
 
-/// SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = async {
-            match term.as_mut() {
-                Some(term) => { term.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
+/// Runs the agent's long-lived tasks (connection supervisor, identity follower, health server)
+/// until `shutdown`, then drains for up to 30 s. A task that ends before is an error naming it:
+/// the process exits instead of answering `/healthz` with half of it dead.
+pub(crate) async fn serve<F>(
+    agent: Arc<Agent>,
+    health_listener: Option<tokio::net::TcpListener>,
+    identity_follower: F,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + buildplane_runtime::tasks::TaskOutput,
+{
+    let mut tasks = Tasks::new();
+    if let Some(listener) = health_listener {
+        tasks.spawn("health server", health(listener, agent.clone()));
     }
+    tasks.spawn("identity follower", identity_follower);
+    let supervisor = agent.clone();
+    tasks.spawn_graceful("connection supervisor", |shutdown| {
+        supervisor.supervise(shutdown)
+    });
+    let res = tasks.run_until(shutdown).await;
+    match &res {
+        Ok(()) => info!("shutting down; draining in-flight requests"),
+        Err(ended) => error!(%ended, "a long-lived task ended; shutting down"),
+    }
+    let stopped = tasks.shutdown(Duration::from_secs(30)).await;
+    Ok(res.and(stopped)?)
 }
 
-/// Checks the leaf in the identity Secrets regularly; renews it under the same CA before it
-/// expires (or picks up a leaf another process wrote, e.g. `cluster-agent renew` or
-/// `rotate-ca`), swaps it into [`Agent::cert`] and tells the supervisor to reconnect
-/// new-before-old. Runs forever.
-pub async fn follow_identity(agent: Arc<Agent>) {
+/// Follows the identity Secrets ([`identity::follow`]: a watch, renewal scheduled
+/// `renew_before` ahead of expiry) and, when the leaf changed (renewed here, or written by
+/// another process, e.g. `cluster-agent renew` or `rotate-ca`), swaps it into [`Agent::cert`]
+/// and tells the supervisor to reconnect new-before-old. Runs until the watch ends.
+pub async fn follow_identity(agent: Arc<Agent>) -> anyhow::Result<()> {
     let config = &agent.config;
-    // Cheap reads of two Secrets; frequent so `cluster-agent renew`/`rotate-ca` take effect fast.
-    let check_every =
-        (config.renew_before / 4).clamp(Duration::from_millis(500), Duration::from_secs(2));
-    loop {
-        tokio::time::sleep(check_every).await;
-        match identity::ensure(
-            &agent.cluster.client,
-            &config.identity_namespace,
-            &config.plane_id,
-            config.leaf_validity,
-            config.renew_before,
-        )
-        .await
-        {
-            Ok(identity) => {
-                let current = agent.cert.leaf();
-                let fresh = buildplane_pki::parse_cert_bundle(identity.leaf.cert_pem.as_bytes())
-                    .ok()
-                    .and_then(|c| c.into_iter().next());
-                if fresh.is_some_and(|fresh| fresh != current) {
-                    if let Err(err) = agent
-                        .cert
-                        .replace_from_pem(&identity.leaf.cert_pem, &identity.leaf.key_pem)
-                    {
-                        warn!(%err, "could not load the renewed certificate");
-                        continue;
-                    }
-                    info!("client certificate renewed");
-                    agent.renewed.notify_one();
-                }
+    identity::follow(
+        &agent.cluster.client,
+        &config.identity_namespace,
+        &config.plane_id,
+        config.leaf_validity,
+        config.renew_before,
+        |identity| {
+            let current = agent.cert.leaf();
+            let fresh = buildplane_pki::parse_cert_bundle(identity.leaf.cert_pem.as_bytes())
+                .ok()
+                .and_then(|c| c.into_iter().next());
+            if fresh.is_none_or(|fresh| fresh == current) {
+                return;
             }
-            Err(err) => warn!(%err, "certificate renewal check failed"),
-        }
-    }
+            if let Err(err) = agent
+                .cert
+                .replace_from_pem(&identity.leaf.cert_pem, &identity.leaf.key_pem)
+            {
+                warn!(%err, "could not load the renewed certificate");
+                return;
+            }
+            info!("client certificate renewed");
+            agent.renewed.notify_one();
+        },
+    )
+    .await
 }
 
-async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
+async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route(
@@ -360,33 +354,48 @@ async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
                 }
             }),
         );
-    let _ = axum::serve(listener, app).await;
+    axum::serve(listener, app).await
 }
 
-/// Parses `500ms`, `15s`, `2m`, `1h`, `1d`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86_400.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("duration {text:?} must not be negative"));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch_broke() {
+        panic!("the identity watch broke")
     }
-    Ok(Duration::from_secs_f64(seconds))
+
+    /// A long-lived task that panics ends the agent with an error naming the task, and the
+    /// health listener goes with it: no process whose `/healthz` says OK while half of it is
+    /// dead.
+    #[tokio::test]
+    async fn panicking_task_ends_the_agent() {
+        buildplane_pki::install_crypto_provider();
+        // Nothing listens on port 9 (discard): the supervisor just keeps backing off.
+        let kube_config = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+        let cluster = BuildCluster::from_config(kube_config).unwrap();
+        let ca = buildplane_pki::Ca::generate("agent-ca", Duration::from_secs(3600)).unwrap();
+        let leaf = ca.issue_client("p", Duration::from_secs(3600)).unwrap();
+        let cert = ReloadableCert::from_pem(&leaf.cert_pem, &leaf.key_pem).unwrap();
+        let config = AgentConfig::new("wss://127.0.0.1:9/ws", "p");
+        let agent = Agent::new(config, cluster, ca.cert_pem().as_bytes(), cert).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health_addr = listener.local_addr().unwrap();
+        let follower = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            watch_broke();
+        };
+        let res = tokio::time::timeout(
+            Duration::from_secs(10),
+            serve(agent, Some(listener), follower, std::future::pending()),
+        )
+        .await
+        .expect("the agent noticed its dead task and stopped");
+        let err = res.expect_err("a dead task is an error");
+        assert!(err.to_string().contains("identity follower"), "{err:#}");
+        assert!(
+            tokio::net::TcpStream::connect(health_addr).await.is_err(),
+            "the health listener is closed"
+        );
+    }
 }

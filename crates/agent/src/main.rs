@@ -3,8 +3,9 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use buildplane_api::names::PlaneType;
+use buildplane_runtime::parse_positive_duration;
 use clap::{Args, Parser, Subcommand};
-use cluster_agent::{AgentConfig, backoff::Backoff, parse_duration, swarm::SwarmConfig};
+use cluster_agent::{AgentConfig, backoff::Backoff, swarm::SwarmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +27,7 @@ struct Common {
     #[arg(long, default_value = "openchoreo-build-plane")]
     identity_namespace: String,
     /// Validity of a client certificate (`24h`, `90m`, ...).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
     leaf_validity: Duration,
 }
 
@@ -47,10 +48,10 @@ struct Connection {
     #[arg(long, env = "SERVER_CA", default_value = "/ca-certs/ca.crt")]
     server_ca: PathBuf,
     /// First backoff ceiling.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = parse_positive_duration)]
     backoff_base: Duration,
     /// Largest backoff ceiling.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     backoff_cap: Duration,
     /// Tunnel protocol: v2 (binary, streaming) or v1 (OpenChoreo JSON).
     #[arg(long, default_value = "v2")]
@@ -59,10 +60,10 @@ struct Connection {
     #[arg(long, default_value_t = 64)]
     max_concurrent_requests: usize,
     /// Time between pings to the gateway.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = parse_positive_duration)]
     ping_interval: Duration,
     /// A gateway silent this long is considered gone; the agent reconnects.
-    #[arg(long, default_value = "45s", value_parser = parse_duration)]
+    #[arg(long, default_value = "45s", value_parser = parse_positive_duration)]
     read_deadline: Duration,
 }
 
@@ -78,7 +79,7 @@ enum Command {
         #[arg(long, env = "PLANE_ID")]
         plane_id: String,
         /// Renew the client certificate this long before it expires.
-        #[arg(long, default_value = "8h", value_parser = parse_duration)]
+        #[arg(long, default_value = "8h", value_parser = parse_positive_duration)]
         renew_before: Duration,
         /// Health listener (`/healthz`, `/readyz`).
         #[arg(long, default_value = "0.0.0.0:8081")]
@@ -160,11 +161,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     buildplane_pki::install_crypto_provider();
-    // A swarm holds one socket per agent: raise the open-files soft limit to the hard one.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open-files limit"),
-        Err(err) => tracing::warn!(%err, "could not raise the open-files limit"),
-    }
+    // A swarm holds one socket per agent.
+    buildplane_runtime::raise_open_files_limit();
     match Flags::parse().command {
         Command::Run {
             common,
@@ -176,6 +174,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             if plane_id.is_empty() {
                 anyhow::bail!("--plane-id must not be empty");
+            }
+            if renew_before >= common.leaf_validity {
+                anyhow::bail!("--renew-before must be shorter than --leaf-validity");
             }
             let mut config = agent_config(&common, connection, plane_id)?;
             config.renew_before = renew_before;
@@ -210,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
             plane_id,
             finish,
         } => {
-            let client = cluster_agent::kube_client(common.kubeconfig.as_ref()).await?;
+            let client = buildplane_runtime::kube_client(common.kubeconfig.as_deref()).await?;
             let bundle = cluster_agent::identity::rotate_ca(
                 &client,
                 &common.identity_namespace,
@@ -223,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Renew { common, plane_id } => {
-            let client = cluster_agent::kube_client(common.kubeconfig.as_ref()).await?;
+            let client = buildplane_runtime::kube_client(common.kubeconfig.as_deref()).await?;
             let ca = cluster_agent::identity::load_ca(&client, &common.identity_namespace).await?;
             cluster_agent::identity::renew(
                 &client,
@@ -272,5 +273,32 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    fn run_flags(extra: &[&str]) -> Result<Flags, clap::Error> {
+        let mut args = vec!["cluster-agent", "run", "--plane-id", "p"];
+        args.extend_from_slice(extra);
+        Flags::try_parse_from(args)
+    }
+
+    /// Interval and timeout flags refuse zero at the command line (a zero read deadline drops
+    /// every connection at once; a zero interval panics `tokio::time::interval`), and accept
+    /// days.
+    #[test]
+    fn interval_flags_refuse_zero() {
+        for flag in ["--read-deadline", "--ping-interval", "--renew-before"] {
+            let err = run_flags(&[flag, "0s"]).err().expect(flag);
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{flag}"
+            );
+            assert!(err.to_string().contains("too short"), "{flag}: {err}");
+        }
+        let huge = run_flags(&["--leaf-validity", "99999999999999999999999s"])
+            .err()
+            .expect("huge");
+        assert!(huge.to_string().contains("too long"), "{huge}");
+        assert!(run_flags(&["--leaf-validity", "30d"]).is_ok());
     }
 }

@@ -186,8 +186,7 @@ pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
             let retry_after = response
                 .headers()
                 .get("retry-after")
-                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .and_then(|v| crate::backoff::parse_retry_after(v.to_str().ok()?));
             let body = response
                 .body()
                 .as_ref()

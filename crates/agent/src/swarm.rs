@@ -106,7 +106,7 @@ pub async fn run(config: SwarmConfig, server_ca: PathBuf) -> anyhow::Result<()> 
     loop {
         tokio::select! {
             _ = report.tick() => info!(connected = swarm.connected(), total = swarm.agents.len(), "swarm"),
-            () = crate::shutdown_signal() => break,
+            () = buildplane_runtime::shutdown_signal() => break,
         }
     }
     swarm.shutdown().await;

@@ -173,7 +173,7 @@ impl GatewayClient {
         let mut bytes = res.bytes_stream();
         Ok(async_stream_lines(
             move |tx: mpsc::Sender<Result<GatewayEvent, GatewayError>>| async move {
-                let mut buffer = Vec::new();
+                let mut lines = buildplane_runtime::LineBuffer::new();
                 loop {
                     // The gateway writes a keepalive line every 15 s; silence for longer means a
                     // dead peer that TCP has not noticed.
@@ -196,14 +196,12 @@ impl GatewayClient {
                             return;
                         }
                     };
-                    buffer.extend_from_slice(&chunk);
-                    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = buffer.drain(..=end).collect();
-                        let line = &line[..line.len() - 1];
+                    lines.push(&chunk);
+                    while let Some(line) = lines.next_line() {
                         if line.iter().all(u8::is_ascii_whitespace) {
                             continue;
                         }
-                        let event = serde_json::from_slice::<GatewayEvent>(line).map_err(|err| {
+                        let event = serde_json::from_slice::<GatewayEvent>(&line).map_err(|err| {
                             GatewayError::Permanent(format!("malformed gateway event: {err}"))
                         });
                         if tx.send(event).await.is_err() {

@@ -16,6 +16,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use buildplane_api::{BuildPlane, ClusterBuildPlane, CrKey, PlaneCr};
+use buildplane_runtime::Tasks;
 use futures::{FutureExt as _, StreamExt, future};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -30,12 +31,12 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+use tracing::{error, info, warn};
 
 use crate::{
     gateway::{ConnectionTable, GatewayClient},
-    leader::LeaseConfig,
+    leader::{Elector, LeaseConfig},
     metrics::Metrics,
     reconcile::{Context, PlaneApi, error_policy, reconcile},
 };
@@ -60,26 +61,6 @@ pub struct Config {
     pub disconnect_grace: Duration,
 }
 
-/// Builds a client for the kubeconfig or the in-cluster configuration.
-pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(
-                kubeconfig,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .context("loading kubeconfig")?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("inferring Kubernetes configuration")?,
-    };
-    Client::try_from(config).context("building Kubernetes client")
-}
-
 /// How long [`RunningController::shutdown`] waits for in-flight work.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -89,8 +70,7 @@ pub struct RunningController {
     pub health_addr: Option<SocketAddr>,
     /// The controller's metrics (and leadership).
     pub metrics: Metrics,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    tasks: Tasks,
 }
 
 impl RunningController {
@@ -102,41 +82,30 @@ impl RunningController {
     /// Stops reconciling (in-flight reconciles finish), releases the lease, and waits, at most
     /// [`SHUTDOWN_GRACE`]; past it the remaining work is aborted (a standby then waits for the
     /// lease to expire instead of taking over at once).
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
-            Ok(res) => res.context("controller task panicked")?,
-            Err(_) => {
-                warn!(grace = ?SHUTDOWN_GRACE, "controller did not stop in time; aborting it");
-                self.task.abort();
-                Ok(())
-            }
-        }
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        Ok(self.tasks.shutdown(SHUTDOWN_GRACE).await?)
     }
 
-    /// Waits until the controller stops by itself (lost lease or fatal error).
+    /// Waits until the controller stops by itself: the loss of the lease, a fatal error, or a
+    /// task (health server, controller) that ended; the error names it.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        (&mut self.task).await.context("controller task panicked")?
+        Ok(self.tasks.run_until(std::future::pending()).await?)
     }
 }
 
 /// Starts the controller: binds the health listener, then elects and reconciles in a task.
 pub async fn start(config: Config) -> anyhow::Result<RunningController> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = kube_client(config.kubeconfig.as_ref()).await?;
+    let client = buildplane_runtime::kube_client(config.kubeconfig.as_deref()).await?;
     let metrics = Metrics::default();
+    let mut tasks = Tasks::new();
     let health_addr = match config.health_listen {
         Some(listen) => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding the health listener {listen}"))?;
             let addr = listener.local_addr()?;
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                if let Err(err) = metrics::serve(listener, metrics).await {
-                    warn!(%err, "health server stopped");
-                }
-            });
+            tasks.spawn("health server", metrics::serve(listener, metrics.clone()));
             Some(addr)
         }
         None => None,
@@ -152,53 +121,30 @@ pub async fn start(config: Config) -> anyhow::Result<RunningController> {
         }
     };
     metrics.set_ready();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(lead_and_reconcile(
-        client,
-        config,
-        gateway,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let leading = metrics.clone();
+    tasks.spawn_graceful("controller", |shutdown| {
+        lead_and_reconcile(client, config, gateway, leading, shutdown)
+    });
     Ok(RunningController {
         health_addr,
         metrics,
-        shutdown,
-        task,
+        tasks,
     })
 }
 
-/// Runs the controller until SIGINT/SIGTERM or the loss of leadership.
+/// Runs the controller until SIGINT/SIGTERM, the loss of leadership or the end of a task.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut running = start(config).await?;
-    tokio::select! {
+    let res = tokio::select! {
         res = running.wait() => res,
-        () = shutdown_signal() => {
-            info!("shutting down");
-            running.shutdown().await
-        }
+        () = buildplane_runtime::shutdown_signal() => Ok(()),
+    };
+    match &res {
+        Ok(()) => info!("shutting down"),
+        Err(err) => error!(%err, "stopping"),
     }
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    let stopped = running.shutdown().await;
+    res.and(stopped)
 }
 
 /// Waits for the lease (when configured), then runs both controllers until `shutdown` or the
@@ -210,10 +156,11 @@ async fn lead_and_reconcile(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if let Some(lease) = &config.leader {
-        info!(identity = %lease.identity, "waiting for the leader lease");
+    let mut elector = config.leader.clone().map(Elector::new);
+    if let Some(elector) = &mut elector {
+        info!(identity = %elector.config().identity, "waiting for the leader lease");
         tokio::select! {
-            () = leader::acquire(&client, lease) => {}
+            () = elector.acquire(&client) => {}
             () = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -274,29 +221,45 @@ async fn lead_and_reconcile(
         stopped(&shutdown),
     );
     let controllers = future::join(namespaced, cluster);
-    let res = match &config.leader {
-        Some(lease) => {
-            tokio::select! {
-                _ = controllers => {
-                    if let Err(err) = leader::release(&client, lease).await {
-                        warn!(%err, "could not release the leader lease");
-                    }
-                    Ok(())
+    let reconciling = async {
+        match &mut elector {
+            Some(elector) => {
+                let stopped = tokio::select! {
+                    _ = controllers => true,
+                    () = elector.hold(&client) => false,
+                };
+                if !stopped {
+                    return Err(anyhow::format_err!(
+                        "lost the leader lease; exiting so a fresh replica can stand by"
+                    ));
                 }
-                () = leader::hold(&client, lease) => {
-                    Err(anyhow::format_err!("lost the leader lease; exiting so a fresh replica can stand by"))
+                if let Err(err) = elector.release(&client).await {
+                    warn!(%err, "could not release the leader lease");
                 }
+                Ok(())
+            }
+            None => {
+                controllers.await;
+                Ok(())
             }
         }
-        None => {
-            controllers.await;
-            Ok(())
+    };
+    // The event follower runs as long as the controllers: if it ends, statuses would freeze.
+    let mut follower = follower.map(AbortOnDropHandle::new);
+    let follower_ended = async {
+        match follower.as_mut() {
+            Some(handle) => handle.await,
+            None => std::future::pending().await,
         }
     };
+    let res = tokio::select! {
+        res = reconciling => res,
+        ended = follower_ended => Err(match ended {
+            Ok(()) => anyhow::format_err!("the gateway event follower stopped"),
+            Err(err) => anyhow::format_err!("the gateway event follower failed: {err}"),
+        }),
+    };
     metrics.set_leader(false);
-    if let Some(follower) = follower {
-        follower.abort();
-    }
     res
 }
 

@@ -214,6 +214,7 @@ async fn two_replicas_elect_one_leader() {
         name: "buildplane-controller".into(),
         identity: identity.into(),
         duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
         renew_every: Duration::from_millis(300),
     };
     let mut first = controller_config(&env);

@@ -346,16 +346,7 @@ pub struct RunningGateway {
 /// Starts the gateway's listeners and background tasks.
 pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     buildplane_pki::install_crypto_provider();
-    let client = match &config.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Client::try_from(
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
-            )?
-        }
-        None => kube::Client::try_default().await?,
-    };
+    let client = buildplane_runtime::kube_client(config.kubeconfig.as_deref()).await?;
     let agent_cert = load_cert(&config.server_cert)?;
     let shutdown = CancellationToken::new();
     watch_cert(

@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use buildplane_runtime::parse_positive_duration;
 use clap::Parser;
 
 /// The control plane's end of the BuildPlane tunnel.
@@ -36,10 +37,10 @@ struct Flags {
     #[arg(long, default_value = "/internal-ca/ca.crt")]
     internal_client_ca: PathBuf,
     /// Time between pings (`15s`, `500ms`, `1m`; a bare number is seconds).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     heartbeat_interval: Duration,
     /// Silence after which an agent is disconnected.
-    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    #[arg(long, default_value = "90s", value_parser = parse_positive_duration)]
     heartbeat_timeout: Duration,
     /// Concurrent TLS handshakes on the agent listener; further connections wait in the kernel's
     /// accept queue until one finishes.
@@ -49,7 +50,7 @@ struct Flags {
     #[arg(long, default_value_t = 4)]
     max_connections_per_identity: usize,
     /// On shutdown, agent connections are closed spread over this long.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
     shutdown_stagger: Duration,
     /// A path the proxy refuses with 403 (repeatable): `/`-separated segments, `*` for any one
     /// segment, denying the path and everything below it (`/api/v1/namespaces/*/configmaps`).
@@ -74,33 +75,6 @@ fn agent_listen(flag: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::from(([0, 0, 0, 0], port)))
 }
 
-/// Parses `500ms`, `15s`, `2m`, `1h`, or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}; use ms, s, m or h"
-            ));
-        }
-    };
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(format!("duration {text:?} must be positive"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -109,12 +83,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
-    // Every agent holds a socket: thousands of agents need more than the usual soft limit of
-    // 1,024 open files, so raise it to the hard limit (as the Go runtime does at start).
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open-files limit"),
-        Err(err) => tracing::warn!(%err, "could not raise the open-files limit"),
-    }
+    // Every agent holds a socket: thousands of agents need more than the usual 1,024.
+    buildplane_runtime::raise_open_files_limit();
     let flags = Flags::parse();
     let internal_server_cert = match (flags.internal_server_cert, flags.internal_server_key) {
         (Some(cert), Some(key)) => Some((cert, key)),
@@ -139,22 +109,29 @@ async fn main() -> anyhow::Result<()> {
         proxy_policy,
     })
     .await?;
-    shutdown_signal().await;
+    buildplane_runtime::shutdown_signal().await;
     tracing::info!("shutting down");
     cluster_gateway::drain(&gateway.shared, flags.shutdown_stagger).await;
     Ok(())
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(term) => { term.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Interval flags refuse zero and values that overflow a deadline (the old parser panicked
+    /// in `Duration::from_secs_f64`) with a message, and take the same units as every binary.
+    #[test]
+    fn interval_flags_are_bounded() {
+        let parse =
+            |flag: &str, value: &str| Flags::try_parse_from(["cluster-gateway", flag, value]);
+        let err = parse("--heartbeat-interval", "0s").expect_err("zero");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("too short"), "{err}");
+        let err = parse("--heartbeat-timeout", "99999999999999999999999s").expect_err("huge");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("too long"), "{err}");
+        let flags = parse("--shutdown-stagger", "1d").expect("days");
+        assert_eq!(flags.shutdown_stagger, Duration::from_secs(86_400));
     }
 }

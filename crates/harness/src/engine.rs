@@ -1871,12 +1871,11 @@ async fn watch_until(
             });
         }
         let mut stream = res.bytes_stream();
-        let mut buffer = Vec::<u8>::new();
+        let mut lines = buildplane_runtime::LineBuffer::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| fail(format!("watch stream broke: {e}")))?;
-            buffer.extend_from_slice(&chunk);
-            while let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=pos).collect();
+            lines.push(&chunk);
+            while let Some(line) = lines.next_line() {
                 let Ok(event) = serde_json::from_slice::<Value>(&line) else {
                     continue;
                 };

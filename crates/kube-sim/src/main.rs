@@ -41,11 +41,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    // Every watch holds a connection: raise the open-files soft limit to the hard one.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open-files limit"),
-        Err(err) => tracing::warn!(%err, "could not raise the open-files limit"),
-    }
+    // Every watch holds a connection.
+    buildplane_runtime::raise_open_files_limit();
     let Command::Serve {
         listen,
         kubeconfig_out,
@@ -60,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     server.write_kubeconfig(&kubeconfig_out)?;
     println!("listening on {}", server.url());
-    tokio::signal::ctrl_c().await?;
+    buildplane_runtime::shutdown_signal().await;
     server.shutdown().await;
     Ok(())
 }

@@ -1,0 +1,22 @@
+//! What every buildplane binary needs around its logic: duration flags, the open-files limit,
+//! the Kubernetes client from a kubeconfig, the shutdown signals, supervision of long-lived
+//! tasks, and NDJSON line splitting.
+//!
+//! Each lived as a copy in the gateway, agent, controller and kube-sim mains; the copies had
+//! drifted (the gateway's duration parser lacked `d`, one shutdown signal ignored SIGTERM).
+
+pub mod duration;
+pub mod kubeconfig;
+pub mod limits;
+pub mod ndjson;
+pub mod signal;
+pub mod tasks;
+
+pub use crate::{
+    duration::{DurationError, MAX_DURATION, parse_duration, parse_positive_duration},
+    kubeconfig::{KubeconfigError, kube_client, kube_config},
+    limits::raise_open_files_limit,
+    ndjson::LineBuffer,
+    signal::shutdown_signal,
+    tasks::{TaskEnded, Tasks},
+};
