@@ -275,15 +275,7 @@ async fn storm_protection_caps_handshakes_and_connections_per_identity() {
         env.connections().await == 1
     })
     .await;
-    let metrics = reqwest::get(format!(
-        "http://{}/metrics",
-        env.gateway.as_ref().unwrap().health_addr
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let metrics = env.metrics().await;
     assert!(
         metrics.contains("cluster_gateway_rejections_total{reason=\"identity_cap\"} 1"),
         "{metrics}"

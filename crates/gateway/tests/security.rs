@@ -251,15 +251,7 @@ async fn unauthenticated_callers_get_a_generic_401() {
     let refused = env.shared().trust.admit("p", &chain).refused;
     let detail = format!("{refused:?}");
     assert!(detail.contains("hidden-ca-secret"), "{detail}");
-    let metrics = reqwest::get(format!(
-        "http://{}/metrics",
-        env.gateway.as_ref().unwrap().health_addr
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let metrics = env.metrics().await;
     for reason in ["not_authorized", "unknown_plane"] {
         assert!(
             metrics.contains(&format!(

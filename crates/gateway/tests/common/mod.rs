@@ -423,6 +423,15 @@ impl Env {
         }
     }
 
+    /// The gateway's Prometheus text (`/metrics` on the health listener).
+    pub async fn metrics(&self) -> String {
+        let url = format!(
+            "http://{}/metrics",
+            self.gateway.as_ref().expect("gateway running").health_addr
+        );
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    }
+
     /// The connection table's `total`.
     pub async fn connections(&self) -> usize {
         let (_, body) = self.get("/api/v1/connections").await;
