@@ -64,6 +64,7 @@
 //! ```
 
 pub mod flow;
+pub mod session;
 pub mod v1;
 pub mod v2;
 
@@ -88,8 +89,11 @@ pub mod version {
     pub const V1: u16 = 1;
     /// The binary multiplexed protocol.
     pub const V2: u16 = 2;
+    /// v2 whose messages may carry several whole frames (said in `Hello`; the subprotocol stays
+    /// `buildplane.tunnel.v2`, and a peer that says 2 gets one frame per message).
+    pub const V3: u16 = 3;
     /// The newest version this build speaks.
-    pub const CURRENT: u16 = V2;
+    pub const CURRENT: u16 = V3;
 }
 
 /// Largest tunnel message (and WebSocket frame) the gateway and the agent accept from each
