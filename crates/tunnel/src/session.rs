@@ -334,7 +334,11 @@ impl Stream {
     }
 
     fn finished(&self) -> bool {
-        self.send == Send::Done && self.recv_done && self.inbox.is_empty()
+        self.send == Send::Done
+            && self.recv_done
+            && self.inbox.is_empty()
+            && self.head_out.is_none()
+            && self.outbox.is_empty()
     }
 
     fn has_output(&self) -> bool {
@@ -737,7 +741,17 @@ impl Session {
 
     /// The transport ended (the peer closed, a read failed).
     pub fn handle_transport_closed(&mut self, reason: &str) {
-        self.end(CloseReason::Transport(reason.to_owned()), false);
+        // A peer that closes after both sides said GoAway, with every stream's answer in,
+        // completed a drain; anything else is a loss.
+        let drained = self.peer_going_away
+            && self.go_away_sent.is_some()
+            && self.streams.values().all(|s| s.recv_done);
+        let reason = if drained {
+            CloseReason::Drained
+        } else {
+            CloseReason::Transport(reason.to_owned())
+        };
+        self.end(reason, false);
     }
 
     /// A binary message arrived.
@@ -963,7 +977,7 @@ impl Session {
 
     /// Writes the next frame into `out`; false when there is nothing to send.
     fn next_frame(&mut self, out: &mut BytesMut) -> bool {
-        let mut encode = |frame: &Frame, out: &mut BytesMut| {
+        let encode = |frame: &Frame, out: &mut BytesMut| {
             let mut bytes = Vec::new();
             v2::encode(frame, &mut bytes);
             out.extend_from_slice(&bytes);
@@ -1126,18 +1140,11 @@ impl Session {
                 reason,
             } => {
                 let id = StreamId(stream);
-                let Some(s) = self.streams.get_mut(&id) else {
+                if !self.streams.contains_key(&id) {
                     return;
-                };
+                }
                 self.stats.resets_received += 1;
-                s.recv_done = true;
-                s.send = Send::Done;
-                s.outbox.clear();
-                s.head_out = None;
-                s.inbox.retain(|r| !matches!(r, Read::Data(_) | Read::End));
-                s.inbox.push_back(Read::Reset { code, reason });
-                self.events.push_back(Event::Readable(id));
-                self.events.push_back(Event::Writable(id));
+                self.fail_stream(id, Read::Reset { code, reason });
             }
             Frame::WindowUpdate { stream, credits } => {
                 let id = StreamId(stream);
@@ -1161,7 +1168,6 @@ impl Session {
                 self.events.push_back(Event::GoAway(reason));
                 self.maybe_drained();
             }
-            _ => self.ignore("an unknown frame".into()),
         }
     }
 
@@ -1416,25 +1422,42 @@ impl Session {
             .collect();
         for (id, why) in stalled {
             let reason = format!("stalled: {why} for {}s", stall.as_secs());
-            if let Some(s) = self.streams.get_mut(&id) {
-                s.inbox.retain(|r| !matches!(r, Read::Data(_) | Read::End));
-                s.inbox.push_back(Read::Reset {
-                    code: 504,
-                    reason: reason.clone(),
-                });
-                s.recv_done = true;
-                s.send = Send::Done;
-                s.outbox.clear();
-                s.head_out = None;
-                s.blocked_since = None;
-                s.unread_since = None;
-            }
             self.stats.resets_sent += 1;
             if self.v2() {
-                self.reset_due.push_back((id, 504, reason));
+                self.reset_due.push_back((id, 504, reason.clone()));
             }
+            self.fail_stream(
+                id,
+                Read::Reset {
+                    code: 504,
+                    reason,
+                },
+            );
+        }
+    }
+
+    /// Ends both halves of a stream at once (a reset, a stall). A reader that has not reached
+    /// its end learns `how` in place of whatever body is still unread; one whose end is already
+    /// queued or read keeps it (a stream ends exactly once). Writes fail from now on.
+    fn fail_stream(&mut self, id: StreamId, how: Read) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let unread_end = s.inbox.iter().any(|r| matches!(r, Read::End));
+        if !s.recv_done || (unread_end && s.unread_since.is_some()) {
+            s.inbox.retain(|r| !matches!(r, Read::Data(_) | Read::End));
+            s.inbox.push_back(how);
             self.events.push_back(Event::Readable(id));
-            self.events.push_back(Event::Writable(id));
+        }
+        s.recv_done = true;
+        s.send = Send::Done;
+        s.outbox.clear();
+        s.head_out = None;
+        s.blocked_since = None;
+        s.unread_since = None;
+        self.events.push_back(Event::Writable(id));
+        if s.finished() {
+            self.forget(id);
         }
     }
 
