@@ -139,6 +139,11 @@ impl Connection {
     pub fn last_seen_ms(&self) -> u64 {
         self.link.last_heard_ms()
     }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<buildplane_link::CloseReason> {
+        self.link.close_reason()
+    }
 }
 
 /// The leaf's DER SubjectPublicKeyInfo (the whole certificate when it does not parse, which

@@ -294,6 +294,12 @@ async fn write_loop<S>(
 {
     let mut batch = Vec::new();
     loop {
+        // Timers first, so a busy writer still sends pings and resets stalled streams.
+        let due = link.inner.lock().session.poll_timeout();
+        let now = link.now();
+        if due.is_some_and(|due| now >= due) {
+            link.with(|s| s.handle_timeout(now));
+        }
         let (closed, deadline) = {
             let mut inner = link.inner.lock();
             let mut bytes = 0;
@@ -352,13 +358,14 @@ async fn write_loop<S>(
                 let at = link.origin + deadline.0;
                 tokio::select! {
                     () = link.wake_writer.notified() => {}
-                    () = tokio::time::sleep_until(at) => {
-                        let now = link.now();
-                        link.with(|s| s.handle_timeout(now));
-                    }
+                    () = link.closed.cancelled() => {}
+                    () = tokio::time::sleep_until(at) => {}
                 }
             }
-            None => link.wake_writer.notified().await,
+            None => tokio::select! {
+                () = link.wake_writer.notified() => {}
+                () = link.closed.cancelled() => {}
+            },
         }
     }
 }
@@ -404,28 +411,7 @@ impl StreamHandle {
 
     /// Polls for the next item; a stream the session no longer knows has ended (`Lost`).
     pub fn poll_read(&self, cx: &mut Context<'_>) -> Poll<Read> {
-        let mut inner = self.link.inner.lock();
-        if let Some(item) = inner.session.read(self.id) {
-            let mut wake = Vec::new();
-            let mut accepted = Vec::new();
-            self.link.dispatch(&mut inner, &mut wake, &mut accepted);
-            let transmit = inner.session.wants_transmit();
-            drop(inner);
-            self.link.after(wake, accepted, transmit);
-            return Poll::Ready(item);
-        }
-        if !inner.session.contains(self.id) {
-            let reason = inner
-                .session
-                .close_reason()
-                .map_or_else(|| "the stream has ended".to_owned(), ToString::to_string);
-            return Poll::Ready(Read::Lost {
-                reason,
-                before_head: false,
-            });
-        }
-        inner.readers.insert(self.id, cx.waker().clone());
-        Poll::Pending
+        poll_read(&self.link, self.id, cx)
     }
 
     /// The next item: a head, a body chunk, or the end (`End`, `Reset`, `Lost`).
@@ -436,6 +422,28 @@ impl StreamHandle {
     /// Sends the response head (agent).
     pub fn respond(&self, head: ResponseHead, end: bool) -> Result<(), StreamError> {
         self.link.with(|s| s.respond(self.id, head, end))
+    }
+
+    /// Sends the response head with the body's first bytes, and its end when `end`, in one step,
+    /// so a small response leaves in one message (head, data and end batched). Returns the
+    /// bytes the stream's credit did not take: [`StreamHandle::write`] them, then finish.
+    pub fn respond_with(
+        &self,
+        head: ResponseHead,
+        mut first: Bytes,
+        end: bool,
+    ) -> Result<Bytes, StreamError> {
+        self.link.with(|s| {
+            if first.is_empty() {
+                return s.respond(self.id, head, end).map(|()| first);
+            }
+            s.respond(self.id, head, false)?;
+            s.send_data(self.id, &mut first)?;
+            if end && first.is_empty() {
+                s.finish(self.id)?;
+            }
+            Ok(first)
+        })
     }
 
     /// Writes body bytes, waiting for credit as needed.
@@ -476,16 +484,36 @@ impl StreamHandle {
         self.link.with(|s| s.finish(self.id))
     }
 
-    /// Abandons the stream with `code` and `reason`.
-    pub fn reset(self, code: u16, reason: &str) {
+    /// Abandons the stream with `code` and `reason`: the peer is told, reads end, writes fail.
+    pub fn reset(&self, code: u16, reason: &str) {
         self.link.with(|s| s.reset(self.id, code, reason));
     }
 
+    /// Whether the next item is the end of the peer's body (a response with no body).
+    pub fn at_end(&self) -> bool {
+        self.link.inner.lock().session.next_is_end(self.id)
+    }
+
     /// The rest of the peer's body as a stream of chunks for an HTTP body: ends at `End`, fails
-    /// with the reason at `Reset` or `Lost`.
+    /// with the reason at `Reset` or `Lost`. Dropping it drops the stream (a reset unless the
+    /// stream had ended).
     pub fn into_body(self) -> BodyStream {
         BodyStream {
-            handle: Some(self),
+            link: self.link.clone(),
+            id: self.id,
+            _owner: Some(self),
+            done: false,
+        }
+    }
+
+    /// The rest of the peer's body, read while this handle stays with the caller (the agent
+    /// streams a request body into the build cluster's API server and answers on the handle).
+    pub fn body(&self) -> BodyStream {
+        BodyStream {
+            link: self.link.clone(),
+            id: self.id,
+            _owner: None,
+            done: false,
         }
     }
 }
@@ -503,45 +531,68 @@ impl Drop for StreamHandle {
     }
 }
 
-/// A stream's body as `futures::Stream` of chunks (see [`StreamHandle::into_body`]).
+/// The next item of stream `id`, or `Lost` once the session no longer knows it.
+fn poll_read(link: &Arc<Link>, id: StreamId, cx: &mut Context<'_>) -> Poll<Read> {
+    let mut inner = link.inner.lock();
+    if let Some(item) = inner.session.read(id) {
+        let mut wake = Vec::new();
+        let mut accepted = Vec::new();
+        link.dispatch(&mut inner, &mut wake, &mut accepted);
+        let transmit = inner.session.wants_transmit();
+        drop(inner);
+        link.after(wake, accepted, transmit);
+        return Poll::Ready(item);
+    }
+    if !inner.session.contains(id) {
+        let reason = inner
+            .session
+            .close_reason()
+            .map_or_else(|| "the stream has ended".to_owned(), ToString::to_string);
+        return Poll::Ready(Read::Lost {
+            reason,
+            before_head: false,
+        });
+    }
+    inner.readers.insert(id, cx.waker().clone());
+    Poll::Pending
+}
+
+/// A stream's body as `futures::Stream` of chunks (see [`StreamHandle::into_body`] and
+/// [`StreamHandle::body`]).
 pub struct BodyStream {
-    handle: Option<StreamHandle>,
+    link: Arc<Link>,
+    id: StreamId,
+    _owner: Option<StreamHandle>,
+    done: bool,
 }
 
 impl futures::Stream for BodyStream {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let Some(handle) = self.handle.as_ref() else {
+        if self.done {
             return Poll::Ready(None);
-        };
-        let item = match handle.poll_read(cx) {
+        }
+        let item = match poll_read(&self.link, self.id, cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(item) => item,
         };
-        match item {
-            Read::Data(bytes) => Poll::Ready(Some(Ok(bytes))),
-            Read::End => {
-                self.handle = None;
-                Poll::Ready(None)
-            }
-            Read::Reset { code, reason } => {
-                self.handle = None;
-                Poll::Ready(Some(Err(std::io::Error::other(format!(
-                    "the peer reset the stream ({code}): {reason}"
-                )))))
-            }
-            Read::Lost { reason, .. } => {
-                self.handle = None;
-                Poll::Ready(Some(Err(std::io::Error::other(format!(
-                    "the tunnel connection ended mid-body: {reason}"
-                )))))
-            }
-            Read::Request(_) | Read::Response(_) => {
-                self.handle = None;
-                Poll::Ready(Some(Err(std::io::Error::other("a second head in one stream"))))
-            }
+        if !matches!(item, Read::Data(_)) {
+            self.done = true;
         }
+        Poll::Ready(match item {
+            Read::Data(bytes) => Some(Ok(bytes)),
+            Read::End => None,
+            Read::Reset { code, reason } => Some(Err(std::io::Error::other(format!(
+                "the peer reset the stream ({code}): {reason}"
+            )))),
+            Read::Lost { reason, .. } => Some(Err(std::io::Error::other(format!(
+                "the tunnel connection ended mid-body: {reason}"
+            )))),
+            Read::Request(_) | Read::Response(_) => {
+                Some(Err(std::io::Error::other("a second head in one stream")))
+            }
+        })
     }
 }
 

@@ -664,6 +664,13 @@ impl Session {
         Some(item)
     }
 
+    /// Whether the next item of a stream is its `End` (nothing else to read).
+    pub fn next_is_end(&self, id: StreamId) -> bool {
+        self.streams
+            .get(&id)
+            .is_some_and(|s| matches!(s.inbox.front(), Some(Read::End)))
+    }
+
     /// Whether a stream may take body bytes now (credit left, or v1).
     pub fn writable(&self, id: StreamId) -> bool {
         self.streams
@@ -1447,8 +1454,9 @@ impl Session {
         if !s.recv_done || (unread_end && s.unread_since.is_some()) {
             s.inbox.retain(|r| !matches!(r, Read::Data(_) | Read::End));
             s.inbox.push_back(how);
-            self.events.push_back(Event::Readable(id));
         }
+        // A reader waiting past its end (for a reset, say) learns the stream is gone.
+        self.events.push_back(Event::Readable(id));
         s.recv_done = true;
         s.send = Send::Done;
         s.outbox.clear();
