@@ -24,6 +24,8 @@ use crate::{
     cluster::{RequestBody, whole},
 };
 
+/// A response body up to this size, when its size is known, leaves with its head.
+const SMALL_BODY: usize = 64 * 1024;
 /// How long a draining connection waits for its in-flight requests.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
@@ -382,7 +384,7 @@ async fn serve_stream(agent: Arc<Agent>, stream: StreamHandle) {
     };
     let response = tokio::select! {
         response = agent.cluster.send(request) => response,
-        () = abandoned(&stream) => return,
+        () = stream.abandoned() => return,
     };
     let response = match response {
         Ok(response) => response,
@@ -411,17 +413,6 @@ fn request_body(stream: &StreamHandle) -> RequestBody {
     http_body_util::StreamBody::new(chunks).boxed_unsync()
 }
 
-/// Resolves when the gateway has abandoned the stream (reset, or the connection ended).
-async fn abandoned(stream: &StreamHandle) {
-    loop {
-        match stream.read().await {
-            Read::Reset { .. } | Read::Lost { .. } => return,
-            // The request's own body is the API server's to read; never here.
-            _ => std::future::pending::<()>().await,
-        }
-    }
-}
-
 /// Sends the API server's response: the head with the first chunk (and the end, for a small
 /// body) in one message, then the rest as it comes, under the stream's credits.
 async fn answer(
@@ -437,12 +428,22 @@ async fn answer(
             .collect(),
     };
     let mut body = response.into_body();
-    let first = match next_chunk(&mut body).await {
-        Ok(chunk) => chunk.unwrap_or_default(),
-        Err(reason) => {
-            stream.reset(502, &reason);
-            return Err(reason);
+    // A body of known, small size goes with the head in one message; any other (a watch, a
+    // log follow, a chunked list) gets its head at once and its chunks as they come.
+    let small = body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= SMALL_BODY as u64);
+    let first = if small && !body.is_end_stream() {
+        match next_chunk(&mut body).await {
+            Ok(chunk) => chunk.unwrap_or_default(),
+            Err(reason) => {
+                stream.reset(502, &reason);
+                return Err(reason);
+            }
         }
+    } else {
+        Bytes::new()
     };
     let end = body.is_end_stream();
     let rest = stream
@@ -460,7 +461,7 @@ async fn answer(
     loop {
         let chunk = tokio::select! {
             chunk = next_chunk(&mut body) => chunk,
-            () = abandoned(stream) => return Err("the gateway abandoned the stream".into()),
+            () = stream.abandoned() => return Err("the gateway abandoned the stream".into()),
         };
         match chunk {
             Ok(Some(data)) => stream.write(data).await.map_err(|e| e.to_string())?,

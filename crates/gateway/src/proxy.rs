@@ -382,7 +382,7 @@ async fn exchange(
             .map_err(Failure::Open)?;
         let answer = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, send_and_await_head(&stream, this))
             .await
-            .map_err(|_| Failure::Timeout)?;
+            .map_err(|_| Failure::Timeout)??;
         match answer {
             Read::Response(head) => return Ok((head, stream)),
             Read::Lost {
@@ -405,14 +405,19 @@ async fn exchange(
 }
 
 /// Sends the body while waiting for the head: an agent may answer (an error, say) before it
-/// has read the whole body.
-async fn send_and_await_head(stream: &StreamHandle, upload: Upload) -> Read {
+/// has read the whole body. A body the caller fails to send, or one over the limit, ends the
+/// exchange with its own failure; a write the stream refuses (the agent reset it, the
+/// connection ended) leaves the answer to the stream.
+async fn send_and_await_head(stream: &StreamHandle, upload: Upload) -> Result<Read, Failure> {
     let sending = async {
         match upload {
             Upload::Empty => Ok(()),
             Upload::Whole(bytes) => {
-                stream.write(bytes).await.map_err(|e| e.to_string())?;
-                stream.finish().map_err(|e| e.to_string())
+                // A refused write shows in what the stream reads next.
+                if stream.write(bytes).await.is_ok() {
+                    let _ = stream.finish();
+                }
+                Ok(())
             }
             Upload::Streamed(body) => send_streamed(stream, body).await,
         }
@@ -421,24 +426,24 @@ async fn send_and_await_head(stream: &StreamHandle, upload: Upload) -> Read {
     tokio::pin!(sending, head);
     tokio::select! {
         biased;
-        head = &mut head => head,
         sent = &mut sending => match sent {
-            Ok(()) => head.await,
-            Err(reason) => Read::Reset { code: 400, reason },
+            Ok(()) => Ok(head.await),
+            Err(failure) => Err(failure),
         },
+        head = &mut head => Ok(head),
     }
 }
 
 /// Streams a caller's body frame by frame under the stream's credits, bounded by
 /// [`MAX_REQUEST_BODY`]; a body over it, or one the caller fails to send, resets the stream.
-async fn send_streamed(stream: &StreamHandle, mut body: Body) -> Result<(), String> {
+async fn send_streamed(stream: &StreamHandle, mut body: Body) -> Result<(), Failure> {
     let mut sent = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(frame) => frame,
             Err(err) => {
                 stream.reset(499, "the caller's body failed");
-                return Err(format!("reading the request body failed: {err}"));
+                return Err(Failure::CallerBody(err.to_string()));
             }
         };
         let Ok(data) = frame.into_data() else {
@@ -447,13 +452,14 @@ async fn send_streamed(stream: &StreamHandle, mut body: Body) -> Result<(), Stri
         sent += data.len();
         if sent > MAX_REQUEST_BODY {
             stream.reset(413, "the request body is too large");
-            return Err(format!(
-                "request bodies are limited to {MAX_REQUEST_BODY} bytes"
-            ));
+            return Err(Failure::RequestTooLarge);
         }
-        stream.write(data).await.map_err(|e| e.to_string())?;
+        if stream.write(data).await.is_err() {
+            return Ok(());
+        }
     }
-    stream.finish().map_err(|e| e.to_string())
+    let _ = stream.finish();
+    Ok(())
 }
 
 /// The HTTP response for an answered stream; its body reads the stream as the caller does.

@@ -175,7 +175,7 @@ async fn agent_killed_mid_request_fails_the_caller_at_once() {
             .expect("frame");
         if let Message::Binary(bytes) = message
             && matches!(
-                v2::decode(&bytes, Limits { max_frame: 1 << 20 }),
+                v2::decode(&bytes, Limits::with_max_frame(1 << 20)),
                 Ok(Frame::RequestHead { .. })
             )
         {
@@ -474,7 +474,7 @@ async fn an_agent_reset_gives_the_caller_its_status() {
                 .expect("frame");
             if let Message::Binary(bytes) = message
                 && let Ok(Frame::RequestHead { stream, .. }) =
-                    v2::decode(&bytes, Limits { max_frame: 1 << 20 })
+                    v2::decode(&bytes, Limits::with_max_frame(1 << 20))
             {
                 break stream;
             }

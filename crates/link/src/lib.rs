@@ -64,6 +64,8 @@ struct Inner {
     session: Session,
     readers: HashMap<StreamId, Waker>,
     writers: HashMap<StreamId, Waker>,
+    /// Tasks waiting for a stream to be abandoned (see [`StreamHandle::abandoned`]).
+    watchers: HashMap<StreamId, Waker>,
 }
 
 /// One tunnel connection: its session, and the tasks that run its socket.
@@ -102,6 +104,7 @@ impl Link {
                 session,
                 readers: HashMap::new(),
                 writers: HashMap::new(),
+                watchers: HashMap::new(),
             }),
             origin: Instant::now(),
             wake_writer: Notify::new(),
@@ -146,8 +149,14 @@ impl Link {
         while let Some(event) = inner.session.poll_event() {
             match event {
                 Event::Accepted(id) => accepted.push(id),
-                Event::Readable(id) => wake.extend(inner.readers.remove(&id)),
-                Event::Writable(id) => wake.extend(inner.writers.remove(&id)),
+                Event::Readable(id) => {
+                    wake.extend(inner.readers.remove(&id));
+                    wake.extend(inner.watchers.remove(&id));
+                }
+                Event::Writable(id) => {
+                    wake.extend(inner.writers.remove(&id));
+                    wake.extend(inner.watchers.remove(&id));
+                }
                 Event::GoAway(reason) => {
                     debug!(%reason, "the peer is draining this connection");
                     self.going_away.cancel();
@@ -157,6 +166,7 @@ impl Link {
                     debug!(%reason, "tunnel session closed");
                     wake.extend(inner.readers.drain().map(|(_, w)| w));
                     wake.extend(inner.writers.drain().map(|(_, w)| w));
+                    wake.extend(inner.watchers.drain().map(|(_, w)| w));
                     self.closed.cancel();
                 }
             }
@@ -489,6 +499,20 @@ impl StreamHandle {
         self.link.with(|s| s.reset(self.id, code, reason));
     }
 
+    /// Resolves when the stream has been abandoned (the peer reset it, the connection ended) or
+    /// has ended both ways. Reads nothing: the body stays for its reader.
+    pub async fn abandoned(&self) {
+        poll_fn(|cx| {
+            let mut inner = self.link.inner.lock();
+            if inner.session.is_abandoned(self.id) {
+                return Poll::Ready(());
+            }
+            inner.watchers.insert(self.id, cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
     /// Whether the next item is the end of the peer's body (a response with no body).
     pub fn at_end(&self) -> bool {
         self.link.inner.lock().session.next_is_end(self.id)
@@ -524,6 +548,7 @@ impl Drop for StreamHandle {
         let mut inner = self.link.inner.lock();
         inner.readers.remove(&id);
         inner.writers.remove(&id);
+        inner.watchers.remove(&id);
         if inner.session.contains(id) {
             inner.session.abandon(id);
         }

@@ -300,6 +300,9 @@ struct Stream {
     blocked_since: Option<Moment>,
     /// Since when received bytes wait for the application.
     unread_since: Option<Moment>,
+    /// A reset to send once the queued answer is out (an abandoned stream whose answer was
+    /// complete).
+    reset_after: Option<(u16, String)>,
     v1: Option<V1Stream>,
 }
 
@@ -329,6 +332,7 @@ impl Stream {
             credit_scheduled: false,
             blocked_since: None,
             unread_since: None,
+            reset_after: None,
             v1: None,
         }
     }
@@ -664,6 +668,16 @@ impl Session {
         Some(item)
     }
 
+    /// Whether a stream was abandoned (reset either way, or its connection lost) or has ended
+    /// both ways: nothing more will be accepted from this side. Reads nothing.
+    pub fn is_abandoned(&self, id: StreamId) -> bool {
+        self.streams.get(&id).is_none_or(|s| {
+            s.inbox
+                .iter()
+                .any(|r| matches!(r, Read::Reset { .. } | Read::Lost { .. }))
+        })
+    }
+
     /// Whether the next item of a stream is its `End` (nothing else to read).
     pub fn next_is_end(&self, id: StreamId) -> bool {
         self.streams
@@ -713,6 +727,15 @@ impl Session {
             if stream.finished() {
                 self.forget(id);
             }
+            return;
+        }
+        if stream.send == Send::Ending || (stream.send == Send::Done && stream.has_output()) {
+            // The answer is complete but still queued (an agent that answered before reading
+            // the whole request, say): it goes out whole, then the reset stops the peer's body.
+            stream.inbox.clear();
+            stream.recv_done = true;
+            stream.unread_since = None;
+            stream.reset_after = Some((499, "the stream's reader went away".into()));
             return;
         }
         self.reset(id, 499, "the stream's reader went away");
@@ -1069,6 +1092,12 @@ impl Session {
             } else {
                 continue;
             }
+            if !stream.has_output()
+                && let Some((code, reason)) = stream.reset_after.take()
+            {
+                self.stats.resets_sent += 1;
+                self.reset_due.push_back((id, code, reason));
+            }
             if stream.finished() {
                 self.forget(id);
             } else if stream.has_output() {
@@ -1151,7 +1180,8 @@ impl Session {
                     return;
                 }
                 self.stats.resets_received += 1;
-                self.fail_stream(id, Read::Reset { code, reason });
+                // A peer that completed its half keeps it: the reader gets the whole answer.
+                self.fail_stream(id, Read::Reset { code, reason }, false);
             }
             Frame::WindowUpdate { stream, credits } => {
                 let id = StreamId(stream);
@@ -1439,19 +1469,21 @@ impl Session {
                     code: 504,
                     reason,
                 },
+                true,
             );
         }
     }
 
     /// Ends both halves of a stream at once (a reset, a stall). A reader that has not reached
     /// its end learns `how` in place of whatever body is still unread; one whose end is already
-    /// queued or read keeps it (a stream ends exactly once). Writes fail from now on.
-    fn fail_stream(&mut self, id: StreamId, how: Read) {
+    /// queued or read keeps it (a stream ends exactly once), unless `replace_unread` (a stall of
+    /// a reader that stopped reading: its unread end is replaced too). Writes fail from now on.
+    fn fail_stream(&mut self, id: StreamId, how: Read, replace_unread: bool) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
         let unread_end = s.inbox.iter().any(|r| matches!(r, Read::End));
-        if !s.recv_done || (unread_end && s.unread_since.is_some()) {
+        if !s.recv_done || (replace_unread && unread_end && s.unread_since.is_some()) {
             s.inbox.retain(|r| !matches!(r, Read::Data(_) | Read::End));
             s.inbox.push_back(how);
         }

@@ -227,6 +227,42 @@ fn a_large_body_crosses_under_credits_without_overrun() {
     assert_eq!(drain_reads(&mut pair.gateway, id), [Read::End]);
 }
 
+/// An agent that answers before reading the whole request body (an early 413, say) and drops
+/// the stream: its queued answer reaches the gateway whole, then a reset stops the body.
+#[test]
+fn an_early_answer_goes_out_whole_before_the_reset() {
+    let mut pair = Pair::new(version::V2);
+    pair.pump();
+    let id = pair.gateway.open(get("/upload"), false).unwrap();
+    let mut body = Bytes::from(vec![7u8; 1000]);
+    pair.gateway.send_data(id, &mut body).unwrap();
+    pair.pump();
+    let agent_id = accepted(&mut pair.agent)[0];
+    assert!(matches!(pair.agent.read(agent_id), Some(Read::Request(_))));
+    let head = ResponseHead {
+        status: 413,
+        headers: vec![],
+    };
+    pair.agent.respond(agent_id, head, false).unwrap();
+    let mut answer = Bytes::from_static(b"too large");
+    pair.agent.send_data(agent_id, &mut answer).unwrap();
+    pair.agent.finish(agent_id).unwrap();
+    pair.agent.abandon(agent_id);
+    pair.pump();
+    let reads = drain_reads(&mut pair.gateway, id);
+    assert!(
+        matches!(
+            reads.as_slice(),
+            [Read::Response(ResponseHead { status: 413, .. }), Read::Data(_), Read::End]
+        ),
+        "{reads:?}"
+    );
+    let mut more = Bytes::from(vec![7u8; 10]);
+    assert!(pair.gateway.send_data(id, &mut more).is_err(), "the reset stops the body");
+    assert_eq!(pair.gateway.open_streams(), 0);
+    assert_eq!(pair.agent.open_streams(), 0);
+}
+
 /// A stream waiting for credit that never comes (its reader stopped) is reset on both sides
 /// after the stall timeout, with a reason; the connection stays up for the others.
 #[test]
