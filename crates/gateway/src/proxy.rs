@@ -17,6 +17,7 @@ use axum::{
 };
 use buildplane_api::{CrKey, names::PlaneType};
 use buildplane_link::{Read, RequestHead, ResponseHead, StreamError, StreamHandle};
+use buildplane_tunnel::session::RESET_DRAINING;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use serde::Deserialize;
@@ -393,6 +394,24 @@ async fn exchange(
                 upload = again;
             }
             Read::Lost { .. } => return Err(Failure::Lost(conn.id)),
+            // Refused before any work by an agent draining this connection: any method may go
+            // to another connection.
+            Read::Reset {
+                code: RESET_DRAINING,
+                ..
+            } if attempt < ATTEMPTS && again.is_some() => {
+                shared.metrics.proxy_failed("draining_retried");
+                upload = again;
+            }
+            Read::Reset {
+                code: RESET_DRAINING,
+                reason,
+            } => {
+                return Err(Failure::Refused {
+                    code: 503,
+                    reason,
+                });
+            }
             Read::Reset { code, reason } => return Err(Failure::Refused { code, reason }),
             Read::Data(_) | Read::End | Read::Request(_) => {
                 return Err(Failure::Protocol(

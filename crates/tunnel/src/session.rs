@@ -389,6 +389,11 @@ pub struct Session {
     stats: Stats,
 }
 
+/// The reset code of a stream refused, before any work, because its connection is draining
+/// (HTTP's 421 Misdirected Request): the gateway sends it again on another connection, whatever
+/// its method.
+pub const RESET_DRAINING: u16 = 421;
+
 /// How long after its own `GoAway` a draining session waits for the peer's before it treats
 /// the peer as one that never answers (an older or foreign peer) and closes once idle.
 const GO_AWAY_ACK_GRACE: Duration = Duration::from_millis(500);
@@ -1216,17 +1221,20 @@ impl Session {
             return self.protocol_error("a RequestHead with a stream id that is not new and odd");
         }
         self.last_inbound = id.0;
-        let refuse = if self.peer_going_away {
-            Some("the connection is draining; retry on another connection")
+        let refuse = if self.is_draining() {
+            Some((
+                RESET_DRAINING,
+                "the connection is draining; retry on another connection",
+            ))
         } else if self.streams.len() >= self.config.max_streams {
-            Some("the agent is at its stream limit; retry later")
+            Some((503, "the agent is at its stream limit; retry later"))
         } else {
             None
         };
-        if let Some(reason) = refuse {
+        if let Some((code, reason)) = refuse {
             // Refused before any work: the gateway may send it again elsewhere.
             self.stats.refused += 1;
-            self.reset_due.push_back((id, 503, reason.into()));
+            self.reset_due.push_back((id, code, reason.into()));
             return;
         }
         let mut stream = Stream::new(self.config.initial_window);
