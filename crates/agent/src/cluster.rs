@@ -24,7 +24,9 @@ pub type RequestBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// A whole request body.
 pub fn whole(bytes: Bytes) -> RequestBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 type RequestService =
@@ -148,7 +150,9 @@ mod tests {
         buildplane_pki::install_crypto_provider();
         let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
         let cluster = BuildCluster::from_config(config).unwrap();
-        let request = http::Request::get("/api").body(whole(Bytes::new())).unwrap();
+        let request = http::Request::get("/api")
+            .body(whole(Bytes::new()))
+            .unwrap();
         assert!(cluster.send(request).await.is_err());
     }
 }

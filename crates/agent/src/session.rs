@@ -407,9 +407,7 @@ async fn serve_stream(agent: Arc<Agent>, stream: StreamHandle) {
 /// The request body as the API server reads it: chunks from the stream, each read granting
 /// credit back to the gateway.
 fn request_body(stream: &StreamHandle) -> RequestBody {
-    let chunks = stream
-        .body()
-        .map_ok(hyper::body::Frame::data);
+    let chunks = stream.body().map_ok(hyper::body::Frame::data);
     http_body_util::StreamBody::new(chunks).boxed_unsync()
 }
 

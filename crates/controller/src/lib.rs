@@ -126,7 +126,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningController> {
     metrics.set_ready();
     let leading = metrics.clone();
     tasks.spawn_graceful("controller", |shutdown| {
-        lead_and_reconcile(Clients { client, lease_client }, config, gateway, leading, shutdown)
+        lead_and_reconcile(
+            Clients {
+                client,
+                lease_client,
+            },
+            config,
+            gateway,
+            leading,
+            shutdown,
+        )
     });
     Ok(RunningController {
         health_addr,

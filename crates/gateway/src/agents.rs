@@ -235,11 +235,12 @@ fn session_config(config: &GatewayConfig, version: u16) -> SessionConfig {
 
 async fn run_connection(ws: Ws, admitted: Admitted, shared: Arc<Shared>) {
     let Admitted {
-        verdict: Verdict {
-            plane_id,
-            version,
-            agent_id,
-        },
+        verdict:
+            Verdict {
+                plane_id,
+                version,
+                agent_id,
+            },
         chain,
     } = admitted;
     // Trust may have changed since the upgrade was admitted; decide again now that the

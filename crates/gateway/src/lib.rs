@@ -27,12 +27,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{
-    metrics::Metrics,
-    policy::ProxyPolicy,
-    registry::Registry,
-    trust::Trust,
-};
+use crate::{metrics::Metrics, policy::ProxyPolicy, registry::Registry, trust::Trust};
 
 /// Gateway settings.
 #[derive(Debug, Clone)]

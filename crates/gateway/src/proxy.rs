@@ -268,7 +268,10 @@ enum Failure {
     /// The stream could not be opened (connection closed or at its stream limit).
     Open(StreamError),
     /// The agent reset the stream before its head.
-    Refused { code: u16, reason: String },
+    Refused {
+        code: u16,
+        reason: String,
+    },
     Timeout,
     StreamingUnsupported,
     RequestTooLarge,
@@ -381,9 +384,10 @@ async fn exchange(
         let stream = conn
             .open(call.head.clone(), this.is_empty())
             .map_err(Failure::Open)?;
-        let answer = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, send_and_await_head(&stream, this))
-            .await
-            .map_err(|_| Failure::Timeout)??;
+        let answer =
+            tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, send_and_await_head(&stream, this))
+                .await
+                .map_err(|_| Failure::Timeout)??;
         match answer {
             Read::Response(head) => return Ok((head, stream)),
             Read::Lost {
@@ -407,10 +411,7 @@ async fn exchange(
                 code: RESET_DRAINING,
                 reason,
             } => {
-                return Err(Failure::Refused {
-                    code: 503,
-                    reason,
-                });
+                return Err(Failure::Refused { code: 503, reason });
             }
             Read::Reset { code, reason } => return Err(Failure::Refused { code, reason }),
             Read::Data(_) | Read::End | Read::Request(_) => {

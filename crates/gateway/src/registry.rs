@@ -379,11 +379,7 @@ impl Registry {
             .flatten()
             .filter(|c| cr.is_none_or(|cr| c.serves(cr)))
             .collect();
-        let last_seen = matching
-            .iter()
-            .map(|c| c.last_seen_ms())
-            .max()
-            .unwrap_or(0);
+        let last_seen = matching.iter().map(|c| c.last_seen_ms()).max().unwrap_or(0);
         (matching.len(), last_seen)
     }
 
@@ -433,11 +429,7 @@ impl Registry {
             let plane = table.by_plane.get(&conn.plane_id);
             crs.iter()
                 .map(|cr| {
-                    let n = plane
-                        .into_iter()
-                        .flatten()
-                        .filter(|c| c.serves(cr))
-                        .count();
+                    let n = plane.into_iter().flatten().filter(|c| c.serves(cr)).count();
                     (cr.to_string(), n)
                 })
                 .collect()
@@ -607,7 +599,13 @@ mod tests {
             .unwrap();
         registry.add(c.clone());
         registry.remove(&c);
-        assert!(matches!(stream.read().await, Read::Lost { before_head: true, .. }));
+        assert!(matches!(
+            stream.read().await,
+            Read::Lost {
+                before_head: true,
+                ..
+            }
+        ));
         assert!(c.open(RequestHead::default(), true).is_err());
     }
 

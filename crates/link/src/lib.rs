@@ -93,7 +93,11 @@ impl std::fmt::Debug for Link {
 
 impl Link {
     /// Runs `session` over `ws` on two tasks; `acceptor` gets the streams the peer opens.
-    pub fn spawn<S>(ws: WebSocketStream<S>, session: Session, acceptor: Option<Acceptor>) -> Arc<Link>
+    pub fn spawn<S>(
+        ws: WebSocketStream<S>,
+        session: Session,
+        acceptor: Option<Acceptor>,
+    ) -> Arc<Link>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -220,7 +224,11 @@ impl Link {
     }
 
     /// Opens a stream (gateway).
-    pub fn open(self: &Arc<Self>, head: RequestHead, end: bool) -> Result<StreamHandle, StreamError> {
+    pub fn open(
+        self: &Arc<Self>,
+        head: RequestHead,
+        end: bool,
+    ) -> Result<StreamHandle, StreamError> {
         let id = self.with(|s| s.open(head, end))?;
         Ok(StreamHandle {
             link: self.clone(),
@@ -404,7 +412,9 @@ pub struct StreamHandle {
 
 impl std::fmt::Debug for StreamHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamHandle").field("id", &self.id).finish()
+        f.debug_struct("StreamHandle")
+            .field("id", &self.id)
+            .finish()
     }
 }
 

@@ -30,7 +30,11 @@ fn echo_agent() -> Acceptor {
                     _ => return,
                 }
             }
-            let size: usize = head.path.trim_start_matches('/').parse().unwrap_or(received);
+            let size: usize = head
+                .path
+                .trim_start_matches('/')
+                .parse()
+                .unwrap_or(received);
             stream
                 .respond(
                     ResponseHead {
@@ -161,7 +165,15 @@ async fn go_away_lets_the_request_in_flight_finish() {
             let _ = stream.read().await;
             let _ = stream.read().await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            stream.respond(ResponseHead { status: 200, headers: vec![] }, true).unwrap();
+            stream
+                .respond(
+                    ResponseHead {
+                        status: 200,
+                        headers: vec![],
+                    },
+                    true,
+                )
+                .unwrap();
         });
     });
     let (gateway, agent) = pair(slow).await;
@@ -171,7 +183,10 @@ async fn go_away_lets_the_request_in_flight_finish() {
     tokio::time::timeout(Duration::from_secs(1), gateway.going_away())
         .await
         .unwrap();
-    assert!(matches!(gateway.open(get("/"), true), Err(StreamError::Draining)));
+    assert!(matches!(
+        gateway.open(get("/"), true),
+        Err(StreamError::Draining)
+    ));
     let (head, _) = body_of(stream).await.unwrap();
     assert_eq!(head.status, 200);
     tokio::time::timeout(Duration::from_secs(2), agent.finished())
@@ -190,7 +205,15 @@ async fn a_dropped_caller_resets_the_stream_at_the_agent() {
         tokio::spawn(async move {
             let _ = stream.read().await;
             let _ = stream.read().await;
-            stream.respond(ResponseHead { status: 200, headers: vec![] }, false).unwrap();
+            stream
+                .respond(
+                    ResponseHead {
+                        status: 200,
+                        headers: vec![],
+                    },
+                    false,
+                )
+                .unwrap();
             let result = loop {
                 if let Err(err) = stream.write(Bytes::from(vec![0u8; 64 * 1024])).await {
                     break err;

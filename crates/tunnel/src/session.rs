@@ -655,8 +655,7 @@ impl Session {
             if !stream.inbox.iter().any(|r| matches!(r, Read::Data(_))) {
                 stream.unread_since = None;
             }
-            if v2 && !stream.recv_done && stream.credit >= window / 2 && !stream.credit_scheduled
-            {
+            if v2 && !stream.recv_done && stream.credit >= window / 2 && !stream.credit_scheduled {
                 stream.credit_scheduled = true;
                 self.credit_due.push_back(id);
             }
@@ -715,7 +714,8 @@ impl Session {
             && let Some(v1) = &stream.v1
         {
             // v1 has no reset: the request is answered with the failure.
-            self.text_due.push_back(v1_failure(&v1.request_id, code, reason));
+            self.text_due
+                .push_back(v1_failure(&v1.request_id, code, reason));
         }
         self.maybe_drained();
     }
@@ -803,7 +803,10 @@ impl Session {
             match frame {
                 Ok(frame) => self.on_frame(frame),
                 Err(err) => {
-                    self.end(CloseReason::Protocol(format!("malformed frame: {err}")), true);
+                    self.end(
+                        CloseReason::Protocol(format!("malformed frame: {err}")),
+                        true,
+                    );
                 }
             }
             if self.is_closed() {
@@ -862,9 +865,7 @@ impl Session {
         {
             let n = self.streams.len();
             self.end(
-                CloseReason::Local(format!(
-                    "drain deadline passed with {n} streams in flight"
-                )),
+                CloseReason::Local(format!("drain deadline passed with {n} streams in flight")),
                 true,
             );
             return;
@@ -1152,7 +1153,8 @@ impl Session {
                     return self.protocol_error("a second ResponseHead on a stream");
                 }
                 s.head_seen = true;
-                s.inbox.push_back(Read::Response(ResponseHead { status, headers }));
+                s.inbox
+                    .push_back(Read::Response(ResponseHead { status, headers }));
                 if end_stream {
                     s.recv_done = true;
                     s.inbox.push_back(Read::End);
@@ -1217,7 +1219,7 @@ impl Session {
         if self.config.role != Role::Agent {
             return self.protocol_error("a RequestHead sent to the gateway");
         }
-        if id.0 % 2 == 0 || id.0 <= self.last_inbound {
+        if id.0.is_multiple_of(2) || id.0 <= self.last_inbound {
             return self.protocol_error("a RequestHead with a stream id that is not new and odd");
         }
         self.last_inbound = id.0;
@@ -1471,14 +1473,7 @@ impl Session {
             if self.v2() {
                 self.reset_due.push_back((id, 504, reason.clone()));
             }
-            self.fail_stream(
-                id,
-                Read::Reset {
-                    code: 504,
-                    reason,
-                },
-                true,
-            );
+            self.fail_stream(id, Read::Reset { code: 504, reason }, true);
         }
     }
 

@@ -163,7 +163,11 @@ fn a_small_get_round_trips_and_both_sides_forget_it() {
     assert_eq!(pair.agent.send_data(id, &mut body).unwrap(), 2);
     pair.agent.finish(id).unwrap();
     pair.flush();
-    assert_eq!(pair.to_gateway.len(), 1, "head, data and end in one message");
+    assert_eq!(
+        pair.to_gateway.len(),
+        1,
+        "head, data and end in one message"
+    );
     pair.pump();
     assert_eq!(
         drain_reads(&mut pair.gateway, id),
@@ -188,7 +192,11 @@ fn a_peer_without_batching_gets_one_frame_per_message() {
     let _ = gateway.open(get("/a"), true).unwrap();
     let _ = gateway.open(get("/b"), true).unwrap();
     let messages: Vec<Transmit> = std::iter::from_fn(|| gateway.poll_transmit()).collect();
-    assert_eq!(messages.len(), 3, "hello and two heads, one each: {messages:?}");
+    assert_eq!(
+        messages.len(),
+        3,
+        "hello and two heads, one each: {messages:?}"
+    );
 }
 
 /// Credits are never lost: a body of many windows crosses while the reader consumes in small
@@ -253,12 +261,19 @@ fn an_early_answer_goes_out_whole_before_the_reset() {
     assert!(
         matches!(
             reads.as_slice(),
-            [Read::Response(ResponseHead { status: 413, .. }), Read::Data(_), Read::End]
+            [
+                Read::Response(ResponseHead { status: 413, .. }),
+                Read::Data(_),
+                Read::End
+            ]
         ),
         "{reads:?}"
     );
     let mut more = Bytes::from(vec![7u8; 10]);
-    assert!(pair.gateway.send_data(id, &mut more).is_err(), "the reset stops the body");
+    assert!(
+        pair.gateway.send_data(id, &mut more).is_err(),
+        "the reset stops the body"
+    );
     assert_eq!(pair.gateway.open_streams(), 0);
     assert_eq!(pair.agent.open_streams(), 0);
 }
@@ -311,12 +326,16 @@ fn go_away_drains_in_flight_streams_then_closes() {
     pair.agent.go_away("renewing the certificate");
     pair.pump();
     assert!(
-        std::iter::from_fn(|| pair.gateway.poll_event())
-            .any(|e| matches!(e, Event::GoAway(_)))
+        std::iter::from_fn(|| pair.gateway.poll_event()).any(|e| matches!(e, Event::GoAway(_)))
     );
-    assert_eq!(pair.gateway.open(get("/new"), true), Err(StreamError::Draining));
+    assert_eq!(
+        pair.gateway.open(get("/new"), true),
+        Err(StreamError::Draining)
+    );
     assert!(!pair.agent.is_closed(), "a stream is still in flight");
-    pair.agent.respond(id, ResponseHead::default(), true).unwrap();
+    pair.agent
+        .respond(id, ResponseHead::default(), true)
+        .unwrap();
     pair.pump();
     let reads = drain_reads(&mut pair.gateway, id);
     assert!(
@@ -387,7 +406,10 @@ fn a_peer_overrunning_the_window_gets_the_stream_reset() {
     gateway.handle_binary(Bytes::from(data), Moment::default());
     assert!(!gateway.is_closed());
     let reads = drain_reads(&mut gateway, id);
-    assert!(matches!(reads.last(), Some(Read::Reset { .. })), "{reads:?}");
+    assert!(
+        matches!(reads.last(), Some(Read::Reset { .. })),
+        "{reads:?}"
+    );
     let sent: Vec<Transmit> = std::iter::from_fn(|| gateway.poll_transmit()).collect();
     let frames: Vec<Frame> = sent
         .into_iter()
@@ -421,7 +443,10 @@ fn an_oversized_head_is_a_protocol_error() {
         end_stream: true,
     });
     agent.handle_binary(Bytes::from(head), Moment::default());
-    assert!(matches!(agent.close_reason(), Some(CloseReason::Protocol(_))));
+    assert!(matches!(
+        agent.close_reason(),
+        Some(CloseReason::Protocol(_))
+    ));
 }
 
 /// Control frames are never behind data: with a full data backlog, a pong goes out first.
@@ -432,7 +457,9 @@ fn control_frames_go_before_queued_data() {
     pair.pump();
     accepted(&mut pair.agent);
     drain_reads(&mut pair.agent, id);
-    pair.agent.respond(id, ResponseHead::default(), false).unwrap();
+    pair.agent
+        .respond(id, ResponseHead::default(), false)
+        .unwrap();
     let mut body = Bytes::from(vec![0u8; 4096]);
     pair.agent.send_data(id, &mut body).unwrap();
     pair.agent
@@ -440,7 +467,10 @@ fn control_frames_go_before_queued_data() {
     let Some(Transmit::Binary(first)) = pair.agent.poll_transmit() else {
         panic!("nothing to send")
     };
-    let first = Frames::new(first, Limits::default()).next().unwrap().unwrap();
+    let first = Frames::new(first, Limits::default())
+        .next()
+        .unwrap()
+        .unwrap();
     assert_eq!(first, Frame::Pong { nonce: 9 });
 }
 
@@ -474,9 +504,19 @@ fn v1_is_one_message_per_request_and_fails_alone() {
     let agent_id = accepted(&mut pair.agent)[0];
     let reads = drain_reads(&mut pair.agent, agent_id);
     assert_eq!(reads[0], Read::Request(post));
-    assert_eq!(reads[1], Read::Data(Bytes::from_static(b"{\"kind\":\"Namespace\"}")));
+    assert_eq!(
+        reads[1],
+        Read::Data(Bytes::from_static(b"{\"kind\":\"Namespace\"}"))
+    );
     pair.agent
-        .respond(agent_id, ResponseHead { status: 201, headers: vec![] }, false)
+        .respond(
+            agent_id,
+            ResponseHead {
+                status: 201,
+                headers: vec![],
+            },
+            false,
+        )
         .unwrap();
     let mut huge = Bytes::from(vec![b'x'; 100 * 1024]);
     assert!(pair.agent.send_data(agent_id, &mut huge).is_err());
@@ -486,7 +526,8 @@ fn v1_is_one_message_per_request_and_fails_alone() {
         matches!(&reads[0], Read::Response(ResponseHead { status: 502, .. })),
         "{reads:?}"
     );
-    pair.agent.handle_text("{\"type\":\"HTTPTunnelStreamChunk\"}", pair.now);
+    pair.agent
+        .handle_text("{\"type\":\"HTTPTunnelStreamChunk\"}", pair.now);
     assert!(!pair.agent.is_closed());
     assert_eq!(pair.agent.stats().ignored, 1);
     let again = pair.gateway.open(get("/api"), true).unwrap();
@@ -494,7 +535,14 @@ fn v1_is_one_message_per_request_and_fails_alone() {
     let agent_id = accepted(&mut pair.agent)[0];
     drain_reads(&mut pair.agent, agent_id);
     pair.agent
-        .respond(agent_id, ResponseHead { status: 200, headers: vec![] }, true)
+        .respond(
+            agent_id,
+            ResponseHead {
+                status: 200,
+                headers: vec![],
+            },
+            true,
+        )
         .unwrap();
     pair.pump();
     assert!(matches!(
@@ -644,8 +692,7 @@ fn run(ops: &[Op], version: u16) -> Result<(), TestCaseError> {
         agent_app.read(&mut pair.agent, usize::MAX)?;
         // Answer every stream whose request ended: a body as long as the path says.
         for (id, app) in agent_app.streams.iter_mut() {
-            if matches!(app.ended, Some(Read::End)) && app.to_send == 0 && !app.finished_sending
-            {
+            if matches!(app.ended, Some(Read::End)) && app.to_send == 0 && !app.finished_sending {
                 app.to_send = app.expected;
                 let head = ResponseHead {
                     status: 200,
@@ -748,12 +795,21 @@ fn run(ops: &[Op], version: u16) -> Result<(), TestCaseError> {
             if stream.gone {
                 continue;
             }
-            prop_assert!(stream.ended.is_some(), "{side} stream {id} never ended: {stream:?}");
+            prop_assert!(
+                stream.ended.is_some(),
+                "{side} stream {id} never ended: {stream:?}"
+            );
             if let Some(Read::End) = stream.ended
                 && side == "gateway"
                 && stream.status == 200
             {
-                prop_assert_eq!(stream.received, stream.expected, "{} body of stream {}", side, id);
+                prop_assert_eq!(
+                    stream.received,
+                    stream.expected,
+                    "{} body of stream {}",
+                    side,
+                    id
+                );
             }
         }
         prop_assert_eq!(
