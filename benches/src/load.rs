@@ -67,7 +67,8 @@ pub struct Latency {
     pub n: usize,
     /// Requests that failed (a non-200 answer or a broken connection). A path that cannot
     /// sustain the rate sheds load (the agent answers 503 past its queue limit); those requests
-    /// are counted here and left out of the percentiles, instead of ending the run.
+    /// count in the percentiles as slower than any success (never only the survivors are
+    /// timed): with over 1 % failed, the p99 is infinite (`null` in the JSON).
     pub failed: usize,
     /// The first failure, for the report.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,16 +118,38 @@ pub async fn open_loop(
         "{url}: all {n} requests failed at {rate:.0}/s"
     );
     latencies.sort();
-    let at = |q: f64| {
-        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i].as_secs_f64() * 1e3
-    };
     Ok(Latency {
         rate,
         n,
         failed,
         first_failure,
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
+        p50_ms: percentile(&latencies, failed, 0.50),
+        p99_ms: percentile(&latencies, failed, 0.99),
     })
+}
+
+/// The `q` quantile in milliseconds of sorted successes plus `failed` requests that count as
+/// slower than every success (infinite when the quantile falls among them).
+fn percentile(sorted: &[Duration], failed: usize, q: f64) -> f64 {
+    let n = sorted.len() + failed;
+    let i = ((n as f64 * q).ceil() as usize).clamp(1, n.max(1)) - 1;
+    sorted
+        .get(i)
+        .map_or(f64::INFINITY, |latency| latency.as_secs_f64() * 1e3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Failures are slower than every success: 2 of 100 failed puts the p99 among them.
+    #[test]
+    fn failures_count_in_the_percentiles() {
+        let ms = |n: u64| Duration::from_millis(n);
+        let ok: Vec<Duration> = (1..=98).map(ms).collect();
+        assert_eq!(percentile(&ok, 2, 0.50), 50.0);
+        assert!(percentile(&ok, 2, 0.99).is_infinite());
+        let all: Vec<Duration> = (1..=100).map(ms).collect();
+        assert_eq!(percentile(&all, 0, 0.99), 99.0);
+    }
 }
