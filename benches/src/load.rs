@@ -81,12 +81,19 @@ pub struct Latency {
 
 /// Starts GETs of `url` at `rate` per second for `duration` (open loop: a slow answer does not
 /// delay the next request) and measures each one from its scheduled start, so queueing counts.
+/// At most `connections` requests are on the wire at once, as wrk2 keeps a fixed set of
+/// connections: a request scheduled while all are busy waits for one, and its wait counts in
+/// its latency. (An unbounded client turns any hiccup into hundreds of new mTLS handshakes;
+/// on a 2-core machine that storm collapses even the raw TLS relay, so it measures the
+/// machine's handshake rate, not the path.)
 pub async fn open_loop(
     client: &reqwest::Client,
     url: &str,
     rate: f64,
     duration: Duration,
+    connections: usize,
 ) -> anyhow::Result<Latency> {
+    let on_the_wire = std::sync::Arc::new(tokio::sync::Semaphore::new(connections.max(1)));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let n = ((duration.as_secs_f64() * rate) as usize).max(1);
     let started = Instant::now();
@@ -96,7 +103,9 @@ pub async fn open_loop(
         tokio::time::sleep_until(scheduled).await;
         let client = client.clone();
         let url = url.to_owned();
+        let on_the_wire = on_the_wire.clone();
         tasks.push(tokio::spawn(async move {
+            let _connection = on_the_wire.acquire_owned().await?;
             fetch(&client, &url).await?;
             anyhow::Ok(scheduled.elapsed())
         }));
@@ -104,8 +113,31 @@ pub async fn open_loop(
     let mut latencies = Vec::with_capacity(n);
     let mut failed = 0;
     let mut first_failure = None;
-    for task in tasks {
-        match task.await? {
+    // BENCH_TIMELINE=1: successes, failures and the slowest request per 250 ms of schedule, on
+    // stderr (how a collapse starts: at once, or after a spike).
+    let timeline = std::env::var_os("BENCH_TIMELINE").is_some();
+    let per_bucket = ((rate / 4.0) as usize).max(1);
+    let mut bucket = (0usize, 0usize, Duration::ZERO);
+    for (i, task) in tasks.into_iter().enumerate() {
+        if timeline && i > 0 && i % per_bucket == 0 {
+            eprintln!(
+                "t={:>5.2}s ok={} failed={} max={:?}",
+                i as f64 / rate,
+                bucket.0,
+                bucket.1,
+                bucket.2
+            );
+            bucket = (0, 0, Duration::ZERO);
+        }
+        let outcome = task.await?;
+        match &outcome {
+            Ok(latency) => {
+                bucket.0 += 1;
+                bucket.2 = bucket.2.max(*latency);
+            }
+            Err(_) => bucket.1 += 1,
+        }
+        match outcome {
             Ok(latency) => latencies.push(latency),
             Err(err) => {
                 failed += 1;

@@ -80,6 +80,7 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
     let mut report = serde_json::json!({
         "size": size,
         "peak_concurrency": 64,
+        "open_loop_connections": 64,
         "peak_rps_v2": peak,
         "rate": rate,
     });
@@ -91,7 +92,7 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
         // leaves hundreds of connections behind, which must not weigh on the next one.
         let client = pki.http_client()?;
         load::round(&client, url, 64, size).await?;
-        let latency = load::open_loop(&client, url, rate, measure_for).await?;
+        let latency = load::open_loop(&client, url, rate, measure_for, 64).await?;
         report[*name] = serde_json::to_value(latency)?;
     }
     let p99 = |name: &str| report[name]["p99_ms"].as_f64().unwrap_or(f64::NAN);

@@ -29,6 +29,8 @@ use crate::{Shared, registry::Unavailable};
 pub const MAX_REQUEST_BODY: usize = 10 * 1024 * 1024;
 /// How long a proxied request waits for the agent's response head.
 pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request waits for an agent whose every connection is draining to connect anew.
+const RECONNECT_WAIT: Duration = Duration::from_secs(5);
 /// Connections a GET or HEAD is tried on when each closes before its agent answers.
 const ATTEMPTS: usize = 3;
 
@@ -322,6 +324,11 @@ impl Failure {
                 "AgentBusy",
                 format!("the agent connection has {n} requests in flight; retry later"),
             )),
+            Failure::Open(StreamError::Head(reason)) => error(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "RequestHeadTooLarge",
+                format!("the request head cannot cross the tunnel: {reason}"),
+            ),
             Failure::Open(err) => error(
                 StatusCode::BAD_GATEWAY,
                 "AgentConnectionClosed",
@@ -364,7 +371,7 @@ async fn exchange(
     let mut upload = Some(upload);
     let mut lost_on: Option<u64> = None;
     for attempt in 1..=ATTEMPTS {
-        let conn = match shared.registry.pick(&call.plane_id, &call.cr) {
+        let conn = match pick(shared, call).await {
             Ok(conn) => conn,
             // Nothing to retry on: the caller learns the connection it was on closed.
             Err(_) if let Some(id) = lost_on => return Err(Failure::Lost(id)),
@@ -422,6 +429,24 @@ async fn exchange(
         }
     }
     Err(Failure::Lost(lost_on.unwrap_or_default()))
+}
+
+/// Picks a connection for the call. When every authorised connection is draining (their agents
+/// were told to connect anew: a reconnect, a shutdown, a renewal), waits up to
+/// [`RECONNECT_WAIT`] for a new one, so a drain costs callers a short wait, not a 503.
+async fn pick(
+    shared: &Shared,
+    call: &Call,
+) -> Result<Arc<crate::registry::Connection>, Unavailable> {
+    let deadline = tokio::time::Instant::now() + RECONNECT_WAIT;
+    loop {
+        match shared.registry.pick(&call.plane_id, &call.cr) {
+            Err(Unavailable::Draining) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Sends the body while waiting for the head: an agent may answer (an error, say) before it

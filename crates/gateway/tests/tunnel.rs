@@ -361,6 +361,10 @@ async fn proxy_validation_matches_openchoreo() {
         .await
         .unwrap();
     assert_eq!(status(big), 413);
+    // A head the tunnel cannot carry whole (a string over 64 KiB) is refused, never cut.
+    let long_query = format!("{base}/k8s/api/v1/namespaces?labelSelector={}", "a".repeat(70_000));
+    let long = env.http.get(long_query).send().await.unwrap();
+    assert_eq!(status(long), 431);
     let upgrade = env
         .http1
         .get(format!("{base}/k8s/api/v1/namespaces/x/pods/y/exec"))
