@@ -388,9 +388,16 @@ async fn exchange(
         }
         let this = upload.take().ok_or(Failure::Lost(conn.id))?;
         let again = this.again();
-        let stream = conn
-            .open(call.head.clone(), this.is_empty())
-            .map_err(Failure::Open)?;
+        let stream = match conn.open(call.head.clone(), this.is_empty()) {
+            Ok(stream) => stream,
+            // The connection started draining or closed since it was picked: nothing was sent,
+            // so any method may go to another connection.
+            Err(StreamError::Draining | StreamError::Closed(_)) if attempt < ATTEMPTS => {
+                upload = Some(this);
+                continue;
+            }
+            Err(err) => return Err(Failure::Open(err)),
+        };
         let answer =
             tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, send_and_await_head(&stream, this))
                 .await

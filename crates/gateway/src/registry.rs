@@ -144,6 +144,12 @@ impl Connection {
     pub fn close_reason(&self) -> Option<buildplane_link::CloseReason> {
         self.link.close_reason()
     }
+
+    /// Whether it ended other than by a drain (lost, refused, closed by the gateway).
+    fn is_closed_abruptly(&self) -> bool {
+        self.close_reason()
+            .is_some_and(|reason| reason != buildplane_link::CloseReason::Drained)
+    }
 }
 
 /// The leaf's DER SubjectPublicKeyInfo (the whole certificate when it does not parse, which
@@ -170,6 +176,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long after a plane's last connection ended in a drain its agents count as reconnecting.
+pub const RECONNECTING_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why no connection could serve a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unavailable {
@@ -177,8 +186,9 @@ pub enum Unavailable {
     NoAgentConnected,
     /// Connections exist, but none is authorised for the CR (403).
     NotAuthorized,
-    /// The authorised connections are all draining (their agents are reconnecting): 503 with
-    /// `Retry-After`.
+    /// The authorised connections are all draining, or the plane's last one ended in a drain
+    /// moments ago: their agents are reconnecting (503 with `Retry-After` once the proxy has
+    /// waited for them).
     Draining,
 }
 
@@ -219,6 +229,9 @@ pub struct Registry {
 #[derive(Default)]
 struct Table {
     by_plane: HashMap<String, Vec<Arc<Connection>>>,
+    /// Planes whose last connection ended in a drain, and when: their agents are reconnecting,
+    /// so for [`RECONNECTING_FOR`] a request waits for them instead of failing.
+    drained: HashMap<String, tokio::time::Instant>,
     /// Live connections per leaf public key (the per-identity cap).
     by_identity: HashMap<Vec<u8>, usize>,
 }
@@ -296,6 +309,7 @@ impl Registry {
                 !same
             });
             plane.push(conn.clone());
+            table.drained.remove(&conn.plane_id);
             for o in &old {
                 table.forget_identity(&o.public_key);
             }
@@ -307,7 +321,10 @@ impl Registry {
         };
         for old in replaced {
             self.replaced.fetch_add(1, Ordering::Relaxed);
-            old.close("replaced by a newer connection of the same agent");
+            // A drain, not a cut: the agent connects anew before its old connection finishes
+            // (a renewal, a reconnect), so requests in flight there still complete. A stale
+            // connection that never answers closes at its drain or idle timeout.
+            old.go_away("replaced by a newer connection of the same agent");
             self.emit("replaced", &old, old.crs().into_iter().collect());
         }
         let crs: Vec<CrKey> = conn.crs().into_iter().collect();
@@ -325,6 +342,11 @@ impl Registry {
                     let removed = before != plane.len();
                     if plane.is_empty() {
                         table.by_plane.remove(&conn.plane_id);
+                        if !conn.accepts_streams() && !conn.is_closed_abruptly() {
+                            table
+                                .drained
+                                .insert(conn.plane_id.clone(), tokio::time::Instant::now());
+                        }
                     }
                     removed
                 }
@@ -351,7 +373,15 @@ impl Registry {
     pub fn pick(&self, plane_id: &str, cr: &CrKey) -> Result<Arc<Connection>, Unavailable> {
         let table = self.table.read();
         let Some(plane) = table.by_plane.get(plane_id).filter(|p| !p.is_empty()) else {
-            return Err(Unavailable::NoAgentConnected);
+            let reconnecting = table
+                .drained
+                .get(plane_id)
+                .is_some_and(|at| at.elapsed() < RECONNECTING_FOR);
+            return Err(if reconnecting {
+                Unavailable::Draining
+            } else {
+                Unavailable::NoAgentConnected
+            });
         };
         let authorised: Vec<&Arc<Connection>> = plane.iter().filter(|c| c.serves(cr)).collect();
         if authorised.is_empty() {
@@ -566,8 +596,8 @@ mod tests {
         let ids: BTreeSet<u64> = registry.all().iter().map(|c| c.id).collect();
         assert_eq!(ids, BTreeSet::from([sibling.id, new.id]));
         assert!(
-            old.is_closed(),
-            "the replaced connection's requests fail at once"
+            !old.accepts_streams(),
+            "the replaced connection takes no new streams; its requests in flight finish"
         );
         assert_eq!(registry.replaced_total(), 1);
         let types: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())

@@ -58,15 +58,17 @@ impl Load {
                     while !stop.load(Ordering::SeqCst) {
                         let request = if post {
                             let name = format!("load-{:016x}", rand::random::<u64>());
-                            http.post(&url).header("content-type", "application/json").body(
-                                serde_json::json!({
-                                    "apiVersion": "v1",
-                                    "kind": "ConfigMap",
-                                    "metadata": {"name": name},
-                                    "data": {"k": "v"},
-                                })
-                                .to_string(),
-                            )
+                            http.post(&url)
+                                .header("content-type", "application/json")
+                                .body(
+                                    serde_json::json!({
+                                        "apiVersion": "v1",
+                                        "kind": "ConfigMap",
+                                        "metadata": {"name": name},
+                                        "data": {"k": "v"},
+                                    })
+                                    .to_string(),
+                                )
                         } else {
                             http.get(&url)
                         };
@@ -175,9 +177,7 @@ async fn reconnect_drains_without_failed_requests() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     for _ in 0..3 {
-        let (status, body) = env
-            .post("/api/v1/planes/buildplane/p/reconnect", "")
-            .await;
+        let (status, body) = env.post("/api/v1/planes/buildplane/p/reconnect", "").await;
         assert_eq!(status, 200, "{body}");
         env.eventually("the agent connected anew", WAIT, || async {
             let ids = connection_ids(&env).await;
@@ -188,7 +188,10 @@ async fn reconnect_drains_without_failed_requests() {
     }
     let (ok, failed, last) = load.stop().await;
     assert!(ok > 20, "requests flowed: {ok}");
-    assert_eq!(failed, 0, "no request failed across the drains; last: {last}");
+    assert_eq!(
+        failed, 0,
+        "no request failed across the drains; last: {last}"
+    );
 }
 
 /// CA rotation with the agent's real identity Secrets in the build cluster: `rotate-ca` publishes

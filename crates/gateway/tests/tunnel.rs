@@ -362,7 +362,10 @@ async fn proxy_validation_matches_openchoreo() {
         .unwrap();
     assert_eq!(status(big), 413);
     // A head the tunnel cannot carry whole (a string over 64 KiB) is refused, never cut.
-    let long_query = format!("{base}/k8s/api/v1/namespaces?labelSelector={}", "a".repeat(70_000));
+    let long_query = format!(
+        "{base}/k8s/api/v1/namespaces?labelSelector={}",
+        "a".repeat(70_000)
+    );
     let long = env.http.get(long_query).send().await.unwrap();
     assert_eq!(status(long), 431);
     let upgrade = env

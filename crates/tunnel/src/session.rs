@@ -1072,7 +1072,11 @@ impl Session {
             );
             return true;
         }
-        if let Some(reason) = self.go_away_due.take() {
+        // `GoAway` follows every head already queued: the peer learns of each stream opened
+        // before the drain before it learns of the drain (else it could close first).
+        let heads_queued =
+            self.go_away_due.is_some() && self.streams.values().any(|s| s.head_out.is_some());
+        if !heads_queued && let Some(reason) = self.go_away_due.take() {
             self.go_away_sent = Some(self.now);
             encode(&Frame::GoAway { reason }, out);
             self.maybe_drained();

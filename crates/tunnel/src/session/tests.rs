@@ -347,6 +347,35 @@ fn go_away_drains_in_flight_streams_then_closes() {
     assert_eq!(pair.gateway.close_reason(), Some(&CloseReason::Drained));
 }
 
+/// A drain started right after a stream was opened (its head still queued): the peer learns of
+/// the stream before the drain, answers it, and only then do both sides close. (Failed when
+/// `GoAway`, as a control frame, overtook the queued head: the agent closed at once and the
+/// request was lost.)
+#[test]
+fn go_away_never_overtakes_a_queued_head() {
+    let mut pair = Pair::new(version::V2);
+    pair.pump();
+    let id = pair.gateway.open(get("/just-opened"), true).unwrap();
+    pair.gateway.go_away("reconnect requested");
+    pair.pump();
+    let agent_id = accepted(&mut pair.agent)
+        .first()
+        .copied()
+        .expect("the agent got the stream");
+    drain_reads(&mut pair.agent, agent_id);
+    pair.agent
+        .respond(agent_id, ResponseHead::default(), true)
+        .unwrap();
+    pair.pump();
+    let reads = drain_reads(&mut pair.gateway, id);
+    assert!(
+        matches!(reads.as_slice(), [Read::Response(_), Read::End]),
+        "{reads:?}"
+    );
+    pair.pump();
+    assert_eq!(pair.gateway.close_reason(), Some(&CloseReason::Drained));
+}
+
 /// A drain that does not finish in time closes with the streams told `Lost`.
 #[test]
 fn a_drain_past_its_deadline_closes_and_loses_the_rest() {
