@@ -353,6 +353,16 @@ async fn proxy_validation_matches_openchoreo() {
         .get("/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces/a..b/pods")
         .await;
     assert_eq!(code, 400);
+    // A head the tunnel cannot carry whole (a string over 64 KiB) is refused, never cut.
+    // (HTTP/1.1: HTTP/2 callers are held to 16 KiB of headers before they reach the proxy.)
+    let long = env
+        .http1
+        .get(format!("{base}/k8s/api/v1/namespaces"))
+        .header("x-annotation", "a".repeat(70_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(long), 431);
     let big = env
         .http
         .post(format!("{base}/k8s/api/v1/namespaces"))
@@ -361,13 +371,6 @@ async fn proxy_validation_matches_openchoreo() {
         .await
         .unwrap();
     assert_eq!(status(big), 413);
-    // A head the tunnel cannot carry whole (a string over 64 KiB) is refused, never cut.
-    let long_query = format!(
-        "{base}/k8s/api/v1/namespaces?labelSelector={}",
-        "a".repeat(70_000)
-    );
-    let long = env.http.get(long_query).send().await.unwrap();
-    assert_eq!(status(long), 431);
     let upgrade = env
         .http1
         .get(format!("{base}/k8s/api/v1/namespaces/x/pods/y/exec"))
