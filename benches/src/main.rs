@@ -7,6 +7,7 @@
 //!   idle agent, and with `--storm` the gateway killed (SIGKILL) and restarted: time until every
 //!   agent is back, admission rate and reconnect delay percentiles.
 
+mod cpu;
 mod fleet;
 
 use std::time::Duration;
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Gateway memory per idle agent, optionally a restart storm.
     Fleet(fleet::FleetFlags),
+    /// CPU of gateway and agent per 1,000 proxied responses, v1 against v2.
+    Cpu(cpu::CpuFlags),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             only,
         } => rt.block_on(latency(quick, fraction, &only))?,
         Command::Fleet(flags) => rt.block_on(fleet::run(flags))?,
+        Command::Cpu(flags) => rt.block_on(cpu::run(flags))?,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
