@@ -50,7 +50,7 @@ fn v2_response(size: usize) -> Vec<Frame> {
     if size > 0 {
         frames.push(Frame::Data {
             stream: 1,
-            chunk: vec![b'x'; size],
+            chunk: vec![b'x'; size].into(),
         });
         frames.push(Frame::End { stream: 1 });
     }
@@ -58,7 +58,7 @@ fn v2_response(size: usize) -> Vec<Frame> {
 }
 
 fn codec(c: &mut Criterion) {
-    let limits = Limits { max_frame: 2 * MIB };
+    let limits = Limits::with_max_frame(2 * MIB);
     let mut group = c.benchmark_group("codec");
     if buildplane_benches::quick() {
         // The CI smoke runs unoptimised, where a 1 MiB v1 message takes milliseconds: a fixed

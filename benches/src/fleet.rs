@@ -46,14 +46,14 @@ pub(crate) struct FleetFlags {
 
 const NAMESPACE: &str = "fleet";
 
-struct Ports {
-    agent: u16,
-    internal: u16,
-    health: u16,
+pub(crate) struct Ports {
+    pub(crate) agent: u16,
+    pub(crate) internal: u16,
+    pub(crate) health: u16,
 }
 
 /// Child processes, killed when dropped.
-struct Children(Vec<Child>);
+pub(crate) struct Children(pub(crate) Vec<Child>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -64,13 +64,13 @@ impl Drop for Children {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
+pub(crate) fn log_file(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
     Ok(std::fs::File::create(dir.join(format!("{name}.log")))?.into())
 }
 
@@ -84,7 +84,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS in /proc/PID/status")
 }
 
-fn signal(pids: &[u32], sig: &str) -> anyhow::Result<()> {
+pub(crate) fn signal(pids: &[u32], sig: &str) -> anyhow::Result<()> {
     for pid in pids {
         let status = Command::new("kill")
             .args([format!("-{sig}"), pid.to_string()])
@@ -96,7 +96,7 @@ fn signal(pids: &[u32], sig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_gateway(
+pub(crate) fn spawn_gateway(
     bin_dir: &Path,
     dir: &Path,
     files: &fixture::PkiFiles,
@@ -125,7 +125,7 @@ fn spawn_gateway(
         .context("starting cluster-gateway (build it with cargo build -p cluster-gateway)")
 }
 
-async fn wait_ready(ports: &Ports, within: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(ports: &Ports, within: Duration) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{}/readyz", ports.health);
     let deadline = Instant::now() + within;

@@ -67,7 +67,8 @@ pub struct Latency {
     pub n: usize,
     /// Requests that failed (a non-200 answer or a broken connection). A path that cannot
     /// sustain the rate sheds load (the agent answers 503 past its queue limit); those requests
-    /// are counted here and left out of the percentiles, instead of ending the run.
+    /// count in the percentiles as slower than any success (never only the survivors are
+    /// timed): with over 1 % failed, the p99 is infinite (`null` in the JSON).
     pub failed: usize,
     /// The first failure, for the report.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -80,12 +81,19 @@ pub struct Latency {
 
 /// Starts GETs of `url` at `rate` per second for `duration` (open loop: a slow answer does not
 /// delay the next request) and measures each one from its scheduled start, so queueing counts.
+/// At most `connections` requests are on the wire at once, as wrk2 keeps a fixed set of
+/// connections: a request scheduled while all are busy waits for one, and its wait counts in
+/// its latency. (An unbounded client turns any hiccup into hundreds of new mTLS handshakes;
+/// on a 2-core machine that storm collapses even the raw TLS relay, so it measures the
+/// machine's handshake rate, not the path.)
 pub async fn open_loop(
     client: &reqwest::Client,
     url: &str,
     rate: f64,
     duration: Duration,
+    connections: usize,
 ) -> anyhow::Result<Latency> {
+    let on_the_wire = std::sync::Arc::new(tokio::sync::Semaphore::new(connections.max(1)));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let n = ((duration.as_secs_f64() * rate) as usize).max(1);
     let started = Instant::now();
@@ -95,7 +103,9 @@ pub async fn open_loop(
         tokio::time::sleep_until(scheduled).await;
         let client = client.clone();
         let url = url.to_owned();
+        let on_the_wire = on_the_wire.clone();
         tasks.push(tokio::spawn(async move {
+            let _connection = on_the_wire.acquire_owned().await?;
             fetch(&client, &url).await?;
             anyhow::Ok(scheduled.elapsed())
         }));
@@ -103,8 +113,31 @@ pub async fn open_loop(
     let mut latencies = Vec::with_capacity(n);
     let mut failed = 0;
     let mut first_failure = None;
-    for task in tasks {
-        match task.await? {
+    // BENCH_TIMELINE=1: successes, failures and the slowest request per 250 ms of schedule, on
+    // stderr (how a collapse starts: at once, or after a spike).
+    let timeline = std::env::var_os("BENCH_TIMELINE").is_some();
+    let per_bucket = ((rate / 4.0) as usize).max(1);
+    let mut bucket = (0usize, 0usize, Duration::ZERO);
+    for (i, task) in tasks.into_iter().enumerate() {
+        if timeline && i > 0 && i % per_bucket == 0 {
+            eprintln!(
+                "t={:>5.2}s ok={} failed={} max={:?}",
+                i as f64 / rate,
+                bucket.0,
+                bucket.1,
+                bucket.2
+            );
+            bucket = (0, 0, Duration::ZERO);
+        }
+        let outcome = task.await?;
+        match &outcome {
+            Ok(latency) => {
+                bucket.0 += 1;
+                bucket.2 = bucket.2.max(*latency);
+            }
+            Err(_) => bucket.1 += 1,
+        }
+        match outcome {
             Ok(latency) => latencies.push(latency),
             Err(err) => {
                 failed += 1;
@@ -117,16 +150,38 @@ pub async fn open_loop(
         "{url}: all {n} requests failed at {rate:.0}/s"
     );
     latencies.sort();
-    let at = |q: f64| {
-        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i].as_secs_f64() * 1e3
-    };
     Ok(Latency {
         rate,
         n,
         failed,
         first_failure,
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
+        p50_ms: percentile(&latencies, failed, 0.50),
+        p99_ms: percentile(&latencies, failed, 0.99),
     })
+}
+
+/// The `q` quantile in milliseconds of sorted successes plus `failed` requests that count as
+/// slower than every success (infinite when the quantile falls among them).
+fn percentile(sorted: &[Duration], failed: usize, q: f64) -> f64 {
+    let n = sorted.len() + failed;
+    let i = ((n as f64 * q).ceil() as usize).clamp(1, n.max(1)) - 1;
+    sorted
+        .get(i)
+        .map_or(f64::INFINITY, |latency| latency.as_secs_f64() * 1e3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Failures are slower than every success: 2 of 100 failed puts the p99 among them.
+    #[test]
+    fn failures_count_in_the_percentiles() {
+        let ms = |n: u64| Duration::from_millis(n);
+        let ok: Vec<Duration> = (1..=98).map(ms).collect();
+        assert_eq!(percentile(&ok, 2, 0.50), 50.0);
+        assert!(percentile(&ok, 2, 0.99).is_infinite());
+        let all: Vec<Duration> = (1..=100).map(ms).collect();
+        assert_eq!(percentile(&all, 0, 0.99), 99.0);
+    }
 }

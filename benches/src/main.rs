@@ -7,6 +7,7 @@
 //!   idle agent, and with `--storm` the gateway killed (SIGKILL) and restarted: time until every
 //!   agent is back, admission rate and reconnect delay percentiles.
 
+mod cpu;
 mod fleet;
 
 use std::time::Duration;
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Gateway memory per idle agent, optionally a restart storm.
     Fleet(fleet::FleetFlags),
+    /// CPU of gateway and agent per 1,000 proxied responses, v1 against v2.
+    Cpu(cpu::CpuFlags),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             only,
         } => rt.block_on(latency(quick, fraction, &only))?,
         Command::Fleet(flags) => rt.block_on(fleet::run(flags))?,
+        Command::Cpu(flags) => rt.block_on(cpu::run(flags))?,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -80,6 +84,7 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
     let mut report = serde_json::json!({
         "size": size,
         "peak_concurrency": 64,
+        "open_loop_connections": 64,
         "peak_rps_v2": peak,
         "rate": rate,
     });
@@ -91,7 +96,7 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
         // leaves hundreds of connections behind, which must not weigh on the next one.
         let client = pki.http_client()?;
         load::round(&client, url, 64, size).await?;
-        let latency = load::open_loop(&client, url, rate, measure_for).await?;
+        let latency = load::open_loop(&client, url, rate, measure_for, 64).await?;
         report[*name] = serde_json::to_value(latency)?;
     }
     let p99 = |name: &str| report[name]["p99_ms"].as_f64().unwrap_or(f64::NAN);

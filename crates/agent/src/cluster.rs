@@ -11,16 +11,26 @@
 //! refused, as [`Client`] itself refuses it in this build (kube-rs without `http-proxy`).
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, combinators::UnsyncBoxBody};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
 use kube::Client;
-use kube::client::{Body, ConfigExt as _};
+use kube::client::ConfigExt as _;
 use tower::{BoxError, ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
 
 /// A response body from the build cluster.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+/// A request body for the build cluster: streamed (a proxied body read under the tunnel's
+/// credits) or whole.
+pub type RequestBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A whole request body.
+pub fn whole(bytes: Bytes) -> RequestBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 type RequestService =
-    BoxCloneSyncService<http::Request<Body>, http::Response<ResponseBody>, BoxError>;
+    BoxCloneSyncService<http::Request<RequestBody>, http::Response<ResponseBody>, BoxError>;
 
 /// The build cluster's API server.
 #[derive(Clone)]
@@ -44,7 +54,7 @@ impl BuildCluster {
     /// Sends one request (its URI is a path and query; the base URI and credentials are added).
     pub async fn send(
         &self,
-        request: http::Request<Body>,
+        request: http::Request<RequestBody>,
     ) -> Result<http::Response<ResponseBody>, BoxError> {
         self.requests.clone().oneshot(request).await
     }
@@ -61,7 +71,7 @@ fn request_service(config: &kube::Config) -> Result<RequestService, kube::Error>
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
     connector.set_reset_reader_on_write(config.reset_reader_on_write);
-    let client: hyper_util::client::legacy::Client<_, Body> =
+    let client: hyper_util::client::legacy::Client<_, RequestBody> =
         hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new())
             .build(connector);
     let service = ServiceBuilder::new()
@@ -82,7 +92,7 @@ mod tests {
     use kube_sim::{Config, Server};
 
     async fn get(cluster: &BuildCluster, path: &str) -> (u16, serde_json::Value) {
-        let request = http::Request::get(path).body(Body::empty()).unwrap();
+        let request = http::Request::get(path).body(whole(Bytes::new())).unwrap();
         let response = cluster.send(request).await.expect("response");
         let status = response.status().as_u16();
         let body = response
@@ -140,7 +150,9 @@ mod tests {
         buildplane_pki::install_crypto_provider();
         let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
         let cluster = BuildCluster::from_config(config).unwrap();
-        let request = http::Request::get("/api").body(Body::empty()).unwrap();
+        let request = http::Request::get("/api")
+            .body(whole(Bytes::new()))
+            .unwrap();
         assert!(cluster.send(request).await.is_err());
     }
 }

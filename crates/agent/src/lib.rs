@@ -32,7 +32,7 @@ use tracing::{error, info, warn};
 pub use crate::cluster::BuildCluster;
 use crate::{
     backoff::Backoff,
-    session::{Ended, connect},
+    session::{Ended, SessionHandle, connect},
 };
 
 /// Agent settings.
@@ -170,31 +170,38 @@ impl Agent {
                 Err(ended) => self.delay_after(&mut backoff, ended),
                 Ok(session) => {
                     let mut current = session.spawn(self.clone());
+                    // Whether the current connection's drain (the gateway's GoAway) was handled.
+                    let mut handed_over = false;
                     let ended = loop {
                         tokio::select! {
+                            biased;
                             ended = current.wait() => break ended,
-                            () = self.renewed.notified() => {
-                                // New before old: the old connection only drains once the
-                                // renewed one is up, so requests keep flowing.
-                                match connect(&self).await {
-                                    Ok(next) => {
-                                        info!(plane_id = %self.config.plane_id, "connected with the renewed certificate; draining the old connection");
-                                        let old = std::mem::replace(&mut current, next.spawn(self.clone()));
-                                        tokio::spawn(old.drain());
-                                    }
-                                    Err(ended) => {
-                                        warn!(plane_id = %self.config.plane_id, ?ended, "the renewed certificate could not connect yet; keeping the current connection");
-                                        let agent = self.clone();
-                                        tokio::spawn(async move {
-                                            tokio::time::sleep(Duration::from_secs(5)).await;
-                                            agent.renewed.notify_one();
-                                        });
-                                    }
-                                }
-                            }
                             () = shutdown.cancelled() => {
                                 current.drain().await;
                                 return;
+                            }
+                            () = current.going_away(), if !handed_over => {
+                                // The gateway drains this connection (it is shutting down, or
+                                // rebalancing): connect anew first, then let the old one finish
+                                // its requests. When no gateway takes a new connection yet, the
+                                // old one drains and the backoff takes over.
+                                handed_over = true;
+                                if current.is_draining() && self.hand_over(&mut current, "the gateway is draining the connection").await {
+                                    handed_over = false;
+                                }
+                            }
+                            () = self.renewed.notified() => {
+                                // New before old: the old connection only drains once the
+                                // renewed one is up, so requests keep flowing.
+                                if self.hand_over(&mut current, "connected with the renewed certificate").await {
+                                    handed_over = false;
+                                } else {
+                                    let agent = self.clone();
+                                    tokio::spawn(async move {
+                                        tokio::time::sleep(Duration::from_secs(5)).await;
+                                        agent.renewed.notify_one();
+                                    });
+                                }
                             }
                         }
                     };
@@ -209,6 +216,23 @@ impl Agent {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Connects anew and, once connected, swaps the new connection in and drains the old one
+    /// on its own task. False when the new connection could not be made (the old one stays).
+    async fn hand_over(self: &Arc<Self>, current: &mut SessionHandle, why: &str) -> bool {
+        match connect(self).await {
+            Ok(next) => {
+                info!(plane_id = %self.config.plane_id, "{why}; connected anew, draining the old connection");
+                let old = std::mem::replace(current, next.spawn(self.clone()));
+                tokio::spawn(old.drain());
+                true
+            }
+            Err(ended) => {
+                warn!(plane_id = %self.config.plane_id, ?ended, "{why}; a new connection could not be made yet, keeping the current one");
+                false
             }
         }
     }

@@ -2,39 +2,31 @@
 //! with subprotocol negotiation), then serve requests until the connection ends or is drained.
 
 use std::{
-    collections::{BTreeMap, HashMap},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use buildplane_tunnel::{
-    MAX_MESSAGE, SUBPROTOCOL_V1, SUBPROTOCOL_V2,
-    flow::SendWindow,
-    v1,
-    v2::{self, Frame, Limits},
+use buildplane_link::{
+    Config as SessionConfig, Link, Moment, Read, RequestHead, ResponseHead, Role, Session,
+    StreamHandle,
 };
+use buildplane_tunnel::{SUBPROTOCOL_V1, SUBPROTOCOL_V2};
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
-use http_body_util::BodyExt;
-use parking_lot::Mutex;
-use tokio::{
-    sync::{Notify, mpsc},
-    task::JoinHandle,
+use futures::TryStreamExt as _;
+use http_body_util::BodyExt as _;
+use hyper::body::Body as _;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue};
+use tracing::{debug, info};
+
+use crate::{
+    Agent,
+    cluster::{RequestBody, whole},
 };
-use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http::HeaderValue};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
-use crate::Agent;
-
-/// Largest body chunk sent in one `Data` frame.
-const CHUNK: usize = 64 * 1024;
-/// WebSocket read buffer. tungstenite zero-fills the whole buffer before every read, so its
-/// default (128 KiB) is resident memory per connection; one TLS record (16 KiB) is enough.
-const READ_BUFFER: usize = 16 * 1024;
-/// Bytes of queued messages written before one flush.
-const MAX_BATCH: usize = 256 * 1024;
-/// How long a drained connection waits for its in-flight requests.
+/// A response body up to this size, when its size is known, leaves with its head.
+const SMALL_BODY: usize = 64 * 1024;
+/// How long a draining connection waits for its in-flight requests.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 /// Why a connection attempt or session ended.
@@ -68,45 +60,76 @@ pub(crate) struct Connected {
     version: u16,
 }
 
-/// A serving session.
+/// A serving connection: its tunnel [`Link`], whose acceptor runs each request on its own task.
 pub(crate) struct SessionHandle {
-    handle: Option<JoinHandle<Ended>>,
-    drain: CancellationToken,
+    link: Arc<Link>,
+    agent: Arc<Agent>,
+    started: Instant,
 }
 
 impl SessionHandle {
-    /// Waits for the session to end.
-    pub(crate) async fn wait(&mut self) -> Ended {
-        match self.handle.as_mut() {
-            Some(handle) => {
-                let ended = handle.await.unwrap_or_else(|err| Ended::Closed {
-                    lived: Duration::ZERO,
-                    reason: format!("session task failed: {err}"),
-                });
-                self.handle = None;
-                ended
-            }
-            None => std::future::pending().await,
+    /// Waits for the connection to end.
+    pub(crate) async fn wait(&self) -> Ended {
+        self.link.finished().await;
+        Ended::Closed {
+            lived: self.started.elapsed(),
+            reason: self
+                .link
+                .close_reason()
+                .map_or_else(|| "closed".to_owned(), |r| r.to_string()),
         }
     }
 
+    /// Resolves when the gateway asks this connection to drain (`GoAway`), or it ends.
+    pub(crate) async fn going_away(&self) {
+        self.link.going_away().await
+    }
+
+    /// Whether the gateway asked this connection to drain.
+    pub(crate) fn is_draining(&self) -> bool {
+        !self.link.accepts_streams()
+    }
+
     /// Stops taking new requests (`GoAway`), lets in-flight ones finish, then closes.
-    pub(crate) async fn drain(mut self) {
-        self.drain.cancel();
-        if let Some(handle) = self.handle.take() {
-            let _ = tokio::time::timeout(DRAIN_GRACE + Duration::from_secs(5), handle).await;
-        }
+    pub(crate) async fn drain(self) {
+        self.link.go_away("the agent is draining this connection");
+        let _ =
+            tokio::time::timeout(DRAIN_GRACE + Duration::from_secs(5), self.link.finished()).await;
+    }
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        self.link.close("the agent dropped the connection");
+        self.agent.connected.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Connected {
-    /// Serves the connection on its own task.
+    /// Serves the connection: the session runs on the link's tasks, each request on its own.
     pub(crate) fn spawn(self, agent: Arc<Agent>) -> SessionHandle {
-        let drain = CancellationToken::new();
-        let handle = tokio::spawn(serve(agent, self.ws, self.version, drain.clone()));
+        agent.connected.fetch_add(1, Ordering::SeqCst);
+        let n = agent.config.max_concurrent_requests.max(1);
+        let config = SessionConfig {
+            plane_id: agent.config.plane_id.clone(),
+            heartbeat_interval: agent.config.ping_interval,
+            idle_timeout: agent.config.read_deadline,
+            drain_timeout: DRAIN_GRACE,
+            // Beyond what the agent runs and queues (see `admit`), so the agent's own 503
+            // answers first; the session's limit bounds what a gateway can make it hold.
+            max_streams: n * 6 + 16,
+            ..SessionConfig::new(Role::Agent, self.version)
+        };
+        let session = Session::new(config, Moment::default());
+        let for_streams = agent.clone();
+        let acceptor: buildplane_link::Acceptor = Box::new(move |stream| {
+            tokio::spawn(serve_stream(for_streams.clone(), stream));
+        });
+        let link = Link::spawn(self.ws, session, Some(acceptor));
         SessionHandle {
-            handle: Some(handle),
-            drain,
+            link,
+            agent,
+            started: Instant::now(),
         }
     }
 }
@@ -169,10 +192,7 @@ pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
         Ok(Err(err)) => return Err(Ended::closed(format!("TLS: {err}"))),
         Err(_) => return Err(Ended::closed("TLS handshake timed out")),
     };
-    let config_ws = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE));
+    let config_ws = buildplane_link::websocket_config();
     let upgrade = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::client_async_with_config(request, tls, Some(config_ws)),
@@ -224,191 +244,6 @@ fn encode_query(value: &str) -> String {
         .collect()
 }
 
-/// The send window of one response stream, shared by the reader (grants) and the task that
-/// streams the body (spends).
-#[derive(Default)]
-struct StreamWindow {
-    window: Mutex<SendWindow>,
-    granted: Notify,
-}
-
-struct Running {
-    task: JoinHandle<()>,
-    window: Arc<StreamWindow>,
-}
-
-async fn serve(agent: Arc<Agent>, ws: Ws, version: u16, drain: CancellationToken) -> Ended {
-    let started = tokio::time::Instant::now();
-    agent.connected.fetch_add(1, Ordering::SeqCst);
-    let (mut sink, mut stream) = ws.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
-    let writer = tokio::spawn(async move {
-        // Everything already queued goes out in one flush: under load many small frames share
-        // TLS records and syscalls instead of paying for one each.
-        'write: while let Some(mut message) = out_rx.recv().await {
-            let mut batched = 0;
-            loop {
-                let close = matches!(message, Message::Close(_));
-                batched += message.len();
-                if sink.feed(message).await.is_err() || close {
-                    let _ = sink.flush().await;
-                    break 'write;
-                }
-                if batched >= MAX_BATCH {
-                    break;
-                }
-                match out_rx.try_recv() {
-                    Ok(next) => message = next,
-                    Err(_) => break,
-                }
-            }
-            if sink.flush().await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
-    if version >= 2 {
-        let hello = Frame::Hello {
-            version: 2,
-            plane_id: agent.config.plane_id.clone(),
-        };
-        let _ = out_tx.send(binary(&hello)).await;
-    }
-    let mut bodies: HashMap<u32, (Frame, Vec<u8>)> = HashMap::new();
-    let mut running: HashMap<u32, Running> = HashMap::new();
-    let mut v1_tasks: Vec<JoinHandle<()>> = Vec::new();
-    let mut ping = tokio::time::interval(agent.config.ping_interval);
-    ping.tick().await;
-    let mut last_heard = tokio::time::Instant::now();
-    let mut nonce = 0u64;
-    let mut draining_since: Option<tokio::time::Instant> = None;
-    let mut drain_check = tokio::time::interval(Duration::from_millis(100));
-    let ended = loop {
-        tokio::select! {
-            () = drain.cancelled(), if draining_since.is_none() => {
-                draining_since = Some(tokio::time::Instant::now());
-                if version >= 2 {
-                    let _ = out_tx.send(binary(&Frame::GoAway { reason: "agent draining".into() })).await;
-                }
-            }
-            _ = drain_check.tick(), if draining_since.is_some() => {
-                running.retain(|_, r| !r.task.is_finished());
-                v1_tasks.retain(|t| !t.is_finished());
-                let since = draining_since.map(|t| t.elapsed()).unwrap_or_default();
-                // Wait a moment for requests already on the wire, then for the in-flight ones.
-                let idle = running.is_empty() && v1_tasks.is_empty() && bodies.is_empty();
-                if (idle && since >= Duration::from_millis(500)) || since >= DRAIN_GRACE {
-                    let _ = out_tx.send(Message::Close(None)).await;
-                    break Ended::Closed { lived: started.elapsed(), reason: "drained".into() };
-                }
-            }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > agent.config.read_deadline {
-                    break Ended::Closed { lived: started.elapsed(), reason: "gateway silent past the read deadline".into() };
-                }
-                nonce += 1;
-                let message = if version >= 2 { binary(&Frame::Ping { nonce }) } else { Message::Ping(Bytes::new()) };
-                let _ = out_tx.try_send(message);
-            }
-            message = stream.next() => {
-                let message = match message {
-                    Some(Ok(message)) => message,
-                    Some(Err(err)) => break Ended::Closed { lived: started.elapsed(), reason: err.to_string() },
-                    None => break Ended::Closed { lived: started.elapsed(), reason: "closed by the gateway".into() },
-                };
-                last_heard = tokio::time::Instant::now();
-                match message {
-                    Message::Binary(bytes) => {
-                        let frame = match v2::decode(&bytes, Limits { max_frame: MAX_MESSAGE }) {
-                            Ok(frame) => frame,
-                            Err(err) => break Ended::Closed { lived: started.elapsed(), reason: format!("malformed frame: {err}") },
-                        };
-                        match frame {
-                            Frame::RequestHead { stream, end_stream: true, .. } => {
-                                running.retain(|_, r| !r.task.is_finished());
-                                start_v2(&agent, &mut running, stream, frame, Vec::new(), &out_tx);
-                            }
-                            Frame::RequestHead { stream, .. } => {
-                                bodies.insert(stream, (frame, Vec::new()));
-                            }
-                            Frame::Data { stream, chunk } => {
-                                if let Some((_, body)) = bodies.get_mut(&stream) {
-                                    if body.len() + chunk.len() > MAX_MESSAGE {
-                                        bodies.remove(&stream);
-                                        let _ = out_tx.try_send(binary(&Frame::Reset { stream, code: 413, reason: "request body too large".into() }));
-                                    } else {
-                                        body.extend_from_slice(&chunk);
-                                    }
-                                }
-                            }
-                            Frame::End { stream } => {
-                                if let Some((head, body)) = bodies.remove(&stream) {
-                                    running.retain(|_, r| !r.task.is_finished());
-                                    start_v2(&agent, &mut running, stream, head, body, &out_tx);
-                                }
-                            }
-                            Frame::Reset { stream, .. } => {
-                                bodies.remove(&stream);
-                                if let Some(r) = running.remove(&stream) {
-                                    r.task.abort();
-                                }
-                            }
-                            Frame::WindowUpdate { stream, credits } => {
-                                if let Some(r) = running.get(&stream) {
-                                    r.window.window.lock().grant(credits);
-                                    r.window.granted.notify_one();
-                                }
-                            }
-                            Frame::Ping { nonce } => {
-                                let _ = out_tx.try_send(binary(&Frame::Pong { nonce }));
-                            }
-                            Frame::GoAway { reason } => {
-                                break Ended::Closed { lived: started.elapsed(), reason: format!("gateway going away: {reason}") };
-                            }
-                            _ => {}
-                        }
-                    }
-                    Message::Text(text) => match v1::decode(&text, MAX_MESSAGE) {
-                        Ok(v1::Message::Request(request)) => {
-                            v1_tasks.retain(|t| !t.is_finished());
-                            let (agent, out) = (agent.clone(), out_tx.clone());
-                            v1_tasks.push(tokio::spawn(async move {
-                                let response = match admit(&agent, false) {
-                                    Some(slot) => {
-                                        let _permit = slot.acquire().await;
-                                        execute_v1(&agent, request).await
-                                    }
-                                    None => busy_v1(&request.request_id),
-                                };
-                                let _ = out.send(Message::Text(v1::encode(&v1::Message::Response(response)).into())).await;
-                            }));
-                        }
-                        Ok(_) => {}
-                        Err(err) => break Ended::Closed { lived: started.elapsed(), reason: format!("malformed message: {err}") },
-                    },
-                    Message::Close(frame) => break Ended::Closed {
-                        lived: started.elapsed(),
-                        reason: format!("closed by the gateway: {}", frame.map(|f| f.reason.to_string()).unwrap_or_default()),
-                    },
-                    _ => {}
-                }
-            }
-        }
-    };
-    agent.connected.fetch_sub(1, Ordering::SeqCst);
-    for (_, r) in running {
-        r.task.abort();
-    }
-    for task in v1_tasks {
-        task.abort();
-    }
-    // Let the writer flush a Close; it ends once every sender is gone.
-    drop(out_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    ended
-}
-
 /// The body of the 404 for a target this agent does not serve (OpenChoreo's agent routes `k8s`
 /// only).
 fn unknown_target(target: &str) -> Vec<u8> {
@@ -418,10 +253,6 @@ fn unknown_target(target: &str) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
-}
-
-fn binary(frame: &Frame) -> Message {
-    Message::Binary(Bytes::from(v2::to_vec(frame)))
 }
 
 /// A slot in the bounded queue in front of the concurrency limit.
@@ -458,41 +289,6 @@ fn admit(agent: &Agent, streaming: bool) -> Option<Slot<'_>> {
     Some(Slot { agent, streaming })
 }
 
-fn busy_v1(request_id: &str) -> v1::HttpTunnelResponse {
-    v1::HttpTunnelResponse {
-        request_id: request_id.to_owned(),
-        status_code: 503,
-        headers: None,
-        body: None,
-        error: Some(v1::TunnelError {
-            code: Some(503),
-            message: "the agent is at its request limit; retry later".into(),
-            details: None,
-        }),
-    }
-}
-
-fn start_v2(
-    agent: &Arc<Agent>,
-    running: &mut HashMap<u32, Running>,
-    stream: u32,
-    head: Frame,
-    body: Vec<u8>,
-    out: &mpsc::Sender<Message>,
-) {
-    let window = Arc::new(StreamWindow::default());
-    let task = tokio::spawn(run_v2(
-        agent.clone(),
-        head,
-        body,
-        out.clone(),
-        window.clone(),
-    ));
-    if let Some(old) = running.insert(stream, Running { task, window }) {
-        old.task.abort();
-    }
-}
-
 /// Watches and log follows hold their slot for long; they get their own limit so they never
 /// starve ordinary requests.
 fn is_streaming(query: &str) -> bool {
@@ -509,8 +305,8 @@ fn build_request(
     path: &str,
     query: &str,
     headers: impl Iterator<Item = (String, String)>,
-    body: Vec<u8>,
-) -> anyhow::Result<http::Request<kube::client::Body>> {
+    body: RequestBody,
+) -> anyhow::Result<http::Request<RequestBody>> {
     let uri = if query.is_empty() {
         path.to_owned()
     } else {
@@ -536,213 +332,160 @@ fn build_request(
         }
         builder = builder.header(name, value);
     }
-    Ok(builder.body(kube::client::Body::from(body))?)
+    Ok(builder.body(body)?)
 }
 
-async fn run_v2(
-    agent: Arc<Agent>,
-    head: Frame,
-    body: Vec<u8>,
-    out: mpsc::Sender<Message>,
-    window: Arc<StreamWindow>,
-) {
-    let Frame::RequestHead {
-        stream,
-        method,
-        target,
-        path,
-        query,
-        headers,
-        ..
-    } = head
-    else {
-        return;
+/// One request: admission, the build cluster's API server, the answer. The request body streams
+/// from the tunnel into the API server under the stream's credits; the response body streams
+/// back as the API server sends it. A gateway that resets the stream (its caller went away)
+/// ends the request here too: a watch stops on the build cluster.
+async fn serve_stream(agent: Arc<Agent>, stream: StreamHandle) {
+    let head = match stream.read().await {
+        Read::Request(head) => head,
+        other => {
+            debug!(?other, "a stream without a request head");
+            return;
+        }
     };
-    let send = |frame: Frame| {
-        let out = out.clone();
-        async move { out.send(binary(&frame)).await.is_ok() }
-    };
-    if target != "k8s" {
-        let body = unknown_target(&target);
-        if send(Frame::ResponseHead {
-            stream,
+    if head.target != "k8s" {
+        let answer = ResponseHead {
             status: 404,
             headers: vec![("content-type".into(), "application/json".into())],
-            end_stream: false,
-        })
-        .await
-        {
-            send(Frame::Data {
-                stream,
-                chunk: body,
-            })
-            .await;
-            send(Frame::End { stream }).await;
-        }
+        };
+        let _ = stream.respond_with(answer, Bytes::from(unknown_target(&head.target)), true);
         return;
     }
-    let Some(slot) = admit(&agent, is_streaming(&query)) else {
-        send(Frame::Reset {
-            stream,
-            code: 503,
-            reason: "the agent is at its request limit; retry later".into(),
-        })
-        .await;
+    let Some(slot) = admit(&agent, is_streaming(&head.query)) else {
+        stream.reset(503, "the agent is at its request limit; retry later");
         return;
     };
     let Some(_permit) = slot.acquire().await else {
         return;
     };
     agent.requests.fetch_add(1, Ordering::Relaxed);
+    let body = if stream.at_end() {
+        whole(Bytes::new())
+    } else {
+        request_body(&stream)
+    };
+    let RequestHead {
+        method,
+        path,
+        query,
+        headers,
+        ..
+    } = head;
     let request = match build_request(&method, &path, &query, headers.into_iter(), body) {
         Ok(request) => request,
         Err(err) => {
-            send(Frame::Reset {
-                stream,
-                code: 400,
-                reason: format!("invalid request: {err}"),
-            })
-            .await;
+            stream.reset(400, &format!("invalid request: {err}"));
             return;
         }
     };
-    let response = match agent.cluster.send(request).await {
+    let response = tokio::select! {
+        response = agent.cluster.send(request) => response,
+        () = stream.abandoned() => return,
+    };
+    let response = match response {
         Ok(response) => response,
         Err(err) => {
-            send(Frame::Reset {
-                stream,
-                code: 502,
-                reason: format!("the build cluster's API server failed: {err}"),
-            })
-            .await;
+            stream.reset(
+                502,
+                &format!("the build cluster's API server failed: {err}"),
+            );
             return;
         }
     };
     let status = response.status().as_u16();
-    let headers = response
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
-    if !send(Frame::ResponseHead {
-        stream,
-        status,
-        headers,
-        end_stream: false,
-    })
-    .await
-    {
+    if let Err(reason) = answer(&stream, response).await {
+        debug!(status, %reason, "the answer did not complete");
         return;
     }
+    debug!(status, "request done");
+}
+
+/// The request body as the API server reads it: chunks from the stream, each read granting
+/// credit back to the gateway.
+fn request_body(stream: &StreamHandle) -> RequestBody {
+    let chunks = stream.body().map_ok(hyper::body::Frame::data);
+    http_body_util::StreamBody::new(chunks).boxed_unsync()
+}
+
+/// Sends the API server's response: the head with the first chunk (and the end, for a small
+/// body) in one message, then the rest as it comes, under the stream's credits.
+async fn answer(
+    stream: &StreamHandle,
+    response: http::Response<crate::cluster::ResponseBody>,
+) -> Result<(), String> {
+    let head = ResponseHead {
+        status: response.status().as_u16(),
+        headers: response
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+    };
     let mut body = response.into_body();
+    // A body of known, small size goes with the head in one message; any other (a watch, a
+    // log follow, a chunked list) gets its head at once and its chunks as they come.
+    let small = body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= SMALL_BODY as u64);
+    let first = if small && !body.is_end_stream() {
+        match next_chunk(&mut body).await {
+            Ok(chunk) => chunk.unwrap_or_default(),
+            Err(reason) => {
+                stream.reset(502, &reason);
+                return Err(reason);
+            }
+        }
+    } else {
+        Bytes::new()
+    };
+    let end = body.is_end_stream();
+    let rest = stream
+        .respond_with(head, first, end)
+        .map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        stream.write(rest).await.map_err(|e| e.to_string())?;
+        if end {
+            stream.finish().map_err(|e| e.to_string())?;
+        }
+    }
+    if end {
+        return Ok(());
+    }
+    loop {
+        let chunk = tokio::select! {
+            chunk = next_chunk(&mut body) => chunk,
+            () = stream.abandoned() => return Err("the gateway abandoned the stream".into()),
+        };
+        match chunk {
+            Ok(Some(data)) => stream.write(data).await.map_err(|e| e.to_string())?,
+            Ok(None) => return stream.finish().map_err(|e| e.to_string()),
+            Err(reason) => {
+                stream.reset(502, &reason);
+                return Err(reason);
+            }
+        }
+    }
+}
+
+/// The next data chunk of a response body (`None` at its end).
+async fn next_chunk(body: &mut crate::cluster::ResponseBody) -> Result<Option<Bytes>, String> {
     loop {
         match body.frame().await {
             Some(Ok(frame)) => {
-                let Ok(mut data) = frame.into_data() else {
-                    continue;
-                };
-                while !data.is_empty() {
-                    // Spend credits; wait for a WindowUpdate when the window is empty, so a slow
-                    // caller holds back only this stream.
-                    let n = window.window.lock().take(data.len().min(CHUNK));
-                    if n == 0 {
-                        window.granted.notified().await;
-                        continue;
-                    }
-                    let chunk = data.split_to(n);
-                    if !send(Frame::Data {
-                        stream,
-                        chunk: chunk.to_vec(),
-                    })
-                    .await
-                    {
-                        return;
-                    }
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    return Ok(Some(data));
                 }
             }
-            Some(Err(err)) => {
-                send(Frame::Reset {
-                    stream,
-                    code: 502,
-                    reason: format!("reading the response: {err}"),
-                })
-                .await;
-                return;
-            }
-            None => break,
+            Some(Err(err)) => return Err(format!("reading the response: {err}")),
+            None => return Ok(None),
         }
-    }
-    send(Frame::End { stream }).await;
-    debug!(stream, status, "request done");
-}
-
-async fn execute_v1(agent: &Agent, request: v1::HttpTunnelRequest) -> v1::HttpTunnelResponse {
-    agent.requests.fetch_add(1, Ordering::Relaxed);
-    let request_id = request.request_id.clone();
-    let failed = |status: u16, message: String| v1::HttpTunnelResponse {
-        request_id: request_id.clone(),
-        status_code: status,
-        headers: None,
-        body: None,
-        error: Some(v1::TunnelError {
-            code: Some(i32::from(status)),
-            message,
-            details: None,
-        }),
-    };
-    if request.target != "k8s" {
-        return v1::HttpTunnelResponse {
-            request_id: request_id.clone(),
-            status_code: 404,
-            headers: Some(BTreeMap::from([(
-                "Content-Type".to_owned(),
-                vec!["application/json".to_owned()],
-            )])),
-            body: Some(unknown_target(&request.target)),
-            error: None,
-        };
-    }
-    let headers = request
-        .headers
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|(k, vs)| vs.into_iter().map(move |v| (k.clone(), v)));
-    let http_request = match build_request(
-        &request.method,
-        &request.path,
-        request.query.as_deref().unwrap_or(""),
-        headers,
-        request.body.unwrap_or_default(),
-    ) {
-        Ok(r) => r,
-        Err(err) => return failed(400, format!("invalid request: {err}")),
-    };
-    let response = match agent.cluster.send(http_request).await {
-        Ok(response) => response,
-        Err(err) => {
-            warn!(%err, "the build cluster's API server failed");
-            return failed(502, format!("the build cluster's API server failed: {err}"));
-        }
-    };
-    let status = response.status().as_u16();
-    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (k, v) in response.headers() {
-        if let Ok(v) = v.to_str() {
-            headers
-                .entry(k.as_str().to_owned())
-                .or_default()
-                .push(v.to_owned());
-        }
-    }
-    match response.into_body().collect().await {
-        Ok(body) => v1::HttpTunnelResponse {
-            request_id,
-            status_code: status,
-            headers: Some(headers),
-            body: Some(body.to_bytes().to_vec()),
-            error: None,
-        },
-        Err(err) => failed(502, format!("reading the response: {err}")),
     }
 }
 
@@ -763,7 +506,7 @@ mod tests {
                 ("Accept".to_owned(), "application/json".to_owned()),
             ]
             .into_iter(),
-            Vec::new(),
+            whole(Bytes::new()),
         )
         .unwrap();
         assert!(request.headers().get("authorization").is_none());

@@ -1,35 +1,24 @@
 //! The agent listener: TLS that requests a client certificate, admission on the WebSocket
 //! upgrade (`/ws?planeID=..&planeType=buildplane`), and one task pair per connection.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use buildplane_api::names::PlaneType;
-use buildplane_tunnel::{
-    MAX_MESSAGE, negotiate, v1,
-    v2::{self, Frame, Limits},
-};
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use buildplane_link::{Config as SessionConfig, Link, Moment, Role, Session};
+use buildplane_tunnel::negotiate;
 use parking_lot::Mutex;
 use rustls_pki_types::CertificateDer;
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::{
-    Message,
     handshake::server::{ErrorResponse, Request, Response},
     http::{HeaderValue, StatusCode},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::{
-    Shared,
-    registry::{Connection, Delivery, Outbound, StreamEvent, public_key_of},
+    GatewayConfig, Shared,
+    registry::{Connection, public_key_of},
 };
-
-/// WebSocket read buffer. tungstenite zero-fills the whole buffer before every read, so its
-/// default (128 KiB) is resident memory per idle agent; one TLS record (16 KiB) is enough.
-const READ_BUFFER: usize = 16 * 1024;
-/// Bytes of queued messages written before one flush.
-const MAX_BATCH: usize = 256 * 1024;
 
 /// The body of every 401 for a certificate no CR admits, whatever the reason (logged instead).
 pub const NOT_ACCEPTED: &str = "certificate not accepted for this planeID";
@@ -71,9 +60,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 tokio::time::timeout(Duration::from_secs(10), accept(tcp, &shared)).await;
             drop(permit);
             match accepted {
-                Ok(Ok(Some((ws, conn)))) => {
+                Ok(Ok(Some((ws, admitted)))) => {
                     shared.metrics.handshake(started.elapsed());
-                    run_connection(ws, conn, shared).await
+                    run_connection(ws, admitted, shared).await
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(err)) => debug!(%peer, %err, "agent handshake failed"),
@@ -86,15 +75,19 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
-/// The planeID, protocol version and CRs an upgrade was admitted with.
-type Verdict = (String, u16, BTreeSet<buildplane_api::CrKey>, String);
+/// What the admission callback decided for an upgrade it accepted.
+struct Verdict {
+    plane_id: String,
+    version: u16,
+    agent_id: String,
+}
 
 // The callback's error type is tungstenite's; its size is not ours to choose.
 #[allow(clippy::result_large_err)]
 async fn accept(
     tcp: tokio::net::TcpStream,
     shared: &Arc<Shared>,
-) -> anyhow::Result<Option<(Ws, Arc<Connection>)>> {
+) -> anyhow::Result<Option<(Ws, Admitted)>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.agent_tls.clone());
     let tls = acceptor.accept(tcp).await?;
     let chain: Vec<CertificateDer<'static>> = tls
@@ -192,13 +185,14 @@ async fn accept(
                 HeaderValue::from_static(subprotocol),
             );
         }
-        *verdict_in.lock() = Some((plane_id, version, admission.granted, agent_id));
+        *verdict_in.lock() = Some(Verdict {
+            plane_id,
+            version,
+            agent_id,
+        });
         Ok(res)
     };
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE));
+    let config = buildplane_link::websocket_config();
     let ws =
         match tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(config)).await {
             Ok(ws) => ws,
@@ -207,7 +201,7 @@ async fn accept(
                 return Ok(None);
             }
         };
-    let Some((plane_id, version, crs, agent_id)) = verdict.lock().take() else {
+    let Some(verdict) = verdict.lock().take() else {
         return Ok(None);
     };
     let chain = ws
@@ -217,23 +211,41 @@ async fn accept(
         .peer_certificates()
         .map(<[_]>::to_vec)
         .unwrap_or_default();
-    let (tx, rx) = mpsc::channel(1024);
-    // HA replicas share a certificate; the instance id tells a reconnect from a sibling.
-    let conn = Arc::new(
-        Connection::new(shared.registry.next_id(), plane_id, version, chain, crs, tx)
-            .with_agent_id(agent_id),
-    );
-    shared.outbound_rx.lock().insert(conn.id, rx);
-    Ok(Some((ws, conn)))
+    Ok(Some((ws, Admitted { verdict, chain })))
 }
 
-async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
-    let Some(mut rx) = shared.outbound_rx.lock().remove(&conn.id) else {
-        return;
-    };
+/// An upgrade the admission callback accepted, not yet registered.
+struct Admitted {
+    verdict: Verdict,
+    chain: Vec<CertificateDer<'static>>,
+}
+
+/// The tunnel session settings of one agent connection.
+fn session_config(config: &GatewayConfig, version: u16) -> SessionConfig {
+    SessionConfig {
+        heartbeat_interval: config.heartbeat_interval,
+        idle_timeout: config.heartbeat_timeout,
+        stall_timeout: config.stream_stall_timeout,
+        drain_timeout: config.drain_timeout,
+        // v1 agents echo the request id; a random prefix keeps ids unique across connections.
+        v1_request_prefix: format!("{:016x}-", rand::random::<u64>()),
+        ..SessionConfig::new(Role::Gateway, version)
+    }
+}
+
+async fn run_connection(ws: Ws, admitted: Admitted, shared: Arc<Shared>) {
+    let Admitted {
+        verdict:
+            Verdict {
+                plane_id,
+                version,
+                agent_id,
+            },
+        chain,
+    } = admitted;
     // Trust may have changed since the upgrade was admitted; decide again now that the
     // connection becomes visible to revalidation, so no change falls between the two.
-    let admission = shared.trust.admit(&conn.plane_id, &conn.chain);
+    let admission = shared.trust.admit(&plane_id, &chain);
     if admission.granted.is_empty() {
         let mut ws = ws;
         let _ = ws
@@ -244,190 +256,29 @@ async fn run_connection(ws: Ws, conn: Arc<Connection>, shared: Arc<Shared>) {
             .await;
         return;
     }
-    *conn.crs.write() = admission.granted;
-    info!(id = conn.id, plane_id = %conn.plane_id, identity = %conn.identity, protocol = conn.version, crs = ?conn.crs.read(), "agent connected");
+    let session = Session::new(session_config(&shared.config, version), Moment::default());
+    let link = Link::spawn(ws, session, None);
+    // HA replicas share a certificate; the instance id tells a reconnect from a sibling.
+    let conn = Arc::new(
+        Connection::new(
+            shared.registry.next_id(),
+            plane_id,
+            chain,
+            admission.granted,
+            link,
+        )
+        .with_agent_id(agent_id),
+    );
+    info!(id = conn.id, plane_id = %conn.plane_id, identity = %conn.identity, protocol = version, crs = ?conn.crs(), "agent connected");
     shared.metrics.admitted();
     shared.registry.add(conn.clone());
-    let (mut sink, mut stream) = ws.split();
-    let heartbeat = shared.config.heartbeat_interval;
-    let timeout = shared.config.heartbeat_timeout;
-    let writer_conn = conn.clone();
-    let writer = tokio::spawn(async move {
-        let mut ping = tokio::time::interval(heartbeat);
-        ping.tick().await;
-        let mut nonce = 0u64;
-        loop {
-            tokio::select! {
-                out = rx.recv() => {
-                    // Everything already queued goes out in one flush, so under load small
-                    // frames share TLS records and syscalls.
-                    let mut out = out;
-                    let mut batched = 0;
-                    loop {
-                        let message = match out {
-                            Some(Outbound::Frame(frame)) => Message::Binary(Bytes::from(v2::to_vec(&frame))),
-                            Some(Outbound::Text(text)) => Message::Text(text.into()),
-                            Some(Outbound::Close(reason)) => {
-                                let _ = sink.send(Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                                    code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Policy,
-                                    reason: reason.into(),
-                                }))).await;
-                                return;
-                            }
-                            None => {
-                                let _ = sink.flush().await;
-                                return;
-                            }
-                        };
-                        batched += message.len();
-                        if sink.feed(message).await.is_err() { return; }
-                        if batched >= MAX_BATCH { break; }
-                        match rx.try_recv() {
-                            Ok(next) => out = Some(next),
-                            Err(_) => break,
-                        }
-                    }
-                    if sink.flush().await.is_err() { return; }
-                }
-                _ = ping.tick() => {
-                    nonce += 1;
-                    let message = if writer_conn.version >= 2 {
-                        Message::Binary(Bytes::from(v2::to_vec(&Frame::Ping { nonce })))
-                    } else {
-                        Message::Ping(Bytes::from_static(b"gw"))
-                    };
-                    if sink.send(message).await.is_err() { return; }
-                }
-            }
-        }
-    });
-    loop {
-        let next = tokio::select! {
-            next = tokio::time::timeout(timeout, stream.next()) => next,
-            () = shared.shutdown.cancelled() => break,
-        };
-        let message = match next {
-            Err(_) => {
-                warn!(
-                    id = conn.id,
-                    "agent silent past the heartbeat timeout; closing"
-                );
-                break;
-            }
-            Ok(None) | Ok(Some(Err(_))) => break,
-            Ok(Some(Ok(message))) => message,
-        };
-        conn.touch();
-        match message {
-            Message::Binary(bytes) => match v2::decode(
-                &bytes,
-                Limits {
-                    max_frame: MAX_MESSAGE,
-                },
-            ) {
-                Ok(frame) => on_frame(&conn, frame),
-                Err(err) => {
-                    warn!(id = conn.id, %err, "malformed frame; closing the connection");
-                    break;
-                }
-            },
-            Message::Text(text) => match v1::decode(&text, MAX_MESSAGE) {
-                Ok(v1::Message::Response(response)) => {
-                    let waiter = conn.pending_v1.lock().remove(&response.request_id);
-                    if let Some(waiter) = waiter {
-                        let status = response.status_code;
-                        let headers = response
-                            .headers
-                            .unwrap_or_default()
-                            .into_iter()
-                            .flat_map(|(k, vs)| vs.into_iter().map(move |v| (k.clone(), v)))
-                            .collect();
-                        let _ = waiter.send(StreamEvent::Head {
-                            status,
-                            headers,
-                            end: false,
-                        });
-                        if let Some(error) = response.error.filter(|_| response.body.is_none()) {
-                            let _ = waiter.send(StreamEvent::Data(Bytes::from(serde_json::json!({"error": "AgentError", "message": error.message, "details": error.details}).to_string())));
-                        }
-                        if let Some(body) = response.body {
-                            let _ = waiter.send(StreamEvent::Data(Bytes::from(body)));
-                        }
-                        let _ = waiter.send(StreamEvent::End);
-                    }
-                }
-                Ok(_) => debug!(id = conn.id, "ignoring a v1 request from an agent"),
-                Err(err) => {
-                    warn!(id = conn.id, %err, "malformed v1 message; closing the connection");
-                    break;
-                }
-            },
-            Message::Close(_) => break,
-            _ => {}
-        }
+    tokio::select! {
+        () = conn.finished() => {}
+        () = shared.shutdown.cancelled() => conn.close("the gateway stopped"),
     }
-    writer.abort();
     shared.registry.remove(&conn);
-    info!(id = conn.id, plane_id = %conn.plane_id, "agent disconnected");
-}
-
-/// Routes one frame from the agent. Never waits: body chunks are queued per stream within the
-/// stream's window, so a slow caller never stalls the other streams of the connection.
-fn on_frame(conn: &Arc<Connection>, frame: Frame) {
-    let (stream, event) = match frame {
-        Frame::ResponseHead {
-            stream,
-            status,
-            headers,
-            end_stream,
-        } => (
-            stream,
-            StreamEvent::Head {
-                status,
-                headers,
-                end: end_stream,
-            },
-        ),
-        Frame::Data { stream, chunk } => (stream, StreamEvent::Data(Bytes::from(chunk))),
-        Frame::End { stream } => (stream, StreamEvent::End),
-        Frame::Reset {
-            stream,
-            code,
-            reason,
-        } => (stream, StreamEvent::Reset { code, reason }),
-        Frame::Ping { nonce } => {
-            let _ = conn
-                .outbound
-                .try_send(Outbound::Frame(Frame::Pong { nonce }));
-            return;
-        }
-        Frame::GoAway { reason } => {
-            info!(id = conn.id, %reason, "agent draining this connection");
-            conn.draining
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            return;
-        }
-        _ => return,
-    };
-    let reset = |code: u16, reason: &str| {
-        let _ = conn.outbound.try_send(Outbound::Frame(Frame::Reset {
-            stream,
-            code,
-            reason: reason.into(),
-        }));
-    };
-    let is_end = matches!(event, StreamEvent::End | StreamEvent::Reset { .. });
-    match conn.deliver(stream, event) {
-        Delivery::Delivered => {}
-        // A frame for a stream nobody waits for: tell the agent to stop (unless it just did).
-        Delivery::NoStream if !is_end => reset(499, "caller went away"),
-        Delivery::NoStream => {}
-        Delivery::Overrun => {
-            warn!(
-                id = conn.id,
-                stream, "agent overran the stream window; resetting it"
-            );
-            reset(400, "flow-control window exceeded");
-        }
-    }
+    let reason = conn
+        .close_reason()
+        .map_or_else(|| "stopped".to_owned(), |r| r.to_string());
+    info!(id = conn.id, plane_id = %conn.plane_id, %reason, "agent disconnected");
 }

@@ -9,11 +9,11 @@ pub mod agents;
 pub mod internal;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod registry;
 pub mod trust;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, atomic::AtomicBool},
@@ -23,20 +23,11 @@ use std::{
 use anyhow::Context as _;
 use buildplane_pki::{ClientCaBundle, ReloadableCert};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use parking_lot::Mutex;
-use tokio::{
-    net::TcpListener,
-    sync::{Semaphore, mpsc},
-};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{
-    metrics::Metrics,
-    policy::ProxyPolicy,
-    registry::{Outbound, Registry},
-    trust::Trust,
-};
+use crate::{metrics::Metrics, policy::ProxyPolicy, registry::Registry, trust::Trust};
 
 /// Gateway settings.
 #[derive(Debug, Clone)]
@@ -63,8 +54,12 @@ pub struct GatewayConfig {
     pub max_concurrent_handshakes: usize,
     /// Live connections one leaf public key may hold (excess upgrades get 429).
     pub max_connections_per_identity: usize,
-    /// On shutdown, agent connections are closed spread over this long.
+    /// On shutdown, agent connections are told to drain (`GoAway`) spread over this long.
     pub shutdown_stagger: Duration,
+    /// A draining connection's requests in flight get this long to finish.
+    pub drain_timeout: Duration,
+    /// A proxied body that makes no progress this long (no credit, or unread) is reset.
+    pub stream_stall_timeout: Duration,
     /// How often certificate files are checked for changes.
     pub cert_reload_interval: Duration,
     /// The paths the proxy refuses (`--proxy-deny`).
@@ -91,6 +86,8 @@ impl GatewayConfig {
             max_concurrent_handshakes: 256,
             max_connections_per_identity: 4,
             shutdown_stagger: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+            stream_stall_timeout: Duration::from_secs(60),
             cert_reload_interval: Duration::from_secs(2),
             proxy_policy: ProxyPolicy::default(),
         }
@@ -109,8 +106,6 @@ pub struct Shared {
     pub agent_tls: Arc<rustls::ServerConfig>,
     /// Storm protection: permits for concurrent handshakes.
     pub handshakes: Arc<Semaphore>,
-    /// Outbound queues of connections being set up.
-    pub outbound_rx: Mutex<HashMap<u64, mpsc::Receiver<Outbound>>>,
     /// Metrics.
     pub metrics: Metrics,
     ready: AtomicBool,
@@ -152,11 +147,9 @@ pub fn revalidate_planes(shared: &Shared, plane_id: Option<&str>) -> (usize, usi
         let admission = index.admit(&conn.plane_id, &conn.chain);
         if admission.granted.is_empty() {
             // Authorised for nothing: close it; its `disconnected` event carries the CRs it lost.
-            revoked += conn.crs.read().len();
+            revoked += conn.crs().len();
             info!(id = conn.id, plane_id = %conn.plane_id, "no CR admits this agent any more; closing");
-            let _ = conn.outbound.try_send(Outbound::Close(
-                "certificate no longer valid for any CR".into(),
-            ));
+            conn.close("certificate no longer valid for any CR");
             shared.registry.remove(&conn);
             continue;
         }
@@ -167,8 +160,10 @@ pub fn revalidate_planes(shared: &Shared, plane_id: Option<&str>) -> (usize, usi
     (granted, revoked)
 }
 
-/// Closes every agent connection, spread evenly over `stagger` (with a `GoAway` first on v2),
-/// so agents do not all come back in the same second.
+/// Drains every agent connection: `GoAway` to each, spread evenly over `stagger` so agents do
+/// not all dial again in the same second; each connection's requests in flight finish (up to
+/// the drain timeout) while its agent connects anew, then it closes. Returns once every
+/// connection has closed or the drain timeout has passed after the last `GoAway`.
 pub async fn drain(shared: &Shared, stagger: Duration) {
     shared
         .draining
@@ -181,21 +176,17 @@ pub async fn drain(shared: &Shared, stagger: Duration) {
     info!(
         n = connections.len(),
         stagger_ms = stagger.as_millis() as u64,
-        "closing agent connections"
+        "draining agent connections"
     );
-    for conn in connections {
-        if conn.version >= 2 {
-            let _ = conn
-                .outbound
-                .try_send(Outbound::Frame(buildplane_tunnel::v2::Frame::GoAway {
-                    reason: "gateway shutting down".into(),
-                }));
-        }
-        let _ = conn
-            .outbound
-            .try_send(Outbound::Close("gateway shutting down".into()));
-        shared.registry.remove(&conn);
+    for conn in &connections {
+        conn.go_away("the gateway is shutting down");
         tokio::time::sleep(step).await;
+    }
+    let all_closed = futures::future::join_all(connections.iter().map(|c| c.finished()));
+    // The sessions close themselves at their drain deadline; a second on top covers the Close.
+    let deadline = shared.config.drain_timeout + Duration::from_secs(1);
+    if tokio::time::timeout(deadline, all_closed).await.is_err() {
+        warn!("agent connections still open after the drain timeout");
     }
 }
 
@@ -380,7 +371,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         internal_tls.clone(),
         config.cert_reload_interval,
     );
-    let (changed_tx, mut changed_rx) = mpsc::unbounded_channel();
+    let (changed_tx, mut changed_rx) = tokio::sync::mpsc::unbounded_channel();
     let trust = Trust::start(client, changed_tx, &shutdown);
     let shared = Arc::new(Shared {
         agent_tls: without_resumption(buildplane_pki::agent_listener_config(agent_cert)?),
@@ -388,7 +379,6 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         config: config.clone(),
         trust,
         registry: Registry::default(),
-        outbound_rx: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),

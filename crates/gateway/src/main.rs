@@ -49,9 +49,17 @@ struct Flags {
     /// Live connections one agent certificate (leaf public key) may hold; excess get 429.
     #[arg(long, default_value_t = 4)]
     max_connections_per_identity: usize,
-    /// On shutdown, agent connections are closed spread over this long.
+    /// On shutdown, agent connections are told to drain (`GoAway`) spread over this long.
     #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
     shutdown_stagger: Duration,
+    /// Requests in flight on a draining connection (shutdown, reconnect) get this long to
+    /// finish before the connection closes.
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    drain_timeout: Duration,
+    /// A proxied body that makes no progress this long (the agent grants no credit, or the
+    /// caller reads nothing) is reset with an error.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    stream_stall_timeout: Duration,
     /// A path the proxy refuses with 403 (repeatable): `/`-separated segments, `*` for any one
     /// segment, denying the path and everything below it (`/api/v1/namespaces/*/configmaps`).
     /// Without the flag the defaults apply (Secrets cluster-wide and in kube-system, the
@@ -105,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
         max_concurrent_handshakes: flags.max_concurrent_handshakes,
         max_connections_per_identity: flags.max_connections_per_identity,
         shutdown_stagger: flags.shutdown_stagger,
+        drain_timeout: flags.drain_timeout,
+        stream_stall_timeout: flags.stream_stall_timeout,
         cert_reload_interval: Duration::from_secs(2),
         proxy_policy,
     })

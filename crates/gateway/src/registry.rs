@@ -6,73 +6,31 @@ use std::{
     hash::{Hash as _, Hasher as _},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
 use buildplane_api::CrKey;
-use buildplane_tunnel::flow::{Receive, ReceiveWindow};
-use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
+use buildplane_link::{Link, RequestHead, StreamError, StreamHandle};
+use parking_lot::RwLock;
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
-/// What an open stream receives from its agent.
-#[derive(Debug)]
-pub enum StreamEvent {
-    /// Status and headers.
-    Head {
-        status: u16,
-        headers: Vec<(String, String)>,
-        end: bool,
-    },
-    /// A body chunk.
-    Data(Bytes),
-    /// The body is complete.
-    End,
-    /// The agent abandoned the stream.
-    Reset { code: u16, reason: String },
-}
-
-/// A frame to send to the agent.
-#[derive(Debug)]
-pub enum Outbound {
-    /// A v2 frame.
-    Frame(buildplane_tunnel::v2::Frame),
-    /// A v1 text message.
-    Text(String),
-    /// Close the connection with a reason.
-    Close(String),
-}
-
-/// One admitted agent connection.
+/// One admitted agent connection: who it is, what it may serve, and its tunnel [`Link`] (the
+/// session owns the streams; closing the link fails every stream in flight at once).
 pub struct Connection {
     /// Unique id.
     pub id: u64,
     /// The planeID it connected for.
     pub plane_id: String,
-    /// Protocol version (1 or 2).
-    pub version: u16,
     /// The chain it presented (kept for re-verification when CAs change).
     pub chain: Vec<CertificateDer<'static>>,
-    /// CRs it may serve now.
-    pub crs: RwLock<BTreeSet<CrKey>>,
-    /// Frames to send.
-    pub outbound: mpsc::Sender<Outbound>,
-    /// Streams waiting for the agent; dropped (failing them) when the connection ends.
-    pub pending: Mutex<HashMap<u32, PendingStream>>,
-    /// v1 requests waiting for the agent, by request id.
-    pub pending_v1: Mutex<HashMap<String, mpsc::UnboundedSender<StreamEvent>>>,
-    next_stream: AtomicU32,
-    closed: AtomicBool,
-    /// The agent said `GoAway`: it finishes in-flight streams but takes no new ones.
-    pub draining: AtomicBool,
+    crs: RwLock<BTreeSet<CrKey>>,
+    link: Arc<Link>,
     /// When it connected (RFC 3339).
     pub connected_at: String,
-    /// When the agent was last heard from (Unix milliseconds).
-    pub last_seen_ms: AtomicU64,
     /// The leaf's public key (DER SubjectPublicKeyInfo): an agent's identity across renewals of
     /// the same key and across reconnects. CN and SAN are not identity.
     pub public_key: Vec<u8>,
@@ -83,52 +41,24 @@ pub struct Connection {
     pub identity: String,
 }
 
-/// A proxied stream waiting for the agent: its events and its receive window (the agent may
-/// have at most one window of body bytes that the caller has not consumed yet).
-pub struct PendingStream {
-    /// Where the agent's frames for this stream go (never blocks the connection's reader).
-    pub events: mpsc::UnboundedSender<StreamEvent>,
-    /// Bytes received but not yet consumed by the caller.
-    pub window: Arc<Mutex<ReceiveWindow>>,
-}
-
-/// What happened to a body chunk from the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Queued for the caller.
-    Delivered,
-    /// Nobody waits for this stream (finished, or the caller went away).
-    NoStream,
-    /// The agent exceeded the stream's window: the stream must be reset.
-    Overrun,
-}
-
 impl Connection {
-    /// A new connection.
+    /// A new connection over `link`.
     pub fn new(
         id: u64,
         plane_id: String,
-        version: u16,
         chain: Vec<CertificateDer<'static>>,
         crs: BTreeSet<CrKey>,
-        outbound: mpsc::Sender<Outbound>,
+        link: Arc<Link>,
     ) -> Self {
         let public_key = chain.first().map(|c| public_key_of(c)).unwrap_or_default();
         let identity = short_hash(&public_key);
         Self {
             id,
             plane_id,
-            version,
             chain,
             crs: RwLock::new(crs),
-            outbound,
-            pending: Mutex::new(HashMap::new()),
-            pending_v1: Mutex::new(HashMap::new()),
-            next_stream: AtomicU32::new(1),
-            closed: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
+            link,
             connected_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            last_seen_ms: AtomicU64::new(now_ms()),
             agent_id: String::new(),
             public_key,
             identity,
@@ -144,106 +74,81 @@ impl Connection {
         self
     }
 
-    /// Whether this and `other` are the same agent instance (same key, same instance id).
+    /// Whether this and `other` are the same agent instance (same key, same instance id). An
+    /// agent that sends no instance id (OpenChoreo's) is never the same instance as another
+    /// connection: replicas sharing one certificate are siblings, and a stale connection goes
+    /// by its heartbeat.
     pub fn same_instance(&self, other: &Connection) -> bool {
-        self.plane_id == other.plane_id
+        !self.agent_id.is_empty()
+            && self.plane_id == other.plane_id
             && self.public_key == other.public_key
             && self.agent_id == other.agent_id
     }
 
-    /// Allocates a stream id (odd, gateway-initiated) owned by this connection; `None` when the
-    /// connection has already closed (the caller must answer 502 at once).
-    pub fn open_stream(
-        &self,
-    ) -> Option<(
-        u32,
-        mpsc::UnboundedReceiver<StreamEvent>,
-        Arc<Mutex<ReceiveWindow>>,
-    )> {
-        let (events, rx) = mpsc::unbounded_channel();
-        let window = Arc::new(Mutex::new(ReceiveWindow::default()));
-        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        let mut pending = self.pending.lock();
-        // Checked under the lock that `fail_pending` takes, so no stream outlives the connection.
-        if self.closed.load(Ordering::SeqCst) {
-            return None;
-        }
-        pending.insert(
-            id,
-            PendingStream {
-                events,
-                window: window.clone(),
-            },
-        );
-        Some((id, rx, window))
+    /// The protocol version (1 or 2).
+    pub fn version(&self) -> u16 {
+        self.link.version()
     }
 
-    /// Registers a v1 request; `None` when the connection has already closed.
-    pub fn open_v1(&self, request_id: String) -> Option<mpsc::UnboundedReceiver<StreamEvent>> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut pending = self.pending_v1.lock();
-        if self.closed.load(Ordering::SeqCst) {
-            return None;
-        }
-        pending.insert(request_id, tx);
-        Some(rx)
+    /// The CRs it may serve now.
+    pub fn crs(&self) -> BTreeSet<CrKey> {
+        self.crs.read().clone()
     }
 
-    /// Hands a frame's event to the stream's caller without ever blocking the reader.
-    pub fn deliver(&self, stream: u32, event: StreamEvent) -> Delivery {
-        let mut pending = self.pending.lock();
-        let Some(entry) = pending.get(&stream) else {
-            return Delivery::NoStream;
-        };
-        if let StreamEvent::Data(bytes) = &event
-            && entry.window.lock().receive(bytes.len()) == Receive::Overrun
-        {
-            pending.remove(&stream);
-            return Delivery::Overrun;
-        }
-        let finished = matches!(
-            event,
-            StreamEvent::End | StreamEvent::Reset { .. } | StreamEvent::Head { end: true, .. }
-        );
-        let sent = entry.events.send(event).is_ok();
-        if finished || !sent {
-            pending.remove(&stream);
-        }
-        if sent {
-            Delivery::Delivered
-        } else {
-            Delivery::NoStream
-        }
+    /// Whether it may serve `cr`.
+    pub fn serves(&self, cr: &CrKey) -> bool {
+        self.crs.read().contains(cr)
     }
 
-    /// Forgets a stream (the caller went away); returns whether it was still pending.
-    pub fn forget_stream(&self, stream: u32) -> bool {
-        self.pending.lock().remove(&stream).is_some()
+    /// Opens a stream to the agent.
+    pub fn open(&self, head: RequestHead, end: bool) -> Result<StreamHandle, StreamError> {
+        self.link.open(head, end)
+    }
+
+    /// Whether new streams can go on it (open and not draining).
+    pub fn accepts_streams(&self) -> bool {
+        self.link.accepts_streams()
     }
 
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+        self.link.is_closed()
     }
 
-    /// Number of streams and v1 requests in flight.
+    /// Starts a drain: `GoAway`, streams in flight finish, then it closes.
+    pub fn go_away(&self, reason: &str) {
+        self.link.go_away(reason);
+    }
+
+    /// Closes it now: every stream in flight fails at once.
+    pub fn close(&self, reason: &str) {
+        self.link.close(reason);
+    }
+
+    /// Resolves when the connection's socket is done.
+    pub async fn finished(&self) {
+        self.link.finished().await
+    }
+
+    /// Streams in flight.
     pub fn pending_count(&self) -> usize {
-        self.pending.lock().len() + self.pending_v1.lock().len()
+        self.link.open_streams()
     }
 
-    /// Marks the agent alive.
-    pub fn touch(&self) {
-        self.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+    /// When the agent was last heard from (Unix milliseconds).
+    pub fn last_seen_ms(&self) -> u64 {
+        self.link.last_heard_ms()
     }
 
-    /// Marks the connection closed and fails every pending request at once: dropping the
-    /// senders ends each caller's wait with "connection closed" (502), never a timeout.
-    pub fn fail_pending(&self) {
-        let mut pending = self.pending.lock();
-        let mut pending_v1 = self.pending_v1.lock();
-        self.closed.store(true, Ordering::SeqCst);
-        pending.clear();
-        pending_v1.clear();
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<buildplane_link::CloseReason> {
+        self.link.close_reason()
+    }
+
+    /// Whether it ended other than by a drain (lost, refused, closed by the gateway).
+    fn is_closed_abruptly(&self) -> bool {
+        self.close_reason()
+            .is_some_and(|reason| reason != buildplane_link::CloseReason::Drained)
     }
 }
 
@@ -271,6 +176,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long after a plane's last connection ended in a drain its agents count as reconnecting.
+pub const RECONNECTING_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why no connection could serve a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unavailable {
@@ -278,6 +186,10 @@ pub enum Unavailable {
     NoAgentConnected,
     /// Connections exist, but none is authorised for the CR (403).
     NotAuthorized,
+    /// The authorised connections are all draining, or the plane's last one ended in a drain
+    /// moments ago: their agents are reconnecting (503 with `Retry-After` once the proxy has
+    /// waited for them).
+    Draining,
 }
 
 /// A status event for the controller (`GatewayEvent` in CONTRACTS.md).
@@ -317,6 +229,9 @@ pub struct Registry {
 #[derive(Default)]
 struct Table {
     by_plane: HashMap<String, Vec<Arc<Connection>>>,
+    /// Planes whose last connection ended in a drain, and when: their agents are reconnecting,
+    /// so for [`RECONNECTING_FOR`] a request waits for them instead of failing.
+    drained: HashMap<String, tokio::time::Instant>,
     /// Live connections per leaf public key (the per-identity cap).
     by_identity: HashMap<Vec<u8>, usize>,
 }
@@ -394,6 +309,7 @@ impl Registry {
                 !same
             });
             plane.push(conn.clone());
+            table.drained.remove(&conn.plane_id);
             for o in &old {
                 table.forget_identity(&o.public_key);
             }
@@ -405,13 +321,13 @@ impl Registry {
         };
         for old in replaced {
             self.replaced.fetch_add(1, Ordering::Relaxed);
-            let _ = old.outbound.try_send(Outbound::Close(
-                "replaced by a newer connection of the same agent".into(),
-            ));
-            old.fail_pending();
-            self.emit("replaced", &old, old.crs.read().iter().cloned().collect());
+            // A drain, not a cut: the agent connects anew before its old connection finishes
+            // (a renewal, a reconnect), so requests in flight there still complete. A stale
+            // connection that never answers closes at its drain or idle timeout.
+            old.go_away("replaced by a newer connection of the same agent");
+            self.emit("replaced", &old, old.crs().into_iter().collect());
         }
-        let crs: Vec<CrKey> = conn.crs.read().iter().cloned().collect();
+        let crs: Vec<CrKey> = conn.crs().into_iter().collect();
         self.emit("connected", &conn, crs);
     }
 
@@ -426,6 +342,11 @@ impl Registry {
                     let removed = before != plane.len();
                     if plane.is_empty() {
                         table.by_plane.remove(&conn.plane_id);
+                        if !conn.accepts_streams() && !conn.is_closed_abruptly() {
+                            table
+                                .drained
+                                .insert(conn.plane_id.clone(), tokio::time::Instant::now());
+                        }
                     }
                     removed
                 }
@@ -436,9 +357,9 @@ impl Registry {
             }
             removed
         };
-        conn.fail_pending();
+        conn.close("the connection was removed");
         if removed {
-            let crs: Vec<CrKey> = conn.crs.read().iter().cloned().collect();
+            let crs: Vec<CrKey> = conn.crs().into_iter().collect();
             self.emit("disconnected", conn, crs);
         }
     }
@@ -448,38 +369,33 @@ impl Registry {
         self.table.read().iter().cloned().collect()
     }
 
-    /// Picks a connection authorised for `cr` on `plane_id`, round-robin.
+    /// Picks a connection authorised for `cr` on `plane_id` that takes new streams, round-robin.
     pub fn pick(&self, plane_id: &str, cr: &CrKey) -> Result<Arc<Connection>, Unavailable> {
         let table = self.table.read();
-        let on_plane: Vec<&Arc<Connection>> = table
-            .by_plane
-            .get(plane_id)
-            .into_iter()
-            .flatten()
-            .filter(|c| !c.is_closed())
-            .collect();
-        // A draining connection (renewal handing over) serves only when it is all there is.
-        let fresh: Vec<&Arc<Connection>> = on_plane
-            .iter()
-            .copied()
-            .filter(|c| !c.draining.load(Ordering::SeqCst) && c.crs.read().contains(cr))
-            .collect();
-        if !fresh.is_empty() {
-            let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % fresh.len();
-            return Ok(fresh[i].clone());
-        }
-        if on_plane.is_empty() {
-            return Err(Unavailable::NoAgentConnected);
-        }
-        let authorised: Vec<&Arc<Connection>> = on_plane
-            .into_iter()
-            .filter(|c| c.crs.read().contains(cr))
-            .collect();
+        let Some(plane) = table.by_plane.get(plane_id).filter(|p| !p.is_empty()) else {
+            let reconnecting = table
+                .drained
+                .get(plane_id)
+                .is_some_and(|at| at.elapsed() < RECONNECTING_FOR);
+            return Err(if reconnecting {
+                Unavailable::Draining
+            } else {
+                Unavailable::NoAgentConnected
+            });
+        };
+        let authorised: Vec<&Arc<Connection>> = plane.iter().filter(|c| c.serves(cr)).collect();
         if authorised.is_empty() {
             return Err(Unavailable::NotAuthorized);
         }
-        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % authorised.len();
-        Ok(authorised[i].clone())
+        let open: Vec<&Arc<Connection>> = authorised
+            .into_iter()
+            .filter(|c| c.accepts_streams())
+            .collect();
+        if open.is_empty() {
+            return Err(Unavailable::Draining);
+        }
+        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % open.len();
+        Ok(open[i].clone())
     }
 
     /// Connections of a plane authorised for `cr` (or all of the plane when `cr` is `None`),
@@ -491,13 +407,9 @@ impl Registry {
             .get(plane_id)
             .into_iter()
             .flatten()
-            .filter(|c| cr.is_none_or(|cr| c.crs.read().contains(cr)))
+            .filter(|c| cr.is_none_or(|cr| c.serves(cr)))
             .collect();
-        let last_seen = matching
-            .iter()
-            .map(|c| c.last_seen_ms.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0);
+        let last_seen = matching.iter().map(|c| c.last_seen_ms()).max().unwrap_or(0);
         (matching.len(), last_seen)
     }
 
@@ -547,11 +459,7 @@ impl Registry {
             let plane = table.by_plane.get(&conn.plane_id);
             crs.iter()
                 .map(|cr| {
-                    let n = plane
-                        .into_iter()
-                        .flatten()
-                        .filter(|c| c.crs.read().contains(cr))
-                        .count();
+                    let n = plane.into_iter().flatten().filter(|c| c.serves(cr)).count();
                     (cr.to_string(), n)
                 })
                 .collect()
@@ -591,7 +499,7 @@ impl Registry {
                 json!({
                     "id": c.id,
                     "planeID": c.plane_id,
-                    "protocol": c.version,
+                    "protocol": c.version(),
                     "identity": c.identity,
                     "crs": c.crs.read().iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "connectedAt": c.connected_at,
@@ -605,23 +513,32 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use buildplane_link::{Config, Read, Role};
+
     use super::*;
 
-    fn conn(
+    /// A connection whose link runs over an in-memory socket to an agent session that accepts
+    /// nothing (kept alive for the test).
+    async fn conn(
         registry: &Registry,
         plane: &str,
         key: &[u8],
         agent: &str,
         crs: &[CrKey],
     ) -> Arc<Connection> {
-        let (tx, _rx) = mpsc::channel(8);
+        let (link, peer) = buildplane_link::loopback_pair(
+            Config::new(Role::Gateway, 2),
+            Config::new(Role::Agent, 2),
+            None,
+        )
+        .await;
+        std::mem::forget(peer);
         let mut c = Connection::new(
             registry.next_id(),
             plane.into(),
-            2,
             Vec::new(),
             crs.iter().cloned().collect(),
-            tx,
+            link,
         )
         .with_agent_id(agent.into());
         c.public_key = key.to_vec();
@@ -629,9 +546,10 @@ mod tests {
     }
 
     /// No connection on the plane is 503-worthy; connections that serve other CRs only are
-    /// 403-worthy; requests spread round-robin over the authorised ones.
-    #[test]
-    fn pick_distinguishes_unavailable_from_unauthorised_and_round_robins() {
+    /// 403-worthy; requests spread round-robin over the authorised ones; draining ones take
+    /// nothing new.
+    #[tokio::test]
+    async fn pick_distinguishes_unavailable_from_unauthorised_and_round_robins() {
         let registry = Registry::default();
         let a = CrKey::namespaced("org-a", "bp");
         let b = CrKey::namespaced("org-b", "bp");
@@ -639,110 +557,99 @@ mod tests {
             registry.pick("p", &a).err(),
             Some(Unavailable::NoAgentConnected)
         );
-        let one = conn(&registry, "p", b"k1", "x", std::slice::from_ref(&b));
+        let one = conn(&registry, "p", b"k1", "x", std::slice::from_ref(&b)).await;
         registry.add(one.clone());
         assert_eq!(
             registry.pick("p", &a).err(),
             Some(Unavailable::NotAuthorized)
         );
-        let two = conn(&registry, "p", b"k2", "y", &[a.clone(), b.clone()]);
-        let three = conn(&registry, "p", b"k3", "z", &[a.clone(), b.clone()]);
+        let two = conn(&registry, "p", b"k2", "y", &[a.clone(), b.clone()]).await;
+        let three = conn(&registry, "p", b"k3", "z", &[a.clone(), b.clone()]).await;
         registry.add(two.clone());
         registry.add(three.clone());
         let picks: BTreeSet<u64> = (0..6).map(|_| registry.pick("p", &a).unwrap().id).collect();
         assert_eq!(picks, BTreeSet::from([two.id, three.id]));
         let picks: BTreeSet<u64> = (0..9).map(|_| registry.pick("p", &b).unwrap().id).collect();
         assert_eq!(picks.len(), 3);
+        two.go_away("test");
+        three.go_away("test");
+        assert_eq!(registry.pick("p", &a).err(), Some(Unavailable::Draining));
+        assert_eq!(registry.pick("p", &b).unwrap().id, one.id);
     }
 
     /// The same agent instance (key and instance id) reconnecting replaces its old connection;
-    /// a replica with the same key but another instance id is a sibling, not a replacement.
-    #[test]
-    fn newest_wins_for_the_same_instance_only() {
+    /// a replica with the same key but another instance id is a sibling, and so are replicas
+    /// that send no instance id at all (OpenChoreo's agents).
+    #[tokio::test]
+    async fn newest_wins_for_the_same_instance_only() {
         let registry = Registry::default();
         let cr = CrKey::namespaced("org", "bp");
         let mut events = registry.subscribe();
-        let old = conn(&registry, "p", b"key", "pod-1", std::slice::from_ref(&cr));
+        let old = conn(&registry, "p", b"key", "pod-1", std::slice::from_ref(&cr)).await;
         registry.add(old.clone());
-        let sibling = conn(&registry, "p", b"key", "pod-2", std::slice::from_ref(&cr));
+        let sibling = conn(&registry, "p", b"key", "pod-2", std::slice::from_ref(&cr)).await;
         registry.add(sibling.clone());
         assert_eq!(registry.all().len(), 2);
         assert_eq!(registry.count_identity(b"key", "p", "pod-1"), 1);
-        let new = conn(&registry, "p", b"key", "pod-1", std::slice::from_ref(&cr));
+        let new = conn(&registry, "p", b"key", "pod-1", std::slice::from_ref(&cr)).await;
         registry.add(new.clone());
         let ids: BTreeSet<u64> = registry.all().iter().map(|c| c.id).collect();
         assert_eq!(ids, BTreeSet::from([sibling.id, new.id]));
         assert!(
-            old.is_closed(),
-            "the replaced connection's requests fail at once"
+            !old.accepts_streams(),
+            "the replaced connection takes no new streams; its requests in flight finish"
         );
         assert_eq!(registry.replaced_total(), 1);
         let types: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
             .map(|e| e.type_)
             .collect();
         assert_eq!(types, ["connected", "connected", "replaced", "connected"]);
+        let first = conn(&registry, "q", b"shared", "", std::slice::from_ref(&cr)).await;
+        let second = conn(&registry, "q", b"shared", "", std::slice::from_ref(&cr)).await;
+        registry.add(first.clone());
+        registry.add(second.clone());
+        assert!(!first.is_closed(), "no agentID: replicas are siblings");
+        assert_eq!(registry.count("q", Some(&cr)).0, 2);
     }
 
-    /// Pending streams belong to their connection: closing it ends every waiter at once, and
-    /// no stream can be opened on it afterwards.
-    #[test]
-    fn closing_a_connection_fails_its_pending_streams() {
+    /// Streams belong to their connection: removing it ends every waiter at once with `Lost`,
+    /// and no stream can be opened on it afterwards.
+    #[tokio::test]
+    async fn closing_a_connection_fails_its_pending_streams() {
         let registry = Registry::default();
-        let c = conn(&registry, "p", b"k", "", &[]);
-        let (_, mut rx, _) = c.open_stream().unwrap();
-        let mut v1 = c.open_v1("r1".into()).unwrap();
+        let c = conn(&registry, "p", b"k", "", &[]).await;
+        let stream = c
+            .open(
+                RequestHead {
+                    method: "GET".into(),
+                    ..RequestHead::default()
+                },
+                true,
+            )
+            .unwrap();
         registry.add(c.clone());
         registry.remove(&c);
-        assert!(rx.try_recv().is_err() && rx.is_closed());
-        assert!(v1.try_recv().is_err() && v1.is_closed());
-        assert!(c.open_stream().is_none());
-        assert!(c.open_v1("r2".into()).is_none());
-    }
-
-    /// Body bytes beyond the stream's window are an overrun (the stream is reset); bytes the
-    /// caller consumed free the window again.
-    #[test]
-    fn a_stream_overrunning_its_window_is_reset() {
-        let registry = Registry::default();
-        let c = conn(&registry, "p", b"k", "", &[]);
-        let (id, mut rx, window) = c.open_stream().unwrap();
-        let half = Bytes::from(vec![
-            0u8;
-            buildplane_tunnel::flow::INITIAL_WINDOW as usize / 2
-        ]);
-        assert_eq!(
-            c.deliver(id, StreamEvent::Data(half.clone())),
-            Delivery::Delivered
-        );
-        assert_eq!(
-            c.deliver(id, StreamEvent::Data(half.clone())),
-            Delivery::Delivered
-        );
-        // The caller consumes one half: room for one more half, not two.
-        let _ = rx.try_recv();
-        assert!(window.lock().consume(half.len()).is_some());
-        assert_eq!(
-            c.deliver(id, StreamEvent::Data(half.clone())),
-            Delivery::Delivered
-        );
-        assert_eq!(
-            c.deliver(id, StreamEvent::Data(Bytes::from_static(b"x"))),
-            Delivery::Overrun
-        );
-        assert_eq!(c.deliver(id, StreamEvent::End), Delivery::NoStream);
+        assert!(matches!(
+            stream.read().await,
+            Read::Lost {
+                before_head: true,
+                ..
+            }
+        ));
+        assert!(c.open(RequestHead::default(), true).is_err());
     }
 
     /// Connections are grouped by planeID: the identity count spans planes, events count a CR's
     /// agents on its own plane, and a plane's entry goes with its last connection.
-    #[test]
-    fn planes_group_connections_and_counts_follow() {
+    #[tokio::test]
+    async fn planes_group_connections_and_counts_follow() {
         let registry = Registry::default();
         let mut events = registry.subscribe();
         let cr1 = CrKey::namespaced("org", "bp1");
         let cr2 = CrKey::namespaced("org", "bp2");
-        let a = conn(&registry, "p1", b"key", "a", std::slice::from_ref(&cr1));
-        let b = conn(&registry, "p2", b"key", "b", std::slice::from_ref(&cr2));
-        let c = conn(&registry, "p1", b"other", "c", std::slice::from_ref(&cr1));
+        let a = conn(&registry, "p1", b"key", "a", std::slice::from_ref(&cr1)).await;
+        let b = conn(&registry, "p2", b"key", "b", std::slice::from_ref(&cr2)).await;
+        let c = conn(&registry, "p1", b"other", "c", std::slice::from_ref(&cr1)).await;
         registry.add(a.clone());
         registry.add(b.clone());
         registry.add(c.clone());

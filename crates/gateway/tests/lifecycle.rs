@@ -27,6 +27,16 @@ struct Load {
 
 impl Load {
     fn start(env: &Env, path: &str, workers: usize) -> Load {
+        Load::run(env, path, workers, false)
+    }
+
+    /// Workers that create ConfigMaps (POST, expecting 201): requests that must not be sent
+    /// twice, so a connection cut under them fails them.
+    fn posts(env: &Env, path: &str, workers: usize) -> Load {
+        Load::run(env, path, workers, true)
+    }
+
+    fn run(env: &Env, path: &str, workers: usize, post: bool) -> Load {
         let load = Load {
             ok: Arc::default(),
             failed: Arc::default(),
@@ -44,9 +54,26 @@ impl Load {
                     load.last_failure.clone(),
                 );
                 tokio::spawn(async move {
+                    let expected = if post { 201 } else { 200 };
                     while !stop.load(Ordering::SeqCst) {
-                        match http.get(&url).send().await {
-                            Ok(res) if res.status() == 200 => {
+                        let request = if post {
+                            let name = format!("load-{:016x}", rand::random::<u64>());
+                            http.post(&url)
+                                .header("content-type", "application/json")
+                                .body(
+                                    serde_json::json!({
+                                        "apiVersion": "v1",
+                                        "kind": "ConfigMap",
+                                        "metadata": {"name": name},
+                                        "data": {"k": "v"},
+                                    })
+                                    .to_string(),
+                                )
+                        } else {
+                            http.get(&url)
+                        };
+                        match request.send().await {
+                            Ok(res) if res.status() == expected => {
                                 ok.fetch_add(1, Ordering::SeqCst);
                             }
                             Ok(res) => {
@@ -128,6 +155,42 @@ async fn leaf_renewal_hands_over_without_failed_requests() {
     assert_eq!(
         failed, 0,
         "no request failed during the renewal; last: {last}"
+    );
+}
+
+/// The plane's `reconnect` drains its connections: the agent connects anew, requests in flight
+/// finish on the old connection and new ones wait for the new one, so not one non-idempotent
+/// request fails. (Seen to fail with `reconnect` closing connections at once, as it used to:
+/// POSTs in flight got 502 `AgentConnectionClosed`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_drains_without_failed_requests() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let _agent = env.agent(&ca, "p", 2);
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+    let before = connection_ids(&env).await;
+    let load = Load::posts(
+        &env,
+        "/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces/default/configmaps",
+        4,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let (status, body) = env.post("/api/v1/planes/buildplane/p/reconnect", "").await;
+        assert_eq!(status, 200, "{body}");
+        env.eventually("the agent connected anew", WAIT, || async {
+            let ids = connection_ids(&env).await;
+            ids.len() == 1 && !before.contains(&ids[0])
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, failed, last) = load.stop().await;
+    assert!(ok > 20, "requests flowed: {ok}");
+    assert_eq!(
+        failed, 0,
+        "no request failed across the drains; last: {last}"
     );
 }
 

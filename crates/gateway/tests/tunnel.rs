@@ -175,7 +175,7 @@ async fn agent_killed_mid_request_fails_the_caller_at_once() {
             .expect("frame");
         if let Message::Binary(bytes) = message
             && matches!(
-                v2::decode(&bytes, Limits { max_frame: 1 << 20 }),
+                v2::decode(&bytes, Limits::with_max_frame(1 << 20)),
                 Ok(Frame::RequestHead { .. })
             )
         {
@@ -353,6 +353,16 @@ async fn proxy_validation_matches_openchoreo() {
         .get("/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces/a..b/pods")
         .await;
     assert_eq!(code, 400);
+    // A head the tunnel cannot carry whole (a string over 64 KiB) is refused, never cut.
+    // (HTTP/1.1: HTTP/2 callers are held to 16 KiB of headers before they reach the proxy.)
+    let long = env
+        .http1
+        .get(format!("{base}/k8s/api/v1/namespaces"))
+        .header("x-annotation", "a".repeat(70_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(long), 431);
     let big = env
         .http
         .post(format!("{base}/k8s/api/v1/namespaces"))
@@ -474,7 +484,7 @@ async fn an_agent_reset_gives_the_caller_its_status() {
                 .expect("frame");
             if let Message::Binary(bytes) = message
                 && let Ok(Frame::RequestHead { stream, .. }) =
-                    v2::decode(&bytes, Limits { max_frame: 1 << 20 })
+                    v2::decode(&bytes, Limits::with_max_frame(1 << 20))
             {
                 break stream;
             }

@@ -107,10 +107,19 @@ pub fn free_port() -> std::io::Result<u16> {
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
+    // A port is handed out once per harness process: scenarios running side by side never get
+    // the same one while its component is between start and bind (seen as `Address already in
+    // use` at a gateway's start).
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     if low > 20_000 {
-        for _ in 0..64 {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..256 {
             let port = rand::random_range(20_000..low);
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if !handed_out.contains(&port)
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
+                handed_out.insert(port);
                 return Ok(port);
             }
         }

@@ -33,8 +33,12 @@
 //!
 //! `str` is a u16 length and UTF-8 bytes; `headers` is a u16 count of (name str, value str).
 //! Flags: bit 0 = no body follows (the head ends the sender's half); other bits are ignored.
-//! A sender may have at most [`flow::INITIAL_WINDOW`] unacknowledged body bytes per stream
-//! ([`flow::StreamWindow`] tracks both directions of one stream).
+//! A sender may have at most [`flow::INITIAL_WINDOW`] unacknowledged body bytes per stream; the
+//! [`session::Session`] owns the credits of both directions of every stream.
+//!
+//! From `Hello` version 3 on, a peer reads several frames back to back in one WebSocket message
+//! (a small response's head, data and end leave together); a sender batches only for a peer
+//! that said version 3 or later.
 //!
 //! # v2 rules
 //! - The first frame each way is `Hello`; a peer that receives anything else first closes.
@@ -64,10 +68,9 @@
 //! ```
 
 pub mod flow;
+pub mod session;
 pub mod v1;
 pub mod v2;
-
-pub use flow::StreamWindow;
 
 /// A v1 message (request or response), as decided by its fields.
 pub type V1Message = v1::Message;
@@ -88,8 +91,11 @@ pub mod version {
     pub const V1: u16 = 1;
     /// The binary multiplexed protocol.
     pub const V2: u16 = 2;
+    /// v2 whose messages may carry several whole frames (said in `Hello`; the subprotocol stays
+    /// `buildplane.tunnel.v2`, and a peer that says 2 gets one frame per message).
+    pub const V3: u16 = 3;
     /// The newest version this build speaks.
-    pub const CURRENT: u16 = V2;
+    pub const CURRENT: u16 = V3;
 }
 
 /// Largest tunnel message (and WebSocket frame) the gateway and the agent accept from each

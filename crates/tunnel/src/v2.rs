@@ -1,12 +1,20 @@
 //! v2: binary frames (layout in the crate docs). `decode` checks every length against the
-//! input and the limits before allocating, rejects trailing bytes, and never panics.
+//! input and the limits before allocating, rejects trailing bytes, and never panics;
+//! [`Frames`] reads the frames of one WebSocket message by slicing it, without copying bodies.
 
+use bytes::{BufMut as _, Bytes, BytesMut};
 use thiserror::Error;
 
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 9;
 /// Default largest frame payload.
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
+/// Default largest head (`RequestHead`, `ResponseHead`) payload: heads are kept whole in memory
+/// until the application reads them, so they are bounded well below body frames.
+pub const DEFAULT_MAX_HEAD: usize = 256 * 1024;
+/// Largest payload of a connection or control frame (`Hello`, `End`, `Reset`, `WindowUpdate`,
+/// `Ping`, `Pong`, `GoAway`): a u16-length string and a few integers at most.
+pub const MAX_CONTROL: usize = 2 + 2 + u16::MAX as usize;
 /// Largest number of headers in one head.
 pub const MAX_HEADERS: usize = 256;
 
@@ -53,8 +61,8 @@ pub enum Frame {
     Data {
         /// Stream id.
         stream: u32,
-        /// The bytes.
-        chunk: Vec<u8>,
+        /// The bytes (a slice of the received message: decoding does not copy them).
+        chunk: Bytes,
     },
     /// The sender's half of the stream is complete. Since v2.
     End {
@@ -123,17 +131,41 @@ pub enum DecodeError {
     TooManyHeaders(usize),
 }
 
-/// Limits applied while decoding.
+/// Limits applied while decoding, per frame kind: a body chunk may be large, a head less so,
+/// and a control frame is never more than [`MAX_CONTROL`].
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Largest payload accepted.
+    /// Largest payload accepted for any frame (`Data` chunks are bounded by this alone).
     pub max_frame: usize,
+    /// Largest `RequestHead` or `ResponseHead` payload.
+    pub max_head: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame: DEFAULT_MAX_FRAME,
+            max_head: DEFAULT_MAX_HEAD,
+        }
+    }
+}
+
+impl Limits {
+    /// Limits with `max_frame` for every frame and the default head bound (or `max_frame`, if
+    /// smaller).
+    pub fn with_max_frame(max_frame: usize) -> Self {
+        Self {
+            max_frame,
+            max_head: DEFAULT_MAX_HEAD.min(max_frame),
+        }
+    }
+
+    /// The largest payload accepted for frame type `kind`.
+    pub fn for_kind(&self, kind: u8) -> usize {
+        match kind {
+            0x02 | 0x03 => self.max_head.min(self.max_frame),
+            0x04 => self.max_frame,
+            _ => MAX_CONTROL.min(self.max_frame),
         }
     }
 }
@@ -248,7 +280,7 @@ pub enum EncodeError {
 }
 
 /// Like [`encode`], but refuses a frame that `encode` would cut (strings over 65535 bytes,
-/// more than [`MAX_HEADERS`] headers) or whose payload exceeds `limits.max_frame`, so the peer
+/// more than [`MAX_HEADERS`] headers) or whose payload exceeds the limit of its kind in `limits`, so the peer
 /// would reject it. On error `out` is left unchanged.
 pub fn try_encode(frame: &Frame, out: &mut Vec<u8>, limits: Limits) -> Result<(), EncodeError> {
     fn check_str(field: &'static str, text: &str) -> Result<(), EncodeError> {
@@ -297,12 +329,10 @@ pub fn try_encode(frame: &Frame, out: &mut Vec<u8>, limits: Limits) -> Result<()
     let start = out.len();
     encode(frame, out);
     let len = out.len() - start - HEADER_LEN;
-    if len > limits.max_frame {
+    let limit = limits.for_kind(out[start]);
+    if len > limit {
         out.truncate(start);
-        return Err(EncodeError::TooLarge {
-            len,
-            limit: limits.max_frame,
-        });
+        return Err(EncodeError::TooLarge { len, limit });
     }
     Ok(())
 }
@@ -312,6 +342,87 @@ pub fn to_vec(frame: &Frame) -> Vec<u8> {
     let mut out = Vec::new();
     encode(frame, &mut out);
     out
+}
+
+/// Appends a `Data` frame's header and `chunk` to `out`: the chunk is copied once, into the
+/// message that carries it.
+pub fn encode_data(stream: u32, chunk: &[u8], out: &mut BytesMut) {
+    out.reserve(HEADER_LEN + chunk.len());
+    out.put_u8(0x04);
+    out.put_u32(stream);
+    out.put_u32(u32::try_from(chunk.len()).unwrap_or(u32::MAX));
+    out.put_slice(chunk);
+}
+
+/// The frames of one WebSocket message, in order. A message carries one frame, or (when both
+/// peers said so in `Hello`, see [`crate::session`]) several whole frames back to back. `Data`
+/// chunks are slices of the message: no body byte is copied. After an error the iterator ends.
+#[derive(Debug, Clone)]
+pub struct Frames {
+    message: Bytes,
+    limits: Limits,
+    failed: bool,
+}
+
+impl Frames {
+    /// Reads `message` with `limits`.
+    pub fn new(message: Bytes, limits: Limits) -> Self {
+        Self {
+            message,
+            limits,
+            failed: false,
+        }
+    }
+}
+
+impl Iterator for Frames {
+    type Item = Result<Frame, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.message.is_empty() || self.failed {
+            return None;
+        }
+        let result = frame_len(&self.message, self.limits).and_then(|len| {
+            let frame = self.message.split_to(HEADER_LEN + len);
+            decode_shared(&frame, self.limits)
+        });
+        self.failed = result.is_err();
+        Some(result)
+    }
+}
+
+/// The payload length the header at the start of `bytes` declares, checked against the limit
+/// of its kind and against the bytes present.
+fn frame_len(bytes: &[u8], limits: Limits) -> Result<usize, DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated("frame header"));
+    }
+    let kind = bytes[0];
+    let len = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize;
+    let limit = limits.for_kind(kind);
+    if len > limit {
+        return Err(DecodeError::TooLarge { len, limit });
+    }
+    if bytes.len() - HEADER_LEN < len {
+        return Err(DecodeError::Truncated("payload"));
+    }
+    Ok(len)
+}
+
+/// Decodes exactly one frame from `bytes`, slicing a `Data` chunk out of it without a copy.
+pub fn decode_shared(bytes: &Bytes, limits: Limits) -> Result<Frame, DecodeError> {
+    if bytes.first() == Some(&0x04) {
+        let len = frame_len(bytes, limits)?;
+        if bytes.len() > HEADER_LEN + len {
+            return Err(DecodeError::TrailingBytes(bytes.len() - HEADER_LEN - len));
+        }
+        let stream = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        return Ok(Frame::Data {
+            stream,
+            chunk: bytes.slice(HEADER_LEN..),
+        });
+    }
+    decode(bytes, limits)
 }
 
 struct Cursor<'a> {
@@ -378,11 +489,9 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
     let kind = header.u8("frame type")?;
     let stream = header.u32("stream id")?;
     let len = header.u32("length")? as usize;
-    if len > limits.max_frame {
-        return Err(DecodeError::TooLarge {
-            len,
-            limit: limits.max_frame,
-        });
+    let limit = limits.for_kind(kind);
+    if len > limit {
+        return Err(DecodeError::TooLarge { len, limit });
     }
     let payload = header.take(len, "payload")?;
     if !header.bytes.is_empty() {
@@ -411,7 +520,7 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
         },
         0x04 => Frame::Data {
             stream,
-            chunk: c.take(c.bytes.len(), "data")?.to_vec(),
+            chunk: Bytes::copy_from_slice(c.take(c.bytes.len(), "data")?),
         },
         0x05 => Frame::End { stream },
         0x06 => Frame::Reset {

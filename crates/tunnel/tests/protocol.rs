@@ -188,8 +188,12 @@ fn frame() -> impl Strategy<Value = Frame> {
                 end_stream
             }
         ),
-        (any::<u32>(), prop::collection::vec(any::<u8>(), 0..512))
-            .prop_map(|(stream, chunk)| Frame::Data { stream, chunk }),
+        (any::<u32>(), prop::collection::vec(any::<u8>(), 0..512)).prop_map(|(stream, chunk)| {
+            Frame::Data {
+                stream,
+                chunk: chunk.into(),
+            }
+        }),
         any::<u32>().prop_map(|stream| Frame::End { stream }),
         (any::<u32>(), any::<u16>(), text()).prop_map(|(stream, code, reason)| Frame::Reset {
             stream,

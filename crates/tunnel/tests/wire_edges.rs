@@ -113,7 +113,7 @@ fn v2_header_counts_and_utf8_are_checked() {
     );
     // The limit is the caller's: a 16-byte limit refuses a 17-byte data frame.
     assert_eq!(
-        v2::decode(&valid_header(0x04, 1, &[0; 17]), Limits { max_frame: 16 }),
+        v2::decode(&valid_header(0x04, 1, &[0; 17]), Limits::with_max_frame(16)),
         Err(DecodeError::TooLarge { len: 17, limit: 16 })
     );
 }
@@ -150,10 +150,10 @@ fn try_encode_refuses_lossy_frames() {
     );
     let data = Frame::Data {
         stream: 1,
-        chunk: vec![0; 33],
+        chunk: vec![0; 33].into(),
     };
     assert_eq!(
-        v2::try_encode(&data, &mut out, Limits { max_frame: 32 }),
+        v2::try_encode(&data, &mut out, Limits::with_max_frame(32)),
         Err(EncodeError::TooLarge { len: 33, limit: 32 })
     );
     assert_eq!(out, [0xAA], "refused frames leave the buffer as it was");

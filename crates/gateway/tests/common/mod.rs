@@ -204,6 +204,18 @@ impl Env {
         }
     }
 
+    /// POST on the internal API: (status, body).
+    pub async fn post(&self, path: &str, body: &str) -> (u16, String) {
+        let request = self.http.post(format!("{}{path}", self.base));
+        match request.body(body.to_owned()).send().await {
+            Ok(res) => {
+                let status = res.status().as_u16();
+                (status, res.text().await.unwrap_or_default())
+            }
+            Err(err) => (0, err.to_string()),
+        }
+    }
+
     /// GET through the proxy to a CR's plane.
     pub async fn proxy(&self, plane_id: &str, ns: &str, name: &str, path: &str) -> (u16, String) {
         self.get(&format!(

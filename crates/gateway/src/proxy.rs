@@ -1,0 +1,636 @@
+//! The Kubernetes proxy (`/api/proxy/{planeType}/{planeID}/{namespace}/{name}/{target}/{path}`)
+//! in four steps: [`Call::validate`] checks the request and shapes its head, [`exchange`]
+//! chooses an authorised connection, opens a stream on it and sends the body (trying another
+//! connection when one closed before the agent answered a GET or HEAD), and [`relay`] turns the
+//! stream's answer into the HTTP response, its body read under flow-control credits as the
+//! caller consumes it. Dropping the response (the caller went away) resets the stream, so the
+//! agent stops too: a watch ends on the build cluster.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json,
+    body::Body,
+    extract::{Path, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode},
+    response::{IntoResponse, Response},
+};
+use buildplane_api::{CrKey, names::PlaneType};
+use buildplane_link::{Read, RequestHead, ResponseHead, StreamError, StreamHandle};
+use buildplane_tunnel::session::RESET_DRAINING;
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{Shared, registry::Unavailable};
+
+/// Largest proxied request body (OpenChoreo's limit).
+pub const MAX_REQUEST_BODY: usize = 10 * 1024 * 1024;
+/// How long a proxied request waits for the agent's response head.
+pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request waits for an agent whose every connection is draining to connect anew.
+const RECONNECT_WAIT: Duration = Duration::from_secs(5);
+/// Connections a GET or HEAD is tried on when each closes before its agent answers.
+const ATTEMPTS: usize = 3;
+
+/// The proxy route's path segments.
+#[derive(Debug, Deserialize)]
+pub struct ProxyPath {
+    plane_type: String,
+    plane_id: String,
+    namespace: String,
+    name: String,
+    target: String,
+    path: String,
+}
+
+/// The proxy handler.
+pub async fn proxy(
+    State(shared): State<Arc<Shared>>,
+    Path(segments): Path<ProxyPath>,
+    req: Request,
+) -> Response {
+    let started = tokio::time::Instant::now();
+    let (call, body) = match Call::validate(&shared, segments, req) {
+        Ok(call) => call,
+        Err(refusal) => return refusal,
+    };
+    let upload = match Upload::prepare(&call, body).await {
+        Ok(upload) => upload,
+        Err(failure) => return failure.into_response(),
+    };
+    let _pending = shared.metrics.pending_guard();
+    match exchange(&shared, &call, upload).await {
+        Ok((head, stream)) => {
+            shared.metrics.proxied(started.elapsed());
+            relay(head, stream)
+        }
+        Err(failure) => {
+            if let Some(label) = failure.metric() {
+                shared.metrics.proxy_failed(label);
+            }
+            failure.into_response()
+        }
+    }
+}
+
+/// A validated proxy request: where it goes and the head the agent gets.
+#[derive(Debug)]
+struct Call {
+    plane_id: String,
+    cr: CrKey,
+    head: RequestHead,
+    /// A GET or HEAD: safe to send again when its connection closed before the agent answered.
+    retriable: bool,
+    /// A watch or log follow (v1 agents cannot stream one).
+    streaming: bool,
+    /// The request declares no body.
+    bodiless: bool,
+}
+
+impl Call {
+    /// Checks the method, planeType, target, upgrade and path policy; keeps the caller's
+    /// headers except its credentials and hop-by-hop ones; names the request
+    /// (`X-Request-ID`, OpenChoreo's `gw-` form when the caller sent none).
+    // The refusal is the response itself.
+    #[allow(clippy::result_large_err)]
+    fn validate(
+        shared: &Shared,
+        segments: ProxyPath,
+        req: Request,
+    ) -> Result<(Call, Body), Response> {
+        let method = req.method().clone();
+        if !matches!(
+            method,
+            Method::GET
+                | Method::POST
+                | Method::PUT
+                | Method::PATCH
+                | Method::DELETE
+                | Method::HEAD
+                | Method::OPTIONS
+        ) {
+            return Err(error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("method {method} is not proxied"),
+            ));
+        }
+        if let Err(err) = segments.plane_type.parse::<PlaneType>() {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "InvalidPlaneType",
+                err.to_string(),
+            ));
+        }
+        // OpenChoreo's validator accepts these targets; agents serve `k8s` and answer 404
+        // otherwise.
+        if !matches!(segments.target.as_str(), "k8s" | "monitoring" | "logs") {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "InvalidTarget",
+                format!(
+                    "target {:?} is not supported; expected k8s, monitoring or logs",
+                    segments.target
+                ),
+            ));
+        }
+        if req.headers().contains_key(http::header::UPGRADE) {
+            return Err(error(
+                StatusCode::NOT_IMPLEMENTED,
+                "UpgradeNotSupported",
+                "connection upgrades (exec, attach, port-forward) are not proxied",
+            ));
+        }
+        let path = shared
+            .config
+            .proxy_policy
+            .check(&segments.path)
+            .map_err(|refusal| error(refusal.status(), refusal.code(), refusal.to_string()))?;
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let streaming = query
+            .split('&')
+            .any(|p| p == "watch=true" || p == "watch=1" || p == "follow=true");
+        let bodiless = declares_no_body(req.headers());
+        let (parts, body) = req.into_parts();
+        let head = RequestHead {
+            method: method.to_string(),
+            target: segments.target,
+            path,
+            query,
+            headers: forwarded_headers(&parts.headers),
+        };
+        let call = Call {
+            plane_id: segments.plane_id,
+            cr: CrKey::from_url_segments(&segments.namespace, &segments.name),
+            head,
+            retriable: matches!(method, Method::GET | Method::HEAD),
+            streaming,
+            bodiless,
+        };
+        Ok((call, body))
+    }
+}
+
+/// No `Content-Length` above zero and no `Transfer-Encoding`: HTTP/1.1 says no body follows.
+fn declares_no_body(headers: &HeaderMap) -> bool {
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    !headers.contains_key(http::header::TRANSFER_ENCODING) && length.unwrap_or(0) == 0
+}
+
+/// The caller's headers as the agent gets them: no credentials, no hop-by-hop headers, and an
+/// `X-Request-ID` (the caller's, or OpenChoreo's `gw-` and 16 hex digits).
+fn forwarded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    let mut forwarded: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(name, _)| {
+            !matches!(
+                name.as_str(),
+                "authorization" | "host" | "connection" | "content-length" | "transfer-encoding"
+            )
+        })
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    let has_id = forwarded
+        .iter()
+        .any(|(name, value)| name == "x-request-id" && !value.is_empty());
+    if !has_id {
+        forwarded.retain(|(name, _)| name != "x-request-id");
+        forwarded.push((
+            "x-request-id".into(),
+            format!("gw-{:016x}", rand::random::<u64>()),
+        ));
+    }
+    forwarded
+}
+
+/// The request body as it will be sent.
+enum Upload {
+    /// No body: the head ends the request.
+    Empty,
+    /// Collected (bounded): a GET or HEAD with a body, which a retry must be able to send again.
+    Whole(Bytes),
+    /// Streamed to the agent under its credits as the caller sends it.
+    Streamed(Body),
+}
+
+impl Upload {
+    async fn prepare(call: &Call, body: Body) -> Result<Upload, Failure> {
+        if call.bodiless {
+            return Ok(Upload::Empty);
+        }
+        if !call.retriable {
+            return Ok(Upload::Streamed(body));
+        }
+        match http_body_util::Limited::new(body, MAX_REQUEST_BODY)
+            .collect()
+            .await
+        {
+            Ok(body) => {
+                let bytes = body.to_bytes();
+                Ok(if bytes.is_empty() {
+                    Upload::Empty
+                } else {
+                    Upload::Whole(bytes)
+                })
+            }
+            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+                Err(Failure::RequestTooLarge)
+            }
+            Err(err) => Err(Failure::CallerBody(err.to_string())),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Upload::Empty)
+    }
+
+    /// The same upload for another attempt (a streamed body cannot be sent twice).
+    fn again(&self) -> Option<Upload> {
+        match self {
+            Upload::Empty => Some(Upload::Empty),
+            Upload::Whole(bytes) => Some(Upload::Whole(bytes.clone())),
+            Upload::Streamed(_) => None,
+        }
+    }
+}
+
+/// Why a proxied request got no answer from an agent.
+#[derive(Debug)]
+enum Failure {
+    Unavailable(Unavailable, String, CrKey),
+    /// The connection closed before the agent answered (the request may have run).
+    Lost(u64),
+    /// The stream could not be opened (connection closed or at its stream limit).
+    Open(StreamError),
+    /// The agent reset the stream before its head.
+    Refused {
+        code: u16,
+        reason: String,
+    },
+    Timeout,
+    StreamingUnsupported,
+    RequestTooLarge,
+    CallerBody(String),
+    Protocol(&'static str),
+}
+
+impl Failure {
+    fn metric(&self) -> Option<&'static str> {
+        match self {
+            Failure::Lost(_) => Some("connection_closed"),
+            Failure::Refused { .. } => Some("agent_reset"),
+            Failure::Timeout => Some("timeout"),
+            Failure::Open(_) => Some("open_failed"),
+            Failure::Protocol(_) => Some("protocol"),
+            _ => None,
+        }
+    }
+
+    fn into_response(self) -> Response {
+        match self {
+            Failure::Unavailable(Unavailable::NoAgentConnected, plane_id, _) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NoAgentConnected",
+                format!("no agent is connected for planeID {plane_id:?}"),
+            ),
+            Failure::Unavailable(Unavailable::NotAuthorized, plane_id, cr) => error(
+                StatusCode::FORBIDDEN,
+                "NotAuthorized",
+                format!("no connected agent of planeID {plane_id:?} is authorised for {cr}"),
+            ),
+            Failure::Unavailable(Unavailable::Draining, plane_id, _) => retry_later(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "AgentReconnecting",
+                format!(
+                    "every agent connection of planeID {plane_id:?} is draining while its agent reconnects"
+                ),
+            )),
+            Failure::Lost(id) => error(
+                StatusCode::BAD_GATEWAY,
+                "AgentConnectionClosed",
+                format!(
+                    "the agent connection (id {id}) closed before the agent answered; the request may or may not have run"
+                ),
+            ),
+            Failure::Open(StreamError::Limit(n)) => retry_later(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "AgentBusy",
+                format!("the agent connection has {n} requests in flight; retry later"),
+            )),
+            Failure::Open(StreamError::Head(reason)) => error(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "RequestHeadTooLarge",
+                format!("the request head cannot cross the tunnel: {reason}"),
+            ),
+            Failure::Open(err) => error(
+                StatusCode::BAD_GATEWAY,
+                "AgentConnectionClosed",
+                format!("the request could not be sent: {err}"),
+            ),
+            Failure::Refused { code, reason } => agent_refused(code, &reason),
+            Failure::Timeout => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "AgentTimeout",
+                "the agent did not answer in time",
+            ),
+            Failure::StreamingUnsupported => error(
+                StatusCode::NOT_IMPLEMENTED,
+                "StreamingNotSupported",
+                "the agent speaks tunnel v1 (OpenChoreo JSON), which cannot stream watch or follow responses",
+            ),
+            Failure::RequestTooLarge => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLarge",
+                format!("request bodies are limited to {MAX_REQUEST_BODY} bytes"),
+            ),
+            Failure::CallerBody(reason) => error(
+                StatusCode::BAD_REQUEST,
+                "RequestBodyFailed",
+                format!("reading the request body failed: {reason}"),
+            ),
+            Failure::Protocol(what) => error(StatusCode::BAD_GATEWAY, "ProtocolError", what),
+        }
+    }
+}
+
+/// Chooses a connection, opens a stream, sends the body and waits for the response head. A GET
+/// or HEAD whose connection closed before its agent answered (a renewal or CA rotation handing
+/// over) goes to another authorised connection; other methods get 502, as they may have run.
+async fn exchange(
+    shared: &Shared,
+    call: &Call,
+    upload: Upload,
+) -> Result<(ResponseHead, StreamHandle), Failure> {
+    let mut upload = Some(upload);
+    let mut lost_on: Option<u64> = None;
+    for attempt in 1..=ATTEMPTS {
+        let conn = match pick(shared, call).await {
+            Ok(conn) => conn,
+            // Nothing to retry on: the caller learns the connection it was on closed.
+            Err(_) if let Some(id) = lost_on => return Err(Failure::Lost(id)),
+            Err(why) => {
+                return Err(Failure::Unavailable(
+                    why,
+                    call.plane_id.clone(),
+                    call.cr.clone(),
+                ));
+            }
+        };
+        if call.streaming && conn.version() < 2 {
+            return Err(Failure::StreamingUnsupported);
+        }
+        let this = upload.take().ok_or(Failure::Lost(conn.id))?;
+        let again = this.again();
+        let stream = match conn.open(call.head.clone(), this.is_empty()) {
+            Ok(stream) => stream,
+            // The connection started draining or closed since it was picked: nothing was sent,
+            // so any method may go to another connection.
+            Err(StreamError::Draining | StreamError::Closed(_)) if attempt < ATTEMPTS => {
+                upload = Some(this);
+                continue;
+            }
+            Err(err) => return Err(Failure::Open(err)),
+        };
+        let answer =
+            tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, send_and_await_head(&stream, this))
+                .await
+                .map_err(|_| Failure::Timeout)??;
+        match answer {
+            Read::Response(head) => return Ok((head, stream)),
+            Read::Lost {
+                before_head: true, ..
+            } if call.retriable && attempt < ATTEMPTS && again.is_some() => {
+                shared.metrics.proxy_failed("connection_closed_retried");
+                lost_on = Some(conn.id);
+                upload = again;
+            }
+            Read::Lost { .. } => return Err(Failure::Lost(conn.id)),
+            // Refused before any work by an agent draining this connection: any method may go
+            // to another connection.
+            Read::Reset {
+                code: RESET_DRAINING,
+                ..
+            } if attempt < ATTEMPTS && again.is_some() => {
+                shared.metrics.proxy_failed("draining_retried");
+                upload = again;
+            }
+            Read::Reset {
+                code: RESET_DRAINING,
+                reason,
+            } => {
+                return Err(Failure::Refused { code: 503, reason });
+            }
+            Read::Reset { code, reason } => return Err(Failure::Refused { code, reason }),
+            Read::Data(_) | Read::End | Read::Request(_) => {
+                return Err(Failure::Protocol(
+                    "the agent sent a body before a response head",
+                ));
+            }
+        }
+    }
+    Err(Failure::Lost(lost_on.unwrap_or_default()))
+}
+
+/// Picks a connection for the call. When every authorised connection is draining (their agents
+/// were told to connect anew: a reconnect, a shutdown, a renewal), waits up to
+/// [`RECONNECT_WAIT`] for a new one, so a drain costs callers a short wait, not a 503.
+async fn pick(
+    shared: &Shared,
+    call: &Call,
+) -> Result<Arc<crate::registry::Connection>, Unavailable> {
+    let deadline = tokio::time::Instant::now() + RECONNECT_WAIT;
+    loop {
+        match shared.registry.pick(&call.plane_id, &call.cr) {
+            Err(Unavailable::Draining) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Sends the body while waiting for the head: an agent may answer (an error, say) before it
+/// has read the whole body. A body the caller fails to send, or one over the limit, ends the
+/// exchange with its own failure; a write the stream refuses (the agent reset it, the
+/// connection ended) leaves the answer to the stream.
+async fn send_and_await_head(stream: &StreamHandle, upload: Upload) -> Result<Read, Failure> {
+    let sending = async {
+        match upload {
+            Upload::Empty => Ok(()),
+            Upload::Whole(bytes) => {
+                // A refused write shows in what the stream reads next.
+                if stream.write(bytes).await.is_ok() {
+                    let _ = stream.finish();
+                }
+                Ok(())
+            }
+            Upload::Streamed(body) => send_streamed(stream, body).await,
+        }
+    };
+    let head = stream.read();
+    tokio::pin!(sending, head);
+    tokio::select! {
+        biased;
+        sent = &mut sending => match sent {
+            Ok(()) => Ok(head.await),
+            Err(failure) => Err(failure),
+        },
+        head = &mut head => Ok(head),
+    }
+}
+
+/// Streams a caller's body frame by frame under the stream's credits, bounded by
+/// [`MAX_REQUEST_BODY`]; a body over it, or one the caller fails to send, resets the stream.
+async fn send_streamed(stream: &StreamHandle, mut body: Body) -> Result<(), Failure> {
+    let mut sent = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(err) => {
+                stream.reset(499, "the caller's body failed");
+                return Err(Failure::CallerBody(err.to_string()));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        sent += data.len();
+        if sent > MAX_REQUEST_BODY {
+            stream.reset(413, "the request body is too large");
+            return Err(Failure::RequestTooLarge);
+        }
+        if stream.write(data).await.is_err() {
+            return Ok(());
+        }
+    }
+    let _ = stream.finish();
+    Ok(())
+}
+
+/// The HTTP response for an answered stream; its body reads the stream as the caller does.
+fn relay(head: ResponseHead, stream: StreamHandle) -> Response {
+    let mut headers = HeaderMap::new();
+    for (name, value) in head.headers {
+        if matches!(
+            name.to_ascii_lowercase().as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    let body = if stream.at_end() {
+        Body::empty()
+    } else {
+        Body::from_stream(stream.into_body())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *res.headers_mut() = headers;
+    res
+}
+
+/// The answer to a stream the agent reset before its response head. The agent's code is an
+/// HTTP status (400 invalid request, 502 the build cluster's API server failed, 503 at its
+/// request limit or draining) and the caller gets it, as a v1 agent's status reaches the
+/// caller; a 503 carries `Retry-After`, since the agent sheds load and a retry a moment later
+/// succeeds. Codes outside 400..=599 are a protocol error of the agent's: 502.
+fn agent_refused(code: u16, reason: &str) -> Response {
+    let status = StatusCode::from_u16(code)
+        .ok()
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    let res = error(
+        status,
+        "AgentError",
+        format!("the agent failed the request ({code}): {reason}"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        retry_later(res)
+    } else {
+        res
+    }
+}
+
+fn retry_later(mut res: Response) -> Response {
+    res.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}
+
+/// A JSON error body (`{"error": code, "message": ...}`), as every internal API error is.
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The caller's credentials and hop-by-hop headers stay at the gateway; a request id is
+    /// added when the caller sent none (or an empty one), and kept when it sent one.
+    #[test]
+    fn forwarded_headers_drop_credentials_and_name_the_request() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer x"));
+        headers.insert("accept", HeaderValue::from_static("application/json"));
+        headers.insert("x-request-id", HeaderValue::from_static(""));
+        let forwarded = forwarded_headers(&headers);
+        assert!(!forwarded.iter().any(|(n, _)| n == "authorization"));
+        let ids: Vec<&String> = forwarded
+            .iter()
+            .filter(|(n, _)| n == "x-request-id")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(ids.len(), 1);
+        assert!(ids[0].starts_with("gw-") && ids[0].len() == 19, "{ids:?}");
+        headers.insert("x-request-id", HeaderValue::from_static("mine"));
+        assert!(
+            forwarded_headers(&headers)
+                .iter()
+                .any(|(n, v)| n == "x-request-id" && v == "mine")
+        );
+    }
+
+    /// A body is expected exactly when Content-Length is above zero or Transfer-Encoding is set.
+    #[test]
+    fn bodiless_requests_are_told_by_their_headers() {
+        let mut headers = HeaderMap::new();
+        assert!(declares_no_body(&headers));
+        headers.insert("content-length", HeaderValue::from_static("0"));
+        assert!(declares_no_body(&headers));
+        headers.insert("content-length", HeaderValue::from_static("12"));
+        assert!(!declares_no_body(&headers));
+        headers.remove("content-length");
+        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        assert!(!declares_no_body(&headers));
+    }
+
+    /// An agent's reset code becomes the caller's status when it is an HTTP error; a 503 says
+    /// when to retry; anything else is the agent's protocol error.
+    #[test]
+    fn agent_refusals_map_to_statuses() {
+        assert_eq!(agent_refused(404, "x").status(), StatusCode::NOT_FOUND);
+        let busy = agent_refused(503, "busy");
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[http::header::RETRY_AFTER], "1");
+        assert_eq!(agent_refused(200, "x").status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(agent_refused(0, "x").status(), StatusCode::BAD_GATEWAY);
+    }
+}
