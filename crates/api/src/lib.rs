@@ -14,6 +14,7 @@
 //! plane, which is the opposite of what users expect.
 
 mod crd;
+pub mod events;
 pub mod names;
 mod types;
 mod validation;

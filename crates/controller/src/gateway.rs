@@ -12,7 +12,7 @@ use buildplane_api::CrKey;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use thiserror::Error;
 use tokio::{sync::mpsc, time::Instant};
 
@@ -47,24 +47,7 @@ struct Notify<'a> {
     name: &'a str,
 }
 
-/// One line of the gateway's event stream (`GatewayEvent` in CONTRACTS.md).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GatewayEvent {
-    /// `snapshot`, `connected`, `disconnected`, `authorized`, `revoked` or `replaced`.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// When it happened.
-    #[serde(default)]
-    pub time: Option<String>,
-    /// Connected agents per CR key (`ns/name` or `/name`) for the CRs the event touches; on a
-    /// snapshot, for every CR with a connection.
-    #[serde(default)]
-    pub connected_agents_by_cr: HashMap<String, u32>,
-    /// The CRs the event touches.
-    #[serde(default)]
-    pub crs: Vec<String>,
-}
+pub use buildplane_api::events::{GatewayEvent, GatewayEventKind};
 
 /// An mTLS client of the gateway's internal API.
 #[derive(Clone)]
@@ -322,13 +305,15 @@ impl ConnectionTable {
         let mut counts: HashMap<CrKey, u32> = event
             .connected_agents_by_cr
             .iter()
-            .filter_map(|(key, n)| CrKey::parse(key).map(|key| (key, *n)))
+            .filter_map(|(key, n)| {
+                CrKey::parse(key).map(|key| (key, u32::try_from(*n).unwrap_or(u32::MAX)))
+            })
             .collect();
         for key in event.crs.iter().filter_map(|key| CrKey::parse(key)) {
             counts.entry(key).or_insert(0);
         }
         let was_following = state.sync == Sync::Following;
-        let snapshot = event.type_ == "snapshot";
+        let snapshot = event.kind == GatewayEventKind::Snapshot;
         if snapshot {
             // A snapshot lists every CR with connections: every other CR has none.
             for (key, entry) in state.entries.iter() {
@@ -349,18 +334,14 @@ impl ConnectionTable {
                 // A snapshot's time is when it was taken, not when an agent was heard from:
                 // using it would rewrite every status on each controller restart.
                 if !snapshot {
-                    entry.last_seen = event
-                        .time
-                        .as_deref()
-                        .and_then(|t| t.parse().ok())
-                        .or(entry.last_seen);
+                    entry.last_seen = event.time.parse().ok().or(entry.last_seen);
                 }
                 entry.zero_since = None;
                 if entry.shown != n {
                     entry.shown = n;
                     changed.push(key);
                 }
-            } else if entry.shown > 0 && event.type_ == "revoked" {
+            } else if entry.shown > 0 && event.kind == GatewayEventKind::Revoked {
                 // A revocation is deliberate (CR deleted or CA changed): no grace period.
                 entry.shown = 0;
                 entry.zero_since = None;
@@ -385,11 +366,17 @@ impl ConnectionTable {
 mod tests {
     use super::*;
 
-    fn event(type_: &str, counts: &[(&str, u32)]) -> GatewayEvent {
+    fn event(kind: &str, counts: &[(&str, u32)]) -> GatewayEvent {
         GatewayEvent {
-            type_: type_.into(),
-            time: None,
-            connected_agents_by_cr: counts.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect(),
+            kind: serde_json::from_value(serde_json::json!(kind)).expect("a kind"),
+            time: String::new(),
+            plane_type: "buildplane".into(),
+            plane_id: String::new(),
+            connection_id: 0,
+            connected_agents_by_cr: counts
+                .iter()
+                .map(|(k, n)| ((*k).to_owned(), *n as usize))
+                .collect(),
             crs: counts.iter().map(|(k, _)| (*k).to_owned()).collect(),
         }
     }

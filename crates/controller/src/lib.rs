@@ -393,7 +393,7 @@ async fn follow_gateway(gateway: GatewayClient, connections: ConnectionTable, tr
                     for key in &changed {
                         triggers.one(key);
                     }
-                    if event.type_ == "snapshot" {
+                    if event.kind == gateway::GatewayEventKind::Snapshot {
                         triggers.all();
                     }
                     if !deferred.is_empty() {

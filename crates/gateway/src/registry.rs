@@ -10,11 +10,13 @@ use std::{
     },
 };
 
-use buildplane_api::CrKey;
+use buildplane_api::{
+    CrKey,
+    events::{GatewayEvent, GatewayEventKind},
+};
 use buildplane_link::{Link, RequestHead, StreamError, StreamHandle};
 use parking_lot::RwLock;
 use rustls_pki_types::CertificateDer;
-use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -192,29 +194,6 @@ pub enum Unavailable {
     Draining,
 }
 
-/// A status event for the controller (`GatewayEvent` in CONTRACTS.md).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GatewayEvent {
-    /// `snapshot`, `connected`, `disconnected`, `authorized`, `revoked`, `replaced`.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// RFC 3339.
-    pub time: String,
-    /// Always `buildplane`.
-    pub plane_type: String,
-    /// The plane.
-    #[serde(rename = "planeID")]
-    pub plane_id: String,
-    /// The connection (0 for snapshots).
-    #[serde(rename = "connectionID")]
-    pub connection_id: u64,
-    /// CRs touched.
-    pub crs: Vec<String>,
-    /// Connected agents of each touched CR after the event.
-    pub connected_agents_by_cr: BTreeMap<String, usize>,
-}
-
 /// Every live connection, grouped by planeID: admission, routing and the connection events look
 /// at one plane's connections, never at all of them, so a storm of N agents costs O(N) in
 /// total, not O(N²). (A CR serves one planeID, so its agents are all on that plane.)
@@ -325,10 +304,14 @@ impl Registry {
             // (a renewal, a reconnect), so requests in flight there still complete. A stale
             // connection that never answers closes at its drain or idle timeout.
             old.go_away("replaced by a newer connection of the same agent");
-            self.emit("replaced", &old, old.crs().into_iter().collect());
+            self.emit(
+                GatewayEventKind::Replaced,
+                &old,
+                old.crs().into_iter().collect(),
+            );
         }
         let crs: Vec<CrKey> = conn.crs().into_iter().collect();
-        self.emit("connected", &conn, crs);
+        self.emit(GatewayEventKind::Connected, &conn, crs);
     }
 
     /// Removes a connection (if still registered) and fails its pending requests.
@@ -360,7 +343,7 @@ impl Registry {
         conn.close("the connection was removed");
         if removed {
             let crs: Vec<CrKey> = conn.crs().into_iter().collect();
-            self.emit("disconnected", conn, crs);
+            self.emit(GatewayEventKind::Disconnected, conn, crs);
         }
     }
 
@@ -444,16 +427,16 @@ impl Registry {
             (granted, revoked)
         };
         if !granted.is_empty() {
-            self.emit("authorized", conn, granted.clone());
+            self.emit(GatewayEventKind::Authorized, conn, granted.clone());
         }
         if !revoked.is_empty() {
-            self.emit("revoked", conn, revoked.clone());
+            self.emit(GatewayEventKind::Revoked, conn, revoked.clone());
         }
         (granted.len(), revoked.len())
     }
 
     /// Sends one event; its counts come from the connection's own plane only.
-    fn emit(&self, type_: &str, conn: &Connection, crs: Vec<CrKey>) {
+    fn emit(&self, kind: GatewayEventKind, conn: &Connection, crs: Vec<CrKey>) {
         let counts = {
             let table = self.table.read();
             let plane = table.by_plane.get(&conn.plane_id);
@@ -465,7 +448,7 @@ impl Registry {
                 .collect()
         };
         let _ = self.events.send(GatewayEvent {
-            type_: type_.into(),
+            kind,
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             plane_type: buildplane_api::names::PLANE_TYPE.into(),
             plane_id: conn.plane_id.clone(),
@@ -479,7 +462,7 @@ impl Registry {
     pub fn snapshot(&self) -> GatewayEvent {
         let by_cr = self.agents_by_cr();
         GatewayEvent {
-            type_: "snapshot".into(),
+            kind: GatewayEventKind::Snapshot,
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             plane_type: buildplane_api::names::PLANE_TYPE.into(),
             plane_id: String::new(),
@@ -600,10 +583,11 @@ mod tests {
             "the replaced connection takes no new streams; its requests in flight finish"
         );
         assert_eq!(registry.replaced_total(), 1);
-        let types: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
-            .map(|e| e.type_)
+        let kinds: Vec<GatewayEventKind> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| e.kind)
             .collect();
-        assert_eq!(types, ["connected", "connected", "replaced", "connected"]);
+        use GatewayEventKind::{Connected, Replaced};
+        assert_eq!(kinds, [Connected, Connected, Replaced, Connected]);
         let first = conn(&registry, "q", b"shared", "", std::slice::from_ref(&cr)).await;
         let second = conn(&registry, "q", b"shared", "", std::slice::from_ref(&cr)).await;
         registry.add(first.clone());
