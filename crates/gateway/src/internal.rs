@@ -121,6 +121,9 @@ async fn all_status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Notify {
+    /// OpenChoreo's controller sends it; when given it must be a plane type this gateway serves.
+    #[serde(default)]
+    plane_type: Option<String>,
     #[serde(rename = "planeID")]
     plane_id: String,
     event: String,
@@ -131,6 +134,11 @@ struct Notify {
 }
 
 async fn notify(State(shared): State<Arc<Shared>>, Json(body): Json<Notify>) -> Response {
+    if let Some(plane_type) = &body.plane_type
+        && let Err(err) = plane_type.parse::<PlaneType>()
+    {
+        return invalid_plane_type(&err);
+    }
     if !matches!(body.event.as_str(), "created" | "updated" | "deleted") {
         return error(
             StatusCode::BAD_REQUEST,

@@ -255,6 +255,18 @@ async fn deleting_one_cr_leaves_its_sibling_connected() {
     let before: serde_json::Value =
         serde_json::from_str(&env.get("/api/v1/connections").await.1).unwrap();
 
+    // A plane type this gateway does not serve is refused, and revokes nothing.
+    let wrong = env
+        .http
+        .post(format!("{}/api/v1/planes/notify", env.base))
+        .json(&serde_json::json!({"planeType": "dataplane", "planeID": "p", "event": "deleted", "namespace": "org-a", "name": "bp"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 400);
+    let (status, _) = env.proxy("p", "org-a", "bp", "/api/v1/namespaces").await;
+    assert_eq!(status, 200, "a refused notify changed nothing");
+
     let res = env
         .http
         .post(format!("{}/api/v1/planes/notify", env.base))
