@@ -38,7 +38,7 @@ const SERVICE: &str = "backend";
 /// What starting a peer gave: running, or skipped with the reason (never a made-up figure).
 pub enum Peer {
     /// Started and answering through its service port.
-    Running(Rathole),
+    Running(Box<Rathole>),
     /// Cannot run on this machine; the reason says why and what to do.
     Skipped(String),
 }
@@ -110,7 +110,7 @@ impl Rathole {
             dir,
         };
         rathole.wait_ready().await?;
-        Ok(Peer::Running(rathole))
+        Ok(Peer::Running(Box::new(rathole)))
     }
 
     /// The URL of an `n`-byte response through rathole (plain HTTP: rathole's visitors speak TCP).
