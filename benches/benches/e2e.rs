@@ -1,6 +1,8 @@
 //! End-to-end throughput over loopback TLS: the same HTTP/1.1 client fetching 1 KiB, 64 KiB and
 //! 16 MiB responses at concurrency 1, 64 and 256 straight from the backend (`direct`), through
-//! the raw TLS byte relay (`relay`) and through the gateway and an agent (`v1`, `v2`).
+//! the raw TLS byte relay (`relay`), through the gateway and an agent (`v1`, `v2`), and through
+//! rathole with its TLS transport (`rathole`, a peer a user could pick instead; skipped with the
+//! reason when `BUILDPLANE_RATHOLE` names no binary, see `buildplane_benches::rathole`).
 //!
 //! One iteration is one round of `concurrency` concurrent requests; throughput counts body bytes.
 //! 16 MiB runs at concurrency 1 and 64 only (a round at 256 moves 4 GiB), and not over v1, whose
@@ -8,7 +10,7 @@
 
 use std::time::Duration;
 
-use buildplane_benches::{Backend, KIB, MIB, Pki, Relay, Tunnel, round};
+use buildplane_benches::{Backend, KIB, MIB, Peer, Pki, Rathole, Relay, Tunnel, round};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 
 fn cases() -> Vec<(usize, usize)> {
@@ -43,11 +45,22 @@ fn e2e(c: &mut Criterion) {
         .build()
         .expect("tokio runtime");
     let pki = Pki::generate().expect("PKI");
-    let (backend, relay, tunnel) = rt.block_on(async {
+    let (backend, relay, tunnel, rathole) = rt.block_on(async {
         let backend = Backend::start().await.expect("backend");
         let relay = Relay::start(&pki, backend.addr).await.expect("relay");
         let tunnel = Tunnel::start(&pki, &backend).await.expect("tunnel");
-        (backend, relay, tunnel)
+        // A binary that is there but does not work is a failure, not a skip.
+        let rathole = match Rathole::from_env(&pki, backend.addr)
+            .await
+            .expect("rathole")
+        {
+            Peer::Running(rathole) => Some(rathole),
+            Peer::Skipped(reason) => {
+                eprintln!("rathole: skipped: {reason}");
+                None
+            }
+        };
+        (backend, relay, tunnel, rathole)
     });
     let client = pki.http_client().expect("HTTP client");
     let quick = buildplane_benches::quick();
@@ -77,6 +90,9 @@ fn e2e(c: &mut Criterion) {
             paths.push(("v1", tunnel.url(1, size)));
         }
         paths.push(("v2", tunnel.url(2, size)));
+        if let Some(rathole) = &rathole {
+            paths.push(("rathole", rathole.url(size)));
+        }
         for (name, url) in paths {
             group.bench_function(name, |b| {
                 b.to_async(&rt).iter(|| async {
@@ -89,6 +105,7 @@ fn e2e(c: &mut Criterion) {
         group.finish();
     }
     drop(tunnel);
+    drop(rathole);
 }
 
 criterion_group!(benches, e2e);

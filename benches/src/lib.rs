@@ -7,12 +7,16 @@
 //! - relay: client → relay 1 (mTLS, internal CA) → TLS → relay 2 → backend; bytes are copied,
 //!   nothing is parsed.
 //! - tunnel: client → gateway internal API (mTLS) → WebSocket over TLS → agent → backend.
+//! - rathole, a peer: client → rathole server (TCP) → TLS → rathole client → backend, two
+//!   processes of the binary `cargo xtask bench` builds (skipped, with the reason, without it).
 
 pub mod fixture;
 pub mod load;
+pub mod rathole;
 
 pub use fixture::{Backend, Pki, Relay, Tunnel};
 pub use load::{fetch, round};
+pub use rathole::{Peer, Rathole};
 
 /// Response sizes of the end-to-end benches.
 pub const KIB: usize = 1024;

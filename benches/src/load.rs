@@ -6,8 +6,24 @@ use std::time::Duration;
 use futures::future::try_join_all;
 use tokio::time::Instant;
 
-/// GETs `url`, reads the body to the end and returns its length.
+/// How long one request may take, body included, before it counts as failed. Far above any
+/// answer that works (16 MiB at c64 takes seconds); it exists so that a path that loses a request
+/// (rathole drops a caller whose data channel failed, and the caller waits for ever) fails it
+/// instead of hanging the bench.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// GETs `url`, reads the body to the end and returns its length; an error past [`FETCH_TIMEOUT`].
 pub async fn fetch(client: &reqwest::Client, url: &str) -> anyhow::Result<usize> {
+    match tokio::time::timeout(FETCH_TIMEOUT, fetch_unbounded(client, url)).await {
+        Ok(res) => res,
+        Err(_) => anyhow::bail!(
+            "{url}: no complete answer within {} s",
+            FETCH_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+async fn fetch_unbounded(client: &reqwest::Client, url: &str) -> anyhow::Result<usize> {
     let mut res = client.get(url).send().await?;
     let status = res.status();
     if status != reqwest::StatusCode::OK {

@@ -2,7 +2,8 @@
 //! stdout for `cargo xtask bench`.
 //!
 //! - `latency`: peak request rate of 1 KiB over v2 at concurrency 64, then open-loop latency at
-//!   half that rate for every path (direct, relay, v1, v2).
+//!   half that rate for every path (direct, relay, v1, v2, and rathole when `BUILDPLANE_RATHOLE`
+//!   names its binary).
 //! - `fleet`: a gateway process and N agents in `cluster-agent swarm` processes: gateway RSS per
 //!   idle agent, and with `--storm` the gateway killed (SIGKILL) and restarted: time until every
 //!   agent is back, admission rate and reconnect delay percentiles.
@@ -12,7 +13,7 @@ mod fleet;
 
 use std::time::Duration;
 
-use buildplane_benches::{Backend, KIB, Pki, Relay, Tunnel, load};
+use buildplane_benches::{Backend, KIB, Peer, Pki, Rathole, Relay, Tunnel, load};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,7 +33,7 @@ enum Command {
         /// The open-loop rate as a fraction of the closed-loop peak.
         #[arg(long, default_value_t = 0.5)]
         fraction: f64,
-        /// Measure only these paths (direct, relay, v1, v2); all by default.
+        /// Measure only these paths (direct, relay, v1, v2, rathole); all by default.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -66,14 +67,24 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
     let backend = Backend::start().await?;
     let relay = Relay::start(&pki, backend.addr).await?;
     let tunnel = Tunnel::start(&pki, &backend).await?;
+    let rathole = match Rathole::from_env(&pki, backend.addr).await? {
+        Peer::Running(rathole) => Some(rathole),
+        Peer::Skipped(reason) => {
+            eprintln!("rathole: skipped: {reason}");
+            None
+        }
+    };
     let client = pki.http_client()?;
     let size = KIB;
-    let paths = [
+    let mut paths = vec![
         ("direct", backend.url(size)),
         ("relay", relay.url(size)),
         ("v1", tunnel.url(1, size)),
         ("v2", tunnel.url(2, size)),
     ];
+    if let Some(rathole) = &rathole {
+        paths.push(("rathole", rathole.url(size)));
+    }
     for (_, url) in &paths {
         load::round(&client, url, 64, size).await?;
     }
@@ -100,9 +111,12 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
         report[*name] = serde_json::to_value(latency)?;
     }
     let p99 = |name: &str| report[name]["p99_ms"].as_f64().unwrap_or(f64::NAN);
-    let (direct, relay, v2) = (p99("direct"), p99("relay"), p99("v2"));
+    let (direct, relay, v2, peer) = (p99("direct"), p99("relay"), p99("v2"), p99("rathole"));
     report["added_p99_ms_v2"] = (v2 - direct).into();
     report["added_p99_ms_relay"] = (relay - direct).into();
+    if rathole.is_some() {
+        report["added_p99_ms_rathole"] = (peer - direct).into();
+    }
     drop(tunnel);
     Ok(report)
 }

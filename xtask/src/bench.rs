@@ -2,6 +2,10 @@
 //! idle memory, restart storm), writes `BENCHMARKS.md` and `target/bench/bench.json`, and
 //! compares with a saved baseline.
 //!
+//! Peers: rathole (pinned, built once from `benches/peers/rathole` into `target/peers/`) runs as
+//! one more path of the end-to-end and latency benches. When it cannot be built here, its figures
+//! and targets are reported as skipped with the reason, never as met.
+//!
 //! `--quick` is the CI smoke: the dev profile (no release build), short runs, 100 agents, the
 //! report under `target/bench/`; it checks that every figure was produced and never fails on a
 //! wall-clock figure or a target.
@@ -39,6 +43,19 @@ pub(crate) struct BenchFlags {
     /// Agents of the storm (and of the first memory point).
     #[arg(long)]
     storm_agents: Option<usize>,
+}
+
+/// The rathole version `benches/peers/rathole` pins (a test checks that the two agree).
+const RATHOLE_VERSION: &str = "0.5.0";
+
+/// Names the rathole binary for the benches (`buildplane_benches::rathole::RATHOLE_ENV`).
+const RATHOLE_ENV: &str = "BUILDPLANE_RATHOLE";
+
+/// The rathole the benches run.
+struct RatholePeer {
+    binary: PathBuf,
+    /// Its TLS library, as the report names it.
+    tls: String,
 }
 
 /// Higher or lower is better.
@@ -117,7 +134,19 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         ]
         .concat(),
         flags.quick,
+        &[],
     )?;
+
+    eprintln!("== rathole {RATHOLE_VERSION}, the peer measured beside the tunnel");
+    let rathole = rathole(&root, &target);
+    match &rathole {
+        Ok(peer) => eprintln!("rathole: {}", peer.binary.display()),
+        Err(reason) => eprintln!("rathole: skipped: {reason}"),
+    }
+    let peer_env: Vec<(&str, &Path)> = match &rathole {
+        Ok(peer) => vec![(RATHOLE_ENV, peer.binary.as_path())],
+        Err(_) => Vec::new(),
+    };
 
     eprintln!("== criterion benches (codec, e2e, handshake)");
     let bench_profile: &[&str] = if flags.quick {
@@ -142,6 +171,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         ]
         .concat(),
         flags.quick,
+        &peer_env,
     )?;
     let estimates = read_criterion(&target.join("criterion"), started)?;
 
@@ -154,6 +184,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
             if flags.quick { &["--quick"] } else { &[] },
         ]
         .concat(),
+        &peer_env,
     )?;
 
     let storm_agents = flags
@@ -178,7 +209,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
     } else {
         eprintln!("== fleet of {storm_agents} agents: idle memory");
     }
-    let fleet_small = run_json(&bench, &small_args)?;
+    let fleet_small = run_json(&bench, &small_args, &[])?;
     let fleet_large = if flags.quick {
         None
     } else {
@@ -195,14 +226,16 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
                 &bin,
                 "--storm",
             ],
+            &[],
         )?)
     };
 
     let mut figures = Figures::default();
     collect_criterion(&estimates, &mut figures);
     collect_json(&latency, &fleet_small, fleet_large.as_ref(), &mut figures);
-    let missing = missing_figures(&figures, flags.quick);
-    let targets = targets(&figures, flags.quick);
+    let rathole_skipped = rathole.as_ref().err().cloned();
+    let missing = missing_figures(&figures, flags.quick, rathole_skipped.is_none());
+    let targets = targets(&figures, flags.quick, rathole_skipped.as_deref());
     let machine = machine();
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
     let report = json!({
@@ -210,7 +243,11 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         "quick": flags.quick,
         "machine": machine,
         "figures": figures.0.iter().map(|(k, f)| (k.clone(), json!({"value": f.value, "unit": f.unit, "better": if f.better == Better::Higher { "higher" } else { "lower" }}))).collect::<serde_json::Map<_, _>>(),
-        "targets": targets.iter().map(|t| json!({"name": t.name, "value": t.value, "target": t.target, "met": t.met})).collect::<Vec<_>>(),
+        "targets": targets.iter().map(|t| json!({"name": t.name, "value": t.value, "target": t.target, "met": t.verdict.met(), "skipped": t.verdict.skipped()})).collect::<Vec<_>>(),
+        "peers": {"rathole": match &rathole {
+            Ok(peer) => json!({"version": RATHOLE_VERSION, "binary": peer.binary, "tls": peer.tls}),
+            Err(reason) => json!({"version": RATHOLE_VERSION, "skipped": reason}),
+        }},
         "raw": {"latency": latency, "fleet": fleet_small, "fleet_10k": fleet_large},
     });
     let json_path = out_dir.join(if flags.quick {
@@ -247,7 +284,11 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
             t.name,
             t.value,
             t.target,
-            if t.met { "met" } else { "NOT MET" }
+            match &t.verdict {
+                Verdict::Met => "met".to_owned(),
+                Verdict::Missed => "NOT MET".to_owned(),
+                Verdict::Skipped(reason) => format!("skipped: {reason}"),
+            }
         );
     }
 
@@ -296,6 +337,62 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
 
 const NOTES_MARKER: &str = "<!-- notes: kept across runs -->";
 
+/// Builds rathole from `benches/peers/rathole` (its pinned lock file and its own release
+/// profile, in `--quick` too: one binary, the one its users get) into
+/// `target/peers/rathole-VERSION`; once built, cargo finds it fresh in about a second.
+/// `Err` says why it cannot run on this machine.
+fn rathole(root: &Path, target: &Path) -> Result<RatholePeer, String> {
+    // rathole's TLS is native-tls, OpenSSL on Linux: the library it links and the command that
+    // packs its PKCS#12 identity come together.
+    let openssl = command_output("openssl", &["version"])
+        .filter(|v| !v.is_empty())
+        .ok_or("the `openssl` command is missing (it packs rathole's PKCS#12 identity)")?;
+    let dir = target
+        .join("peers")
+        .join(format!("rathole-{RATHOLE_VERSION}"));
+    let binary = dir.join("release").join("rathole");
+    if !binary.is_file() {
+        eprintln!(
+            "building rathole {RATHOLE_VERSION} once, with its release profile (LTO; about 5 minutes on 2 cores)"
+        );
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = cargo_command(cargo)
+        .args(["build", "--release", "--locked", "--manifest-path"])
+        .arg(root.join("benches/peers/rathole/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&dir)
+        .current_dir(root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|err| format!("could not run cargo to build rathole: {err}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        eprintln!("{}", lines[lines.len().saturating_sub(30)..].join("\n"));
+        let first_error = lines
+            .iter()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or(&"no error line");
+        return Err(format!(
+            "building rathole {RATHOLE_VERSION} failed ({}): {first_error}",
+            output.status
+        ));
+    }
+    if !binary.is_file() {
+        return Err(format!(
+            "cargo built rathole {RATHOLE_VERSION} but {} is missing",
+            binary.display()
+        ));
+    }
+    // "OpenSSL 3.0.19 27 Jan 2026 (Library: ...)": the name and version are enough.
+    let openssl: Vec<&str> = openssl.split_whitespace().take(2).collect();
+    Ok(RatholePeer {
+        binary,
+        tls: format!("native-tls over {}", openssl.join(" ")),
+    })
+}
+
 fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
     let output = cargo_command(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["metadata", "--format-version", "1", "--no-deps"])
@@ -308,10 +405,13 @@ fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
         .ok_or_else(|| format_err!("cargo metadata has no target_directory"))
 }
 
-fn cargo(root: &Path, args: &[&str], quick: bool) -> anyhow::Result<()> {
+fn cargo(root: &Path, args: &[&str], quick: bool, envs: &[(&str, &Path)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = cargo_command(cargo);
-    command.args(args).current_dir(root);
+    command
+        .args(args)
+        .current_dir(root)
+        .envs(envs.iter().copied());
     if quick {
         command.env("BUILDPLANE_BENCH_QUICK", "1");
     }
@@ -322,9 +422,10 @@ fn cargo(root: &Path, args: &[&str], quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_json(bin: &Path, args: &[&str]) -> anyhow::Result<Value> {
+fn run_json(bin: &Path, args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<Value> {
     let output = Command::new(bin)
         .args(args)
+        .envs(envs.iter().copied())
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
@@ -451,7 +552,7 @@ fn collect_json(
         "req/s",
         Better::Higher,
     );
-    for path in ["direct", "relay", "v1", "v2"] {
+    for path in ["direct", "relay", "v1", "v2", "rathole"] {
         figures.put(
             format!("latency.{path}.p50"),
             f(&latency[path]["p50_ms"]),
@@ -483,6 +584,12 @@ fn collect_json(
     figures.put(
         "latency.added_p99_relay",
         f(&latency["added_p99_ms_relay"]),
+        "ms",
+        Better::Lower,
+    );
+    figures.put(
+        "latency.added_p99_rathole",
+        f(&latency["added_p99_ms_rathole"]),
         "ms",
         Better::Lower,
     );
@@ -555,8 +662,9 @@ fn collect_json(
     }
 }
 
-/// Figures every run must produce (a missing one means a bench silently did not run).
-fn missing_figures(figures: &Figures, quick: bool) -> Vec<String> {
+/// Figures every run must produce (a missing one means a bench silently did not run); rathole's
+/// too when it was built.
+fn missing_figures(figures: &Figures, quick: bool, rathole: bool) -> Vec<String> {
     let mut expected = vec![
         "codec.v1_encode.65536".to_owned(),
         "codec.v2_decode.1048576".into(),
@@ -576,6 +684,11 @@ fn missing_figures(figures: &Figures, quick: bool) -> Vec<String> {
     if !quick {
         expected.push("memory.per_agent.10000".into());
     }
+    if rathole {
+        expected.push("e2e.1KiB_c64.rathole".into());
+        expected.push("e2e.64KiB_c64.rathole".into());
+        expected.push("latency.rathole.p99".into());
+    }
     expected.retain(|name| figures.get(name).is_none());
     expected
 }
@@ -584,10 +697,38 @@ struct Target {
     name: String,
     value: f64,
     target: String,
-    met: bool,
+    verdict: Verdict,
 }
 
-fn targets(figures: &Figures, quick: bool) -> Vec<Target> {
+/// How a target came out. No target fails the run; `Skipped` is neither met nor missed.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Met,
+    Missed,
+    /// Not measured on this machine, with the reason.
+    Skipped(String),
+}
+
+impl Verdict {
+    /// For the JSON report: `null` when skipped.
+    fn met(&self) -> Option<bool> {
+        match self {
+            Verdict::Met => Some(true),
+            Verdict::Missed => Some(false),
+            Verdict::Skipped(_) => None,
+        }
+    }
+
+    fn skipped(&self) -> Option<&str> {
+        match self {
+            Verdict::Skipped(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// The targets; those comparing with rathole are skipped with `rathole_skipped` when it is set.
+fn targets(figures: &Figures, quick: bool, rathole_skipped: Option<&str>) -> Vec<Target> {
     let ratio = |a: &str, b: &str| match (figures.get(a), figures.get(b)) {
         (Some(a), Some(b)) if b > 0.0 => a / b,
         _ => f64::NAN,
@@ -607,6 +748,7 @@ fn targets(figures: &Figures, quick: bool) -> Vec<Target> {
             ">= 0.7",
             0.7,
             true,
+            None,
         ),
         (
             format!("v2 / raw TLS relay, 16 MiB, {}", &large[6..]),
@@ -614,6 +756,7 @@ fn targets(figures: &Figures, quick: bool) -> Vec<Target> {
             ">= 0.6",
             0.6,
             true,
+            None,
         ),
         (
             "v2 / v1, 64 KiB, c64".into(),
@@ -621,6 +764,7 @@ fn targets(figures: &Figures, quick: bool) -> Vec<Target> {
             ">= 3",
             3.0,
             true,
+            None,
         ),
         (
             "added p99 latency at half of peak (ms)".into(),
@@ -628,6 +772,7 @@ fn targets(figures: &Figures, quick: bool) -> Vec<Target> {
             "<= 2",
             2.0,
             false,
+            None,
         ),
         (
             "storm admission peak / raw handshakes".into(),
@@ -635,6 +780,7 @@ fn targets(figures: &Figures, quick: bool) -> Vec<Target> {
             ">= 0.5",
             0.5,
             true,
+            None,
         ),
         (
             format!(
@@ -645,15 +791,29 @@ fn targets(figures: &Figures, quick: bool) -> Vec<Target> {
             "<= 48",
             48.0,
             false,
+            None,
         ),
     ];
+    for size in ["1KiB", "64KiB"] {
+        targets.push((
+            format!("v2 / rathole, {}, c64", size.replace("KiB", " KiB")),
+            ratio(
+                &format!("e2e.{size}_c64.v2"),
+                &format!("e2e.{size}_c64.rathole"),
+            ),
+            ">= 1",
+            1.0,
+            true,
+            rathole_skipped,
+        ));
+    }
     targets
         .drain(..)
-        .map(|(name, value, target, limit, higher)| Target {
-            met: if higher {
-                value >= limit
-            } else {
-                value <= limit
+        .map(|(name, value, target, limit, higher, skipped)| Target {
+            verdict: match skipped {
+                Some(reason) => Verdict::Skipped(reason.to_owned()),
+                None if (higher && value >= limit) || (!higher && value <= limit) => Verdict::Met,
+                None => Verdict::Missed,
             },
             name,
             value,
@@ -777,7 +937,11 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
             t.name,
             fmt(t.value.is_finite().then_some(t.value)),
             t.target,
-            if t.met { "met" } else { "**not met**" }
+            match &t.verdict {
+                Verdict::Met => "met".to_owned(),
+                Verdict::Missed => "**not met**".to_owned(),
+                Verdict::Skipped(reason) => format!("skipped: {reason}"),
+            }
         );
     }
     let _ = writeln!(md, "\n## End to end (MiB/s of response bodies)\n");
@@ -785,11 +949,29 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
         md,
         "Client → gateway internal API (mTLS, HTTP/1.1) → tunnel (WebSocket over TLS) → agent → backend (HTTP/1.1), against the same client straight to the backend and a raw TLS byte relay with the same hops (client → relay → TLS → relay → backend). One iteration is one round of `c` concurrent requests.\n"
     );
+    let rathole = &report["peers"]["rathole"];
+    match rathole["skipped"].as_str() {
+        Some(reason) => {
+            let _ = writeln!(
+                md,
+                "rathole {}: skipped: {reason}.\n",
+                rathole["version"].as_str().unwrap_or("")
+            );
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "rathole {} (a reverse tunnel a user could pick instead; crates.io, its own release profile) with its TLS transport: client → rathole server (plain TCP, as rathole serves its callers) → one TLS data channel per caller connection, dialed by the rathole client → rathole client → backend. Its TLS is {}; ours is rustls with ring. Server and client run as two processes; the other paths run in the bench's process.\n",
+                rathole["version"].as_str().unwrap_or(""),
+                rathole["tls"].as_str().unwrap_or("")
+            );
+        }
+    }
     let _ = writeln!(
         md,
-        "| body, concurrency | direct | raw relay | v1 | v2 | v2/relay | v2/v1 |"
+        "| body, concurrency | direct | raw relay | v1 | v2 | rathole | v2/relay | v2/v1 | v2/rathole |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     for case in [
         "1KiB_c1",
         "1KiB_c64",
@@ -810,7 +992,7 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             case.replace('_', ", "),
             fmt(get("direct")),
             fmt(get("relay")),
@@ -820,8 +1002,10 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
                 fmt(get("v1"))
             },
             fmt(get("v2")),
+            fmt(get("rathole")),
             fmt(ratio(get("v2"), get("relay"))),
             fmt(ratio(get("v2"), get("v1"))),
+            fmt(ratio(get("v2"), get("rathole"))),
         );
     }
     let _ = writeln!(
@@ -836,7 +1020,10 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     );
     let _ = writeln!(md, "| path | p50 ms | p99 ms | failed % |");
     let _ = writeln!(md, "|---|---|---|---|");
-    for path in ["direct", "relay", "v1", "v2"] {
+    for path in ["direct", "relay", "v1", "v2", "rathole"] {
+        if figures.get(&format!("latency.{path}.p99")).is_none() && path == "rathole" {
+            continue;
+        }
         let _ = writeln!(
             md,
             "| {path} | {} | {} | {} |",
@@ -851,9 +1038,10 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     );
     let _ = writeln!(
         md,
-        "\nAdded p99 (v2 − direct): {} ms; raw relay − direct: {} ms.\n",
+        "\nAdded p99 (v2 − direct): {} ms; raw relay − direct: {} ms; rathole − direct: {} ms.\n",
         fmt(figures.get("latency.added_p99_v2")),
-        fmt(figures.get("latency.added_p99_relay"))
+        fmt(figures.get("latency.added_p99_relay")),
+        fmt(figures.get("latency.added_p99_rathole"))
     );
     let _ = writeln!(md, "## Handshakes\n");
     let _ = writeln!(
@@ -966,7 +1154,7 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     let _ = writeln!(md, "\n## Running\n");
     let _ = writeln!(
         md,
-        "`cargo xtask bench` (about 5 minutes on 2 cores once the release build is done) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings).\n"
+        "`cargo xtask bench` (about 5 minutes on 2 cores once the release build is done) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings). rathole is built once into `target/peers/` with its own release profile, in `--quick` too (about 5 minutes on 2 cores the first time).\n"
     );
     match notes {
         Some(notes) => md.push_str(notes),
@@ -975,4 +1163,94 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
         }
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Figures of the end-to-end bench at c64 for 1 KiB and 64 KiB: v2 and, when given, rathole.
+    fn e2e_figures(v2: f64, rathole: Option<f64>) -> Figures {
+        let mut figures = Figures::default();
+        for size in ["1KiB", "64KiB"] {
+            figures.put(format!("e2e.{size}_c64.v2"), v2, "MiB/s", Better::Higher);
+            if let Some(rathole) = rathole {
+                figures.put(
+                    format!("e2e.{size}_c64.rathole"),
+                    rathole,
+                    "MiB/s",
+                    Better::Higher,
+                );
+            }
+        }
+        figures
+    }
+
+    fn rathole_verdicts(targets: &[Target]) -> Vec<&Verdict> {
+        targets
+            .iter()
+            .filter(|t| t.name.contains("rathole"))
+            .map(|t| &t.verdict)
+            .collect()
+    }
+
+    /// The version xtask names is the one the peer crate pins and its lock file resolves.
+    #[test]
+    fn rathole_version_is_the_one_the_peer_crate_pins() {
+        let dir = project_root().join("benches/peers/rathole");
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(&format!("rathole = \"={RATHOLE_VERSION}\"")),
+            "benches/peers/rathole/Cargo.toml does not pin rathole {RATHOLE_VERSION}"
+        );
+        let lock = std::fs::read_to_string(dir.join("Cargo.lock")).unwrap();
+        assert!(
+            lock.contains(&format!(
+                "name = \"rathole\"\nversion = \"{RATHOLE_VERSION}\""
+            )),
+            "benches/peers/rathole/Cargo.lock does not resolve rathole {RATHOLE_VERSION}"
+        );
+    }
+
+    /// Without rathole its targets are skipped with the reason (neither met nor missed) and its
+    /// figures are not demanded; with it they are.
+    #[test]
+    fn rathole_targets_are_skipped_with_the_reason_when_it_was_not_built() {
+        let figures = e2e_figures(100.0, None);
+        let targets = targets(&figures, false, Some("no openssl"));
+        assert_eq!(
+            rathole_verdicts(&targets),
+            [&Verdict::Skipped("no openssl".into()); 2]
+        );
+        let missing = missing_figures(&figures, false, false);
+        assert!(
+            !missing.iter().any(|m| m.contains("rathole")),
+            "{missing:?}"
+        );
+        let missing = missing_figures(&figures, false, true);
+        assert!(
+            missing.contains(&"e2e.1KiB_c64.rathole".to_owned())
+                && missing.contains(&"e2e.64KiB_c64.rathole".to_owned())
+                && missing.contains(&"latency.rathole.p99".to_owned()),
+            "{missing:?}"
+        );
+    }
+
+    /// v2 must be at or above rathole at 1 KiB and at 64 KiB; a missing rathole figure (built
+    /// but not measured) is missed, never met.
+    #[test]
+    fn v2_meets_the_rathole_target_only_at_or_above_it() {
+        let check = |v2: f64, rathole: Option<f64>, expect: Verdict| {
+            let targets = targets(&e2e_figures(v2, rathole), false, None);
+            assert_eq!(
+                rathole_verdicts(&targets),
+                [&expect, &expect],
+                "v2 {v2}, rathole {rathole:?}"
+            );
+        };
+        check(20.0, Some(10.0), Verdict::Met);
+        check(10.0, Some(10.0), Verdict::Met);
+        check(10.0, Some(20.0), Verdict::Missed);
+        check(10.0, None, Verdict::Missed);
+    }
 }
