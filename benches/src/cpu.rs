@@ -11,7 +11,9 @@ use clap::Args;
 use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::time::Instant;
 
-use crate::fleet::{Children, Ports, free_port, log_file, spawn_gateway, wait_ready};
+use crate::fleet::{
+    Children, Ports, control_cluster, free_port, log_file, spawn_gateway, wait_ready,
+};
 use buildplane_benches::{Pki, fixture};
 
 const NAMESPACE: &str = "cpu";
@@ -66,14 +68,8 @@ pub(crate) async fn run(flags: CpuFlags) -> anyhow::Result<serde_json::Value> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::generate()?;
     let files = pki.write(dir.path())?;
-    let control = kube_sim::Server::start(kube_sim::Config {
-        name: "cpu-control".into(),
-        ..kube_sim::Config::default()
-    })
-    .await?;
-    let kube = control.client().await?;
-    fixture::install_crds(&kube).await?;
-    fixture::create_namespace(&kube, NAMESPACE).await?;
+    let (_control, kube, kubeconfig) =
+        control_cluster("cpu-control", NAMESPACE, dir.path()).await?;
     let body: String = "x".repeat(flags.size);
     let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
         kube::Api::namespaced(kube.clone(), NAMESPACE);
@@ -86,8 +82,6 @@ pub(crate) async fn run(flags: CpuFlags) -> anyhow::Result<serde_json::Value> {
             }))?,
         )
         .await?;
-    let kubeconfig = dir.path().join("control.kubeconfig");
-    control.write_kubeconfig(&kubeconfig)?;
     let ports = Ports {
         agent: free_port()?,
         internal: free_port()?,

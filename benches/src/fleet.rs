@@ -163,6 +163,26 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
+/// An in-process kube-sim with the CRDs and `namespace`, and its kubeconfig written in `dir` for
+/// the gateway and agent processes.
+pub(crate) async fn control_cluster(
+    name: &str,
+    namespace: &str,
+    dir: &Path,
+) -> anyhow::Result<(kube_sim::RunningServer, kube::Client, std::path::PathBuf)> {
+    let control = kube_sim::Server::start(kube_sim::Config {
+        name: name.into(),
+        ..kube_sim::Config::default()
+    })
+    .await?;
+    let kube = control.client().await?;
+    fixture::install_crds(&kube).await?;
+    fixture::create_namespace(&kube, namespace).await?;
+    let kubeconfig = dir.join("control.kubeconfig");
+    control.write_kubeconfig(&kubeconfig)?;
+    Ok((control, kube, kubeconfig))
+}
+
 pub(crate) async fn run(flags: FleetFlags) -> anyhow::Result<serde_json::Value> {
     let count = flags.count.max(1);
     let processes = flags.processes.clamp(1, count);
@@ -170,16 +190,8 @@ pub(crate) async fn run(flags: FleetFlags) -> anyhow::Result<serde_json::Value> 
     let dir = tempfile::tempdir()?;
     let pki = Pki::generate()?;
     let files = pki.write(dir.path())?;
-    let control = kube_sim::Server::start(kube_sim::Config {
-        name: "fleet-control".into(),
-        ..kube_sim::Config::default()
-    })
-    .await?;
-    let kube = control.client().await?;
-    fixture::install_crds(&kube).await?;
-    fixture::create_namespace(&kube, NAMESPACE).await?;
-    let kubeconfig = dir.path().join("control.kubeconfig");
-    control.write_kubeconfig(&kubeconfig)?;
+    let (_control, kube, kubeconfig) =
+        control_cluster("fleet-control", NAMESPACE, dir.path()).await?;
     let ports = Ports {
         agent: free_port()?,
         internal: free_port()?,
