@@ -93,6 +93,11 @@ impl Figures {
     }
 }
 
+/// A JSON number, NaN when absent (`Figures::put` skips it).
+fn number(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
+}
+
 /// One criterion result.
 struct Estimate {
     group: String,
@@ -232,7 +237,8 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
 
     let mut figures = Figures::default();
     collect_criterion(&estimates, &mut figures);
-    collect_json(&latency, &fleet_small, fleet_large.as_ref(), &mut figures);
+    collect_latency(&latency, &mut figures);
+    collect_fleet(&fleet_small, fleet_large.as_ref(), &mut figures);
     let rathole_skipped = rathole.as_ref().err().cloned();
     let missing = missing_figures(&figures, flags.quick, rathole_skipped.is_none());
     let targets = targets(&figures, flags.quick, rathole_skipped.as_deref());
@@ -307,7 +313,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading baseline {}", path.display()))?;
         let baseline: Value = serde_json::from_str(&text)?;
-        let regressions = compare(&baseline, &figures, flags.threshold);
+        let regressions = compare_baseline(&baseline, &figures, flags.threshold);
         if regressions.is_empty() {
             eprintln!(
                 "no figure regressed by more than {}% against {name}",
@@ -539,33 +545,31 @@ fn collect_criterion(estimates: &[Estimate], figures: &mut Figures) {
     }
 }
 
-fn collect_json(
-    latency: &Value,
-    fleet: &Value,
-    fleet_large: Option<&Value>,
-    figures: &mut Figures,
-) {
-    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+/// The figures of `buildplane-bench latency`.
+fn collect_latency(latency: &Value, figures: &mut Figures) {
     figures.put(
         "latency.peak_rps_v2",
-        f(&latency["peak_rps_v2"]),
+        number(&latency["peak_rps_v2"]),
         "req/s",
         Better::Higher,
     );
     for path in ["direct", "relay", "v1", "v2", "rathole"] {
         figures.put(
             format!("latency.{path}.p50"),
-            f(&latency[path]["p50_ms"]),
+            number(&latency[path]["p50_ms"]),
             "ms",
             Better::Lower,
         );
         figures.put(
             format!("latency.{path}.p99"),
-            f(&latency[path]["p99_ms"]),
+            number(&latency[path]["p99_ms"]),
             "ms",
             Better::Lower,
         );
-        let (failed, started) = (f(&latency[path]["failed"]), f(&latency[path]["n"]));
+        let (failed, started) = (
+            number(&latency[path]["failed"]),
+            number(&latency[path]["n"]),
+        );
         if started > 0.0 {
             figures.put(
                 format!("latency.{path}.failed"),
@@ -577,32 +581,37 @@ fn collect_json(
     }
     figures.put(
         "latency.added_p99_v2",
-        f(&latency["added_p99_ms_v2"]),
+        number(&latency["added_p99_ms_v2"]),
         "ms",
         Better::Lower,
     );
     figures.put(
         "latency.added_p99_relay",
-        f(&latency["added_p99_ms_relay"]),
+        number(&latency["added_p99_ms_relay"]),
         "ms",
         Better::Lower,
     );
     figures.put(
         "latency.added_p99_rathole",
-        f(&latency["added_p99_ms_rathole"]),
+        number(&latency["added_p99_ms_rathole"]),
         "ms",
         Better::Lower,
     );
+}
+
+/// The figures of `buildplane-bench fleet`: idle memory of each fleet, and the storm of the
+/// largest.
+fn collect_fleet(fleet: &Value, fleet_large: Option<&Value>, figures: &mut Figures) {
     let count = fleet["count"].as_u64().unwrap_or(0);
     figures.put(
         format!("memory.per_agent.{count}"),
-        f(&fleet["rss_per_agent_kib"]),
+        number(&fleet["rss_per_agent_kib"]),
         "KiB",
         Better::Lower,
     );
     figures.put(
         format!("memory.per_cr.{count}"),
-        f(&fleet["rss_per_cr_kib"]),
+        number(&fleet["rss_per_cr_kib"]),
         "KiB",
         Better::Lower,
     );
@@ -610,19 +619,19 @@ fn collect_json(
         let count = large["count"].as_u64().unwrap_or(0);
         figures.put(
             format!("memory.per_agent.{count}"),
-            f(&large["rss_per_agent_kib"]),
+            number(&large["rss_per_agent_kib"]),
             "KiB",
             Better::Lower,
         );
         figures.put(
             format!("memory.per_cr.{count}"),
-            f(&large["rss_per_cr_kib"]),
+            number(&large["rss_per_cr_kib"]),
             "KiB",
             Better::Lower,
         );
         figures.put(
             format!("fleet.initial_connect.{count}"),
-            f(&large["initial_connect_secs"]),
+            number(&large["initial_connect_secs"]),
             "s",
             Better::Lower,
         );
@@ -630,32 +639,32 @@ fn collect_json(
     let storm = &fleet_large.unwrap_or(fleet)["storm"];
     figures.put(
         "storm.all_back",
-        f(&storm["all_back_secs"]),
+        number(&storm["all_back_secs"]),
         "s",
         Better::Lower,
     );
     figures.put(
         "storm.gateway_restart",
-        f(&storm["events_subscribed_secs"]),
+        number(&storm["events_subscribed_secs"]),
         "s",
         Better::Lower,
     );
     figures.put(
         "storm.admission_rate_peak",
-        f(&storm["admission_rate_peak_1s"]),
+        number(&storm["admission_rate_peak_1s"]),
         "1/s",
         Better::Higher,
     );
     figures.put(
         "storm.admission_rate_mean",
-        f(&storm["admission_rate_mean"]),
+        number(&storm["admission_rate_mean"]),
         "1/s",
         Better::Higher,
     );
     for q in ["p50", "p90", "p99"] {
         figures.put(
             format!("storm.reconnect_{q}"),
-            f(&storm[format!("reconnect_{q}_secs")]),
+            number(&storm[format!("reconnect_{q}_secs")]),
             "s",
             Better::Lower,
         );
@@ -825,7 +834,7 @@ fn targets(figures: &Figures, quick: bool, rathole_skipped: Option<&str>) -> Vec
 }
 
 /// Figures worse than the baseline's by more than `threshold` percent.
-fn compare(baseline: &Value, figures: &Figures, threshold: f64) -> Vec<String> {
+fn compare_baseline(baseline: &Value, figures: &Figures, threshold: f64) -> Vec<String> {
     let mut regressions = Vec::new();
     let Some(old) = baseline["figures"].as_object() else {
         return vec!["the baseline has no figures".into()];
