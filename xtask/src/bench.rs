@@ -9,6 +9,10 @@
 //! `--quick` is the CI smoke: the dev profile (no release build), short runs, 100 agents, the
 //! report under `target/bench/`; it checks that every figure was produced and never fails on a
 //! wall-clock figure or a target.
+//!
+//! `--compare REV` builds REV and the working tree and runs them interleaved (`compare.rs`).
+
+mod compare;
 
 use std::{
     collections::BTreeMap,
@@ -37,12 +41,30 @@ pub(crate) struct BenchFlags {
     /// Compare with baseline NAME; exit non-zero if a figure regressed beyond --threshold.
     #[arg(long, value_name = "NAME")]
     baseline: Option<String>,
-    /// Regression threshold in percent (a figure worse than the baseline by more fails).
-    #[arg(long, default_value_t = 20.0)]
-    threshold: f64,
+    /// Build git revision REV (A) and the working tree (B), run their benches interleaved
+    /// (A, B, then B, A, …) and report B/A per figure; exit non-zero only on a significant
+    /// regression beyond --threshold.
+    #[arg(long, value_name = "REV", conflicts_with_all = ["baseline", "save_baseline"])]
+    compare: Option<String>,
+    /// Rounds of --compare; each round runs every bench on both sides.
+    #[arg(long, default_value_t = 10, requires = "compare", value_parser = clap::value_parser!(u32).range(2..))]
+    rounds: u32,
+    /// With --compare: every figure of `cargo xtask bench`, not only the pull-request subset.
+    #[arg(long, requires = "compare", conflicts_with = "quick")]
+    full: bool,
+    /// Regression threshold in percent: 20 against a --baseline, 10 with --compare.
+    #[arg(long, value_parser = positive_percent)]
+    threshold: Option<f64>,
     /// Agents of the storm (and of the first memory point).
     #[arg(long)]
     storm_agents: Option<usize>,
+}
+
+fn positive_percent(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(percent) if percent > 0.0 && percent.is_finite() => Ok(percent),
+        _ => Err(format!("expected a positive number of percent, got {text}")),
+    }
 }
 
 /// The rathole version `benches/peers/rathole` pins (a test checks that the two agree).
@@ -109,6 +131,10 @@ struct Estimate {
 }
 
 pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
+    if let Some(rev) = &flags.compare {
+        return compare::run(rev, &flags);
+    }
+    let threshold = flags.threshold.unwrap_or(20.0);
     let root = project_root();
     let started = SystemTime::now();
     let target = target_dir(&root)?;
@@ -313,24 +339,24 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading baseline {}", path.display()))?;
         let baseline: Value = serde_json::from_str(&text)?;
-        let regressions = compare_baseline(&baseline, &figures, flags.threshold);
+        let regressions = compare_baseline(&baseline, &figures, threshold);
         if regressions.is_empty() {
             eprintln!(
                 "no figure regressed by more than {}% against {name}",
-                flags.threshold
+                threshold
             );
         } else if flags.quick {
             eprintln!(
                 "--quick does not fail on timings; {} figure(s) worse than {name} by more than {}%:\n  {}",
                 regressions.len(),
-                flags.threshold,
+                threshold,
                 regressions.join("\n  ")
             );
         } else {
             failed.push(format!(
                 "{} figure(s) regressed by more than {}% against baseline {name}:\n  {}",
                 regressions.len(),
-                flags.threshold,
+                threshold,
                 regressions.join("\n  ")
             ));
         }
@@ -1165,7 +1191,7 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     let _ = writeln!(md, "\n## Running\n");
     let _ = writeln!(
         md,
-        "`cargo xtask bench` (about 5 minutes on 2 cores once the release build is done) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings). rathole is built once into `target/peers/` with its own release profile, in `--quick` too (about 5 minutes on 2 cores the first time).\n"
+        "`cargo xtask bench` (about 5 minutes on 2 cores once the release build is done) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings). `--compare REV` builds REV and the working tree and runs them interleaved (report in `target/bench/compare.md`; see \"Comparing two revisions\" in the notes). rathole is built once into `target/peers/` with its own release profile, in `--quick` too (about 5 minutes on 2 cores the first time).\n"
     );
     match notes {
         Some(notes) => md.push_str(notes),
