@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: runs the criterion benches of `benches/` and `buildplane-bench` (latency,
-//! idle memory, restart storm), writes `BENCHMARKS.md` and `target/bench/bench.json`, and
+//! CPU per response, idle memory, restart storm), writes `BENCHMARKS.md` and `target/bench/bench.json`, and
 //! compares with a saved baseline.
 //!
 //! Peers: rathole (pinned, built once from `benches/peers/rathole` into `target/peers/`) runs as
@@ -218,10 +218,17 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         &peer_env,
     )?;
 
+    let bin = bin_dir.display().to_string();
+    eprintln!("== CPU of gateway and agent per 1,000 proxied 64 KiB responses, v1 and v2");
+    let cpu_requests = if flags.quick { "200" } else { "5000" };
+    let cpu = run_json(
+        &bench,
+        &["cpu", "--bin-dir", &bin, "--requests", cpu_requests],
+    )?;
+
     let storm_agents = flags
         .storm_agents
         .unwrap_or(if flags.quick { 100 } else { 1000 });
-    let bin = bin_dir.display().to_string();
     // The storm runs on the largest fleet: with 1,000 agents the peak admission window measures
     // how fast 1,000 agents arrive (at most 1,000/s), not what the gateway can admit.
     let storm_count = storm_agents.to_string();
@@ -264,6 +271,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
     let mut figures = Figures::default();
     collect_criterion(&estimates, &mut figures);
     collect_latency(&latency, &mut figures);
+    collect_cpu(&cpu, &mut figures);
     collect_fleet(&fleet_small, fleet_large.as_ref(), &mut figures);
     let rathole_skipped = rathole.as_ref().err().cloned();
     let missing = missing_figures(&figures, flags.quick, rathole_skipped.is_none());
@@ -280,7 +288,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
             Ok(peer) => json!({"version": RATHOLE_VERSION, "binary": peer.binary, "tls": peer.tls}),
             Err(reason) => json!({"version": RATHOLE_VERSION, "skipped": reason}),
         }},
-        "raw": {"latency": latency, "fleet": fleet_small, "fleet_10k": fleet_large},
+        "raw": {"latency": latency, "cpu": cpu, "fleet": fleet_small, "fleet_10k": fleet_large},
     });
     let json_path = out_dir.join(if flags.quick {
         "bench-quick.json"
@@ -625,6 +633,18 @@ fn collect_latency(latency: &Value, figures: &mut Figures) {
     );
 }
 
+/// The figures of `buildplane-bench cpu`: CPU seconds of gateway and agent per 1,000 responses.
+fn collect_cpu(cpu: &Value, figures: &mut Figures) {
+    for protocol in ["v1", "v2"] {
+        figures.put(
+            format!("cpu.{protocol}.per_1000"),
+            number(&cpu[protocol]["cpu_seconds_per_1000"]),
+            "s",
+            Better::Lower,
+        );
+    }
+}
+
 /// The figures of `buildplane-bench fleet`: idle memory of each fleet, and the storm of the
 /// largest.
 fn collect_fleet(fleet: &Value, fleet_large: Option<&Value>, figures: &mut Figures) {
@@ -706,6 +726,7 @@ fn missing_figures(figures: &Figures, quick: bool, rathole: bool) -> Vec<String>
         "handshake.raw_rustls".into(),
         "handshake.gateway_admission".into(),
         "latency.added_p99_v2".into(),
+        "cpu.v2.per_1000".into(),
         "storm.all_back".into(),
         "storm.admission_rate_peak".into(),
     ];
@@ -798,6 +819,14 @@ fn targets(figures: &Figures, quick: bool, rathole_skipped: Option<&str>) -> Vec
         (
             "v2 / v1, 64 KiB, c64".into(),
             ratio("e2e.64KiB_c64.v2", "e2e.64KiB_c64.v1"),
+            ">= 3",
+            3.0,
+            true,
+            None,
+        ),
+        (
+            "v1 / v2, CPU per 64 KiB response".into(),
+            ratio("cpu.v1.per_1000", "cpu.v2.per_1000"),
             ">= 3",
             3.0,
             true,
@@ -1079,6 +1108,24 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
         fmt(figures.get("latency.added_p99_v2")),
         fmt(figures.get("latency.added_p99_relay")),
         fmt(figures.get("latency.added_p99_rathole"))
+    );
+    let _ = writeln!(md, "## CPU per 1,000 proxied 64 KiB responses\n");
+    let _ = writeln!(
+        md,
+        "User + system time of the `cluster-gateway` process and of the `cluster-agent swarm` process (one agent per protocol) from `/proc/PID/stat`, 8 requests at once for a ConfigMap of about 64 KiB from kube-sim.\n"
+    );
+    let _ = writeln!(md, "| v1 (s) | v2 (s) | v1 / v2 |");
+    let _ = writeln!(md, "|---|---|---|");
+    let (cpu_v1, cpu_v2) = (
+        figures.get("cpu.v1.per_1000"),
+        figures.get("cpu.v2.per_1000"),
+    );
+    let _ = writeln!(
+        md,
+        "| {} | {} | {} |\n",
+        fmt(cpu_v1),
+        fmt(cpu_v2),
+        fmt(cpu_v1.zip(cpu_v2).map(|(v1, v2)| v1 / v2))
     );
     let _ = writeln!(md, "## Handshakes\n");
     let _ = writeln!(

@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use super::{Problems, Side};
 use crate::bench::{
-    BenchFlags, Figures, collect_criterion, collect_fleet, collect_latency, read_criterion,
-    run_json,
+    BenchFlags, Figures, collect_cpu, collect_criterion, collect_fleet, collect_latency,
+    read_criterion, run_json,
 };
 
 /// What each side runs in a round.
@@ -31,6 +31,8 @@ enum Step {
     Criterion(&'static str, Option<&'static str>),
     /// `buildplane-bench` with these arguments, whose latency figures are read.
     Latency(Vec<String>),
+    /// `buildplane-bench` with these arguments and `--bin-dir`, whose CPU figures are read.
+    Cpu(Vec<String>),
     /// `buildplane-bench` with these arguments and `--bin-dir`, whose fleet figures are read;
     /// the smallest fleet comes first.
     Fleet(Vec<String>),
@@ -45,10 +47,10 @@ impl Plan {
         }
     }
 
-    /// The subset for a pull-request runner, about 20 s per side and round on 2 cores, of
+    /// The subset for a pull-request runner, about 30 s per side and round on 2 cores, of
     /// figures this repository's code decides: codec at 1 KiB and 64 KiB, end to end at c64
-    /// over v1 and v2, gateway admission, latency at half of peak over v2, and gateway memory
-    /// per idle agent (100 agents). The baselines (direct, raw relay, raw rustls) are left out:
+    /// over v1 and v2, gateway admission, latency at half of peak over v2, CPU per 1,000
+    /// proxied 64 KiB responses over v1 and v2, and gateway memory per idle agent (100 agents). The baselines (direct, raw relay, raw rustls) are left out:
     /// the paired interval already measures the machine's noise, and each figure more widens
     /// every interval (`report::rows`).
     fn pull_request() -> Plan {
@@ -59,6 +61,7 @@ impl Plan {
                 Step::Criterion("e2e", Some("^e2e_(1KiB|64KiB)_c64/(v1|v2)$")),
                 Step::Criterion("handshake", Some("^handshake/gateway_admission$")),
                 Step::Latency(strings(&["latency", "--quick", "--only", "v2"])),
+                Step::Cpu(strings(&["cpu", "--requests", "500"])),
                 Step::Fleet(strings(&["fleet", "--count", "100", "--processes", "2"])),
             ],
             quick: true,
@@ -75,6 +78,7 @@ impl Plan {
                 Step::Criterion("e2e", None),
                 Step::Criterion("handshake", None),
                 Step::Latency(strings(&["latency"])),
+                Step::Cpu(strings(&["cpu", "--requests", "5000"])),
                 Step::Fleet(strings(&[
                     "fleet",
                     "--count",
@@ -131,6 +135,7 @@ impl Plan {
 impl Step {
     fn run(&self, side: &Side, quick: bool, output: &mut Output, problems: &mut Problems) {
         let bench = side.bin_dir.join("buildplane-bench");
+        let bin_dir = strings(&["--bin-dir", &side.bin_dir.display().to_string()]);
         let mut json = |args: &[String]| {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             run_json(&bench, &args)
@@ -155,10 +160,8 @@ impl Step {
                 }
             }
             Step::Latency(args) => output.latency = json(args),
-            Step::Fleet(args) => {
-                let bin_dir = strings(&["--bin-dir", &side.bin_dir.display().to_string()]);
-                output.fleets.push(json(&[&args[..], &bin_dir].concat()));
-            }
+            Step::Cpu(args) => output.cpu = json(&[&args[..], &bin_dir].concat()),
+            Step::Fleet(args) => output.fleets.push(json(&[&args[..], &bin_dir].concat())),
         }
     }
 }
@@ -168,6 +171,7 @@ impl fmt::Display for Step {
         match self {
             Step::Criterion(name, _) => f.write_str(name),
             Step::Latency(_) => f.write_str("latency"),
+            Step::Cpu(_) => f.write_str("cpu"),
             Step::Fleet(args) => write!(f, "fleet {}", args.get(2).map_or("", String::as_str)),
         }
     }
@@ -177,6 +181,7 @@ impl fmt::Display for Step {
 struct Output {
     criterion_home: PathBuf,
     latency: Value,
+    cpu: Value,
     /// One per fleet step, `Null` where it failed.
     fleets: Vec<Value>,
 }
@@ -186,6 +191,7 @@ impl Output {
         Output {
             criterion_home: dir.join("criterion"),
             latency: Value::Null,
+            cpu: Value::Null,
             fleets: Vec::new(),
         }
     }
@@ -196,6 +202,7 @@ impl Output {
         let estimates = read_criterion(&self.criterion_home, SystemTime::UNIX_EPOCH)?;
         collect_criterion(&estimates, &mut figures);
         collect_latency(&self.latency, &mut figures);
+        collect_cpu(&self.cpu, &mut figures);
         collect_fleet(
             self.fleets.first().unwrap_or(&Value::Null),
             self.fleets.get(1),
