@@ -224,6 +224,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
     let cpu = run_json(
         &bench,
         &["cpu", "--bin-dir", &bin, "--requests", cpu_requests],
+        &[],
     )?;
 
     let storm_agents = flags

@@ -17,6 +17,8 @@ use tracing::{debug, info};
 
 use crate::{
     GatewayConfig, Shared,
+    caps::Candidate,
+    hello,
     registry::{Connection, public_key_of},
 };
 
@@ -29,16 +31,22 @@ fn reject(status: StatusCode, message: String) -> ErrorResponse {
     res
 }
 
+/// How long a TLS handshake and WebSocket upgrade may take once the first byte is in.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts agents until the listener fails.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         // Storm protection: at most `max_concurrent_handshakes` handshakes run at once, and the
-        // next connection is accepted only when one finishes. The rest wait in the kernel's
+        // next connection is accepted only when a slot is free. The rest wait in the kernel's
         // accept queue, where waiting costs no CPU and, unlike a refused connection, sends no
-        // agent into a longer backoff: a reconnect storm drains at the handshake rate.
-        let Ok(permit) = shared.handshakes.clone().acquire_owned().await else {
-            return;
-        };
+        // agent into a longer backoff: a reconnect storm drains at the handshake rate. The
+        // loop does not hold the slot while it waits in `accept`: a connection whose first
+        // byte arrives later (`hello`) queues for the same slots and must not starve behind it.
+        match shared.handshakes.acquire().await {
+            Ok(free) => drop(free),
+            Err(_) => return,
+        }
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
@@ -54,21 +62,72 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         }
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            let accepted =
-                tokio::time::timeout(Duration::from_secs(10), accept(tcp, &shared)).await;
-            drop(permit);
-            match accepted {
-                Ok(Ok(Some((ws, admitted)))) => {
-                    shared.metrics.handshake(started.elapsed());
-                    run_connection(ws, admitted, shared).await
-                }
-                Ok(Ok(None)) => {}
-                Ok(Err(err)) => debug!(%peer, %err, "agent handshake failed"),
-                Err(_) => debug!(%peer, "agent handshake timed out"),
+        if hello::has_first_byte(&tcp) {
+            // Taken here when free, so the loop cannot run ahead of the slots.
+            let permit = shared.handshakes.clone().try_acquire_owned().ok();
+            tokio::spawn(async move {
+                let permit = match permit {
+                    Some(permit) => permit,
+                    None => match shared.handshakes.clone().acquire_owned().await {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                };
+                handshake(tcp, peer, permit, shared).await;
+            });
+            continue;
+        }
+        // Nothing sent yet: the socket waits for its first byte without a slot (`hello`).
+        let idle = match shared.idle.enter(peer.ip()) {
+            Ok(idle) => idle,
+            Err(refusal) => {
+                shared.metrics.rejected(refusal.reason());
+                debug!(%peer, %refusal, "connection closed before its first byte");
+                continue;
             }
+        };
+        tokio::spawn(async move {
+            let hello_timeout = shared.config.hello_timeout;
+            tokio::select! {
+                () = hello::first_byte(&tcp) => {}
+                () = tokio::time::sleep(hello_timeout) => {
+                    shared.metrics.rejected("hello_timeout");
+                    debug!(%peer, ?hello_timeout, "no ClientHello in time");
+                    return;
+                }
+                () = idle.evicted() => {
+                    shared.metrics.rejected("idle_evicted");
+                    debug!(%peer, "idle connection evicted by a newer one");
+                    return;
+                }
+            }
+            drop(idle);
+            let Ok(permit) = shared.handshakes.clone().acquire_owned().await else {
+                return;
+            };
+            handshake(tcp, peer, permit, shared).await;
         });
+    }
+}
+
+/// One connection from its first byte: the handshake under its slot, then the session.
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let started = tokio::time::Instant::now();
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(tcp, &shared)).await;
+    drop(permit);
+    match accepted {
+        Ok(Ok(Some((ws, admitted)))) => {
+            shared.metrics.handshake(started.elapsed());
+            run_connection(ws, admitted, shared).await
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(err)) => debug!(%peer, %err, "agent handshake failed"),
+        Err(_) => debug!(%peer, "agent handshake timed out"),
     }
 }
 
@@ -100,7 +159,7 @@ async fn accept(
     let trust = shared.trust.clone();
     let metrics = shared.metrics.clone();
     let registry = shared.clone();
-    let max_per_identity = shared.config.max_connections_per_identity.max(1);
+    let caps = shared.config.connection_caps;
     let verdict_in = verdict.clone();
     let callback = move |req: &Request, mut res: Response| -> Result<Response, ErrorResponse> {
         let query = req.uri().query().unwrap_or("");
@@ -160,16 +219,16 @@ async fn accept(
         }
         let agent_id = param("agentID").unwrap_or_default();
         let public_key = chain.first().map(public_key_of).unwrap_or_default();
-        if registry
-            .registry
-            .count_identity(&public_key, &plane_id, &agent_id)
-            >= max_per_identity
-        {
-            metrics.rejected("identity_cap");
-            let mut res = reject(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("this certificate already has {max_per_identity} connections; retry later"),
-            );
+        let candidate = Candidate {
+            plane_id: &plane_id,
+            public_key: &public_key,
+            agent_id: &agent_id,
+            cas: &admission.cas,
+        };
+        if let Err(exceeded) = registry.registry.check_caps(&caps, &candidate) {
+            metrics.rejected(exceeded.reason());
+            info!(%plane_id, %exceeded, "agent refused at a connection cap");
+            let mut res = reject(StatusCode::TOO_MANY_REQUESTS, exceeded.to_string());
             res.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("5"));
             return Err(res);
@@ -267,11 +326,22 @@ async fn run_connection(ws: Ws, admitted: Admitted, shared: Arc<Shared>) {
             admission.granted,
             link,
         )
-        .with_agent_id(agent_id),
+        .with_agent_id(agent_id)
+        .with_cas(admission.cas),
     );
+    // The callback checked the caps; concurrent handshakes may have filled them since, and
+    // the registry checks again under its lock. The upgrade is done, so the refusal is a close.
+    if let Err(exceeded) = shared
+        .registry
+        .try_add(conn.clone(), &shared.config.connection_caps)
+    {
+        shared.metrics.rejected(exceeded.reason());
+        info!(plane_id = %conn.plane_id, %exceeded, "agent refused at a connection cap");
+        conn.close(&exceeded.to_string());
+        return;
+    }
     info!(id = conn.id, plane_id = %conn.plane_id, identity = %conn.identity, protocol = version, crs = ?conn.crs(), "agent connected");
     shared.metrics.admitted();
-    shared.registry.add(conn.clone());
     tokio::select! {
         () = conn.finished() => {}
         () = shared.shutdown.cancelled() => conn.close("the gateway stopped"),

@@ -6,6 +6,8 @@
 //! health listener (`/healthz`, `/readyz`, `/metrics`).
 
 pub mod agents;
+pub mod caps;
+pub mod hello;
 pub mod internal;
 pub mod metrics;
 pub mod policy;
@@ -22,6 +24,7 @@ use std::{
 
 use anyhow::Context as _;
 use buildplane_pki::{ClientCaBundle, ReloadableCert};
+use buildplane_runtime::{TaskEnded, Tasks};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -52,8 +55,12 @@ pub struct GatewayConfig {
     pub heartbeat_timeout: Duration,
     /// Concurrent TLS handshakes on the agent listener.
     pub max_concurrent_handshakes: usize,
-    /// Live connections one leaf public key may hold (excess upgrades get 429).
-    pub max_connections_per_identity: usize,
+    /// Live connections per agent key, planeID and clientCA (excess upgrades get 429).
+    pub connection_caps: caps::ConnectionCaps,
+    /// A connection silent this long before its first byte is closed.
+    pub hello_timeout: Duration,
+    /// Connections one source address may hold before their first byte.
+    pub max_idle_per_source: usize,
     /// On shutdown, agent connections are told to drain (`GoAway`) spread over this long.
     pub shutdown_stagger: Duration,
     /// A draining connection's requests in flight get this long to finish.
@@ -84,7 +91,9 @@ impl GatewayConfig {
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(90),
             max_concurrent_handshakes: 256,
-            max_connections_per_identity: 4,
+            connection_caps: caps::ConnectionCaps::default(),
+            hello_timeout: Duration::from_secs(3),
+            max_idle_per_source: 32,
             shutdown_stagger: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             stream_stall_timeout: Duration::from_secs(60),
@@ -106,6 +115,8 @@ pub struct Shared {
     pub agent_tls: Arc<rustls::ServerConfig>,
     /// Storm protection: permits for concurrent handshakes.
     pub handshakes: Arc<Semaphore>,
+    /// Connections that have not sent their first byte yet (`hello`).
+    pub idle: Arc<hello::IdleGate>,
     /// Metrics.
     pub metrics: Metrics,
     ready: AtomicBool,
@@ -192,12 +203,13 @@ pub async fn drain(shared: &Shared, stagger: Duration) {
 
 /// Polls certificate files and swaps them into the running listeners when they change.
 fn watch_cert(
-    token: &CancellationToken,
+    tasks: &mut Tasks,
     paths: (PathBuf, PathBuf),
     cert: Arc<ReloadableCert>,
     every: Duration,
 ) {
-    spawn_until(token, async move {
+    let name = format!("certificate reload of {}", paths.0.display());
+    tasks.spawn(name, looping(async move {
         let read = |paths: &(PathBuf, PathBuf)| {
             Some((
                 std::fs::read_to_string(&paths.0).ok()?,
@@ -224,7 +236,7 @@ fn watch_cert(
             }
             current = fresh;
         }
-    });
+    }));
 }
 
 /// Pause after a failed accept (EMFILE, ENFILE, ECONNABORTED), so the loop does not spin.
@@ -269,14 +281,14 @@ fn still_trusted(
 /// Polls the internal API's client CA file and swaps a new TLS configuration in when it
 /// changes; an unusable file keeps the previous CA in force (and is retried while it changes).
 fn watch_client_ca(
-    token: &CancellationToken,
+    tasks: &mut Tasks,
     path: PathBuf,
     mut current: Vec<u8>,
     server_cert: Arc<ReloadableCert>,
     tls: tokio::sync::watch::Sender<InternalTls>,
     every: Duration,
 ) {
-    spawn_until(token, async move {
+    tasks.spawn("internal client CA reload", looping(async move {
         let mut refused: Option<Vec<u8>> = None;
         let mut tick = tokio::time::interval(every);
         loop {
@@ -301,7 +313,7 @@ fn watch_client_ca(
                 }
             }
         }
-    });
+    }));
 }
 
 /// Every agent connection does a full handshake: a resumed TLS session would carry the chain of
@@ -332,6 +344,7 @@ pub struct RunningGateway {
     pub internal_addr: SocketAddr,
     /// Bound health address.
     pub health_addr: SocketAddr,
+    tasks: Tasks,
 }
 
 /// Starts the gateway's listeners and background tasks.
@@ -340,8 +353,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let client = buildplane_runtime::kube_client(config.kubeconfig.as_deref()).await?;
     let agent_cert = load_cert(&config.server_cert)?;
     let shutdown = CancellationToken::new();
+    // Every long-lived task is supervised: one that ends before shutdown (a panic, an error)
+    // surfaces in `RunningGateway::run_until`, and the process exits instead of serving on
+    // half its tasks with /healthz still OK.
+    let mut tasks = Tasks::new();
     watch_cert(
-        &shutdown,
+        &mut tasks,
         config.server_cert.clone(),
         agent_cert.clone(),
         config.cert_reload_interval,
@@ -350,7 +367,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         Some(paths) if paths != &config.server_cert => {
             let cert = load_cert(paths)?;
             watch_cert(
-                &shutdown,
+                &mut tasks,
                 paths.clone(),
                 cert.clone(),
                 config.cert_reload_interval,
@@ -364,7 +381,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let (internal_tls, _) =
         tokio::sync::watch::channel(InternalTls::new(internal_cert.clone(), &client_ca)?);
     watch_client_ca(
-        &shutdown,
+        &mut tasks,
         config.internal_client_ca.clone(),
         client_ca,
         internal_cert,
@@ -372,10 +389,14 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         config.cert_reload_interval,
     );
     let (changed_tx, mut changed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let trust = Trust::start(client, changed_tx, &shutdown);
+    let trust = Trust::start(client, changed_tx, &mut tasks);
     let shared = Arc::new(Shared {
         agent_tls: without_resumption(buildplane_pki::agent_listener_config(agent_cert)?),
         handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes.max(1))),
+        idle: hello::IdleGate::new(
+            config.max_idle_per_source,
+            config.max_concurrent_handshakes.max(1).saturating_mul(4),
+        ),
         config: config.clone(),
         trust,
         registry: Registry::default(),
@@ -387,7 +408,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
 
     // Trust changes: revalidate live connections, coalescing bursts.
     let revalidator = shared.clone();
-    spawn_until(&shutdown, async move {
+    tasks.spawn("trust revalidation", async move {
         while changed_rx.recv().await.is_some() {
             tokio::time::sleep(Duration::from_millis(50)).await;
             while changed_rx.try_recv().is_ok() {}
@@ -402,7 +423,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .await
         .with_context(|| format!("binding {}", config.health_listen))?;
     let health_addr = health.local_addr()?;
-    spawn_until(&shutdown, metrics::serve(health, shared.clone()));
+    tasks.spawn("health listener", metrics::serve(health, shared.clone()));
 
     // One waiter on the stores (a second concurrent waiter has been seen to miss the wake-up);
     // start() waits for it through a watch channel, up to 30 s, then serves anyway (readyz
@@ -424,7 +445,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let agents = bind_agent_listener(config.agent_listen)
         .with_context(|| format!("binding {}", config.agent_listen))?;
     let agent_addr = agents.local_addr()?;
-    spawn_until(&shutdown, agents::serve(agents, shared.clone()));
+    tasks.spawn("agent listener", agents::serve(agents, shared.clone()));
 
     let internal = TcpListener::bind(config.internal_listen)
         .await
@@ -432,7 +453,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let internal_addr = internal.local_addr()?;
     let router = internal::router(shared.clone());
     let token = shutdown.clone();
-    spawn_until(&shutdown, async move {
+    tasks.spawn("internal listener", looping(async move {
         loop {
             let (tcp, peer) = match internal.accept().await {
                 Ok(accepted) => accepted,
@@ -496,24 +517,33 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
                 }
             });
         }
-    });
+    }));
     info!(%agent_addr, %internal_addr, %health_addr, "cluster gateway listening");
     Ok(RunningGateway {
         shared,
         agent_addr,
         internal_addr,
         health_addr,
+        tasks,
     })
 }
 
 impl RunningGateway {
+    /// Waits for `signal`; returns early with the reason when a long-lived task ends first (a
+    /// panic, an error, a listener that stopped).
+    pub async fn run_until(
+        &mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), TaskEnded> {
+        self.tasks.run_until(signal).await
+    }
+
     /// Stops the gateway: closes agent connections (staggered over `stagger`), then every
     /// listener and task; the ports are free when this returns.
-    pub async fn shutdown(self, stagger: Duration) {
+    pub async fn shutdown(self, stagger: Duration) -> Result<(), TaskEnded> {
         drain(&self.shared, stagger).await;
         self.shared.shutdown.cancel();
-        // Let the cancelled tasks drop their listeners.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.tasks.shutdown(Duration::from_secs(1)).await
     }
 }
 
@@ -540,4 +570,12 @@ fn bind_agent_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListene
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(AGENT_ACCEPT_BACKLOG)
+}
+
+/// Gives a long-lived loop the output `()` that supervision expects (an `async` block whose
+/// `loop` never breaks would otherwise have the output `!`).
+fn looping(
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    task
 }

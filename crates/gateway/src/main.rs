@@ -46,9 +46,25 @@ struct Flags {
     /// accept queue until one finishes.
     #[arg(long, default_value_t = 256)]
     max_concurrent_handshakes: usize,
-    /// Live connections one agent certificate (leaf public key) may hold; excess get 429.
+    /// Live connections one agent certificate (leaf public key) may hold; excess get 429
+    /// (0: no cap).
     #[arg(long, default_value_t = 4)]
     max_connections_per_identity: usize,
+    /// Live connections one planeID may hold; excess get 429 (0: no cap).
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_plane: usize,
+    /// Live connections the agents of one clientCA may hold, over all planeIDs; excess get 429
+    /// (0: no cap).
+    #[arg(long, default_value_t = 10_000)]
+    max_connections_per_ca: usize,
+    /// A connection that sends no TLS ClientHello within this long is closed; until its first
+    /// byte it holds no handshake slot.
+    #[arg(long, default_value = "3s", value_parser = parse_positive_duration)]
+    hello_timeout: Duration,
+    /// Connections one source address may hold open before they send their first byte; more
+    /// are closed at once.
+    #[arg(long, default_value_t = 32)]
+    max_idle_per_source: usize,
     /// On shutdown, agent connections are told to drain (`GoAway`) spread over this long.
     #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
     shutdown_stagger: Duration,
@@ -100,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("--internal-server-cert and --internal-server-key go together"),
     };
     let proxy_policy = cluster_gateway::policy::ProxyPolicy::from_flags(&flags.proxy_deny)?;
-    let gateway = cluster_gateway::start(cluster_gateway::GatewayConfig {
+    let mut gateway = cluster_gateway::start(cluster_gateway::GatewayConfig {
         kubeconfig: flags.kubeconfig,
         agent_listen: agent_listen(flags.agent_listen)?,
         internal_listen: flags.internal_listen,
@@ -111,7 +127,13 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_interval: flags.heartbeat_interval,
         heartbeat_timeout: flags.heartbeat_timeout,
         max_concurrent_handshakes: flags.max_concurrent_handshakes,
-        max_connections_per_identity: flags.max_connections_per_identity,
+        connection_caps: cluster_gateway::caps::ConnectionCaps {
+            per_identity: flags.max_connections_per_identity,
+            per_plane: flags.max_connections_per_plane,
+            per_ca: flags.max_connections_per_ca,
+        },
+        hello_timeout: flags.hello_timeout,
+        max_idle_per_source: flags.max_idle_per_source,
         shutdown_stagger: flags.shutdown_stagger,
         drain_timeout: flags.drain_timeout,
         stream_stall_timeout: flags.stream_stall_timeout,
@@ -119,9 +141,15 @@ async fn main() -> anyhow::Result<()> {
         proxy_policy,
     })
     .await?;
-    buildplane_runtime::shutdown_signal().await;
-    tracing::info!("shutting down");
-    cluster_gateway::drain(&gateway.shared, flags.shutdown_stagger).await;
+    let ended = gateway
+        .run_until(buildplane_runtime::shutdown_signal())
+        .await;
+    match &ended {
+        Ok(()) => tracing::info!("shutting down"),
+        Err(err) => tracing::error!(%err, "a gateway task ended; shutting down"),
+    }
+    let stopped = gateway.shutdown(flags.shutdown_stagger).await;
+    ended.and(stopped)?;
     Ok(())
 }
 

@@ -15,10 +15,13 @@ use buildplane_api::{
     events::{GatewayEvent, GatewayEventKind},
 };
 use buildplane_link::{Link, RequestHead, StreamError, StreamHandle};
+use buildplane_pki::CaId;
 use parking_lot::RwLock;
 use rustls_pki_types::CertificateDer;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+
+use crate::caps::{Candidate, CapExceeded, ConnectionCaps, Counts, ReplacedCounts};
 
 /// One admitted agent connection: who it is, what it may serve, and its tunnel [`Link`] (the
 /// session owns the streams; closing the link fails every stream in flight at once).
@@ -41,6 +44,8 @@ pub struct Connection {
     pub agent_id: String,
     /// Short printable identity: a hash of the public key, then `/agentID` when given.
     pub identity: String,
+    /// The clientCAs that verified its chain at admission (the caps per CA count by them).
+    pub cas: BTreeSet<CaId>,
 }
 
 impl Connection {
@@ -64,7 +69,14 @@ impl Connection {
             agent_id: String::new(),
             public_key,
             identity,
+            cas: BTreeSet::new(),
         }
+    }
+
+    /// Sets the clientCAs that verified its chain.
+    pub fn with_cas(mut self, cas: BTreeSet<CaId>) -> Self {
+        self.cas = cas;
+        self
     }
 
     /// Sets the agent instance id (from the `agentID` query parameter).
@@ -211,18 +223,33 @@ struct Table {
     /// Planes whose last connection ended in a drain, and when: their agents are reconnecting,
     /// so for [`RECONNECTING_FOR`] a request waits for them instead of failing.
     drained: HashMap<String, tokio::time::Instant>,
-    /// Live connections per leaf public key (the per-identity cap).
-    by_identity: HashMap<Vec<u8>, usize>,
+    /// Live connections per leaf public key and per CA (the caps).
+    counts: Counts,
 }
 
 impl Table {
-    fn forget_identity(&mut self, public_key: &[u8]) {
-        if let Some(n) = self.by_identity.get_mut(public_key) {
-            *n -= 1;
-            if *n == 0 {
-                self.by_identity.remove(public_key);
+    /// Checks the caps for `candidate`, whose earlier instance (if any) it would replace.
+    fn check(&self, caps: &ConnectionCaps, candidate: &Candidate<'_>) -> Result<(), CapExceeded> {
+        let plane = self.by_plane.get(candidate.plane_id);
+        let mut replaced = ReplacedCounts::default();
+        for c in plane.into_iter().flatten() {
+            if c.public_key == candidate.public_key && c.agent_id == candidate.agent_id {
+                replaced.identity += 1;
+                // Only a named instance is replaced; unnamed siblings stay (`same_instance`).
+                if !candidate.agent_id.is_empty() {
+                    replaced.plane += 1;
+                    for ca in &c.cas {
+                        *replaced.cas.entry(ca.clone()).or_insert(0) += 1;
+                    }
+                }
             }
         }
+        caps.check(
+            &self.counts,
+            candidate,
+            plane.map_or(0, Vec::len),
+            &replaced,
+        )
     }
 
     fn iter(&self) -> impl Iterator<Item = &Arc<Connection>> {
@@ -262,7 +289,7 @@ impl Registry {
     /// `plane_id` (which a new connection would replace rather than add to).
     pub fn count_identity(&self, public_key: &[u8], plane_id: &str, agent_id: &str) -> usize {
         let table = self.table.read();
-        let all = table.by_identity.get(public_key).copied().unwrap_or(0);
+        let all = table.counts.identity(public_key);
         let same_instance = table
             .by_plane
             .get(plane_id)
@@ -273,11 +300,45 @@ impl Registry {
         all - same_instance
     }
 
+    /// Whether a connection of `candidate` would be within `caps` now.
+    pub fn check_caps(
+        &self,
+        caps: &ConnectionCaps,
+        candidate: &Candidate<'_>,
+    ) -> Result<(), CapExceeded> {
+        self.table.read().check(caps, candidate)
+    }
+
+    /// Registers a connection if it is within `caps` (checked under the same lock, so
+    /// concurrent admissions cannot together exceed a cap); see [`add`](Self::add).
+    pub fn try_add(&self, conn: Arc<Connection>, caps: &ConnectionCaps) -> Result<(), CapExceeded> {
+        self.add_checked(conn, Some(caps))
+    }
+
     /// Registers a connection; an older connection of the same agent instance (same planeID,
     /// leaf public key and instance id) is replaced: newest wins.
     pub fn add(&self, conn: Arc<Connection>) {
+        let _ = self.add_checked(conn, None);
+    }
+
+    fn add_checked(
+        &self,
+        conn: Arc<Connection>,
+        caps: Option<&ConnectionCaps>,
+    ) -> Result<(), CapExceeded> {
         let replaced: Vec<Arc<Connection>> = {
             let mut table = self.table.write();
+            if let Some(caps) = caps {
+                table.check(
+                    caps,
+                    &Candidate {
+                        plane_id: &conn.plane_id,
+                        public_key: &conn.public_key,
+                        agent_id: &conn.agent_id,
+                        cas: &conn.cas,
+                    },
+                )?;
+            }
             let plane = table.by_plane.entry(conn.plane_id.clone()).or_default();
             let mut old = Vec::new();
             plane.retain(|c| {
@@ -290,12 +351,9 @@ impl Registry {
             plane.push(conn.clone());
             table.drained.remove(&conn.plane_id);
             for o in &old {
-                table.forget_identity(&o.public_key);
+                table.counts.remove(&o.public_key, &o.cas);
             }
-            *table
-                .by_identity
-                .entry(conn.public_key.clone())
-                .or_insert(0) += 1;
+            table.counts.add(&conn.public_key, &conn.cas);
             old
         };
         for old in replaced {
@@ -312,6 +370,7 @@ impl Registry {
         }
         let crs: Vec<CrKey> = conn.crs().into_iter().collect();
         self.emit(GatewayEventKind::Connected, &conn, crs);
+        Ok(())
     }
 
     /// Removes a connection (if still registered) and fails its pending requests.
@@ -336,7 +395,7 @@ impl Registry {
                 None => false,
             };
             if removed {
-                table.forget_identity(&conn.public_key);
+                table.counts.remove(&conn.public_key, &conn.cas);
             }
             removed
         };
@@ -661,5 +720,34 @@ mod tests {
         ));
         assert_eq!(registry.all().len(), 2);
         assert_eq!(registry.table()["total"], 2);
+    }
+
+    /// `try_add` refuses, under its lock, what would exceed a cap, registers nothing then, and
+    /// lets the instance it would replace go without counting it.
+    #[tokio::test]
+    async fn try_add_holds_the_caps_and_counts_replacements_out() {
+        let registry = Registry::default();
+        let caps = ConnectionCaps {
+            per_identity: 0,
+            per_plane: 2,
+            per_ca: 0,
+        };
+        let cr = CrKey::namespaced("org", "bp");
+        let crs = std::slice::from_ref(&cr);
+        let a = conn(&registry, "p", b"ka", "a", crs).await;
+        let b = conn(&registry, "p", b"kb", "b", crs).await;
+        let c = conn(&registry, "p", b"kc", "c", crs).await;
+        assert_eq!(registry.try_add(a, &caps), Ok(()));
+        assert_eq!(registry.try_add(b, &caps), Ok(()));
+        assert_eq!(registry.try_add(c, &caps), Err(CapExceeded::Plane(2)));
+        assert_eq!(registry.count("p", Some(&cr)).0, 2, "c was not registered");
+        let a_again = conn(&registry, "p", b"ka", "a", crs).await;
+        assert_eq!(
+            registry.try_add(a_again, &caps),
+            Ok(()),
+            "a reconnect replaces its instance"
+        );
+        assert_eq!(registry.count("p", Some(&cr)).0, 2);
+        assert_eq!(registry.replaced_total(), 1);
     }
 }

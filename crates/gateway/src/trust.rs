@@ -8,7 +8,7 @@ use std::{
 };
 
 use buildplane_api::{BuildPlane, ClusterBuildPlane, CrKey, PlaneCr};
-use buildplane_pki::ClientCaBundle;
+use buildplane_pki::{CaId, ClientCaBundle};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -80,6 +80,8 @@ pub struct Admission {
     pub granted: BTreeSet<CrKey>,
     /// Why each other CR with the planeID refused it.
     pub refused: Vec<(CrKey, String)>,
+    /// The clientCAs that verified it (the caps per CA count by them).
+    pub cas: BTreeSet<CaId>,
 }
 
 impl Trust {
@@ -87,7 +89,7 @@ impl Trust {
     pub fn start(
         client: Client,
         changed: mpsc::UnboundedSender<()>,
-        shutdown: &tokio_util::sync::CancellationToken,
+        tasks: &mut buildplane_runtime::Tasks,
     ) -> Trust {
         let (namespaced, namespaced_writer) = reflector::store();
         let (cluster, cluster_writer) = reflector::store();
@@ -97,21 +99,21 @@ impl Trust {
             Api::<BuildPlane>::all(client.clone()),
             namespaced_writer,
             changed.clone(),
-            shutdown,
+            tasks,
             index_plane::<BuildPlane>(&planes),
         );
         spawn_reflector(
             Api::<ClusterBuildPlane>::all(client.clone()),
             cluster_writer,
             changed.clone(),
-            shutdown,
+            tasks,
             index_plane::<ClusterBuildPlane>(&planes),
         );
         spawn_reflector(
             Api::<Secret>::all(client),
             secrets_writer,
             changed,
-            shutdown,
+            tasks,
             |_: &Secret, _deleted: bool| {},
         );
         Trust {
@@ -360,6 +362,7 @@ impl TrustIndex {
         let mut admission = Admission {
             granted: BTreeSet::new(),
             refused: Vec::new(),
+            cas: BTreeSet::new(),
         };
         let Some((end_entity, intermediates)) = chain.split_first() else {
             return admission;
@@ -368,12 +371,13 @@ impl TrustIndex {
         for (key, bundle) in self.by_plane.get(plane_id).into_iter().flatten() {
             let verdict = bundle.as_ref().map_err(Clone::clone).and_then(|bundle| {
                 bundle
-                    .verify_client(end_entity, intermediates, now)
+                    .verify_client_anchor(end_entity, intermediates, now)
                     .map_err(|e| e.to_string())
             });
             match verdict {
-                Ok(()) => {
+                Ok(ca) => {
                     admission.granted.insert(key.clone());
+                    admission.cas.insert(ca);
                 }
                 Err(reason) => admission.refused.push((key.clone(), reason)),
             }
@@ -386,7 +390,7 @@ fn spawn_reflector<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     changed: mpsc::UnboundedSender<()>,
-    shutdown: &tokio_util::sync::CancellationToken,
+    tasks: &mut buildplane_runtime::Tasks,
     on_touched: impl Fn(&K, bool) + Send + 'static,
 ) where
     K: kube::Resource<DynamicType = ()>
@@ -397,7 +401,8 @@ fn spawn_reflector<K>(
         + Sync
         + 'static,
 {
-    crate::spawn_until(shutdown, async move {
+    let name = format!("watch of {}", K::plural(&()));
+    tasks.spawn(name, async move {
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
             .reflect(writer);

@@ -254,16 +254,20 @@ async fn storm_protection_caps_handshakes_and_connections_per_identity() {
     let mut env = Env::start().await;
     env.stop_gateway().await;
     env.config.max_concurrent_handshakes = 1;
-    env.config.max_connections_per_identity = 1;
+    env.config.connection_caps.per_identity = 1;
     env.start_gateway().await;
     let ca = Ca::generate("agent-ca", DAY).unwrap();
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     let leaf = ca.issue_client("p", DAY).unwrap();
 
-    // A peer that connects and never starts TLS holds the only handshake slot; the next agent
-    // waits in the accept queue (no CPU spent, no refusal to back off from) and is admitted
-    // as soon as the slot frees.
-    let idle = tokio::net::TcpStream::connect(env.agent_addr)
+    // A peer that starts TLS (one byte of a record header) and stalls holds the only handshake
+    // slot; the next agent waits in the accept queue (no CPU spent, no refusal to back off
+    // from) and is admitted as soon as the slot frees. (A peer that sends nothing holds no
+    // slot: `security::idle_sockets_hold_no_handshake_slot`.)
+    let mut idle = tokio::net::TcpStream::connect(env.agent_addr)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut idle, &[0x16])
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;

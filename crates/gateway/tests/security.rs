@@ -362,3 +362,161 @@ async fn internal_listener_drops_a_silent_handshake() {
         "not before the timeout"
     );
 }
+
+/// An idle TCP connection from `source` to the agent listener: connected, never a byte.
+async fn idle_from(env: &Env, source: [u8; 4]) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    socket.connect(env.agent_addr).await.unwrap()
+}
+
+/// The count of a rejection reason in the gateway's metrics.
+async fn rejections(env: &Env, reason: &str) -> u64 {
+    let prefix = format!("cluster_gateway_rejections_total{{reason=\"{reason}\"}} ");
+    env.metrics()
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Pre-authentication denial of service: sockets that never send a byte hold no handshake
+/// slot, so an agent is admitted while many of them are open. (Before, each held a slot for
+/// the 10 s handshake timeout: two idle sockets stalled every admission with two slots, and an
+/// attacker reopening them kept agents out indefinitely.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_hold_no_handshake_slot() {
+    let mut env = Env::start().await;
+    env.stop_gateway().await;
+    env.config.max_concurrent_handshakes = 2;
+    env.config.max_idle_per_source = 1_000;
+    env.config.hello_timeout = Duration::from_secs(60);
+    env.start_gateway().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    let query = "?planeID=p&planeType=buildplane&agentID=a";
+    drop(env.raw_admitted(query, &leaf, None).await);
+
+    let mut idle = Vec::new();
+    for i in 0..20u8 {
+        idle.push(idle_from(&env, [127, 0, 1, i]).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Well under the 10 s in which a slot-holding idle socket's handshake would time out.
+    let admitted = tokio::time::timeout(
+        Duration::from_secs(5),
+        env.raw_connect(query, Some(&leaf), None),
+    )
+    .await
+    .expect("admitted while 20 idle sockets are open");
+    assert!(admitted.is_ok(), "{:?}", admitted.map(drop));
+    drop(idle);
+}
+
+/// Idle sockets are capped per source address (the rest are closed at once) and closed after
+/// `--hello-timeout`; another address keeps its own allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_are_capped_per_source_and_time_out() {
+    use tokio::io::AsyncReadExt;
+    let mut env = Env::start().await;
+    env.stop_gateway().await;
+    env.config.max_idle_per_source = 3;
+    env.config.hello_timeout = Duration::from_millis(500);
+    env.start_gateway().await;
+
+    let mut sockets = Vec::new();
+    for _ in 0..8 {
+        sockets.push(idle_from(&env, [127, 0, 0, 2]).await);
+    }
+    env.eventually("five closed at once", WAIT, || async {
+        rejections(&env, "idle_per_source").await == 5
+    })
+    .await;
+    for _ in 0..3 {
+        sockets.push(idle_from(&env, [127, 0, 0, 3]).await);
+    }
+    env.eventually("the other six timed out", WAIT, || async {
+        rejections(&env, "hello_timeout").await == 6
+    })
+    .await;
+    assert_eq!(
+        rejections(&env, "idle_per_source").await,
+        5,
+        "the second address was within its own allowance"
+    );
+    for mut socket in sockets {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(WAIT, socket.read(&mut buf))
+            .await
+            .expect("every idle socket is closed by the gateway");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+}
+
+/// A planeID and a clientCA each hold at most their cap of connections, whatever the number of
+/// keys a tenant mints: past it the upgrade gets 429 with the reason, while other planeIDs and
+/// other CAs are unaffected. (Before, only the per-key cap existed, and fresh keys of one CA
+/// could open any number of connections.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_per_plane_and_per_ca() {
+    let mut env = Env::start().await;
+    env.stop_gateway().await;
+    env.config.connection_caps.per_plane = 2;
+    env.config.connection_caps.per_ca = 3;
+    env.start_gateway().await;
+    let tenant = Ca::generate("tenant-ca", DAY).unwrap();
+    let other = Ca::generate("other-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", tenant.cert_pem()).await;
+    env.build_plane("org-a", "bp2", "p2", tenant.cert_pem())
+        .await;
+    env.build_plane("org-b", "bp", "q", other.cert_pem()).await;
+    let connect = |plane: &'static str, ca: &Ca, instance: usize| {
+        let leaf = ca.issue_client(plane, DAY).unwrap();
+        let query = format!("?planeID={plane}&planeType=buildplane&agentID=i{instance}");
+        (leaf, query)
+    };
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let (leaf, query) = connect("p", &tenant, i);
+        held.push(env.raw_admitted(&query, &leaf, None).await);
+    }
+    env.eventually("two on p", WAIT, || async { env.connections().await == 2 })
+        .await;
+    let (leaf, query) = connect("p", &tenant, 2);
+    let (status, body) = env
+        .raw_connect(&query, Some(&leaf), None)
+        .await
+        .map(drop)
+        .expect_err("a third key on p is over the plane cap");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("planeID"), "{body}");
+
+    // The same CA on another planeID: one more fits under the CA cap, the next does not.
+    let (leaf, query) = connect("p2", &tenant, 0);
+    held.push(env.raw_admitted(&query, &leaf, None).await);
+    env.eventually("three of the tenant's CA", WAIT, || async {
+        env.connections().await == 3
+    })
+    .await;
+    let (leaf, query) = connect("p2", &tenant, 1);
+    let (status, body) = env
+        .raw_connect(&query, Some(&leaf), None)
+        .await
+        .map(drop)
+        .expect_err("a fourth key of the tenant's CA is over the CA cap");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("CA"), "{body}");
+    assert_eq!(rejections(&env, "plane_cap").await, 1);
+    assert_eq!(rejections(&env, "ca_cap").await, 1);
+
+    // Another tenant is unaffected.
+    let (leaf, query) = connect("q", &other, 0);
+    held.push(env.raw_admitted(&query, &leaf, None).await);
+    // A freed place is usable again.
+    held.remove(0);
+    let (leaf, query) = connect("p", &tenant, 3);
+    held.push(env.raw_admitted(&query, &leaf, None).await);
+}

@@ -432,6 +432,23 @@ impl From<webpki::Error> for VerifyError {
     }
 }
 
+/// A CA that verified a chain, by its public key (DER SubjectPublicKeyInfo): a CA re-issued
+/// with the same key is the same CA. Connection caps per CA count by it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CaId(Arc<[u8]>);
+
+impl CaId {
+    /// The id of the CA with this SubjectPublicKeyInfo (DER).
+    pub fn from_public_key(spki: &[u8]) -> Self {
+        Self(spki.into())
+    }
+
+    /// The CA's SubjectPublicKeyInfo (DER).
+    pub fn public_key(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// The CAs of one BuildPlane's `clientCA`, ready to verify agent chains.
 #[derive(Debug, Clone)]
 pub struct ClientCaBundle {
@@ -490,6 +507,18 @@ impl ClientCaBundle {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), VerifyError> {
+        self.verify_client_anchor(end_entity, intermediates, now)
+            .map(drop)
+    }
+
+    /// Verifies like [`verify_client`](Self::verify_client) and tells which CA of the bundle the
+    /// verified path ends in.
+    pub fn verify_client_anchor(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<CaId, VerifyError> {
         if self.certs.is_empty() {
             return Err(VerifyError::EmptyBundle);
         }
@@ -527,7 +556,7 @@ impl ClientCaBundle {
             Some(&check_anchor),
         );
         match res {
-            Ok(_) => Ok(()),
+            Ok(path) => Ok(CaId(path.anchor().subject_public_key_info.as_ref().into())),
             Err(
                 webpki::Error::CertExpired { .. }
                 | webpki::Error::CertNotValidYet { .. }

@@ -472,6 +472,31 @@ fn expired_self_signed_leaf_is_refused_even_when_pinned() {
 }
 
 /// A truncated PEM block is not half a certificate.
+/// The CA a chain verified under is told by its key: each CA of a rotation bundle has its own
+/// id, the same for every leaf it issues, and equal to the id of its own public key.
+#[test]
+fn verified_chain_names_its_ca() {
+    let day = Duration::from_secs(86_400);
+    let (one, two) = (
+        Ca::generate("one", day).unwrap(),
+        Ca::generate("two", day).unwrap(),
+    );
+    let bundle =
+        ClientCaBundle::from_pem(format!("{}{}", one.cert_pem(), two.cert_pem()).as_bytes())
+            .unwrap();
+    let id = |ca: &Ca| {
+        let chain = chain(&ca.issue_client("agent", day).unwrap());
+        bundle
+            .verify_client_anchor(&chain[0], &chain[1..], now())
+            .unwrap()
+    };
+    assert_eq!(id(&one), id(&one));
+    assert_ne!(id(&one), id(&two));
+    let der = parse_cert_bundle(two.cert_pem().as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(der[0].as_ref()).unwrap();
+    assert_eq!(id(&two).public_key(), cert.tbs_certificate.subject_pki.raw);
+}
+
 #[test]
 fn truncated_pem_bundle_is_rejected() {
     let ca = Ca::generate("ca", DAY).expect("ca");

@@ -181,7 +181,10 @@ impl Env {
     /// Stops the gateway (staggered close of agents, listeners closed).
     pub async fn stop_gateway(&mut self) {
         if let Some(gateway) = self.gateway.take() {
-            gateway.shutdown(Duration::from_millis(100)).await;
+            gateway
+                .shutdown(Duration::from_millis(100))
+                .await
+                .expect("no gateway task ended before shutdown");
         }
     }
 

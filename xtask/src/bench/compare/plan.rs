@@ -138,7 +138,7 @@ impl Step {
         let bin_dir = strings(&["--bin-dir", &side.bin_dir.display().to_string()]);
         let mut json = |args: &[String]| {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run_json(&bench, &args)
+            run_json(&bench, &args, &[])
                 .map_err(|err| problems.report(side, format!("{err:#}")))
                 .unwrap_or(Value::Null)
         };
