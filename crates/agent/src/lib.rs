@@ -126,6 +126,21 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent's counters in the Prometheus text format (`/metrics` on the health listener):
+    /// per replica, so a test can tell that requests reach every replica.
+    pub fn metrics_text(&self) -> String {
+        let requests = self.requests.load(Ordering::Relaxed);
+        let connections = self.connected.load(Ordering::Relaxed);
+        format!(
+            "# HELP cluster_agent_requests Requests this agent ran against its cluster.\n\
+             # TYPE cluster_agent_requests counter\n\
+             cluster_agent_requests_total {requests}\n\
+             # HELP cluster_agent_connections Live connections to the gateway.\n\
+             # TYPE cluster_agent_connections gauge\n\
+             cluster_agent_connections {connections}\n"
+        )
+    }
+
     /// An agent that connects with `cert`, trusting `server_ca_pem` for the gateway.
     pub fn new(
         config: AgentConfig,
@@ -360,8 +375,24 @@ pub async fn follow_identity(agent: Arc<Agent>) -> anyhow::Result<()> {
 }
 
 async fn health(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> std::io::Result<()> {
+    let metrics = agent.clone();
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = metrics.metrics_text();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             axum::routing::get(move || {

@@ -648,6 +648,37 @@ pub fn lint(file: &Path, text: &str, scenario: &Scenario) -> Vec<LintError> {
             "a scenario needs at least one step",
         );
     }
+    let needed = scenario.needed_capabilities();
+    let unneeded: Vec<String> = scenario
+        .requires
+        .iter()
+        .filter(|c| !needed.contains(c))
+        .map(|c| c.to_string())
+        .collect();
+    if !unneeded.is_empty() {
+        linter.error(
+            &[Seg::Key("requires".into())],
+            format!(
+                "no operation needs {}: it would skip the scenario on backends that could run it",
+                unneeded.join(", ")
+            ),
+        );
+    }
+    let undeclared: Vec<String> = needed
+        .into_iter()
+        .filter(|c| !scenario.requires.contains(c))
+        .map(|c| c.to_string())
+        .collect();
+    if !undeclared.is_empty() {
+        linter.error(
+            &[Seg::Key("name".into())],
+            format!(
+                "its operations need {}: declare `requires: [{}]`, so backends without it skip the scenario instead of failing it",
+                undeclared.join(", "),
+                undeclared.join(", ")
+            ),
+        );
+    }
     for (name, value) in &scenario.bindings {
         let path = vec![Seg::Key("bindings".into()), Seg::Key(name.clone())];
         linter.check_refs_in_value(&path, value, &[]);
@@ -784,6 +815,40 @@ steps:
         );
         let fields: Vec<_> = errors.iter().map(|e| (e.field.as_str(), e.line)).collect();
         assert_eq!(fields, vec![("name", Some(1)), ("description", Some(2))]);
+    }
+
+    /// A scenario declares the capabilities its operations need, and no more: a fault without
+    /// `requires: [linkFaults]` would fail on k3d instead of being skipped there.
+    #[test]
+    fn requires_declared_capabilities_and_no_more() {
+        let with_fault = GOOD.replace(
+            "      - assert:",
+            "      - fault: {link: bp, latency: 1s}\n      - assert:",
+        );
+        let errors = lint_text(&with_fault);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0]
+                .message
+                .contains("declare `requires: [linkFaults]`"),
+            "{}",
+            errors[0]
+        );
+        let declared =
+            with_fault.replace("labels: [fast]", "labels: [fast]\nrequires: [linkFaults]");
+        assert_eq!(lint_text(&declared), vec![]);
+        let extra = GOOD.replace(
+            "labels: [fast]",
+            "labels: [fast]\nrequires: [apiServerLifecycle]",
+        );
+        let errors = lint_text(&extra);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "requires");
+        assert!(
+            errors[0]
+                .message
+                .contains("no operation needs apiServerLifecycle")
+        );
     }
 
     /// `await` must refer to an earlier background operation.

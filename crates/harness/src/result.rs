@@ -190,6 +190,9 @@ pub struct ScenarioResult {
     /// Where the environment's files were kept, if kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept: Option<String>,
+    /// Why it was skipped (status `skipped`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 /// The whole run.
@@ -222,6 +225,14 @@ impl SuiteResult {
         self.scenarios
             .iter()
             .filter(|s| s.status == Status::Failed)
+            .count()
+    }
+
+    /// Scenarios skipped (each with its reason).
+    pub fn skipped(&self) -> usize {
+        self.scenarios
+            .iter()
+            .filter(|s| s.status == Status::Skipped)
             .count()
     }
 }

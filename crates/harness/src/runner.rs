@@ -144,7 +144,25 @@ fn failed_result(
         series: Vec::new(),
         loads: Vec::new(),
         kept: None,
+        skipped: None,
     }
+}
+
+/// Why `backend` cannot run `scenario`, if it cannot: a capability the scenario requires.
+pub fn unsupported_by(scenario: &Scenario, backend: &dyn Backend) -> Option<String> {
+    let missing: Vec<&str> = scenario
+        .requires
+        .iter()
+        .filter(|c| !backend.capabilities().contains(c))
+        .map(|c| c.as_str())
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "needs {}, which the {} backend lacks",
+            missing.join(", "),
+            backend.name()
+        )
+    })
 }
 
 /// Runs one scenario in its own environment.
@@ -159,6 +177,13 @@ pub async fn run_scenario(
     crate::install_crypto_provider();
     let scenario = &loaded.scenario;
     let started = Instant::now();
+    if let Some(reason) = unsupported_by(scenario, backend) {
+        return ScenarioResult {
+            status: Status::Skipped,
+            skipped: Some(reason),
+            ..failed_result(scenario, attempt, started, Failure::default())
+        };
+    }
     let run = short_id();
     let work_dir = options.work_dir.join(format!("{}-{run}", scenario.name));
     let spec = EnvSpec {
@@ -291,6 +316,7 @@ pub async fn run_scenario(
         series,
         loads,
         kept,
+        skipped: None,
     }
 }
 
@@ -328,6 +354,9 @@ pub async fn run_suite(
             result.name,
             crate::duration::pretty(result.duration)
         );
+        if let Some(reason) = &result.skipped {
+            line.push_str(&format!(": {reason}"));
+        }
         if let Some(failure) = &result.failure {
             line.push('\n');
             line.push_str(&crate::result::indent(&failure.render(), 2));
@@ -441,10 +470,22 @@ pub fn summary_table(suite: &SuiteResult) -> String {
         suite.backend,
         suite.profile
     ));
+    let skipped: Vec<_> = suite
+        .scenarios
+        .iter()
+        .filter_map(|s| Some((&s.name, s.skipped.as_ref()?)))
+        .collect();
+    if !skipped.is_empty() {
+        out.push_str("skipped:\n");
+        for (name, reason) in &skipped {
+            out.push_str(&format!("  {name}: {reason}\n"));
+        }
+    }
     out.push_str(&format!(
-        "{} passed, {} failed",
+        "{} passed, {} failed, {} skipped",
         suite.passed(),
-        suite.failed()
+        suite.failed(),
+        suite.skipped()
     ));
     out
 }
@@ -513,10 +554,43 @@ mod tests {
             "{message}"
         );
         let table = summary_table(&suite);
-        assert!(table.ends_with("0 passed, 1 failed"), "{table}");
+        assert!(table.ends_with("0 passed, 1 failed, 0 skipped"), "{table}");
         assert!(
             table.contains("failures:\n  a: ") && table.contains("not implemented in this build"),
             "{table}"
+        );
+    }
+
+    /// A scenario that requires what the backend lacks is skipped with the reason (listed above
+    /// the closing line and in JUnit), not run into a failure and not counted as passed.
+    #[tokio::test]
+    async fn scenario_needing_a_missing_capability_is_skipped_with_the_reason() {
+        let quiet: Progress = Arc::new(|_| {});
+        let options = RunOptions {
+            work_dir: std::env::temp_dir().join("harness-runner-test"),
+            ..RunOptions::default()
+        };
+        let mut faults = scenario("faults", &["fast"]);
+        faults.scenario.requires = vec![crate::scenario::Capability::LinkFaults];
+        let suite = run_suite(Arc::new(Unavailable), vec![faults], options, quiet).await;
+        assert_eq!((suite.passed(), suite.failed(), suite.skipped()), (0, 0, 1));
+        let reason = suite.scenarios[0].skipped.as_deref().unwrap_or_default();
+        assert_eq!(
+            reason,
+            "needs linkFaults, which the unavailable backend lacks"
+        );
+        let table = summary_table(&suite);
+        assert!(
+            table.contains("skipped:\n  faults: needs linkFaults"),
+            "{table}"
+        );
+        assert!(table.ends_with("0 passed, 0 failed, 1 skipped"), "{table}");
+        let junit = crate::report::junit(&suite);
+        assert!(
+            junit.contains(
+                "<skipped message=\"needs linkFaults, which the unavailable backend lacks\"/>"
+            ),
+            "{junit}"
         );
     }
 

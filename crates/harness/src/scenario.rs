@@ -44,8 +44,52 @@ pub struct Scenario {
     /// Per-profile overrides of `bindings` (for example `full: {agents: 10000}`).
     #[serde(default)]
     pub profiles: BTreeMap<String, BTreeMap<String, Value>>,
+    /// What the backend must be able to do (the linter checks that the operations need no
+    /// more); on a backend without one, the scenario is skipped with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<Capability>,
     /// The steps, run in order.
     pub steps: Vec<Step>,
+}
+
+/// Something a scenario needs that not every backend can do.
+#[derive(
+    Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Capability {
+    /// Faults on an agent's link (`fault`, `heal`): a fault proxy between the clusters.
+    LinkFaults,
+    /// Stopping and starting a cluster's API server (`kill`/`stop`/`start`/`restart` of
+    /// `apiserver`).
+    ApiServerLifecycle,
+}
+
+impl Capability {
+    /// The name as written in scenario files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LinkFaults => "linkFaults",
+            Self::ApiServerLifecycle => "apiServerLifecycle",
+        }
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Scenario {
+    /// The capabilities the scenario's operations need.
+    pub fn needed_capabilities(&self) -> std::collections::BTreeSet<Capability> {
+        self.steps
+            .iter()
+            .flat_map(|step| step.try_.iter().chain(&step.catch).chain(&step.finally))
+            .filter_map(Operation::needs)
+            .collect()
+    }
 }
 
 fn default_true() -> bool {
@@ -301,6 +345,22 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// The capability this operation needs from the backend, if any.
+    pub fn needs(&self) -> Option<Capability> {
+        match self {
+            Operation::Fault(_) | Operation::Heal(_) => Some(Capability::LinkFaults),
+            Operation::Kill(op)
+            | Operation::Restart(op)
+            | Operation::Start(op)
+            | Operation::Stop(op)
+                if op.component == Some(ComponentKind::Apiserver) =>
+            {
+                Some(Capability::ApiServerLifecycle)
+            }
+            _ => None,
+        }
+    }
+
     /// The operation's key as written in YAML.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -79,8 +79,10 @@ fn config_map(name: &str, value: &str) -> ConfigMap {
 
 /// Every acknowledged write survives `kill -9`; the restarted process keeps its port, CA and
 /// token (the old kubeconfig works, kubectl included); a running watcher sees later changes; a
-/// torn last record is ignored. (Fails if writes are acknowledged before they are fsynced and
-/// replayed, or if the identity or port change across restarts.)
+/// torn last record is ignored. (Fails if acknowledged writes are not logged and replayed, or if
+/// the identity or port change across restarts. `kill -9` keeps the page cache, so this cannot
+/// tell a synced write from an unsynced one: `store::tests::every_write_is_synced_before_it_is_acknowledged`
+/// checks the sync.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -432,18 +432,19 @@ impl From<webpki::Error> for VerifyError {
     }
 }
 
-/// A CA that verified a chain, by its public key (DER SubjectPublicKeyInfo): a CA re-issued
-/// with the same key is the same CA. Connection caps per CA count by it.
+/// A CA that verified a chain, by its public key (the DER SubjectPublicKeyInfo's contents, without
+/// its SEQUENCE header, as webpki keeps a trust anchor): a CA re-issued with the same key is the
+/// same CA. Connection caps per CA count by it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CaId(Arc<[u8]>);
 
 impl CaId {
-    /// The id of the CA with this SubjectPublicKeyInfo (DER).
+    /// The id of the CA with this SubjectPublicKeyInfo contents.
     pub fn from_public_key(spki: &[u8]) -> Self {
         Self(spki.into())
     }
 
-    /// The CA's SubjectPublicKeyInfo (DER).
+    /// The CA's SubjectPublicKeyInfo contents.
     pub fn public_key(&self) -> &[u8] {
         &self.0
     }

@@ -228,6 +228,12 @@ pub trait Backend: Send + Sync {
     /// otherwise only `concurrent` ones do).
     fn isolated(&self) -> bool;
 
+    /// What it can do of what some scenarios need (`requires`); a scenario needing more is
+    /// skipped with the reason.
+    fn capabilities(&self) -> &'static [crate::scenario::Capability] {
+        &[]
+    }
+
     /// Prepares an environment for one scenario.
     fn environment(&self, spec: EnvSpec) -> BoxFuture<'_, Result<Box<dyn Environment>>>;
 }

@@ -21,7 +21,7 @@ use super::{
 use crate::pki::EnvPki;
 use crate::process::{Proc, free_port, tail};
 use crate::proxy::{FaultProxy, Toxics};
-use crate::scenario::{ClusterName, ComponentKind};
+use crate::scenario::{Capability, ClusterName, ComponentKind};
 
 /// How long a component may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -102,6 +102,10 @@ impl Backend for SimBackend {
 
     fn isolated(&self) -> bool {
         true
+    }
+
+    fn capabilities(&self) -> &'static [Capability] {
+        &[Capability::LinkFaults, Capability::ApiServerLifecycle]
     }
 
     fn environment(&self, spec: EnvSpec) -> BoxFuture<'_, Result<Box<dyn Environment>>> {

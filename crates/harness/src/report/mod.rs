@@ -116,7 +116,13 @@ pub fn junit(suite: &SuiteResult) -> String {
                     escape(&scenario_text(result))
                 );
             }
-            Status::Skipped => out.push_str("\n      <skipped/>"),
+            Status::Skipped => {
+                let _ = write!(
+                    out,
+                    "\n      <skipped message=\"{}\"/>",
+                    escape(result.skipped.as_deref().unwrap_or_default())
+                );
+            }
             Status::Passed => {}
         }
         let mut steps = String::new();
@@ -320,6 +326,7 @@ mod tests {
                 ..LoadReport::default()
             }],
             kept: None,
+            skipped: None,
         };
         SuiteResult {
             backend: "sim".into(),
