@@ -3,7 +3,9 @@
 //! The gateway runs as `cluster-gateway` (so its RSS is its own) against an in-process kube-sim;
 //! agents run in several `cluster-agent swarm` processes (at most a few thousand sockets each,
 //! under the 20,000 open files per process). The swarms are stopped (SIGSTOP) while their
-//! BuildPlanes are created, so the baseline RSS holds every CR and no connection.
+//! BuildPlanes are created, so the baseline RSS holds every CR and no connection. Idle memory
+//! per agent is the slope between two fleet sizes (half the swarms, then all), each read after a
+//! heartbeat period.
 
 use std::{
     collections::HashSet,
@@ -96,6 +98,30 @@ pub(crate) fn signal(pids: &[u32], sig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateway's ping interval in the fleet: short, so a memory reading after one period sees
+/// every connection after its pings.
+const HEARTBEAT: Duration = Duration::from_secs(3);
+
+/// Waits until `count` agents are connected; returns how long it took (seconds).
+async fn wait_connected(
+    http: &reqwest::Client,
+    base: &str,
+    count: usize,
+    within: Duration,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    loop {
+        let n = connections(http, base).await.unwrap_or(0);
+        if n >= count {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > within {
+            bail!("only {n} of {count} agents connected within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 pub(crate) fn spawn_gateway(
     bin_dir: &Path,
     dir: &Path,
@@ -112,6 +138,7 @@ pub(crate) fn spawn_gateway(
             &format!("127.0.0.1:{}", ports.internal),
         ])
         .args(["--health-listen", &format!("127.0.0.1:{}", ports.health)])
+        .args(["--heartbeat-interval", &format!("{}s", HEARTBEAT.as_secs())])
         .args(["--server-cert".as_ref(), files.server_cert.as_os_str()])
         .args(["--server-key".as_ref(), files.server_key.as_os_str()])
         .args([
@@ -277,31 +304,40 @@ pub(crate) async fn run(flags: FleetFlags) -> anyhow::Result<serde_json::Value> 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_crs = rss_kib(gateway_pid)?;
 
-    signal(&swarm_pids, "CONT")?;
-    let connecting = Instant::now();
-    let deadline = connecting + within;
-    loop {
-        let n = connections(&http, &base).await.unwrap_or(0);
-        if n >= count {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {n} of {count} agents connected within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let connect_secs = connecting.elapsed().as_secs_f64();
-    // Idle: heartbeats only.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Idle memory per agent is the slope between two fleet sizes, each read after a heartbeat
+    // period (so every connection has sent and answered pings): the first half of the swarms
+    // connects, then the rest. A single reading against the baseline would also count what the
+    // allocator keeps from refused handshakes and what the first pings allocate.
+    let half = if processes >= 2 {
+        processes / 2
+    } else {
+        processes
+    };
+    let first: usize = planes.iter().take(half).map(|(_, n, _)| *n).sum();
+    let mut connect_secs = 0.0;
+    signal(&swarm_pids[..half], "CONT")?;
+    connect_secs += wait_connected(&http, &base, first, within).await?;
+    tokio::time::sleep(HEARTBEAT + Duration::from_secs(1)).await;
+    let rss_first = rss_kib(gateway_pid)?;
+    signal(&swarm_pids[half..], "CONT")?;
+    connect_secs += wait_connected(&http, &base, count, within).await?;
+    tokio::time::sleep(HEARTBEAT + Duration::from_secs(1)).await;
     let rss_connected = rss_kib(gateway_pid)?;
-    let per_agent_kib = (rss_connected as f64 - rss_crs as f64) / count as f64;
+    let per_agent_kib = if count > first {
+        (rss_connected as f64 - rss_first as f64) / (count - first) as f64
+    } else {
+        (rss_connected as f64 - rss_crs as f64) / count as f64
+    };
     let mut report = serde_json::json!({
         "count": count,
         "processes": processes,
         "rss_started_kib": rss_started,
         "rss_crs_kib": rss_crs,
+        "rss_first_half_kib": rss_first,
+        "agents_first_half": first,
         "rss_connected_kib": rss_connected,
         "rss_per_agent_kib": per_agent_kib,
+        "rss_per_agent_from_baseline_kib": (rss_connected as f64 - rss_crs as f64) / count as f64,
         "rss_per_cr_kib": (rss_crs as f64 - rss_started as f64) / count as f64,
         "initial_connect_secs": connect_secs,
     });
