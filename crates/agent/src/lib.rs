@@ -109,8 +109,8 @@ pub struct Agent {
     /// The build cluster's API server: its client for the agent's own objects, and the path
     /// for the requests the agent runs.
     pub cluster: BuildCluster,
-    /// Client TLS (gateway CA + [`Agent::cert`]).
-    pub tls: Arc<rustls::ClientConfig>,
+    /// Client TLS (gateway CA + [`Agent::cert`]); [`Agent::set_server_ca`] swaps it.
+    tls: parking_lot::RwLock<Arc<rustls::ClientConfig>>,
     /// The client certificate in use; replacing it takes effect on the next connection.
     pub cert: Arc<ReloadableCert>,
     /// Notified after [`Agent::cert`] changed: the supervisor opens a new connection, then
@@ -148,16 +148,12 @@ impl Agent {
         server_ca_pem: &[u8],
         cert: Arc<ReloadableCert>,
     ) -> anyhow::Result<Arc<Self>> {
-        // No session resumption: a resumed session would present the previous leaf, so a
-        // renewed or rotated certificate would never reach the gateway.
-        let mut tls = (*buildplane_pki::client_config(server_ca_pem, Some(cert.clone()))?).clone();
-        tls.resumption = rustls::client::Resumption::disabled();
-        let tls = Arc::new(tls);
+        let tls = client_tls(server_ca_pem, &cert)?;
         let n = config.max_concurrent_requests.max(1);
         Ok(Arc::new(Self {
             config,
             cluster,
-            tls,
+            tls: parking_lot::RwLock::new(tls),
             cert,
             renewed: Notify::new(),
             connected: AtomicUsize::new(0),
@@ -166,6 +162,20 @@ impl Agent {
             streams: Arc::new(Semaphore::new(n)),
             waiting: AtomicUsize::new(0),
         }))
+    }
+
+    /// The client TLS configuration the next connection uses.
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.read().clone()
+    }
+
+    /// Trusts `pem` (a bundle, during a rotation of the gateway's CA) for the gateway from the
+    /// next connection on; the live connection keeps the session it has. An unusable bundle is
+    /// refused and the CA in force stays.
+    pub fn set_server_ca(&self, pem: &[u8]) -> anyhow::Result<()> {
+        let tls = client_tls(pem, &self.cert)?;
+        *self.tls.write() = tls;
+        Ok(())
     }
 
     /// Whether a session is connected.
@@ -277,6 +287,46 @@ impl Agent {
 
 /// Runs the agent until SIGINT/SIGTERM: identity from the build cluster's Secrets (created when
 /// missing), leaf renewal before expiry, one supervised connection, health listener.
+/// The agent's client TLS: `server_ca_pem` for the gateway, `cert` as its identity.
+fn client_tls(
+    server_ca_pem: &[u8],
+    cert: &Arc<ReloadableCert>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    // No session resumption: a resumed session would present the previous leaf, so a renewed
+    // or rotated certificate would never reach the gateway.
+    let mut tls = (*buildplane_pki::client_config(server_ca_pem, Some(cert.clone()))?).clone();
+    tls.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(tls))
+}
+
+/// How often the gateway CA file (`--server-ca`) is checked for changes.
+const SERVER_CA_RELOAD: Duration = Duration::from_secs(2);
+
+/// Follows the gateway CA file: a changed file is trusted from the next connection on; an
+/// unusable one is logged and the CA in force stays (retried while the file changes).
+async fn follow_server_ca(agent: Arc<Agent>, mut current: Vec<u8>) {
+    let path = agent.config.server_ca.clone();
+    let mut tick = tokio::time::interval(SERVER_CA_RELOAD);
+    loop {
+        tick.tick().await;
+        let Ok(fresh) = std::fs::read(&path) else {
+            continue;
+        };
+        if fresh == current {
+            continue;
+        }
+        match agent.set_server_ca(&fresh) {
+            Ok(()) => {
+                info!(path = %path.display(), "gateway CA reloaded; the next connection trusts it")
+            }
+            Err(err) => {
+                warn!(path = %path.display(), %err, "the new gateway CA file is unusable; keeping the previous one")
+            }
+        }
+        current = fresh;
+    }
+}
+
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     buildplane_pki::install_crypto_provider();
     let cluster = build_cluster(config.kubeconfig.as_ref()).await?;
@@ -292,6 +342,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let server_ca = std::fs::read(&config.server_ca)
         .with_context(|| format!("reading the gateway CA {}", config.server_ca.display()))?;
     let agent = Agent::new(config.clone(), cluster, &server_ca, cert.clone())?;
+    let server_ca_follower = follow_server_ca(agent.clone(), server_ca);
+    let agent_for_serve = agent.clone();
     let health = match config.health_listen {
         Some(listen) => Some(
             tokio::net::TcpListener::bind(listen)
@@ -300,10 +352,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let followers = async move {
+        tokio::select! {
+            res = follow_identity(agent) => res,
+            () = server_ca_follower => Ok(()),
+        }
+    };
     serve(
-        agent.clone(),
+        agent_for_serve,
         health,
-        follow_identity(agent),
+        followers,
         buildplane_runtime::shutdown_signal(),
     )
     .await
@@ -451,6 +509,49 @@ mod tests {
         assert!(
             tokio::net::TcpStream::connect(health_addr).await.is_err(),
             "the health listener is closed"
+        );
+    }
+
+    /// `--server-ca` is followed: a changed file is trusted from the next connection on, and an
+    /// unusable one keeps the CA in force. (Before, the file was read once at start, so a
+    /// rotated gateway CA needed an agent restart.)
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_gateway_ca_file_is_trusted_from_the_next_connection() {
+        buildplane_pki::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86_400);
+        let (old_ca, new_ca) = (
+            buildplane_pki::Ca::generate("gateway-ca", day).unwrap(),
+            buildplane_pki::Ca::generate("gateway-ca-2", day).unwrap(),
+        );
+        let path = dir.path().join("ca.crt");
+        std::fs::write(&path, old_ca.cert_pem()).unwrap();
+        let kube_config = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+        let cluster = BuildCluster::from_config(kube_config).unwrap();
+        let agent_ca = buildplane_pki::Ca::generate("agent-ca", day).unwrap();
+        let leaf = agent_ca.issue_client("p", day).unwrap();
+        let cert = ReloadableCert::from_pem(&leaf.cert_pem, &leaf.key_pem).unwrap();
+        let mut config = AgentConfig::new("wss://127.0.0.1:9/ws", "p");
+        config.server_ca = path.clone();
+        let agent = Agent::new(config, cluster, old_ca.cert_pem().as_bytes(), cert).unwrap();
+        let before = agent.tls();
+        tokio::spawn(follow_server_ca(
+            agent.clone(),
+            old_ca.cert_pem().as_bytes().to_vec(),
+        ));
+
+        std::fs::write(&path, "not a certificate").unwrap();
+        tokio::time::sleep(SERVER_CA_RELOAD * 3).await;
+        assert!(
+            Arc::ptr_eq(&before, &agent.tls()),
+            "an unusable file changes nothing"
+        );
+
+        std::fs::write(&path, format!("{}{}", old_ca.cert_pem(), new_ca.cert_pem())).unwrap();
+        tokio::time::sleep(SERVER_CA_RELOAD * 3).await;
+        assert!(
+            !Arc::ptr_eq(&before, &agent.tls()),
+            "the new bundle is in force"
         );
     }
 }

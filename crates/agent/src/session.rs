@@ -184,7 +184,7 @@ pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
         .map_err(|_| Ended::closed(format!("invalid server name {host}")))?;
     let tls = match tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_rustls::TlsConnector::from(agent.tls.clone()).connect(server_name, tcp),
+        tokio_rustls::TlsConnector::from(agent.tls()).connect(server_name, tcp),
     )
     .await
     {
