@@ -30,7 +30,12 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{metrics::Metrics, policy::ProxyPolicy, registry::Registry, trust::Trust};
+use crate::{
+    metrics::Metrics,
+    policy::ProxyPolicy,
+    registry::Registry,
+    trust::{Trust, TrustChange},
+};
 
 /// Gateway settings.
 #[derive(Debug, Clone)]
@@ -143,18 +148,48 @@ where
 /// Re-verifies every live connection against the current CRs and Secrets; closes connections
 /// authorised for nothing. Returns (granted, revoked).
 pub fn revalidate(shared: &Shared) -> (usize, usize) {
-    revalidate_planes(shared, None)
+    revalidate_scope(shared, &TrustChange::All)
 }
 
 /// [`revalidate`] for the connections of one planeID only (or all with `None`).
 pub fn revalidate_planes(shared: &Shared, plane_id: Option<&str>) -> (usize, usize) {
+    match plane_id {
+        Some(plane_id) => revalidate_scope(
+            shared,
+            &TrustChange::Planes(std::iter::once(plane_id.to_owned()).collect()),
+        ),
+        None => revalidate(shared),
+    }
+}
+
+/// [`revalidate`] for the connections a trust change may affect.
+pub fn revalidate_scope(shared: &Shared, change: &TrustChange) -> (usize, usize) {
     shared.trust.prune_deleted();
-    let index = shared.trust.index(plane_id);
+    match change {
+        TrustChange::All => revalidate_connections(
+            shared,
+            &shared.trust.index(None),
+            shared.registry.all(),
+        ),
+        TrustChange::Planes(planes) => planes.iter().fold((0, 0), |(g, r), plane| {
+            let (pg, pr) = revalidate_connections(
+                shared,
+                &shared.trust.index(Some(plane)),
+                shared.registry.on_plane(plane),
+            );
+            (g + pg, r + pr)
+        }),
+    }
+}
+
+fn revalidate_connections(
+    shared: &Shared,
+    index: &trust::TrustIndex,
+    connections: Vec<Arc<registry::Connection>>,
+) -> (usize, usize) {
     let (mut granted, mut revoked) = (0, 0);
-    for conn in shared.registry.all() {
-        if plane_id.is_some_and(|p| p != conn.plane_id) {
-            continue;
-        }
+    for conn in connections {
+        shared.metrics.reverified();
         let admission = index.admit(&conn.plane_id, &conn.chain);
         if admission.granted.is_empty() {
             // Authorised for nothing: close it; its `disconnected` event carries the CRs it lost.
@@ -406,17 +441,28 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         shutdown: shutdown.clone(),
     });
 
-    // Trust changes: revalidate live connections, coalescing bursts.
+    // Trust changes: re-verify the connections of the planes they affect, coalescing bursts,
+    // on a blocking thread (a plane of thousands of connections is thousands of signature
+    // checks).
     let revalidator = shared.clone();
     tasks.spawn("trust revalidation", async move {
-        while changed_rx.recv().await.is_some() {
+        while let Some(first) = changed_rx.recv().await {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            while changed_rx.try_recv().is_ok() {}
-            let (granted, revoked) = revalidate(&revalidator);
-            if granted + revoked > 0 {
-                info!(granted, revoked, "authorisations changed");
+            let mut change = first;
+            while let Ok(more) = changed_rx.try_recv() {
+                change = change.merge(more);
+            }
+            let shared = revalidator.clone();
+            let pass = tokio::task::spawn_blocking(move || revalidate_scope(&shared, &change));
+            match pass.await {
+                Ok((granted, revoked)) if granted + revoked > 0 => {
+                    info!(granted, revoked, "authorisations changed");
+                }
+                Ok(_) => {}
+                Err(err) => return Err(anyhow::anyhow!("revalidation pass failed: {err}")),
             }
         }
+        Ok(())
     });
 
     let health = TcpListener::bind(config.health_listen)

@@ -45,6 +45,7 @@ pub struct Metrics {
     connections: Family<Labels, Gauge>,
     replaced: Counter,
     replaced_seen: Arc<AtomicU64>,
+    reverified: Counter,
 }
 
 impl Default for Metrics {
@@ -104,6 +105,12 @@ impl Default for Metrics {
             "Connections replaced by a newer connection of the same agent",
             replaced.clone(),
         );
+        let reverified = Counter::default();
+        registry.register(
+            "reverified_connections",
+            "Connections re-verified after a change of CRs or Secrets",
+            reverified.clone(),
+        );
         Self {
             registry: Arc::new(parking_lot::Mutex::new(registry)),
             admissions,
@@ -116,6 +123,7 @@ impl Default for Metrics {
             connections,
             replaced,
             replaced_seen: Arc::default(),
+            reverified,
         }
     }
 }
@@ -130,6 +138,11 @@ impl Drop for PendingGuard {
 }
 
 impl Metrics {
+    /// A live connection was verified again after a trust change.
+    pub fn reverified(&self) {
+        self.reverified.inc();
+    }
+
     /// An agent was admitted after `handshake` (TLS + upgrade + admission).
     pub fn admitted(&self) {
         self.admissions.inc();

@@ -406,6 +406,16 @@ impl Registry {
         }
     }
 
+    /// The connections of one planeID.
+    pub fn on_plane(&self, plane_id: &str) -> Vec<Arc<Connection>> {
+        self.table
+            .read()
+            .by_plane
+            .get(plane_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Every connection.
     pub fn all(&self) -> Vec<Arc<Connection>> {
         self.table.read().iter().cloned().collect()

@@ -41,35 +41,90 @@ pub struct Trust {
 
 type PlaneIndex = Arc<parking_lot::RwLock<Planes>>;
 
-/// planeID → CR keys, and each key's planeID (so a move leaves nothing behind).
+/// A Secret by namespace and name.
+type SecretRef = (String, String);
+
+/// planeID → CR keys, and each key's planeID (so a move leaves nothing behind); Secret → the CRs
+/// whose `clientCA.secretRef` names it (so a Secret change re-verifies only their planes, and
+/// any other Secret's change costs nothing).
 #[derive(Default)]
 struct Planes {
     by_plane: HashMap<String, HashSet<CrKey>>,
     plane_of: HashMap<CrKey, String>,
+    by_secret: HashMap<SecretRef, HashSet<CrKey>>,
+    secret_of: HashMap<CrKey, SecretRef>,
 }
 
 impl Planes {
-    fn forget(&mut self, key: &CrKey) {
-        if let Some(plane) = self.plane_of.remove(key)
-            && let Some(keys) = self.by_plane.get_mut(&plane)
+    /// Forgets a CR; returns the planeID it had.
+    fn forget(&mut self, key: &CrKey) -> Option<String> {
+        if let Some(secret) = self.secret_of.remove(key)
+            && let Some(keys) = self.by_secret.get_mut(&secret)
         {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_secret.remove(&secret);
+            }
+        }
+        let plane = self.plane_of.remove(key)?;
+        if let Some(keys) = self.by_plane.get_mut(&plane) {
             keys.remove(key);
             if keys.is_empty() {
                 self.by_plane.remove(&plane);
             }
         }
+        Some(plane)
     }
 
-    fn set(&mut self, key: CrKey, plane: String) {
-        if self.plane_of.get(&key) == Some(&plane) {
-            return;
-        }
-        self.forget(&key);
+    /// Records a CR's planeID and Secret; returns the planeID it had before.
+    fn set(&mut self, key: CrKey, plane: String, secret: Option<SecretRef>) -> Option<String> {
+        let before = self.forget(&key);
         self.by_plane
             .entry(plane.clone())
             .or_default()
             .insert(key.clone());
+        if let Some(secret) = secret {
+            self.by_secret
+                .entry(secret.clone())
+                .or_default()
+                .insert(key.clone());
+            self.secret_of.insert(key.clone(), secret);
+        }
         self.plane_of.insert(key, plane);
+        before
+    }
+
+    /// The planeIDs of the CRs that read `secret`.
+    fn planes_reading(&self, secret: &SecretRef) -> BTreeSet<String> {
+        self.by_secret
+            .get(secret)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.plane_of.get(key).cloned())
+            .collect()
+    }
+}
+
+/// What a change of the trust sources may have changed: the verdicts of some planes'
+/// connections, or (a relist) of all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustChange {
+    /// Connections on these planeIDs.
+    Planes(BTreeSet<String>),
+    /// Every connection.
+    All,
+}
+
+impl TrustChange {
+    /// Both changes at once.
+    pub fn merge(self, other: TrustChange) -> TrustChange {
+        match (self, other) {
+            (TrustChange::Planes(mut a), TrustChange::Planes(b)) => {
+                a.extend(b);
+                TrustChange::Planes(a)
+            }
+            _ => TrustChange::All,
+        }
     }
 }
 
@@ -88,7 +143,7 @@ impl Trust {
     /// Starts the reflectors; `changed` receives a unit whenever any of them changes.
     pub fn start(
         client: Client,
-        changed: mpsc::UnboundedSender<()>,
+        changed: mpsc::UnboundedSender<TrustChange>,
         tasks: &mut buildplane_runtime::Tasks,
     ) -> Trust {
         let (namespaced, namespaced_writer) = reflector::store();
@@ -114,7 +169,7 @@ impl Trust {
             secrets_writer,
             changed,
             tasks,
-            |_: &Secret, _deleted: bool| {},
+            secret_readers(&planes),
         );
         Trust {
             planes: Some(planes),
@@ -389,9 +444,9 @@ impl TrustIndex {
 fn spawn_reflector<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
-    changed: mpsc::UnboundedSender<()>,
+    changed: mpsc::UnboundedSender<TrustChange>,
     tasks: &mut buildplane_runtime::Tasks,
-    on_touched: impl Fn(&K, bool) + Send + 'static,
+    on_touched: impl Fn(&K, bool) -> Option<TrustChange> + Send + 'static,
 ) where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -408,39 +463,64 @@ fn spawn_reflector<K>(
             .reflect(writer);
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
-            match event {
+            let change = match event {
                 Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
                     tracing::trace!(name = %object.name_any(), "trust source changed");
-                    on_touched(&object, false);
-                    let _ = changed.send(());
+                    on_touched(&object, false)
                 }
                 Ok(watcher::Event::Delete(object)) => {
                     tracing::trace!(name = %object.name_any(), "trust source deleted");
-                    on_touched(&object, true);
-                    let _ = changed.send(());
+                    on_touched(&object, true)
                 }
-                Ok(watcher::Event::Init) => {}
-                // The store swaps in the relisted objects only now.
-                Ok(watcher::Event::InitDone) => {
-                    let _ = changed.send(());
+                Ok(watcher::Event::Init) => None,
+                // The store swaps in the relisted objects only now, and a relist may have
+                // missed deletions: everything is decided again.
+                Ok(watcher::Event::InitDone) => Some(TrustChange::All),
+                Err(err) => {
+                    warn!(%err, "watch of a trust source failed; retrying");
+                    None
                 }
-                Err(err) => warn!(%err, "watch of a trust source failed; retrying"),
+            };
+            if let Some(change) = change {
+                let _ = changed.send(change);
             }
         }
     });
 }
 
-/// Keeps the planeID index of one plane kind current from its watch events.
-fn index_plane<K: PlaneCr>(planes: &PlaneIndex) -> impl Fn(&K, bool) + Send + 'static {
+/// Keeps the planeID and Secret index of one plane kind current from its watch events; a change
+/// affects the plane the CR was on and the plane it is on now.
+fn index_plane<K: PlaneCr>(
+    planes: &PlaneIndex,
+) -> impl Fn(&K, bool) -> Option<TrustChange> + Send + 'static {
     let planes = planes.clone();
     move |cr: &K, deleted: bool| {
         let key = cr.cr_key();
         let mut planes = planes.write();
+        let mut affected = BTreeSet::new();
         if deleted {
-            planes.forget(&key);
+            affected.extend(planes.forget(&key));
         } else {
-            planes.set(key, cr.effective_plane_id());
+            let plane = cr.effective_plane_id();
+            let secret = cr
+                .client_ca_secret()
+                .and_then(|(namespace, name, _)| Some((namespace?, name)));
+            affected.extend(planes.set(key, plane.clone(), secret));
+            affected.insert(plane);
         }
+        Some(TrustChange::Planes(affected))
+    }
+}
+
+/// A Secret change affects the planes of the CRs that read it, and nothing else.
+fn secret_readers(
+    planes: &PlaneIndex,
+) -> impl Fn(&Secret, bool) -> Option<TrustChange> + Send + 'static {
+    let planes = planes.clone();
+    move |secret: &Secret, _deleted: bool| {
+        let key = (secret.namespace()?, secret.name_any());
+        let affected = planes.read().planes_reading(&key);
+        (!affected.is_empty()).then_some(TrustChange::Planes(affected))
     }
 }
 
@@ -491,8 +571,8 @@ mod tests {
         let mut apply = |event: Event<BuildPlane>| {
             writer.apply_watcher_event(&event);
             match &event {
-                Event::Apply(cr) | Event::InitApply(cr) => on_event(cr, false),
-                Event::Delete(cr) => on_event(cr, true),
+                Event::Apply(cr) | Event::InitApply(cr) => drop(on_event(cr, false)),
+                Event::Delete(cr) => drop(on_event(cr, true)),
                 Event::Init | Event::InitDone => {}
             }
         };

@@ -520,3 +520,77 @@ async fn connections_are_capped_per_plane_and_per_ca() {
     let (leaf, query) = connect("p", &tenant, 3);
     held.push(env.raw_admitted(&query, &leaf, None).await);
 }
+
+/// The gateway's count of connections re-verified after trust changes.
+async fn reverified(env: &Env) -> u64 {
+    env.metrics()
+        .await
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("cluster_gateway_reverified_connections_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until the re-verification count stops moving (the initial watch events settle).
+async fn settled_reverified(env: &Env) -> u64 {
+    let mut last = reverified(env).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let now = reverified(env).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// A Secret change re-verifies the connections of the planes whose CRs read that Secret, and
+/// only those; a change of any other Secret in the cluster re-verifies nothing. (Before, every
+/// Secret change anywhere re-verified every live connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_changes_reverify_only_the_planes_that_read_them() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    let other_ca = Ca::generate("other-ca", DAY).unwrap();
+    env.secret("org-a", "agent-ca", "ca.crt", ca.cert_pem()).await;
+    env.build_plane_from(
+        "org-a",
+        "bp",
+        "p",
+        common::from_secret("agent-ca", None, "ca.crt"),
+    )
+    .await;
+    env.build_plane("org-b", "bp", "q", other_ca.cert_pem()).await;
+    let _p = env.agent(&ca, "p", 2);
+    let _q = env.agent(&other_ca, "q", 2);
+    env.eventually("both agents connected", WAIT, || async {
+        env.connections().await == 2
+    })
+    .await;
+    let before = settled_reverified(&env).await;
+
+    env.secret("org-a", "unrelated", "token", "x").await;
+    env.secret("org-a", "unrelated", "token", "y").await;
+    env.secret("kube-system", "elsewhere", "token", "z").await;
+    assert_eq!(
+        settled_reverified(&env).await,
+        before,
+        "Secrets no CR reads re-verify nothing"
+    );
+
+    let bundle = format!("{}{}", ca.cert_pem(), other_ca.cert_pem());
+    env.secret("org-a", "agent-ca", "ca.crt", &bundle).await;
+    env.eventually("the reader's plane was re-verified", WAIT, || async {
+        reverified(&env).await > before
+    })
+    .await;
+    assert_eq!(
+        settled_reverified(&env).await,
+        before + 1,
+        "only p's connection was re-verified, not q's"
+    );
+    assert_eq!(env.connections().await, 2);
+}
