@@ -36,7 +36,7 @@ pub(crate) struct CpuFlags {
 }
 
 /// User + system CPU time of a process so far, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may hold spaces; the fields after its closing parenthesis do not.
     let fields: Vec<&str> = stat

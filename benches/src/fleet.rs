@@ -98,6 +98,85 @@ pub(crate) fn signal(pids: &[u32], sig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateway's count of re-verified connections (`/metrics`).
+async fn reverified(ports: &Ports) -> anyhow::Result<u64> {
+    let text = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", ports.health))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("cluster_gateway_reverified_connections_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0))
+}
+
+/// Trust changes with the whole fleet connected: what 20 changes of a Secret no BuildPlane reads
+/// cost the gateway (connections re-verified, CPU), and the time from one BuildPlane's clientCA
+/// change to its connection being re-verified.
+async fn trust_changes(
+    kube: &kube::Client,
+    ports: &Ports,
+    gateway_pid: u32,
+    (plane, ca): &(String, String),
+) -> anyhow::Result<serde_json::Value> {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    use kube::api::{Api, Patch, PatchParams};
+    const CHANGES: usize = 20;
+    let secrets: Api<Secret> = Api::namespaced(kube.clone(), NAMESPACE);
+    let before = reverified(ports).await?;
+    let cpu_before = crate::cpu::cpu_seconds(gateway_pid)?;
+    for i in 0..CHANGES {
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("unrelated".into()),
+                ..Default::default()
+            },
+            data: Some([("token".to_owned(), ByteString(i.to_string().into_bytes()))].into()),
+            ..Secret::default()
+        };
+        secrets
+            .patch(
+                "unrelated",
+                &PatchParams::apply("buildplane-bench").force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unrelated = reverified(ports).await? - before;
+    let cpu_unrelated = crate::cpu::cpu_seconds(gateway_pid)? - cpu_before;
+
+    let rotated = buildplane_pki::Ca::generate("fleet-rotated", Duration::from_secs(86_400))?;
+    let bundle = format!("{ca}{}", rotated.cert_pem());
+    let before = reverified(ports).await?;
+    let started = Instant::now();
+    fixture::apply_build_plane(kube, NAMESPACE, plane, plane, &bundle).await?;
+    let ca_change_secs = loop {
+        if reverified(ports).await? > before {
+            break started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("no connection re-verified within 30 s of a clientCA change");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(serde_json::json!({
+        "unrelated_secret_changes": CHANGES,
+        "reverified_after_unrelated": unrelated,
+        "gateway_cpu_secs_unrelated": cpu_unrelated,
+        "ca_change_reverify_secs": ca_change_secs,
+        "reverified_after_ca_change": reverified(ports).await? - before,
+    }))
+}
+
 /// The gateway's ping interval in the fleet: short, so a memory reading after one period sees
 /// every connection after its pings.
 const HEARTBEAT: Duration = Duration::from_secs(3);
@@ -341,6 +420,7 @@ pub(crate) async fn run(flags: FleetFlags) -> anyhow::Result<serde_json::Value> 
         "rss_per_cr_kib": (rss_crs as f64 - rss_started as f64) / count as f64,
         "initial_connect_secs": connect_secs,
     });
+    report["trust"] = trust_changes(&kube, &ports, gateway_pid, &crs[0]).await?;
 
     if flags.storm {
         report["storm"] = storm(

@@ -716,6 +716,25 @@ fn collect_fleet(fleet: &Value, fleet_large: Option<&Value>, figures: &mut Figur
             Better::Lower,
         );
     }
+    let trust = &fleet_large.unwrap_or(fleet)["trust"];
+    figures.put(
+        "trust.ca_change_reverify",
+        number(&trust["ca_change_reverify_secs"]),
+        "s",
+        Better::Lower,
+    );
+    figures.put(
+        "trust.reverified_after_unrelated_secrets",
+        number(&trust["reverified_after_unrelated"]),
+        "connections",
+        Better::Lower,
+    );
+    figures.put(
+        "trust.cpu_unrelated_secrets",
+        number(&trust["gateway_cpu_secs_unrelated"]),
+        "s",
+        Better::Lower,
+    );
 }
 
 /// Figures every run must produce (a missing one means a bench silently did not run); rathole's
@@ -728,6 +747,7 @@ fn missing_figures(figures: &Figures, quick: bool, rathole: bool) -> Vec<String>
         "handshake.gateway_admission".into(),
         "latency.added_p99_v2".into(),
         "cpu.v2.per_1000".into(),
+        "trust.ca_change_reverify".into(),
         "storm.all_back".into(),
         "storm.admission_rate_peak".into(),
     ];
@@ -1209,6 +1229,14 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
             fmt(figures.get(&format!("memory.per_cr.{count}")))
         );
     }
+    let _ = writeln!(md, "\n## Trust changes with the fleet connected\n");
+    let _ = writeln!(
+        md,
+        "One BuildPlane's clientCA changed: {} s until its connection was re-verified (the gateway coalesces changes for 50 ms). 20 changes of a Secret no BuildPlane reads: {} connections re-verified, {} s of gateway CPU.",
+        fmt(figures.get("trust.ca_change_reverify")),
+        fmt(figures.get("trust.reverified_after_unrelated_secrets")),
+        fmt(figures.get("trust.cpu_unrelated_secrets"))
+    );
     let _ = writeln!(md, "\n## Codec (one response message)\n");
     let _ = writeln!(
         md,

@@ -166,11 +166,9 @@ pub fn revalidate_planes(shared: &Shared, plane_id: Option<&str>) -> (usize, usi
 pub fn revalidate_scope(shared: &Shared, change: &TrustChange) -> (usize, usize) {
     shared.trust.prune_deleted();
     match change {
-        TrustChange::All => revalidate_connections(
-            shared,
-            &shared.trust.index(None),
-            shared.registry.all(),
-        ),
+        TrustChange::All => {
+            revalidate_connections(shared, &shared.trust.index(None), shared.registry.all())
+        }
         TrustChange::Planes(planes) => planes.iter().fold((0, 0), |(g, r), plane| {
             let (pg, pr) = revalidate_connections(
                 shared,

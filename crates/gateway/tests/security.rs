@@ -555,7 +555,8 @@ async fn secret_changes_reverify_only_the_planes_that_read_them() {
     let mut env = Env::start().await;
     let ca = Ca::generate("agent-ca", DAY).unwrap();
     let other_ca = Ca::generate("other-ca", DAY).unwrap();
-    env.secret("org-a", "agent-ca", "ca.crt", ca.cert_pem()).await;
+    env.secret("org-a", "agent-ca", "ca.crt", ca.cert_pem())
+        .await;
     env.build_plane_from(
         "org-a",
         "bp",
@@ -563,7 +564,8 @@ async fn secret_changes_reverify_only_the_planes_that_read_them() {
         common::from_secret("agent-ca", None, "ca.crt"),
     )
     .await;
-    env.build_plane("org-b", "bp", "q", other_ca.cert_pem()).await;
+    env.build_plane("org-b", "bp", "q", other_ca.cert_pem())
+        .await;
     let _p = env.agent(&ca, "p", 2);
     let _q = env.agent(&other_ca, "q", 2);
     env.eventually("both agents connected", WAIT, || async {
