@@ -44,6 +44,10 @@ pub(crate) struct FleetFlags {
     /// Swarm backoff cap.
     #[arg(long, default_value = "5s")]
     backoff_cap: String,
+    /// Keep the fleet connected and idle this many seconds before the storm, sampling the
+    /// gateway's connections, RSS and CPU (the soak).
+    #[arg(long, default_value_t = 0)]
+    soak_secs: u64,
 }
 
 const NAMESPACE: &str = "fleet";
@@ -174,6 +178,80 @@ async fn trust_changes(
         "gateway_cpu_secs_unrelated": cpu_unrelated,
         "ca_change_reverify_secs": ca_change_secs,
         "reverified_after_ca_change": reverified(ports).await? - before,
+    }))
+}
+
+/// The gateway's count of admitted connections (`/metrics`): a rise while idle is a reconnect.
+async fn admissions(ports: &Ports) -> anyhow::Result<u64> {
+    let text = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", ports.health))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("cluster_gateway_admissions_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0))
+}
+
+/// The fleet idle for `duration` with heartbeats: connections and RSS sampled every 10 s,
+/// reconnects counted from the gateway's admissions, CPU read from `/proc`. The RSS growth is
+/// the last sample against the first, which is taken one sampling period in (after every
+/// connection has pinged).
+async fn soak(
+    http: &reqwest::Client,
+    base: &str,
+    ports: &Ports,
+    gateway_pid: u32,
+    count: usize,
+    duration: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    const EVERY: Duration = Duration::from_secs(10);
+    info!(count, secs = duration.as_secs(), "soak: the fleet idles");
+    let admitted_before = admissions(ports).await?;
+    let cpu_before = crate::cpu::cpu_seconds(gateway_pid)?;
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut fewest = count;
+    while started.elapsed() < duration {
+        tokio::time::sleep(EVERY.min(duration.saturating_sub(started.elapsed()))).await;
+        let connected = connections(http, base).await.unwrap_or(0);
+        fewest = fewest.min(connected);
+        let rss = rss_kib(gateway_pid)?;
+        info!(
+            t = started.elapsed().as_secs(),
+            connected,
+            rss_kib = rss,
+            "soak sample"
+        );
+        samples.push(serde_json::json!({
+            "t": started.elapsed().as_secs_f64(),
+            "connections": connected,
+            "rss_kib": rss,
+        }));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = crate::cpu::cpu_seconds(gateway_pid)? - cpu_before;
+    let rss_of = |sample: &serde_json::Value| sample["rss_kib"].as_f64().unwrap_or(f64::NAN);
+    let growth = match (samples.first(), samples.last()) {
+        (Some(first), Some(last)) => (rss_of(last) / rss_of(first) - 1.0) * 100.0,
+        _ => f64::NAN,
+    };
+    Ok(serde_json::json!({
+        "secs": secs,
+        "agents": count,
+        "fewest_connections": fewest,
+        "reconnects": admissions(ports).await? - admitted_before,
+        "rss_growth_pct": growth,
+        "gateway_cpu_secs": cpu,
+        "cpu_us_per_agent_per_sec": cpu / secs / count as f64 * 1e6,
+        "heartbeat_interval_secs": HEARTBEAT.as_secs(),
+        "samples": samples,
     }))
 }
 
@@ -421,6 +499,17 @@ pub(crate) async fn run(flags: FleetFlags) -> anyhow::Result<serde_json::Value> 
         "initial_connect_secs": connect_secs,
     });
     report["trust"] = trust_changes(&kube, &ports, gateway_pid, &crs[0]).await?;
+    if flags.soak_secs > 0 {
+        report["soak"] = soak(
+            &http,
+            &base,
+            &ports,
+            gateway_pid,
+            count,
+            Duration::from_secs(flags.soak_secs),
+        )
+        .await?;
+    }
 
     if flags.storm {
         report["storm"] = storm(

@@ -58,6 +58,16 @@ pub(crate) struct BenchFlags {
     /// Agents of the storm (and of the first memory point).
     #[arg(long)]
     storm_agents: Option<usize>,
+    /// Only the soak: 10,000 idle agents (`--soak-agents`) for 10 minutes (`--soak-secs`):
+    /// disconnects, gateway RSS growth and CPU per idle agent; writes `target/bench/soak.json`.
+    #[arg(long, conflicts_with_all = ["compare", "quick"])]
+    soak: bool,
+    /// Agents of the soak.
+    #[arg(long, default_value_t = 10_000, requires = "soak")]
+    soak_agents: usize,
+    /// Length of the soak in seconds.
+    #[arg(long, default_value_t = 600, requires = "soak")]
+    soak_secs: u64,
 }
 
 fn positive_percent(text: &str) -> Result<f64, String> {
@@ -167,6 +177,10 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         flags.quick,
         &[],
     )?;
+
+    if flags.soak {
+        return soak(&flags, &bin_dir, &out_dir);
+    }
 
     eprintln!("== rathole {RATHOLE_VERSION}, the peer measured beside the tunnel");
     let rathole = rathole(&root, &target);
@@ -632,6 +646,63 @@ fn collect_latency(latency: &Value, figures: &mut Figures) {
         "ms",
         Better::Lower,
     );
+}
+
+/// `--soak`: the fleet idles for `--soak-secs`; the verdicts are the issue's: no disconnect,
+/// gateway RSS growth under 5 %.
+fn soak(flags: &BenchFlags, bin_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    let bench = bin_dir.join("buildplane-bench");
+    let bin = bin_dir.display().to_string();
+    let agents = flags.soak_agents.to_string();
+    let secs = flags.soak_secs.to_string();
+    // At most about 2,500 agents per swarm process (open files).
+    let processes = flags.soak_agents.div_ceil(2_500).max(1).to_string();
+    eprintln!("== soak: {agents} agents idle for {secs} s ({processes} swarm processes)");
+    let fleet = run_json(
+        &bench,
+        &[
+            "fleet",
+            "--count",
+            &agents,
+            "--processes",
+            &processes,
+            "--bin-dir",
+            &bin,
+            "--soak-secs",
+            &secs,
+            "--timeout-secs",
+            "600",
+        ],
+        &[],
+    )?;
+    let soak = &fleet["soak"];
+    let path = out_dir.join("soak.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&fleet)?)?;
+    let reconnects = soak["reconnects"].as_u64().unwrap_or(u64::MAX);
+    let fewest = soak["fewest_connections"].as_u64().unwrap_or(0);
+    let growth = number(&soak["rss_growth_pct"]);
+    println!(
+        "soak: {} agents for {:.0} s: fewest connected {fewest}, reconnects {reconnects}, gateway RSS growth {growth:.2} %, CPU {:.2} µs per agent per second (heartbeat every {} s); {}",
+        soak["agents"],
+        number(&soak["secs"]),
+        number(&soak["cpu_us_per_agent_per_sec"]),
+        soak["heartbeat_interval_secs"],
+        path.display()
+    );
+    let mut problems = Vec::new();
+    if reconnects > 0 || fewest < flags.soak_agents as u64 {
+        problems.push(format!(
+            "agents disconnected: {reconnects} reconnects, {fewest} connected at the lowest"
+        ));
+    }
+    if growth.is_nan() || growth >= 5.0 {
+        problems.push(format!("gateway RSS grew {growth:.2} % (limit 5 %)"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("soak failed: {}", problems.join("; "))
+    }
 }
 
 /// The figures of `buildplane-bench cpu`: CPU seconds of gateway and agent per 1,000 responses.
