@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod caps;
+pub mod events;
 pub mod hello;
 pub mod internal;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! Live agent connections: per plane, with the CRs each may serve, round-robin selection per CR,
-//! pending streams owned by their connection, and the event stream the controller follows.
+//! and the connection caps. Streams belong to each connection's tunnel session (`link`); what
+//! happened goes out on the event bus (`events`).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -21,7 +22,10 @@ use rustls_pki_types::CertificateDer;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::caps::{Candidate, CapExceeded, ConnectionCaps, Counts, ReplacedCounts};
+use crate::{
+    caps::{Candidate, CapExceeded, ConnectionCaps, Counts, ReplacedCounts},
+    events::{ConnectionEvent, EventBus},
+};
 
 /// One admitted agent connection: who it is, what it may serve, and its tunnel [`Link`] (the
 /// session owns the streams; closing the link fails every stream in flight at once).
@@ -214,7 +218,7 @@ pub struct Registry {
     round_robin: AtomicUsize,
     next_id: AtomicU64,
     replaced: AtomicU64,
-    events: broadcast::Sender<GatewayEvent>,
+    events: EventBus,
 }
 
 #[derive(Default)]
@@ -264,7 +268,7 @@ impl Default for Registry {
             round_robin: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             replaced: AtomicU64::new(0),
-            events: broadcast::channel(4096).0,
+            events: EventBus::default(),
         }
     }
 }
@@ -516,29 +520,18 @@ impl Registry {
                 })
                 .collect()
         };
-        let _ = self.events.send(GatewayEvent {
+        self.events.send(ConnectionEvent {
             kind,
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            plane_type: buildplane_api::names::PLANE_TYPE.into(),
-            plane_id: conn.plane_id.clone(),
+            plane_id: &conn.plane_id,
             connection_id: conn.id,
-            crs: crs.iter().map(ToString::to_string).collect(),
+            crs: &crs,
             connected_agents_by_cr: counts,
         });
     }
 
     /// The snapshot event: every CR with a connection.
     pub fn snapshot(&self) -> GatewayEvent {
-        let by_cr = self.agents_by_cr();
-        GatewayEvent {
-            kind: GatewayEventKind::Snapshot,
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            plane_type: buildplane_api::names::PLANE_TYPE.into(),
-            plane_id: String::new(),
-            connection_id: 0,
-            crs: by_cr.keys().cloned().collect(),
-            connected_agents_by_cr: by_cr,
-        }
+        EventBus::snapshot(self.agents_by_cr())
     }
 
     /// The connection table (for operators and the harness), oldest connection first.
