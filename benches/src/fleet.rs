@@ -102,22 +102,24 @@ pub(crate) fn signal(pids: &[u32], sig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The gateway's count of re-verified connections (`/metrics`).
-async fn reverified(ports: &Ports) -> anyhow::Result<u64> {
+/// A counter of the gateway's `/metrics` (0 before its first sample).
+async fn gateway_counter(ports: &Ports, name: &str) -> anyhow::Result<u64> {
     let text = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{}/metrics", ports.health))
         .send()
         .await?
         .text()
         .await?;
+    let prefix = format!("{name} ");
     Ok(text
         .lines()
-        .find_map(|line| {
-            line.strip_prefix("cluster_gateway_reverified_connections_total ")?
-                .parse()
-                .ok()
-        })
+        .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
         .unwrap_or(0))
+}
+
+/// The gateway's count of re-verified connections.
+async fn reverified(ports: &Ports) -> anyhow::Result<u64> {
+    gateway_counter(ports, "cluster_gateway_reverified_connections_total").await
 }
 
 /// Trust changes with the whole fleet connected: what 20 changes of a Secret no BuildPlane reads
@@ -181,22 +183,9 @@ async fn trust_changes(
     }))
 }
 
-/// The gateway's count of admitted connections (`/metrics`): a rise while idle is a reconnect.
+/// The gateway's count of admitted connections: a rise while idle is a reconnect.
 async fn admissions(ports: &Ports) -> anyhow::Result<u64> {
-    let text = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{}/metrics", ports.health))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("cluster_gateway_admissions_total ")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0))
+    gateway_counter(ports, "cluster_gateway_admissions_total").await
 }
 
 /// The fleet idle for `duration` with heartbeats: connections and RSS sampled every 10 s,

@@ -372,14 +372,23 @@ async fn idle_from(env: &Env, source: [u8; 4]) -> tokio::net::TcpStream {
     socket.connect(env.agent_addr).await.unwrap()
 }
 
-/// The count of a rejection reason in the gateway's metrics.
-async fn rejections(env: &Env, reason: &str) -> u64 {
-    let prefix = format!("cluster_gateway_rejections_total{{reason=\"{reason}\"}} ");
+/// A sample of the gateway's metrics, by its series (name and labels); 0 before the first.
+async fn sample(env: &Env, series: &str) -> u64 {
+    let prefix = format!("{series} ");
     env.metrics()
         .await
         .lines()
         .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The count of a rejection reason in the gateway's metrics.
+async fn rejections(env: &Env, reason: &str) -> u64 {
+    sample(
+        env,
+        &format!("cluster_gateway_rejections_total{{reason=\"{reason}\"}}"),
+    )
+    .await
 }
 
 /// Pre-authentication denial of service: sockets that never send a byte hold no handshake
@@ -523,15 +532,7 @@ async fn connections_are_capped_per_plane_and_per_ca() {
 
 /// The gateway's count of connections re-verified after trust changes.
 async fn reverified(env: &Env) -> u64 {
-    env.metrics()
-        .await
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("cluster_gateway_reverified_connections_total ")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    sample(env, "cluster_gateway_reverified_connections_total").await
 }
 
 /// Waits until the re-verification count stops moving (the initial watch events settle).
