@@ -108,9 +108,13 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(policy) = ProxyPolicy::from_flags(&values) {
             let rules: Vec<String> = policy.rules().iter().map(ToString::to_string).collect();
             check(&policy, &rules, path);
-            // Each rule denies the path it names (a `*` stands for any segment).
+            // Each rule denies the path it names (a `*` segment stands for any segment).
             for rule in &rules {
-                let named = rule.replace('*', "x");
+                let named: Vec<&str> = rule
+                    .split('/')
+                    .map(|s| if s == "*" { "x" } else { s })
+                    .collect();
+                let named = named.join("/");
                 assert!(
                     matches!(policy.check(&named), Err(Refusal::Blocked { .. })),
                     "{named:?} not blocked by {rule}"

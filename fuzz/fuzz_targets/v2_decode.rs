@@ -29,7 +29,12 @@ fuzz_target!(|data: &[u8]| {
     for limits in [Limits::default(), Limits::with_max_frame(SMALL)] {
         let decoded = v2::decode(data, limits);
         let shared = v2::decode_shared(&bytes, limits);
-        assert_eq!(decoded, shared, "decode and decode_shared disagree");
+        // They may name a different truncated field, but agree on what is a frame.
+        assert_eq!(
+            decoded.as_ref().ok(),
+            shared.as_ref().ok(),
+            "decode and decode_shared disagree"
+        );
         match &decoded {
             Ok(frame) => check_round_trip(frame, data.len(), limits),
             Err(DecodeError::TooLarge { len, limit }) => assert!(len > limit),
