@@ -175,7 +175,11 @@ mod tests {
     #[test]
     fn rejects_durations_beyond_the_largest() {
         let huge = format!("{}h", "9".repeat(400));
-        for bad in ["666666666666666666666s", "1000000000000000000h", huge.as_str()] {
+        for bad in [
+            "666666666666666666666s",
+            "1000000000000000000h",
+            huge.as_str(),
+        ] {
             let err = bad.parse::<Dur>().unwrap_err();
             assert!(err.to_string().contains("too long"), "{err}");
         }
