@@ -243,6 +243,14 @@ impl FromStr for DenyRule {
                 ));
             }
         }
+        // Paths are matched without the legacy watch segment, so a rule holding it would match
+        // nothing: `/api/v1/watch/secrets` would let every watch of Secrets through.
+        let borrowed: Vec<&str> = segments.iter().map(String::as_str).collect();
+        if match_view(&borrowed).len() != segments.len() {
+            return Err(invalid(
+                "paths are matched without the legacy 'watch' segment: leave it out of the rule",
+            ));
+        }
         Ok(Self { segments })
     }
 }
@@ -421,6 +429,38 @@ mod tests {
         ] {
             assert!(ProxyPolicy::from_flags(&[bad]).is_err(), "{bad:?}");
         }
+    }
+
+    /// A rule holding the legacy watch segment is refused: paths are matched without it, so the
+    /// rule would deny nothing (found by fuzzing: `/apis/apps/v1/watch/deployments` as a rule
+    /// let that very path through). The rule without it denies both spellings.
+    #[test]
+    fn a_rule_with_the_watch_segment_is_refused() {
+        for bad in [
+            "/api/v1/watch/secrets",
+            "/api/v1/watch",
+            "/apis/apps/v1/watch/deployments",
+            "/apis/*/v1/watch",
+        ] {
+            let err = ProxyPolicy::from_flags(&[bad]).expect_err(bad);
+            assert!(err.why.contains("watch"), "{err}");
+        }
+        let policy = ProxyPolicy::from_flags(&["/apis/apps/v1/deployments"]).expect("a rule");
+        check(
+            &policy,
+            &[
+                (
+                    "/apis/apps/v1/watch/deployments",
+                    Expect::Blocked("/apis/apps/v1/deployments"),
+                ),
+                (
+                    "/apis/apps/v1/deployments",
+                    Expect::Blocked("/apis/apps/v1/deployments"),
+                ),
+                ("/api/v1/watch", Expect::Forward("/api/v1/watch")),
+            ],
+        );
+        assert!(ProxyPolicy::from_flags(&["/api/v1/watchers"]).is_ok());
     }
 
     /// The default rules are valid rules.

@@ -76,7 +76,10 @@ impl FromStr for Dur {
             rest = &rest[n_unit..];
             total += number * factor;
         }
-        Ok(Dur(Duration::from_secs_f64(total)))
+        // `from_secs_f64` panics past `Duration::MAX` (a long enough number is even infinite).
+        Duration::try_from_secs_f64(total)
+            .map(Dur)
+            .map_err(|_| err("too long"))
     }
 }
 
@@ -165,6 +168,20 @@ mod tests {
         for bad in ["5", "5 sec", "", "s", "3d"] {
             let err = bad.parse::<Dur>().unwrap_err();
             assert!(err.to_string().contains(&format!("`{bad}`")), "{err}");
+        }
+    }
+
+    /// A number too large for a `Duration` is an error, not a panic (found by fuzzing).
+    #[test]
+    fn rejects_durations_beyond_the_largest() {
+        let huge = format!("{}h", "9".repeat(400));
+        for bad in [
+            "666666666666666666666s",
+            "1000000000000000000h",
+            huge.as_str(),
+        ] {
+            let err = bad.parse::<Dur>().unwrap_err();
+            assert!(err.to_string().contains("too long"), "{err}");
         }
     }
 

@@ -883,9 +883,13 @@ impl Session {
             .min(self.last_received.after(self.config.idle_timeout))
             .min(self.next_stall_check);
         if let Some(sent) = self.go_away_sent {
-            next = next
-                .min(sent.after(self.config.drain_timeout))
-                .min(sent.after(GO_AWAY_ACK_GRACE));
+            next = next.min(sent.after(self.config.drain_timeout));
+            // The grace is a deadline only until it has passed: once past, streams ending
+            // close the drain, and a timer in the past would wake the shell at once, forever.
+            let grace = sent.after(GO_AWAY_ACK_GRACE);
+            if grace > self.now {
+                next = next.min(grace);
+            }
         }
         Some(next)
     }

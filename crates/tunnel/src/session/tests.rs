@@ -398,6 +398,24 @@ fn a_drain_past_its_deadline_closes_and_loses_the_rest() {
     ));
 }
 
+/// A drain whose streams outlast the `GoAway` grace asks for no timer in the past: the shell
+/// sleeps until `poll_timeout`, and one already passed would wake it at once, again and again,
+/// until the drain ends (found by fuzzing).
+#[test]
+fn a_drain_past_its_grace_sets_no_timer_in_the_past() {
+    let mut pair = Pair::new(version::V2);
+    let _id = pair.gateway.open(get("/slow"), true).unwrap();
+    pair.pump();
+    pair.gateway.go_away("shutting down");
+    pair.pump();
+    for _ in 0..4 {
+        pair.advance(Duration::from_secs(1));
+        pair.pump();
+        let due = pair.gateway.poll_timeout().expect("still draining");
+        assert!(due > pair.now, "timer at {due:?}, clock at {:?}", pair.now);
+    }
+}
+
 /// Past the stream limit the agent refuses a stream with 503 before any work; the others go on.
 #[test]
 fn the_agent_refuses_streams_past_its_limit() {
