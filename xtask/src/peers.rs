@@ -302,8 +302,9 @@ pub(crate) fn tail_lines(text: &str, n: usize) -> String {
     tail.into_iter().collect::<Vec<_>>().join("\n")
 }
 
-/// The one-line cause of a download failure that means "no network / no proxy", if it is one.
-pub(crate) fn network_failure(output: &str) -> Option<&str> {
+/// The one-line cause of a download failure that means "no network / no proxy", if it is one
+/// (unwrapped from the `"Error": "..."` field `go mod download -json` prints).
+pub(crate) fn network_failure(output: &str) -> Option<String> {
     const SIGNS: &[&str] = &[
         "dial tcp",
         "no such host",
@@ -318,10 +319,17 @@ pub(crate) fn network_failure(output: &str) -> Option<&str> {
         "410 Gone",
         "GOPROXY=off",
     ];
-    output
+    let line = output
         .lines()
         .map(str::trim)
-        .find(|line| SIGNS.iter().any(|sign| line.contains(sign)))
+        .find(|line| SIGNS.iter().any(|sign| line.contains(sign)))?;
+    let line = line.strip_prefix("\"Error\":").map_or(line, |rest| {
+        rest.trim()
+            .trim_end_matches(',')
+            .trim_start_matches('"')
+            .trim_end_matches('"')
+    });
+    Some(line.replace("\\\"", "\""))
 }
 
 /// Runs `go` in `dir`; on failure, returns an error with the last lines of its output.
@@ -911,6 +919,11 @@ mod tests {
         assert_eq!(tail_lines("a\nb", 40), "a\nb");
         let offline = "go: k8s.io/kubernetes@v1.37.2: Get \"https://proxy.golang.org/k8s.io/kubernetes/@v/v1.37.2.info\": dial tcp: lookup proxy.golang.org: no such host\n";
         assert!(network_failure(offline).unwrap().contains("no such host"));
+        let json = "{\n\t\"Path\": \"m\",\n\t\"Error\": \"m@v1: Get \\\"http://127.0.0.1:9/m/@v/v1.info\\\": dial tcp 127.0.0.1:9: connect: connection refused\"\n}\n";
+        assert_eq!(
+            network_failure(json).unwrap(),
+            "m@v1: Get \"http://127.0.0.1:9/m/@v/v1.info\": dial tcp 127.0.0.1:9: connect: connection refused"
+        );
         assert_eq!(network_failure("pkg/foo.go:1:1: syntax error"), None);
         assert_eq!(
             parse_etcd_version("etcd Version: 3.4.23\nGit SHA: Not provided\n").as_deref(),
