@@ -1,9 +1,11 @@
-//! `cargo xtask`: the project's automation (code generation, tidy checks, e2e, benches, k3d).
+//! `cargo xtask`: the project's automation (code generation, tidy checks, e2e, benches, k3d,
+//! real peers).
 
 mod bench;
 mod codegen;
 mod e2e;
 mod k3d;
+mod peers;
 mod tidy;
 
 use std::path::PathBuf;
@@ -33,6 +35,9 @@ enum Command {
     K3d(k3d::K3dFlags),
     /// Run the benchmarks and write BENCHMARKS.md (see the README's Benchmarks section).
     Bench(bench::BenchFlags),
+    /// Build the real peers (kube-apiserver, kube-controller-manager, OpenChoreo's gateway and
+    /// agent) pinned in peers/ into a cache outside the checkout; show their status (PEERS.md).
+    Peers(peers::PeersFlags),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::E2e(flags) => e2e::run(*flags),
         Command::K3d(flags) => k3d::run(flags),
         Command::Bench(flags) => bench::run(flags),
+        Command::Peers(flags) => peers::run(flags),
     }
 }
 
