@@ -65,49 +65,63 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         if hello::has_first_byte(&tcp) {
             // Taken here when free, so the loop cannot run ahead of the slots.
             let permit = shared.handshakes.clone().try_acquire_owned().ok();
-            tokio::spawn(async move {
-                let permit = match permit {
-                    Some(permit) => permit,
-                    None => match shared.handshakes.clone().acquire_owned().await {
-                        Ok(permit) => permit,
-                        Err(_) => return,
-                    },
-                };
-                handshake(tcp, peer, permit, shared).await;
-            });
+            tokio::spawn(with_slot(tcp, peer, permit, shared));
             continue;
         }
         // Nothing sent yet: the socket waits for its first byte without a slot (`hello`).
-        let idle = match shared.idle.enter(peer.ip()) {
-            Ok(idle) => idle,
+        match shared.idle.enter(peer.ip()) {
+            Ok(idle) => {
+                tokio::spawn(after_hello(tcp, peer, idle, shared));
+            }
             Err(refusal) => {
                 shared.metrics.rejected(refusal.reason());
                 debug!(%peer, %refusal, "connection closed before its first byte");
-                continue;
             }
-        };
-        tokio::spawn(async move {
-            let hello_timeout = shared.config.hello_timeout;
-            tokio::select! {
-                () = hello::first_byte(&tcp) => {}
-                () = tokio::time::sleep(hello_timeout) => {
-                    shared.metrics.rejected("hello_timeout");
-                    debug!(%peer, ?hello_timeout, "no ClientHello in time");
-                    return;
-                }
-                () = idle.evicted() => {
-                    shared.metrics.rejected("idle_evicted");
-                    debug!(%peer, "idle connection evicted by a newer one");
-                    return;
-                }
-            }
-            drop(idle);
-            let Ok(permit) = shared.handshakes.clone().acquire_owned().await else {
-                return;
-            };
-            handshake(tcp, peer, permit, shared).await;
-        });
+        }
     }
+}
+
+/// An idle connection: waits for its first byte (or its timeout, or eviction by a newer idle
+/// connection), then for a slot.
+async fn after_hello(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    idle: hello::IdleSlot,
+    shared: Arc<Shared>,
+) {
+    let hello_timeout = shared.config.hello_timeout;
+    tokio::select! {
+        () = hello::first_byte(&tcp) => {}
+        () = tokio::time::sleep(hello_timeout) => {
+            shared.metrics.rejected("hello_timeout");
+            debug!(%peer, ?hello_timeout, "no ClientHello in time");
+            return;
+        }
+        () = idle.evicted() => {
+            shared.metrics.rejected("idle_evicted");
+            debug!(%peer, "idle connection evicted by a newer one");
+            return;
+        }
+    }
+    drop(idle);
+    with_slot(tcp, peer, None, shared).await;
+}
+
+/// A connection that has spoken: its handshake under `permit`, or under the next free slot.
+async fn with_slot(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+) {
+    let permit = match permit {
+        Some(permit) => permit,
+        None => match shared.handshakes.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            Err(_) => return,
+        },
+    };
+    handshake(tcp, peer, permit, shared).await;
 }
 
 /// One connection from its first byte: the handshake under its slot, then the session.
