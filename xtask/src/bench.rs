@@ -77,6 +77,17 @@ fn positive_percent(text: &str) -> Result<f64, String> {
     }
 }
 
+/// The executables every bench run needs: the gateway, the agent and `buildplane-bench`.
+pub(crate) const BENCH_BINARIES: &[&str] = &[
+    "-p",
+    "cluster-gateway",
+    "-p",
+    "cluster-agent",
+    "-p",
+    "buildplane-benches",
+    "--bins",
+];
+
 /// The rathole version `benches/peers/rathole` pins (a test checks that the two agree).
 const RATHOLE_VERSION: &str = "0.5.0";
 
@@ -160,20 +171,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
     eprintln!("== building the gateway, the agent and buildplane-bench");
     cargo(
         &root,
-        &[
-            &["build"],
-            profile_args,
-            &[
-                "-p",
-                "cluster-gateway",
-                "-p",
-                "cluster-agent",
-                "-p",
-                "buildplane-benches",
-            ],
-            &["--bins"],
-        ]
-        .concat(),
+        &[&["build"], profile_args, BENCH_BINARIES].concat(),
         flags.quick,
         &[],
     )?;

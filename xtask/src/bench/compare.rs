@@ -269,18 +269,9 @@ impl Side {
             std::fs::remove_dir_all(&self.bin_dir)?;
         }
         std::fs::create_dir_all(&self.bin_dir)?;
-        let bins = [
-            "-p",
-            "cluster-gateway",
-            "-p",
-            "cluster-agent",
-            "-p",
-            "buildplane-benches",
-            "--bins",
-        ];
         // `--benches` and not `--bench NAME`: a revision that lacks a bench still builds.
         let benches = ["-p", "buildplane-benches", "--benches"];
-        for targets in [&bins[..], &benches[..]] {
+        for targets in [crate::bench::BENCH_BINARIES, &benches[..]] {
             let args = [profile.args(), targets].concat();
             for (name, path) in cargo_executables(&self.workspace, &self.target, &args)? {
                 std::fs::copy(&path, self.bin_dir.join(&name))
