@@ -10,7 +10,7 @@ use anyhow::{Context, bail, format_err};
 use buildplane_harness::backend::Backend;
 use buildplane_harness::backend::k3d::{K3dBackend, K3dBackendOptions, Setup};
 use buildplane_harness::backend::kubeconfig::KubeconfigBackend;
-use buildplane_harness::backend::sim::SimBackend;
+use buildplane_harness::backend::sim::{ApiServers, SimBackend};
 use buildplane_harness::runner::{RunOptions, run_suite, summary_table};
 use buildplane_harness::{build, lint, report, scenario};
 use clap::{Args, Subcommand, ValueEnum};
@@ -99,6 +99,8 @@ enum Profile {
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendKind {
     Sim,
+    /// Real etcd, kube-apiserver and kube-controller-manager per cluster (`cargo xtask peers build`).
+    Apiserver,
     K3d,
     Kubeconfig,
 }
@@ -166,7 +168,13 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
         .build()?;
     let mut k3d_backend = None;
     let backend: Arc<dyn Backend> = match flags.backend {
-        BackendKind::Sim => {
+        BackendKind::Sim | BackendKind::Apiserver => {
+            let api_servers = match flags.backend {
+                BackendKind::Apiserver => {
+                    ApiServers::Real(buildplane_peers::ClusterPrograms::locate()?)
+                }
+                _ => ApiServers::KubeSim,
+            };
             let binaries = if flags.no_build {
                 build::Binaries::from_dir(build::default_bin_dir(&root))
             } else {
@@ -176,7 +184,7 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
                 progress("building the component binaries".into());
                 build::build_components(&cargo, &root, &|line| progress(line))
             };
-            Arc::new(SimBackend::new(binaries))
+            Arc::new(SimBackend::with_api_servers(binaries, api_servers))
         }
         BackendKind::K3d => {
             let layout = crate::k3d::layout(flags.k3s_image.clone())?;

@@ -8,11 +8,11 @@
 //! the peers cache, one directory per module and version (`kubernetes-v1.37.2/kube-apiserver`).
 
 use std::collections::VecDeque;
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail, format_err};
+use buildplane_peers::cache::{ETCD_HINT, find_etcd, pinned_version, version_dir};
 use clap::{Args, Subcommand, ValueEnum};
 use tokio::time::Instant;
 
@@ -22,8 +22,6 @@ use crate::project_root;
 const FAILURE_TAIL_LINES: usize = 40;
 
 /// The one-line hint printed when etcd is missing.
-const ETCD_HINT: &str = "etcd not found: install Debian's etcd-server (`sudo apt-get install -y etcd-server`, binary /usr/bin/etcd) or put etcd on PATH";
-
 /// Flags of `cargo xtask peers`.
 #[derive(Args)]
 pub(crate) struct PeersFlags {
@@ -156,48 +154,9 @@ pub(crate) fn run(flags: PeersFlags) -> anyhow::Result<()> {
     }
 }
 
-/// The peers cache: `$BUILDPLANE_PEERS_DIR`, else `$XDG_CACHE_HOME/buildplane/peers`, else
-/// `$HOME/.cache/buildplane/peers`. Empty variables count as unset, and a relative
-/// XDG_CACHE_HOME is ignored (as the XDG base directory spec says).
-pub(crate) fn cache_root(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<PathBuf> {
-    let set = |key: &str| env(key).filter(|value| !value.is_empty());
-    if let Some(dir) = set("BUILDPLANE_PEERS_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    if let Some(xdg) = set("XDG_CACHE_HOME").filter(|dir| Path::new(dir).is_absolute()) {
-        return Ok(Path::new(&xdg).join("buildplane").join("peers"));
-    }
-    if let Some(home) = set("HOME") {
-        return Ok(Path::new(&home).join(".cache/buildplane/peers"));
-    }
-    bail!("no peers cache directory: set BUILDPLANE_PEERS_DIR (or XDG_CACHE_HOME or HOME)")
-}
-
-fn process_env(key: &str) -> Option<String> {
-    std::env::var(key).ok()
-}
-
 /// Where a program of a module version lives in the cache.
 fn binary_path(root: &Path, program: Program, version: &str) -> PathBuf {
-    root.join(format!("{}-{version}", program.source().cache_prefix))
-        .join(program.binary())
-}
-
-/// The version a go.mod requires `module` at (a `require` line, not a `replace`).
-pub(crate) fn pinned_version(go_mod: &str, module: &str) -> Option<String> {
-    go_mod.lines().find_map(|line| {
-        let line = line.split("//").next().unwrap_or("").trim();
-        if line.contains("=>") {
-            return None;
-        }
-        let line = line.strip_prefix("require").map_or(line, str::trim_start);
-        let mut words = line.split_whitespace();
-        (words.next() == Some(module))
-            .then(|| words.next())
-            .flatten()
-            .filter(|version| version.starts_with('v'))
-            .map(str::to_string)
-    })
+    version_dir(root, program.source().cache_prefix, version).join(program.binary())
 }
 
 /// The go.mod's `go` directive (the minimum Go version).
@@ -396,7 +355,7 @@ impl std::error::Error for GoFailure {}
 /// `cargo xtask peers build`.
 fn build(only: Option<Program>) -> anyhow::Result<()> {
     let started = Instant::now();
-    let root = cache_root(&process_env)?;
+    let root = buildplane_peers::cache::process_cache_root()?;
     let programs: Vec<Program> = only.map_or_else(|| PROGRAMS.to_vec(), |p| vec![p]);
     let mut go_checked = None;
     eprintln!("peers: cache {}", root.display());
@@ -536,15 +495,6 @@ fn build_one(
     Ok(())
 }
 
-/// etcd on PATH, else Debian's /usr/bin/etcd.
-fn find_etcd(path: Option<&OsStr>) -> Option<PathBuf> {
-    path.into_iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("etcd"))
-        .chain(std::iter::once(PathBuf::from("/usr/bin/etcd")))
-        .find(|candidate| candidate.is_file())
-}
-
 fn etcd_version(etcd: &Path) -> Option<String> {
     let output = Command::new(etcd).arg("--version").output().ok()?;
     parse_etcd_version(&String::from_utf8_lossy(&output.stdout))
@@ -607,7 +557,7 @@ pub(crate) fn render_table(rows: &[StatusRow]) -> String {
 
 /// `cargo xtask peers status`.
 fn status() -> anyhow::Result<()> {
-    let root = cache_root(&process_env)?;
+    let root = buildplane_peers::cache::process_cache_root()?;
     let mut rows = Vec::new();
     for program in PROGRAMS {
         let (version, path) = match Pin::read(program.source()) {
@@ -723,51 +673,8 @@ fn versions() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |key| map.get(key).cloned()
-    }
-
-    #[test]
-    fn cache_root_prefers_the_explicit_directory_then_xdg_then_home() {
-        let all = env(&[
-            ("BUILDPLANE_PEERS_DIR", "/peers"),
-            ("XDG_CACHE_HOME", "/xdg"),
-            ("HOME", "/home/me"),
-        ]);
-        assert_eq!(cache_root(&all).unwrap(), PathBuf::from("/peers"));
-        let xdg = env(&[("XDG_CACHE_HOME", "/xdg"), ("HOME", "/home/me")]);
-        assert_eq!(
-            cache_root(&xdg).unwrap(),
-            PathBuf::from("/xdg/buildplane/peers")
-        );
-        let home = env(&[("HOME", "/home/me")]);
-        assert_eq!(
-            cache_root(&home).unwrap(),
-            PathBuf::from("/home/me/.cache/buildplane/peers")
-        );
-    }
-
-    #[test]
-    fn cache_root_ignores_empty_and_relative_values() {
-        let odd = env(&[
-            ("BUILDPLANE_PEERS_DIR", ""),
-            ("XDG_CACHE_HOME", "relative/cache"),
-            ("HOME", "/home/me"),
-        ]);
-        assert_eq!(
-            cache_root(&odd).unwrap(),
-            PathBuf::from("/home/me/.cache/buildplane/peers")
-        );
-        assert!(cache_root(&env(&[])).is_err());
-    }
 
     #[test]
     fn binaries_live_in_one_directory_per_module_version() {

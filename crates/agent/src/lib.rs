@@ -17,7 +17,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -120,6 +120,12 @@ pub struct Agent {
     pub connected: AtomicUsize,
     /// Requests executed (for tests and the swarm's summary).
     pub requests: AtomicUsize,
+    /// Tunnel messages ignored: undecodable, too large, or a kind this agent does not serve
+    /// (OpenChoreo's exec and Hubble streams); the connection stays.
+    pub ignored: AtomicUsize,
+    /// The gateway upgraded without naming an offered subprotocol (OpenChoreo's): offer none
+    /// from now on and speak v1.
+    pub(crate) gateway_ignores_offer: AtomicBool,
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) waiting: AtomicUsize,
@@ -131,13 +137,17 @@ impl Agent {
     pub fn metrics_text(&self) -> String {
         let requests = self.requests.load(Ordering::Relaxed);
         let connections = self.connected.load(Ordering::Relaxed);
+        let ignored = self.ignored.load(Ordering::Relaxed);
         format!(
             "# HELP cluster_agent_requests Requests this agent ran against its cluster.\n\
              # TYPE cluster_agent_requests counter\n\
              cluster_agent_requests_total {requests}\n\
              # HELP cluster_agent_connections Live connections to the gateway.\n\
              # TYPE cluster_agent_connections gauge\n\
-             cluster_agent_connections {connections}\n"
+             cluster_agent_connections {connections}\n\
+             # HELP cluster_agent_ignored_messages Tunnel messages from the gateway that were ignored (undecodable, too large, or a kind this agent does not serve).\n\
+             # TYPE cluster_agent_ignored_messages counter\n\
+             cluster_agent_ignored_messages_total {ignored}\n"
         )
     }
 
@@ -158,6 +168,8 @@ impl Agent {
             renewed: Notify::new(),
             connected: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
+            ignored: AtomicUsize::new(0),
+            gateway_ignores_offer: AtomicBool::new(false),
             limit: Arc::new(Semaphore::new(n)),
             streams: Arc::new(Semaphore::new(n)),
             waiting: AtomicUsize::new(0),
@@ -272,6 +284,7 @@ impl Agent {
                 warn!(plane_id = %self.config.plane_id, status, %body, "the gateway refused the connection");
                 backoff.after_refusal(status, retry_after)
             }
+            Ended::OfferIgnored => backoff.next_delay(),
             Ended::Closed { lived, reason } => {
                 // Only a connection that stayed up resets the backoff; a flapping one keeps
                 // backing off.

@@ -10,19 +10,26 @@ use buildplane_link::{
     Config as SessionConfig, Link, Moment, Read, RequestHead, ResponseHead, Role, Session,
     StreamHandle,
 };
-use buildplane_tunnel::{SUBPROTOCOL_V1, SUBPROTOCOL_V2};
+use buildplane_tunnel::SUBPROTOCOL_V2;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue};
-use tracing::{debug, info};
+use tokio_tungstenite::tungstenite::{
+    client::IntoClientRequest,
+    error::{ProtocolError, SubProtocolError},
+    http::HeaderValue,
+};
+use tracing::{debug, info, warn};
 
 use crate::{
     Agent,
     cluster::{RequestBody, whole},
 };
+
+/// The subprotocols offered with `--protocol v2`, preferred first.
+const OFFER_V2_V1: &str = "buildplane.tunnel.v2, buildplane.tunnel.v1";
 
 /// A response body up to this size, when its size is known, leaves with its head.
 const SMALL_BODY: usize = 64 * 1024;
@@ -40,6 +47,9 @@ pub(crate) enum Ended {
     },
     /// The connection failed or closed after `lived`.
     Closed { lived: Duration, reason: String },
+    /// The gateway upgraded without naming one of the subprotocols offered (OpenChoreo's never
+    /// names one); the WebSocket client refuses such an answer.
+    OfferIgnored,
 }
 
 impl Ended {
@@ -125,7 +135,11 @@ impl Connected {
         let acceptor: buildplane_link::Acceptor = Box::new(move |stream| {
             tokio::spawn(serve_stream(for_streams.clone(), stream));
         });
-        let link = Link::spawn(self.ws, session, Some(acceptor));
+        let counted = agent.clone();
+        let on_ignored: buildplane_link::OnIgnored = Arc::new(move |_: &str| {
+            counted.ignored.fetch_add(1, Ordering::Relaxed);
+        });
+        let link = Link::spawn_with(self.ws, session, Some(acceptor), Some(on_ignored));
         SessionHandle {
             link,
             agent,
@@ -134,8 +148,28 @@ impl Connected {
     }
 }
 
-/// Dials the gateway: `wss://.../ws?planeID=..&planeType=..&agentID=..`.
+/// Dials the gateway: `wss://.../ws?planeID=..&planeType=..&agentID=..`. With `--protocol v2`
+/// it offers v2 and v1; a gateway that upgrades without naming either (OpenChoreo's, which
+/// speaks v1 and names no subprotocol) is dialled again at once offering nothing, and v1 is
+/// spoken to it from then on (until the process restarts). With `--protocol v1` nothing is
+/// offered, as OpenChoreo's agent does.
 pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
+    let offer_v2 =
+        agent.config.protocol >= 2 && !agent.gateway_ignores_offer.load(Ordering::Relaxed);
+    match dial(agent, offer_v2).await {
+        Err(Ended::OfferIgnored) if offer_v2 => {
+            warn!(
+                plane_id = %agent.config.plane_id,
+                "the gateway ignored the subprotocol offer (an OpenChoreo gateway); speaking v1 (OpenChoreo JSON) to it from now on"
+            );
+            agent.gateway_ignores_offer.store(true, Ordering::Relaxed);
+            dial(agent, false).await
+        }
+        other => other,
+    }
+}
+
+async fn dial(agent: &Agent, offer_v2: bool) -> Result<Connected, Ended> {
     let config = &agent.config;
     let separator = if config.server_url.contains('?') {
         '&'
@@ -153,15 +187,11 @@ pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
         .as_str()
         .into_client_request()
         .map_err(|err| Ended::closed(format!("invalid server URL {url}: {err}")))?;
-    let offer = if config.protocol >= 2 {
-        format!("{SUBPROTOCOL_V2}, {SUBPROTOCOL_V1}")
-    } else {
-        SUBPROTOCOL_V1.to_owned()
-    };
-    if let Ok(value) = HeaderValue::from_str(&offer) {
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", value);
+    if offer_v2 {
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(OFFER_V2_V1),
+        );
     }
     let host = request.uri().host().unwrap_or("localhost").to_owned();
     let port = request.uri().port_u16().unwrap_or(443);
@@ -192,7 +222,12 @@ pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
         Ok(Err(err)) => return Err(Ended::closed(format!("TLS: {err}"))),
         Err(_) => return Err(Ended::closed("TLS handshake timed out")),
     };
-    let config_ws = buildplane_link::websocket_config();
+    // A v1 body travels whole in one message (see `websocket_config_v1`).
+    let config_ws = if offer_v2 {
+        buildplane_link::websocket_config()
+    } else {
+        buildplane_link::websocket_config_v1()
+    };
     let upgrade = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::client_async_with_config(request, tls, Some(config_ws)),
@@ -218,6 +253,9 @@ pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
                 body,
             });
         }
+        Err(tokio_tungstenite::tungstenite::Error::Protocol(
+            ProtocolError::SecWebSocketSubProtocolError(SubProtocolError::NoSubProtocol),
+        )) => return Err(Ended::OfferIgnored),
         Err(err) => return Err(Ended::closed(format!("upgrade: {err}"))),
     };
     let version = match response
@@ -242,17 +280,6 @@ fn encode_query(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// The body of the 404 for a target this agent does not serve (OpenChoreo's agent routes `k8s`
-/// only).
-fn unknown_target(target: &str) -> Vec<u8> {
-    serde_json::json!({
-        "error": "UnknownTarget",
-        "message": format!("this agent serves target k8s, not {target:?}"),
-    })
-    .to_string()
-    .into_bytes()
 }
 
 /// A slot in the bounded queue in front of the concurrency limit.
@@ -348,11 +375,9 @@ async fn serve_stream(agent: Arc<Agent>, stream: StreamHandle) {
         }
     };
     if head.target != "k8s" {
-        let answer = ResponseHead {
-            status: 404,
-            headers: vec![("content-type".into(), "application/json".into())],
-        };
-        let _ = stream.respond_with(answer, Bytes::from(unknown_target(&head.target)), true);
+        // OpenChoreo's agent routes `k8s` only and answers others with this error (in v1:
+        // `statusCode` 404 and `error: {code: 404, message}`, no body).
+        stream.reset(404, &format!("unknown target: {}", head.target));
         return;
     }
     let Some(slot) = admit(&agent, is_streaming(&head.query)) else {
@@ -417,14 +442,7 @@ async fn answer(
     stream: &StreamHandle,
     response: http::Response<crate::cluster::ResponseBody>,
 ) -> Result<(), String> {
-    let head = ResponseHead {
-        status: response.status().as_u16(),
-        headers: response
-            .headers()
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect(),
-    };
+    let head = response_head(response.status(), response.headers());
     let mut body = response.into_body();
     // A body of known, small size goes with the head in one message; any other (a watch, a
     // log follow, a chunked list) gets its head at once and its chunks as they come.
@@ -472,6 +490,24 @@ async fn answer(
     }
 }
 
+/// The API server's status and headers as the tunnel carries them. Values past ASCII go through
+/// as OpenChoreo's agent passes them (bytes that are not UTF-8 as U+FFFD: the tunnel carries
+/// text).
+fn response_head(status: http::StatusCode, headers: &http::HeaderMap) -> ResponseHead {
+    ResponseHead {
+        status: status.as_u16(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
 /// The next data chunk of a response body (`None` at its end).
 async fn next_chunk(body: &mut crate::cluster::ResponseBody) -> Result<Option<Bytes>, String> {
     loop {
@@ -513,6 +549,39 @@ mod tests {
         assert!(request.headers().get("impersonate-user").is_none());
         assert_eq!(request.headers()["accept"], "application/json");
         assert_eq!(request.uri(), "/api/v1/namespaces?limit=1");
+    }
+
+    /// Response header values past ASCII reach the gateway (before, `to_str` dropped them).
+    #[test]
+    fn response_headers_past_ascii_are_kept() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "x-display-name",
+            http::HeaderValue::from_bytes("Café ☕".as_bytes()).unwrap(),
+        );
+        headers.insert(
+            "x-latin1",
+            http::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        );
+        let head = response_head(http::StatusCode::OK, &headers);
+        assert_eq!(head.status, 200);
+        let value = |name: &str| {
+            head.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(value("x-display-name"), Some("Café ☕"));
+        assert_eq!(value("x-latin1"), Some("caf\u{fffd}"));
+    }
+
+    /// The v2 offer names our two subprotocols, v2 first.
+    #[test]
+    fn the_offer_prefers_v2() {
+        assert_eq!(
+            OFFER_V2_V1,
+            format!("{SUBPROTOCOL_V2}, {}", buildplane_tunnel::SUBPROTOCOL_V1)
+        );
     }
 
     /// Query values are percent-encoded in the dial URL.

@@ -4,14 +4,17 @@
 use std::{sync::Arc, time::Duration};
 
 use buildplane_api::names::PlaneType;
-use buildplane_link::{Config as SessionConfig, Link, Moment, Role, Session};
+use buildplane_link::{Config as SessionConfig, Link, Moment, OnIgnored, Role, Session};
 use buildplane_tunnel::negotiate;
 use parking_lot::Mutex;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::{
-    handshake::server::{ErrorResponse, Request, Response},
-    http::{HeaderValue, StatusCode},
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        handshake::server::{ErrorResponse, Request, Response},
+        http::{HeaderValue, StatusCode},
+    },
 };
 use tracing::{debug, info};
 
@@ -62,13 +65,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         }
         let shared = shared.clone();
-        if hello::has_first_byte(&tcp) {
+        let (tcp, ready) = match hello::has_first_record(tcp) {
+            Ok(checked) => checked,
+            Err(err) => {
+                debug!(%peer, %err, "connection lost while looking for its ClientHello");
+                continue;
+            }
+        };
+        if ready {
             // Taken here when free, so the loop cannot run ahead of the slots.
             let permit = shared.handshakes.clone().try_acquire_owned().ok();
             tokio::spawn(with_slot(tcp, peer, permit, shared));
             continue;
         }
-        // Nothing sent yet: the socket waits for its first byte without a slot (`hello`).
+        // No whole ClientHello yet: the socket waits for it without a slot (`hello`).
         match shared.idle.enter(peer.ip()) {
             Ok(idle) => {
                 tokio::spawn(after_hello(tcp, peer, idle, shared));
@@ -91,7 +101,7 @@ async fn after_hello(
 ) {
     let hello_timeout = shared.config.hello_timeout;
     tokio::select! {
-        () = hello::first_byte(&tcp) => {}
+        () = hello::first_record(&tcp) => {}
         () = tokio::time::sleep(hello_timeout) => {
             shared.metrics.rejected("hello_timeout");
             debug!(%peer, ?hello_timeout, "no ClientHello in time");
@@ -329,8 +339,23 @@ async fn run_connection(ws: Ws, admitted: Admitted, shared: Arc<Shared>) {
             .await;
         return;
     }
+    // A v1 body travels whole in one message: read messages up to the v1 limit, so one over the
+    // session's limit fails its own request, not the connection. By RFC 6455 the agent sends
+    // nothing before our 101, so tungstenite holds no unread bytes here.
+    let ws = if version == buildplane_tunnel::version::V1 {
+        WebSocketStream::from_raw_socket(
+            ws.into_inner(),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            Some(buildplane_link::websocket_config_v1()),
+        )
+        .await
+    } else {
+        ws
+    };
     let session = Session::new(session_config(&shared.config, version), Moment::default());
-    let link = Link::spawn(ws, session, None);
+    let metrics = shared.metrics.clone();
+    let on_ignored: OnIgnored = Arc::new(move |_: &str| metrics.ignored());
+    let link = Link::spawn_with(ws, session, None, Some(on_ignored));
     // HA replicas share a certificate; the instance id tells a reconnect from a sibling.
     let conn = Arc::new(
         Connection::new(

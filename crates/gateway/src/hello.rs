@@ -8,9 +8,12 @@
 //! So idle TCP connections, however many and from however many addresses, cannot keep real
 //! agents from their handshakes, and cost one socket each for a few seconds.
 //!
-//! What this does not stop: a peer that sends a first byte and then stalls holds a slot until
-//! the handshake timeout (10 s). The per-address cap is a cap on idle sockets only: agents
-//! behind one NAT send their ClientHello at once and are never counted.
+//! "Handshake work can start" means the whole first TLS record (the ClientHello) is here: a peer
+//! that sends one byte, or most of a ClientHello, and then stalls waits without a slot too, and
+//! is closed at `--hello-timeout`. After the ClientHello the server speaks next, and a peer that
+//! stalls from then on holds its slot until the handshake timeout (10 s). The per-address cap is
+//! a cap on idle sockets only: agents behind one NAT send their ClientHello at once and are
+//! never counted.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -152,20 +155,78 @@ impl Drop for IdleSlot {
     }
 }
 
-/// Whether the peer has sent anything yet (a non-blocking peek; a closed or failed socket counts
-/// as having something to say, which the handshake then reads).
-pub fn has_first_byte(tcp: &tokio::net::TcpStream) -> bool {
-    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    match socket2::SockRef::from(tcp).peek(&mut buf) {
-        Ok(_) => true,
-        Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+/// The most a TLS record can hold: its 5-byte header and 2^14 bytes plus the 2,048 a
+/// compressed or encrypted record may add (RFC 8446, 5.2). A ClientHello fits in one.
+const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
+
+/// How often a socket whose first record is incomplete is looked at again.
+const PARTIAL_RECORD_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// What the bytes received so far say about the first TLS record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstRecord {
+    /// Nothing yet, or part of a handshake record: waiting costs no slot.
+    Incomplete,
+    /// The whole record is here (or the peer speaks something else than TLS, or closed, or
+    /// failed): the handshake can run to its end without waiting on the peer.
+    Ready,
+}
+
+impl FirstRecord {
+    /// Judges the bytes peeked so far; `closed` when the peer has closed or failed.
+    pub fn of(peeked: &[u8], closed: bool) -> FirstRecord {
+        const HANDSHAKE: u8 = 0x16;
+        match peeked {
+            _ if closed => FirstRecord::Ready,
+            [] => FirstRecord::Incomplete,
+            [kind, ..] if *kind != HANDSHAKE => FirstRecord::Ready,
+            [_, _, _, high, low, body @ ..] => {
+                let length = usize::from(u16::from_be_bytes([*high, *low]));
+                if body.len() >= length || 5 + length > MAX_RECORD {
+                    FirstRecord::Ready
+                } else {
+                    FirstRecord::Incomplete
+                }
+            }
+            _ => FirstRecord::Incomplete,
+        }
     }
 }
 
-/// Waits until the peer has sent something (or closed, or failed), without reading it.
+/// Whether the peer's first TLS record (its ClientHello) has fully arrived, by a non-blocking
+/// peek. A closed or failed socket counts as ready: the handshake then reads the end. The
+/// socket goes through its std form for the peek (std's peek is safe to read from; tokio has
+/// no non-blocking one), so it comes back re-registered, or not at all if that fails.
+pub fn has_first_record(
+    tcp: tokio::net::TcpStream,
+) -> std::io::Result<(tokio::net::TcpStream, bool)> {
+    let std = tcp.into_std()?;
+    let mut buf = vec![0u8; MAX_RECORD];
+    let ready = match std.peek(&mut buf) {
+        Ok(0) => true,
+        Ok(n) => FirstRecord::of(&buf[..n], false) == FirstRecord::Ready,
+        Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    Ok((tokio::net::TcpStream::from_std(std)?, ready))
+}
+
+/// Waits until the peer's first TLS record has fully arrived (or the peer closed, failed, or
+/// speaks something else), without reading it. So a peer that sends a byte and stalls waits
+/// here, without a handshake slot, until `--hello-timeout` closes it.
 /// (`TcpStream::readable` alone can wake without data: the peek is the check.)
-pub async fn first_byte(tcp: &tokio::net::TcpStream) {
-    let _ = tcp.peek(&mut [0u8; 1]).await;
+pub async fn first_record(tcp: &tokio::net::TcpStream) {
+    let mut buf = vec![0u8; MAX_RECORD];
+    loop {
+        let (peeked, closed) = match tcp.peek(&mut buf).await {
+            Ok(0) | Err(_) => (&buf[..0], true),
+            Ok(n) => (&buf[..n], false),
+        };
+        if FirstRecord::of(peeked, closed) == FirstRecord::Ready {
+            return;
+        }
+        // Part of the record is here: a peek would return at once, so look again shortly.
+        tokio::time::sleep(PARTIAL_RECORD_POLL).await;
+    }
 }
 
 #[cfg(test)]
@@ -196,23 +257,55 @@ mod tests {
         assert_eq!(gate.inner.lock().by_source.len(), 1);
     }
 
+    #[test]
+    fn a_record_is_ready_only_when_whole() {
+        use FirstRecord::{Incomplete, Ready};
+        let mut hello = vec![0x16, 0x03, 0x01, 0x00, 0x04];
+        assert_eq!(FirstRecord::of(&[], false), Incomplete);
+        assert_eq!(FirstRecord::of(&[], true), Ready, "closed");
+        assert_eq!(FirstRecord::of(&hello[..1], false), Incomplete, "one byte");
+        assert_eq!(FirstRecord::of(&hello, false), Incomplete, "header only");
+        hello.extend([1, 2, 3]);
+        assert_eq!(FirstRecord::of(&hello, false), Incomplete, "3 of 4 bytes");
+        hello.push(4);
+        assert_eq!(FirstRecord::of(&hello, false), Ready);
+        assert_eq!(FirstRecord::of(b"GET / HTTP/1.1", false), Ready, "not TLS");
+        let oversized = [0x16, 0x03, 0x01, 0xff, 0xff];
+        assert_eq!(
+            FirstRecord::of(&oversized, false),
+            Ready,
+            "the handshake refuses it"
+        );
+    }
+
     #[tokio::test]
-    async fn first_byte_is_seen_without_reading_it() {
+    async fn the_first_record_is_seen_whole_without_reading_it() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
-        assert!(!has_first_byte(&server));
-        let waiting =
-            tokio::time::timeout(std::time::Duration::from_millis(100), first_byte(&server)).await;
-        assert!(waiting.is_err(), "no first byte yet");
-        client.write_all(b"x").await.unwrap();
-        first_byte(&server).await;
-        assert!(has_first_byte(&server));
-        let mut byte = [0u8; 1];
-        server.read_exact(&mut byte).await.unwrap();
-        assert_eq!(&byte, b"x", "the peek left the byte in place");
+        let (server, _) = listener.accept().await.unwrap();
+        let (mut server, ready) = has_first_record(server).unwrap();
+        assert!(!ready);
+        let record = [0x16, 0x03, 0x01, 0x00, 0x02, 0xaa, 0xbb];
+        // One byte, then all but the last: a stalled ClientHello is still waiting.
+        for (from, to) in [(0, 1), (1, 6)] {
+            client.write_all(&record[from..to]).await.unwrap();
+            let waiting =
+                tokio::time::timeout(std::time::Duration::from_millis(100), first_record(&server))
+                    .await;
+            assert!(waiting.is_err(), "{to} bytes are not the whole record");
+            let (back, ready) = has_first_record(server).unwrap();
+            assert!(!ready, "{to} bytes are not the whole record");
+            server = back;
+        }
+        client.write_all(&record[6..]).await.unwrap();
+        first_record(&server).await;
+        let (mut server, ready) = has_first_record(server).unwrap();
+        assert!(ready);
+        let mut bytes = [0u8; 7];
+        server.read_exact(&mut bytes).await.unwrap();
+        assert_eq!(bytes, record, "the peeks left the bytes in place");
     }
 }

@@ -43,9 +43,11 @@ pub struct Metrics {
     request_seconds: Histogram,
     pending: Gauge,
     connections: Family<Labels, Gauge>,
+    cached_secrets: Gauge,
     replaced: Counter,
     replaced_seen: Arc<AtomicU64>,
     reverified: Counter,
+    ignored: Counter,
 }
 
 impl Default for Metrics {
@@ -99,6 +101,12 @@ impl Default for Metrics {
             "Live agent connections by planeID",
             connections.clone(),
         );
+        let cached_secrets = Gauge::default();
+        registry.register(
+            "cached_secrets",
+            "Secrets whose data the gateway holds: those a CR's clientCA.secretRef names",
+            cached_secrets.clone(),
+        );
         let replaced = Counter::default();
         registry.register(
             "replaced_connections",
@@ -111,6 +119,12 @@ impl Default for Metrics {
             "Connections re-verified after a change of CRs or Secrets",
             reverified.clone(),
         );
+        let ignored = Counter::default();
+        registry.register(
+            "ignored_messages",
+            "Tunnel messages from agents that were ignored (undecodable, too large, or a kind this gateway does not serve); the connection stays",
+            ignored.clone(),
+        );
         Self {
             registry: Arc::new(parking_lot::Mutex::new(registry)),
             admissions,
@@ -121,9 +135,11 @@ impl Default for Metrics {
             request_seconds,
             pending,
             connections,
+            cached_secrets,
             replaced,
             replaced_seen: Arc::default(),
             reverified,
+            ignored,
         }
     }
 }
@@ -141,6 +157,11 @@ impl Metrics {
     /// A live connection was verified again after a trust change.
     pub fn reverified(&self) {
         self.reverified.inc();
+    }
+
+    /// A tunnel message from an agent was ignored.
+    pub fn ignored(&self) {
+        self.ignored.inc();
     }
 
     /// An agent was admitted after `handshake` (TLS + upgrade + admission).
@@ -187,6 +208,8 @@ impl Metrics {
                 .get_or_create(&vec![("plane_id".into(), plane)])
                 .set(n as i64);
         }
+        self.cached_secrets
+            .set(shared.trust.cached_secrets() as i64);
         let total = shared.registry.replaced_total();
         let seen = self.replaced_seen.swap(total, Ordering::Relaxed);
         self.replaced.inc_by(total.saturating_sub(seen));

@@ -78,6 +78,8 @@ pub async fn proxy(
 /// A validated proxy request: where it goes and the head the agent gets.
 #[derive(Debug)]
 struct Call {
+    /// As the caller named it (`buildplane` or `workflowplane`: one planeID space).
+    plane_type: PlaneType,
     plane_id: String,
     cr: CrKey,
     head: RequestHead,
@@ -117,13 +119,16 @@ impl Call {
                 format!("method {method} is not proxied"),
             ));
         }
-        if let Err(err) = segments.plane_type.parse::<PlaneType>() {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "InvalidPlaneType",
-                err.to_string(),
-            ));
-        }
+        let plane_type = match segments.plane_type.parse::<PlaneType>() {
+            Ok(plane_type) => plane_type,
+            Err(err) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidPlaneType",
+                    err.to_string(),
+                ));
+            }
+        };
         // OpenChoreo's validator accepts these targets; agents serve `k8s` and answer 404
         // otherwise.
         if !matches!(segments.target.as_str(), "k8s" | "monitoring" | "logs") {
@@ -142,6 +147,16 @@ impl Call {
                 "UpgradeNotSupported",
                 "connection upgrades (exec, attach, port-forward) are not proxied",
             ));
+        }
+        // As OpenChoreo's validator: a declared length over the limit is refused before any
+        // byte is read or sent (a streamed body over it is cut in `send_streamed`).
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_REQUEST_BODY as u64) {
+            return Err(Failure::RequestTooLarge.into_response());
         }
         let path = shared
             .config
@@ -162,6 +177,7 @@ impl Call {
             headers: forwarded_headers(&parts.headers),
         };
         let call = Call {
+            plane_type,
             plane_id: segments.plane_id,
             cr: CrKey::from_url_segments(&segments.namespace, &segments.name),
             head,
@@ -193,8 +209,14 @@ fn forwarded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
                 "authorization" | "host" | "connection" | "content-length" | "transfer-encoding"
             )
         })
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        // A value with bytes past ASCII (UTF-8 text, as OpenChoreo forwards it) goes through;
+        // the tunnel carries text, so bytes that are not UTF-8 arrive as U+FFFD, as they do in
+        // OpenChoreo's JSON.
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
         })
         .collect();
     let has_id = forwarded
@@ -264,7 +286,7 @@ impl Upload {
 /// Why a proxied request got no answer from an agent.
 #[derive(Debug)]
 enum Failure {
-    Unavailable(Unavailable, String, CrKey),
+    Unavailable(Unavailable, String, CrKey, PlaneType),
     /// The connection closed before the agent answered (the request may have run).
     Lost(u64),
     /// The stream could not be opened (connection closed or at its stream limit).
@@ -295,17 +317,22 @@ impl Failure {
 
     fn into_response(self) -> Response {
         match self {
-            Failure::Unavailable(Unavailable::NoAgentConnected, plane_id, _) => error(
+            // OpenChoreo answers 502 `proxy request failed: no agents found for plane <t>/<id>`;
+            // we keep 503 (nothing failed upstream; no agent is there yet), and its words, so
+            // logs and people searching for them find this (CONTRACTS.md).
+            Failure::Unavailable(Unavailable::NoAgentConnected, plane_id, _, plane_type) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "NoAgentConnected",
-                format!("no agent is connected for planeID {plane_id:?}"),
+                format!(
+                    "proxy request failed: no agents found for plane {plane_type}/{plane_id}: no agent is connected for planeID {plane_id:?}"
+                ),
             ),
-            Failure::Unavailable(Unavailable::NotAuthorized, plane_id, cr) => error(
+            Failure::Unavailable(Unavailable::NotAuthorized, plane_id, cr, _) => error(
                 StatusCode::FORBIDDEN,
                 "NotAuthorized",
                 format!("no connected agent of planeID {plane_id:?} is authorised for {cr}"),
             ),
-            Failure::Unavailable(Unavailable::Draining, plane_id, _) => retry_later(error(
+            Failure::Unavailable(Unavailable::Draining, plane_id, _, _) => retry_later(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "AgentReconnecting",
                 format!(
@@ -380,6 +407,7 @@ async fn exchange(
                     why,
                     call.plane_id.clone(),
                     call.cr.clone(),
+                    call.plane_type,
                 ));
             }
         };
@@ -516,21 +544,7 @@ async fn send_streamed(stream: &StreamHandle, mut body: Body) -> Result<(), Fail
 
 /// The HTTP response for an answered stream; its body reads the stream as the caller does.
 fn relay(head: ResponseHead, stream: StreamHandle) -> Response {
-    let mut headers = HeaderMap::new();
-    for (name, value) in head.headers {
-        if matches!(
-            name.to_ascii_lowercase().as_str(),
-            "content-length" | "transfer-encoding" | "connection"
-        ) {
-            continue;
-        }
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            headers.append(name, value);
-        }
-    }
+    let headers = response_headers(head.headers);
     let body = if stream.at_end() {
         Body::empty()
     } else {
@@ -562,6 +576,29 @@ fn agent_refused(code: u16, reason: &str) -> Response {
     } else {
         res
     }
+}
+
+/// The agent's response headers as the caller gets them, without the framing ones (hyper sets
+/// its own).
+fn response_headers(agent_headers: Vec<(String, String)>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in agent_headers {
+        if matches!(
+            name.to_ascii_lowercase().as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            continue;
+        }
+        // As bytes: UTF-8 past ASCII is valid in a header value (obs-text), and OpenChoreo
+        // passes such values on.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    headers
 }
 
 fn retry_later(mut res: Response) -> Response {
@@ -606,6 +643,34 @@ mod tests {
                 .iter()
                 .any(|(n, v)| n == "x-request-id" && v == "mine")
         );
+    }
+
+    /// Header values past ASCII are forwarded both ways, as OpenChoreo does: UTF-8 as it is,
+    /// other bytes as U+FFFD (what Go's JSON makes of them).
+    #[test]
+    fn header_values_past_ascii_are_forwarded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-display-name",
+            HeaderValue::from_bytes("Café ☕".as_bytes()).unwrap(),
+        );
+        headers.insert("x-latin1", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let forwarded = forwarded_headers(&headers);
+        let value = |name: &str| {
+            forwarded
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(value("x-display-name"), Some("Café ☕"));
+        assert_eq!(value("x-latin1"), Some("caf\u{fffd}"));
+
+        let headers = response_headers(vec![
+            ("x-display-name".into(), "Café ☕".into()),
+            ("content-length".into(), "12".into()),
+        ]);
+        assert_eq!(headers["x-display-name"].as_bytes(), "Café ☕".as_bytes());
+        assert!(!headers.contains_key("content-length"));
     }
 
     /// A body is expected exactly when Content-Length is above zero or Transfer-Encoding is set.

@@ -1,6 +1,8 @@
-//! Who may serve what: reflectors over BuildPlanes, ClusterBuildPlanes and Secrets, and the
-//! admission rule: a chain is authorised for a CR when the CR's effective planeID is the agent's
+//! Who may serve what: reflectors over BuildPlanes and ClusterBuildPlanes, the data of the
+//! Secrets they name (`secrets`), and the admission rule: a chain is authorised for a CR when the CR's effective planeID is the agent's
 //! and the chain verifies against the CR's `clientCA`.
+
+mod secrets;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -23,12 +25,15 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use secrets::References;
+pub use secrets::SecretCache;
+
 /// The stores the gateway decides admission from (no listing per connect).
 #[derive(Clone)]
 pub struct Trust {
     namespaced: Store<BuildPlane>,
     cluster: Store<ClusterBuildPlane>,
-    secrets: Store<Secret>,
+    secrets: SecretCache,
     /// CRs the controller reported deleted (`/api/v1/planes/notify`) that the reflector may
     /// still hold, by the uid they had: admission skips them until the store catches up.
     deleted: Arc<parking_lot::Mutex<HashMap<CrKey, Option<String>>>>,
@@ -94,6 +99,11 @@ impl Planes {
         before
     }
 
+    /// Whether any CR names `secret`.
+    fn is_named(&self, secret: &SecretRef) -> bool {
+        self.by_secret.contains_key(secret)
+    }
+
     /// The planeIDs of the CRs that read `secret`.
     fn planes_reading(&self, secret: &SecretRef) -> BTreeSet<String> {
         self.by_secret
@@ -148,28 +158,42 @@ impl Trust {
     ) -> Trust {
         let (namespaced, namespaced_writer) = reflector::store();
         let (cluster, cluster_writer) = reflector::store();
-        let (secrets, secrets_writer) = reflector::store();
+        let (secrets, secrets_ready) = SecretCache::new();
+        let (fetch, fetches) = mpsc::unbounded_channel();
+        let references = References {
+            cache: secrets.clone(),
+            fetch,
+        };
         let planes = PlaneIndex::default();
         spawn_reflector(
             Api::<BuildPlane>::all(client.clone()),
             namespaced_writer,
             changed.clone(),
             tasks,
-            index_plane::<BuildPlane>(&planes),
+            index_plane::<BuildPlane>(&planes, Some(references.clone())),
         );
         spawn_reflector(
             Api::<ClusterBuildPlane>::all(client.clone()),
             cluster_writer,
             changed.clone(),
             tasks,
-            index_plane::<ClusterBuildPlane>(&planes),
+            index_plane::<ClusterBuildPlane>(&planes, Some(references)),
         );
-        spawn_reflector(
-            Api::<Secret>::all(client),
-            secrets_writer,
+        secrets::spawn_watch(
+            Api::<Secret>::all(client.clone()),
+            secrets.clone(),
+            secrets_ready,
+            planes.clone(),
+            changed.clone(),
+            tasks,
+        );
+        secrets::spawn_fetcher(
+            client,
+            secrets.clone(),
+            planes.clone(),
+            fetches,
             changed,
             tasks,
-            secret_readers(&planes),
         );
         Trust {
             planes: Some(planes),
@@ -181,7 +205,7 @@ impl Trust {
     pub fn from_stores(
         namespaced: Store<BuildPlane>,
         cluster: Store<ClusterBuildPlane>,
-        secrets: Store<Secret>,
+        secrets: SecretCache,
     ) -> Trust {
         Trust {
             namespaced,
@@ -235,7 +259,12 @@ impl Trust {
     pub async fn ready(&self) {
         let _ = self.namespaced.wait_until_ready().await;
         let _ = self.cluster.wait_until_ready().await;
-        let _ = self.secrets.wait_until_ready().await;
+        self.secrets.ready().await;
+    }
+
+    /// How many Secrets' data it holds (those CRs name).
+    pub fn cached_secrets(&self) -> usize {
+        self.secrets.len()
     }
 
     /// Every CR (key, effective planeID).
@@ -278,16 +307,7 @@ impl Trust {
         // must name one.
         let namespace =
             namespace.ok_or("clientCA.secretRef of a cluster-scoped CR must set a namespace")?;
-        let secret = self
-            .secrets
-            .get(&ObjectRef::new(&name).within(&namespace))
-            .ok_or_else(|| format!("Secret {namespace}/{name} not found"))?;
-        let data = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&key))
-            .ok_or_else(|| format!("Secret {namespace}/{name} has no key {key:?}"))?;
-        Ok(data.0.clone())
+        self.secrets.value(&(namespace, name), &key)
     }
 
     /// Admission of a chain for a planeID: every CR with that planeID whose CA verifies it.
@@ -492,11 +512,13 @@ fn spawn_reflector<K>(
 /// affects the plane the CR was on and the plane it is on now.
 fn index_plane<K: PlaneCr>(
     planes: &PlaneIndex,
+    references: Option<References>,
 ) -> impl Fn(&K, bool) -> Option<TrustChange> + Send + 'static {
     let planes = planes.clone();
     move |cr: &K, deleted: bool| {
         let key = cr.cr_key();
         let mut planes = planes.write();
+        let named_before = planes.secret_of.get(&key).cloned();
         let mut affected = BTreeSet::new();
         if deleted {
             affected.extend(planes.forget(&key));
@@ -505,22 +527,14 @@ fn index_plane<K: PlaneCr>(
             let secret = cr
                 .client_ca_secret()
                 .and_then(|(namespace, name, _)| Some((namespace?, name)));
-            affected.extend(planes.set(key, plane.clone(), secret));
+            affected.extend(planes.set(key.clone(), plane.clone(), secret));
             affected.insert(plane);
         }
+        if let Some(references) = &references {
+            let named_now = planes.secret_of.get(&key).cloned();
+            references.moved(named_before, named_now, |secret| planes.is_named(secret));
+        }
         Some(TrustChange::Planes(affected))
-    }
-}
-
-/// A Secret change affects the planes of the CRs that read it, and nothing else.
-fn secret_readers(
-    planes: &PlaneIndex,
-) -> impl Fn(&Secret, bool) -> Option<TrustChange> + Send + 'static {
-    let planes = planes.clone();
-    move |secret: &Secret, _deleted: bool| {
-        let key = (secret.namespace()?, secret.name_any());
-        let affected = planes.read().planes_reading(&key);
-        (!affected.is_empty()).then_some(TrustChange::Planes(affected))
     }
 }
 
@@ -560,14 +574,14 @@ mod tests {
     fn the_plane_index_follows_moves_and_deletions() {
         let (namespaced, mut writer) = reflector::store::<BuildPlane>();
         let (cluster, _cluster_writer) = reflector::store::<ClusterBuildPlane>();
-        let (secrets, _secrets_writer) = reflector::store::<Secret>();
+        let secrets = SecretCache::holding([]);
         let planes = PlaneIndex::default();
         let indexed = Trust {
             planes: Some(planes.clone()),
             ..Trust::from_stores(namespaced.clone(), cluster.clone(), secrets.clone())
         };
         let scanned = Trust::from_stores(namespaced, cluster, secrets);
-        let on_event = index_plane::<BuildPlane>(&planes);
+        let on_event = index_plane::<BuildPlane>(&planes, None);
         let mut apply = |event: Event<BuildPlane>| {
             writer.apply_watcher_event(&event);
             match &event {

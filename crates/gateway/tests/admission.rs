@@ -144,7 +144,8 @@ async fn admission_by_ca_and_plane_id_with_reasons() {
 }
 
 /// Two BuildPlanes in different namespaces share a planeID and CA: one agent serves both. A
-/// third CR with the same planeID but another CA gets 403 NotAuthorized; an unknown plane 503.
+/// third CR with the same planeID but another CA gets 403 NotAuthorized; an unknown plane 503
+/// with OpenChoreo's words (`no agents found for plane <planeType>/<planeID>`).
 /// (Fails if authorisation were per planeID instead of per CR: the third CR would get 200.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_plane_id_routes_both_crs_and_refuses_a_third_ca() {
@@ -176,6 +177,20 @@ async fn shared_plane_id_routes_both_crs_and_refuses_a_third_ca() {
         .await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("NoAgentConnected"), "{body}");
+    // OpenChoreo's words (its status is 502; ours stays 503: CONTRACTS.md), under the
+    // planeType the caller named.
+    assert!(
+        body.contains("proxy request failed: no agents found for plane buildplane/elsewhere"),
+        "{body}"
+    );
+    let (status, body) = env
+        .get("/api/proxy/workflowplane/elsewhere/org-a/bp/k8s/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("no agents found for plane workflowplane/elsewhere"),
+        "{body}"
+    );
     assert_eq!(
         env.connected_agents("shared", Some(("org-a", "bp"))).await,
         1

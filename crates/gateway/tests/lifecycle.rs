@@ -260,14 +260,14 @@ async fn storm_protection_caps_handshakes_and_connections_per_identity() {
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     let leaf = ca.issue_client("p", DAY).unwrap();
 
-    // A peer that starts TLS (one byte of a record header) and stalls holds the only handshake
-    // slot; the next agent waits in the accept queue (no CPU spent, no refusal to back off
-    // from) and is admitted as soon as the slot frees. (A peer that sends nothing holds no
-    // slot: `security::idle_sockets_hold_no_handshake_slot`.)
+    // A peer that sends a whole ClientHello and then stalls holds the only handshake slot; the
+    // next agent waits in the accept queue (no CPU spent, no refusal to back off from) and is
+    // admitted as soon as the slot frees. (A peer that sends nothing, or part of a ClientHello,
+    // holds no slot: `security::idle_sockets_hold_no_handshake_slot`.)
     let mut idle = tokio::net::TcpStream::connect(env.agent_addr)
         .await
         .unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut idle, &[0x16])
+    tokio::io::AsyncWriteExt::write_all(&mut idle, &client_hello())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -351,4 +351,20 @@ async fn storm_protection_caps_handshakes_and_connections_per_identity() {
         metrics.contains("cluster_gateway_replaced_connections_total 1"),
         "{metrics}"
     );
+}
+
+/// The bytes of a real TLS ClientHello (rustls's), to send and then never answer.
+fn client_hello() -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut hello = Vec::new();
+    connection.write_tls(&mut hello).unwrap();
+    hello
 }

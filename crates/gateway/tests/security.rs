@@ -391,8 +391,9 @@ async fn rejections(env: &Env, reason: &str) -> u64 {
     .await
 }
 
-/// Pre-authentication denial of service: sockets that never send a byte hold no handshake
-/// slot, so an agent is admitted while many of them are open. (Before, each held a slot for
+/// Pre-authentication denial of service: sockets that never send a byte, or stall in the middle
+/// of their ClientHello, hold no handshake slot, so an agent is admitted while many of them are
+/// open. (Before, each held a slot for
 /// the 10 s handshake timeout: two idle sockets stalled every admission with two slots, and an
 /// attacker reopening them kept agents out indefinitely.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +412,19 @@ async fn idle_sockets_hold_no_handshake_slot() {
 
     let mut idle = Vec::new();
     for i in 0..20u8 {
-        idle.push(idle_from(&env, [127, 0, 1, i]).await);
+        let mut socket = idle_from(&env, [127, 0, 1, i]).await;
+        if i % 2 == 1 {
+            // Half of them start a ClientHello and stall: a TLS handshake record header that
+            // announces 512 bytes, and ten of them (the slowloris that held a slot before).
+            use tokio::io::AsyncWriteExt;
+            let mut partial = vec![0x16, 0x03, 0x01, 0x02, 0x00];
+            partial.extend([0u8; 10]);
+            socket
+                .write_all(&partial)
+                .await
+                .expect("partial ClientHello");
+        }
+        idle.push(socket);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Well under the 10 s in which a slot-holding idle socket's handshake would time out.
@@ -420,7 +433,7 @@ async fn idle_sockets_hold_no_handshake_slot() {
         env.raw_connect(query, Some(&leaf), None),
     )
     .await
-    .expect("admitted while 20 idle sockets are open");
+    .expect("admitted while 10 idle sockets and 10 stalled ClientHellos are open");
     assert!(admitted.is_ok(), "{:?}", admitted.map(drop));
     drop(idle);
 }
@@ -549,7 +562,8 @@ async fn settled_reverified(env: &Env) -> u64 {
 }
 
 /// A Secret change re-verifies the connections of the planes whose CRs read that Secret, and
-/// only those; a change of any other Secret in the cluster re-verifies nothing. (Before, every
+/// only those; a change of any other Secret in the cluster re-verifies nothing, and only the
+/// named Secret's data is held. (Before, every
 /// Secret change anywhere re-verified every live connection.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_changes_reverify_only_the_planes_that_read_them() {
@@ -596,4 +610,35 @@ async fn secret_changes_reverify_only_the_planes_that_read_them() {
         "only p's connection was re-verified, not q's"
     );
     assert_eq!(env.connections().await, 2);
+
+    // Of the cluster's Secrets, the gateway holds the data of the one a CR names, fetched when
+    // the CR named it (it existed before), and lets it go when no CR names it any more.
+    let cached = || async { sample(&env, "cluster_gateway_cached_secrets").await };
+    assert_eq!(cached().await, 1, "only agent-ca is held");
+    env.delete_build_plane("org-a", "bp").await;
+    env.eventually("agent-ca let go", WAIT, || async { cached().await == 0 })
+        .await;
+}
+
+/// A CR that names a Secret the gateway's watch has already gone past (and, no CR naming it
+/// then, dropped) still admits: the gateway fetches the Secret when a CR first names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_named_after_its_creation_is_fetched() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.secret("org-a", "agent-ca", "ca.crt", ca.cert_pem())
+        .await;
+    // Let the watch see the Secret while no CR names it (ordering, not a timing assertion).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sample(&env, "cluster_gateway_cached_secrets").await, 0);
+    env.build_plane_from(
+        "org-a",
+        "bp",
+        "p",
+        common::from_secret("agent-ca", None, "ca.crt"),
+    )
+    .await;
+    let _agent = env.agent(&ca, "p", 2);
+    env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
+    assert_eq!(sample(&env, "cluster_gateway_cached_secrets").await, 1);
 }

@@ -224,6 +224,9 @@ fn admit(
     if !object["metadata"].is_object() {
         object["metadata"] = json!({});
     }
+    if resource.group.is_empty() && matches!(resource.plural.as_str(), "configmaps" | "secrets") {
+        check_string_maps(resource, object)?;
+    }
     if resource.group.is_empty() && resource.plural == "secrets" {
         fold_string_data(object);
         check_base64(resource, object)?;
@@ -261,6 +264,36 @@ fn admit(
                 name,
                 &admission.causes,
             ));
+        }
+    }
+    Ok(())
+}
+
+/// The string maps of ConfigMaps and Secrets hold strings only: the real server fails to decode
+/// anything else into its Go struct (400, with the decoder's message).
+fn check_string_maps(resource: &Resource, object: &Value) -> Result<(), ApiError> {
+    for field in ["data", "binaryData", "stringData"] {
+        let Some(map) = object.get(field).and_then(Value::as_object) else {
+            continue;
+        };
+        for value in map.values() {
+            let found = match value {
+                Value::String(_) | Value::Null => continue,
+                Value::Bool(_) => "bool",
+                Value::Number(_) => "number",
+                Value::Array(_) => "array",
+                Value::Object(_) => "object",
+            };
+            let kind = &resource.kind;
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version {version:?} cannot be handled as a {kind}: json: cannot unmarshal {found} into Go struct field {kind}.{field} of type {target}",
+                version = resource.version,
+                target = if field == "data" && kind == "Secret" || field == "binaryData" {
+                    "[]uint8"
+                } else {
+                    "string"
+                },
+            )));
         }
     }
     Ok(())
@@ -838,6 +871,9 @@ fn apply(
     {
         return Err(ApiError::conflict(&resource.qualified_plural(), name));
     }
+    if let Some(schema) = &resource.schema {
+        reject_undeclared_fields(resource, schema, &applied)?;
+    }
     let mut applied = applied;
     if resource.group.is_empty() && resource.plural == "secrets" {
         fold_string_data(&mut applied);
@@ -871,6 +907,34 @@ fn apply(
             write(store, resource, key, old, new, part, options, Op::Apply)
         }
     }
+}
+
+/// Server-side apply builds a typed patch from the applied configuration, and a field the
+/// schema does not declare fails that step whatever `fieldValidation` says: the real server
+/// answers 500 with an empty reason (seen with kube-apiserver 1.37), where a create or update
+/// prunes the field with a warning or, under Strict, answers 400.
+fn reject_undeclared_fields(
+    resource: &Resource,
+    schema: &Value,
+    applied: &Value,
+) -> Result<(), ApiError> {
+    let mut probe = applied.clone();
+    let admission = schema::admit(schema, &mut probe, None);
+    let Some(field) = admission.unknown_fields.first() else {
+        return Ok(());
+    };
+    let metadata = &applied["metadata"];
+    Err(ApiError::new(
+        500,
+        "",
+        format!(
+            "failed to create typed patch object ({}/{}; {}, Kind={}): .{field}: field not declared in schema",
+            metadata["namespace"].as_str().unwrap_or(""),
+            metadata["name"].as_str().unwrap_or(""),
+            resource.api_version(),
+            resource.kind,
+        ),
+    ))
 }
 
 /// The common tail of update and patch: subresource rules, admission, generation, managed

@@ -387,6 +387,9 @@ fn check_rules(
                     "FieldValueForbidden" => format!("Forbidden: {message}"),
                     "FieldValueRequired" => format!("Required value: {message}"),
                     "FieldValueDuplicate" => format!("Duplicate value: {message}"),
+                    // Kubernetes 1.37 omits an object's value from CEL failures (earlier
+                    // releases printed `Invalid value: "object": ...`) and quotes a scalar.
+                    _ if value.is_object() => format!("Invalid value: {message}"),
                     _ => format!("Invalid value: {}: {message}", describe(value)),
                 };
                 causes.push((field, text));
@@ -469,7 +472,7 @@ mod tests {
             ),
             (
                 json!({"clusterAgent": {"clientCA": {}}}),
-                "spec.clusterAgent.clientCA: Invalid value: \"object\": exactly one of secretRef or value must be set",
+                "spec.clusterAgent.clientCA: Invalid value: exactly one of secretRef or value must be set",
             ),
             (
                 json!({"clusterAgent": {"clientCA": {"value": "x", "secretRef": {"name": "s"}}}}),

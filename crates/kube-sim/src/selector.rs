@@ -115,6 +115,7 @@ fn selectable(group: &str, plural: &str) -> &'static [&'static str] {
     match (group, plural) {
         ("", "secrets") => &["type"],
         ("", "namespaces") => &["status.phase"],
+        ("", "nodes") => &["spec.unschedulable"],
         ("", "pods") => &[
             "spec.nodeName",
             "spec.restartPolicy",
@@ -197,6 +198,8 @@ impl FieldSelector {
             };
             let actual = match actual {
                 Value::String(s) => s,
+                // The real server selects on the Go field, whose zero value a missing one has.
+                Value::Null if field == "spec.unschedulable" => "false".to_owned(),
                 Value::Null => String::new(),
                 other => other.to_string(),
             };

@@ -358,6 +358,44 @@ fn wants_table(accept: &str) -> bool {
         .is_some_and(|first| first.contains("as=Table"))
 }
 
+/// `Accept: application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`: metadata only.
+fn wants_metadata(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=PartialObjectMetadata"))
+}
+
+/// An object as `PartialObjectMetadata`: its metadata alone (kube-rs's metadata watchers, and
+/// `kubectl get` of kinds it has no table for, ask for this).
+fn partial(object: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": object["metadata"].clone(),
+    })
+}
+
+/// How objects are sent: whole, as Table rows (`includeObject`), or metadata only.
+#[derive(Clone, Debug)]
+enum Representation {
+    Object,
+    Table(String),
+    Metadata,
+}
+
+impl Representation {
+    fn of(accept: &str, include_object: &str) -> Representation {
+        if wants_table(accept) {
+            Representation::Table(include_object.to_owned())
+        } else if wants_metadata(accept) {
+            Representation::Metadata
+        } else {
+            Representation::Object
+        }
+    }
+}
+
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
@@ -513,12 +551,15 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     ),
                 ));
             }
+            if wants_metadata(&accept) {
+                return Ok(json_response(StatusCode::OK, &partial(&object)));
+            }
             Ok(json_response(StatusCode::OK, &object))
         }
         (&Method::GET, None) => {
             let options = list_options(&query, &resource)?;
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
-                let table = wants_table(&accept).then_some(include_object);
+                let representation = Representation::of(&accept, &include_object);
                 return watch(
                     shared.clone(),
                     resource,
@@ -527,7 +568,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     target.namespace.clone(),
                     options,
                     &query,
-                    table,
+                    representation,
                 );
             }
             let store = shared.store.lock();
@@ -551,6 +592,21 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                         true,
                     ),
                 ));
+            }
+            if wants_metadata(&accept) {
+                let items: Vec<Value> = list["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(partial)
+                    .collect();
+                let list = json!({
+                    "kind": "PartialObjectMetadataList",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": list["metadata"].clone(),
+                    "items": items,
+                });
+                return Ok(json_response(StatusCode::OK, &list));
             }
             Ok(json_response(StatusCode::OK, &list))
         }
@@ -744,20 +800,40 @@ fn aggregated_response(doc: &Value) -> Response<Body> {
 
 /// Largest request body accepted (the real server's limit is 3 MiB for etcd objects).
 const MAX_BODY: usize = 3 * 1024 * 1024;
+/// A body over [`MAX_BODY`] is still read (and dropped) up to this size before the 413, so a
+/// client still sending it gets the answer rather than a reset connection.
+const MAX_DRAINED: usize = 64 * 1024 * 1024;
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
-    limited
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .map_err(|err| {
-            ApiError::new(
-                413,
-                "RequestEntityTooLarge",
-                format!("the request body is too large or unreadable: {err}"),
-            )
-        })
+    let too_large = |err: String| {
+        ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("the request body is too large or unreadable: {err}"),
+        )
+    };
+    let mut body = req.into_body();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| too_large(err.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen > MAX_DRAINED {
+            break;
+        }
+        if seen <= MAX_BODY {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if seen > MAX_BODY {
+        return Err(too_large(format!(
+            "{seen} bytes or more, over the limit of {MAX_BODY}"
+        )));
+    }
+    Ok(Bytes::from(kept))
 }
 
 fn parse_object(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
@@ -817,17 +893,19 @@ impl Selector {
     }
 }
 
-/// Encodes watch events, as objects or (for `kubectl get -w`) as one-row Tables.
+/// Encodes watch events, as objects, (for `kubectl get -w`) as one-row Tables, or as
+/// metadata only.
 struct Encoder {
     resource: Resource,
-    table: Option<String>,
+    representation: Representation,
     definitions_sent: bool,
 }
 
 impl Encoder {
     fn line(&mut self, kind: &str, object: &Value) -> Bytes {
-        match &self.table {
-            Some(include) if kind != "ERROR" && kind != "BOOKMARK" => {
+        match &self.representation {
+            Representation::Metadata if kind != "ERROR" => watch_line(kind, &partial(object)),
+            Representation::Table(include) if kind != "ERROR" && kind != "BOOKMARK" => {
                 let rv = object["metadata"]["resourceVersion"].clone();
                 let table = table::to_table(
                     &self.resource,
@@ -854,7 +932,7 @@ fn watch(
     namespace: Option<String>,
     options: ListOptions,
     query: &HashMap<String, String>,
-    table: Option<String>,
+    representation: Representation,
 ) -> Result<Response<Body>, ApiError> {
     let send_initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
     let bookmarks = query
@@ -880,7 +958,7 @@ fn watch(
     };
     let mut encoder = Encoder {
         resource: resource.clone(),
-        table,
+        representation,
         definitions_sent: false,
     };
 

@@ -215,10 +215,26 @@ impl Store {
                     .open(&path)?,
             ));
         }
-        for namespace in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-            let key = store.namespace_key(namespace);
+        for object in bootstrap_objects() {
+            let key = ObjectKey {
+                resource: ResourceKey {
+                    group: object["apiVersion"]
+                        .as_str()
+                        .and_then(|v| v.split_once('/'))
+                        .map(|(group, _)| group.to_owned())
+                        .unwrap_or_default(),
+                    plural: bootstrap_plural(&object).to_owned(),
+                },
+                namespace: object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                name: object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            };
             if !store.objects.contains_key(&key) {
-                let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {"kubernetes.io/metadata.name": namespace}}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
                 let object = store.stamp_new(object);
                 store
                     .put(key, object, "ADDED")
@@ -634,6 +650,56 @@ pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// What a new cluster holds before anyone writes to it, as kube-apiserver 1.37 creates it: the
+/// four namespaces, the `default/kubernetes` Service, the `cluster-admin` role bound to
+/// `system:masters`, and the two system PriorityClasses.
+fn bootstrap_objects() -> Vec<Value> {
+    let mut objects: Vec<Value> = ["default", "kube-system", "kube-public", "kube-node-lease"]
+        .into_iter()
+        .map(|namespace| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {"kubernetes.io/metadata.name": namespace}}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}))
+        .collect();
+    let rbac_defaults = json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
+    let autoupdate = json!({"rbac.authorization.kubernetes.io/autoupdate": "true"});
+    objects.extend([
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                "internalTrafficPolicy": "Cluster", "sessionAffinity": "None",
+                "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+            "status": {"loadBalancer": {}}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "cluster-admin", "labels": rbac_defaults, "annotations": autoupdate},
+            "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+                {"nonResourceURLs": ["*"], "verbs": ["*"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "cluster-admin", "labels": rbac_defaults, "annotations": autoupdate},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:masters"}]}),
+        json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+            "metadata": {"name": "system-cluster-critical"}, "value": 2_000_000_000,
+            "preemptionPolicy": "PreemptLowerPriority",
+            "description": "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary."}),
+        json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+            "metadata": {"name": "system-node-critical"}, "value": 2_000_001_000,
+            "preemptionPolicy": "PreemptLowerPriority",
+            "description": "Used for system critical pods that must not be moved from their current node."}),
+    ]);
+    objects
+}
+
+/// The resource of a bootstrap object.
+fn bootstrap_plural(object: &Value) -> &'static str {
+    match object["kind"].as_str() {
+        Some("Namespace") => "namespaces",
+        Some("Service") => "services",
+        Some("ClusterRole") => "clusterroles",
+        Some("ClusterRoleBinding") => "clusterrolebindings",
+        _ => "priorityclasses",
+    }
+}
+
 fn builtin(
     group: &str,
     version: &str,
@@ -711,6 +777,25 @@ fn stored_builtins() -> Vec<Resource> {
         builtin("", "v1", "Event", "events", true, false, &["ev"]),
         builtin("", "v1", "Pod", "pods", true, true, &["po"]),
         builtin("", "v1", "Service", "services", true, true, &["svc"]),
+        builtin("", "v1", "Node", "nodes", false, true, &["no"]),
+        builtin(
+            "discovery.k8s.io",
+            "v1",
+            "EndpointSlice",
+            "endpointslices",
+            true,
+            false,
+            &[],
+        ),
+        builtin(
+            "scheduling.k8s.io",
+            "v1",
+            "PriorityClass",
+            "priorityclasses",
+            false,
+            false,
+            &["pc"],
+        ),
         builtin(
             "events.k8s.io",
             "v1",

@@ -170,8 +170,10 @@ fn merge_list(field: &str, original: &[Value], patch: &[Value]) -> Result<Vec<Va
     match list_strategy(field, &all) {
         ListStrategy::Replace => Ok(patch.iter().map(strip_directives).collect()),
         ListStrategy::PrimitiveSet => {
-            let mut merged = original.to_vec();
-            for item in patch {
+            // The patch's items first, then the original's others, as the real server orders
+            // a merged set (kube-apiserver 1.37: ["a"] patched with ["b"] is ["b", "a"]).
+            let mut merged: Vec<Value> = Vec::with_capacity(original.len() + patch.len());
+            for item in patch.iter().chain(original) {
                 if !merged.contains(item) {
                     merged.push(item.clone());
                 }
@@ -239,7 +241,7 @@ mod tests {
         let patch = json!({"metadata": {"finalizers": ["b"], "labels": {"y": null}},
             "spec": {"containers": [{"name": "c1", "env": [{"name": "B", "value": "2"}]}, {"name": "c2", "$patch": "delete"}]}});
         let result = apply(&original, &patch).expect("applies");
-        assert_eq!(result["metadata"]["finalizers"], json!(["a", "b"]));
+        assert_eq!(result["metadata"]["finalizers"], json!(["b", "a"]));
         assert_eq!(result["metadata"]["labels"], json!({"x": "1"}));
         assert_eq!(
             result["spec"]["containers"],

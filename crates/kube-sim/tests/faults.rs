@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::start;
+use common::start_sim as start;
 use futures::StreamExt;
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;

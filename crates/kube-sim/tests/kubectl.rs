@@ -269,7 +269,9 @@ async fn kubectl_rejects_invalid_buildplanes() {
     let both = "apiVersion: openchoreo.dev/v1alpha1\nkind: BuildPlane\nmetadata: {name: both, namespace: org}\nspec:\n  clusterAgent: {clientCA: {value: pem, secretRef: {name: s, key: k}}}\n";
     let stderr = kubectl.fails(&["apply", "-f", "-"], Some(both)).await;
     assert!(
-        stderr.contains("spec.clusterAgent.clientCA: Invalid value: \"object\": exactly one of secretRef or value must be set"),
+        stderr.contains(
+            "spec.clusterAgent.clientCA: Invalid value: exactly one of secretRef or value must be set"
+        ),
         "{stderr}"
     );
     let long = format!(
@@ -318,6 +320,15 @@ async fn kubectl_patches_and_applies_builtin_kinds() {
     let server = start().await;
     let kubectl = Kubectl::new(&server);
     kubectl.ok(&["apply", "-f", crd_dir()]).await;
+    kubectl
+        .ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=30s",
+        ])
+        .await;
     let resources = kubectl.ok(&["api-resources"]).await;
     let cbp = resources
         .lines()
@@ -325,8 +336,15 @@ async fn kubectl_patches_and_applies_builtin_kinds() {
         .expect("clusterbuildplanes listed");
     assert!(cbp.contains("cbp,cbps") && cbp.contains("false"), "{cbp}");
 
-    let v1 = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, namespace: default, labels: {a: '1'}}\ndata: {keep: x, drop: y}\n";
+    let v1 = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, namespace: default, labels: {a: '1'}}\ndata: {keep: x, drop: z}\n";
     kubectl.ok_with(&["apply", "-f", "-"], Some(v1)).await;
+    // YAML 1.1 reads `y` as true, and a ConfigMap's data holds strings only.
+    let boolean = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: flags, namespace: default}\ndata: {flag: y}\n";
+    let stderr = kubectl.fails(&["apply", "-f", "-"], Some(boolean)).await;
+    assert!(
+        stderr.contains("ConfigMap in version \"v1\" cannot be handled as a ConfigMap: json: cannot unmarshal bool into Go struct field ConfigMap.data of type string"),
+        "{stderr}"
+    );
     let v2 = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, namespace: default, labels: {a: '1'}}\ndata: {keep: x2}\n";
     kubectl.ok_with(&["apply", "-f", "-"], Some(v2)).await;
     let data = kubectl
@@ -357,7 +375,10 @@ async fn kubectl_patches_and_applies_builtin_kinds() {
     let finalizers = kubectl
         .ok(&["get", "cm", "cfg", "-o", "jsonpath={.metadata.finalizers}"])
         .await;
-    assert_eq!(finalizers, r#"["a/b","c/d"]"#, "finalizers merge as a set");
+    assert_eq!(
+        finalizers, r#"["c/d","a/b"]"#,
+        "finalizers merge as a set, the patch's first"
+    );
     kubectl
         .ok(&[
             "patch",
@@ -486,9 +507,18 @@ async fn kubectl_namespace_deletion_waits_for_finalizers() {
         ])
         .await;
     assert_eq!(phase, "Terminating");
-    let left = kubectl
-        .ok(&["get", "configmaps", "-n", "doomed", "-o", "name"])
-        .await;
+    // kube-sim empties the namespace in the delete request; the real server's namespace
+    // controller within seconds.
+    let mut left = String::new();
+    for _ in 0..150 {
+        left = kubectl
+            .ok(&["get", "configmaps", "-n", "doomed", "-o", "name"])
+            .await;
+        if left.trim() == "configmap/held" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     assert_eq!(
         left.trim(),
         "configmap/held",
@@ -522,11 +552,68 @@ async fn kubectl_namespace_deletion_waits_for_finalizers() {
 async fn requests_without_the_token_are_unauthorised() {
     let server = start().await;
     let kubectl = Kubectl::new(&server);
+    if server.is_real() {
+        // Its admin authenticates with a client certificate, which the server tries before a
+        // token: drop the certificate so the wrong token is all that is presented.
+        let path = kubectl.kubeconfig();
+        let text = std::fs::read_to_string(&path).expect("kubeconfig");
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                !line.contains("client-certificate-data") && !line.contains("client-key-data")
+            })
+            .collect();
+        std::fs::write(&path, kept.join("\n")).expect("kubeconfig written");
+    }
     let stderr = kubectl
         .fails(&["get", "namespaces", "--token", "wrong"], None)
         .await;
     assert!(
         stderr.contains("Unauthorized") || stderr.contains("provide credentials"),
+        "{stderr}"
+    );
+    server.shutdown().await;
+}
+
+/// Nodes without a kubelet: created by hand, cordoned with kubectl (a merge patch of
+/// `spec.unschedulable`), selected by `spec.unschedulable` (a missing field is `false`).
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_cordons_nodes_and_selects_them_by_unschedulable() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    for name in ["n1", "n2"] {
+        let node = format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n");
+        kubectl.ok_with(&["create", "-f", "-"], Some(&node)).await;
+    }
+    kubectl.ok(&["cordon", "n1"]).await;
+    let selected = |value: &'static str| {
+        let kubectl = &kubectl;
+        async move {
+            kubectl
+                .ok(&[
+                    "get",
+                    "nodes",
+                    "--field-selector",
+                    &format!("spec.unschedulable={value}"),
+                    "-o",
+                    "name",
+                ])
+                .await
+        }
+    };
+    assert_eq!(selected("true").await.trim(), "node/n1");
+    assert_eq!(selected("false").await.trim(), "node/n2");
+    kubectl.ok(&["uncordon", "n1"]).await;
+    assert_eq!(selected("true").await.trim(), "");
+    assert_eq!(selected("false").await.trim(), "node/n1\nnode/n2");
+    let stderr = kubectl
+        .fails(
+            &["get", "nodes", "--field-selector", "spec.nodeName=x"],
+            None,
+        )
+        .await;
+    assert!(
+        stderr.contains("field label not supported: spec.nodeName"),
         "{stderr}"
     );
     server.shutdown().await;

@@ -40,7 +40,7 @@ use tokio_tungstenite::{
     },
 };
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// WebSocket read buffer. tungstenite zero-fills the whole buffer before every read, so its
 /// default (128 KiB) is resident memory per idle connection; one TLS record (16 KiB) is enough.
@@ -57,8 +57,22 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_frame_size(Some(buildplane_tunnel::MAX_MESSAGE))
 }
 
+/// The WebSocket settings of a v1 connection: messages up to
+/// [`buildplane_tunnel::v1::DEFAULT_MAX_MESSAGE`]. A v1 body travels whole in one message, and
+/// a message the session refuses (over [`Config::max_v1_message`]) fails its own request only;
+/// one over this limit cannot be read at all, and tungstenite ends the connection.
+pub fn websocket_config_v1() -> WebSocketConfig {
+    websocket_config()
+        .max_message_size(Some(buildplane_tunnel::v1::DEFAULT_MAX_MESSAGE))
+        .max_frame_size(Some(buildplane_tunnel::v1::DEFAULT_MAX_MESSAGE))
+}
+
 /// Called with each stream the peer opens (agent), from the reader task: spawn a task for it.
 pub type Acceptor = Box<dyn Fn(StreamHandle) + Send + Sync>;
+
+/// Called with the reason for each message the session ignored (one it cannot decode or does
+/// not serve), under the link's lock: count it, nothing slow.
+pub type OnIgnored = Arc<dyn Fn(&str) + Send + Sync>;
 
 struct Inner {
     session: Session,
@@ -79,6 +93,7 @@ pub struct Link {
     going_away: CancellationToken,
     finished: CancellationToken,
     acceptor: Option<Acceptor>,
+    on_ignored: Option<OnIgnored>,
     version: u16,
 }
 
@@ -101,6 +116,19 @@ impl Link {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        Self::spawn_with(ws, session, acceptor, None)
+    }
+
+    /// [`Link::spawn`], with `on_ignored` told of each message the session ignored.
+    pub fn spawn_with<S>(
+        ws: WebSocketStream<S>,
+        session: Session,
+        acceptor: Option<Acceptor>,
+        on_ignored: Option<OnIgnored>,
+    ) -> Arc<Link>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let version = session.config().version;
         let link = Arc::new(Link {
             accepts_streams: AtomicBool::new(session.accepts_streams()),
@@ -117,6 +145,7 @@ impl Link {
             going_away: CancellationToken::new(),
             finished: CancellationToken::new(),
             acceptor,
+            on_ignored,
             version,
         });
         let (sink, stream) = ws.split();
@@ -165,7 +194,13 @@ impl Link {
                     debug!(%reason, "the peer is draining this connection");
                     self.going_away.cancel();
                 }
-                Event::Ignored(what) => debug!(%what, "ignored a message"),
+                Event::Ignored(what) => {
+                    // OpenChoreo logs these and carries on; so do we, and count them.
+                    warn!(%what, "ignored a tunnel message");
+                    if let Some(on_ignored) = &self.on_ignored {
+                        on_ignored(&what);
+                    }
+                }
                 Event::Closed(reason) => {
                     debug!(%reason, "tunnel session closed");
                     wake.extend(inner.readers.drain().map(|(_, w)| w));

@@ -1,6 +1,6 @@
 //! What every buildplane binary needs around its logic: duration flags, the open-files limit,
 //! the Kubernetes client from a kubeconfig, the shutdown signals, supervision of long-lived
-//! tasks, and NDJSON line splitting.
+//! tasks, NDJSON line splitting.
 //!
 //! Each lived as a copy in the gateway, agent, controller and kube-sim mains; the copies had
 //! drifted (the gateway's duration parser lacked `d`, one shutdown signal ignored SIGTERM).

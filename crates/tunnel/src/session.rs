@@ -825,6 +825,8 @@ impl Session {
             self.ignore("a text message on a v2 connection".into());
             return;
         }
+        // As OpenChoreo's receivers do, a message this end cannot use is skipped (and counted),
+        // never a reason to close: newer gateways send stream messages we do not serve.
         match v1::decode(text, self.config.max_v1_message) {
             Ok(v1::Message::Request(request)) if self.config.role == Role::Agent => {
                 self.on_v1_request(request)
@@ -832,7 +834,15 @@ impl Session {
             Ok(v1::Message::Response(response)) if self.config.role == Role::Gateway => {
                 self.on_v1_response(response)
             }
+            Ok(v1::Message::StreamInit(init)) if self.config.role == Role::Agent => {
+                self.on_v1_stream_init(init)
+            }
+            Ok(v1::Message::StreamChunk(chunk)) => self.ignore(format!(
+                "a stream chunk for {:?} (no streamed exchange is open here)",
+                chunk.request_id
+            )),
             Ok(_) => self.ignore("a v1 message meant for the other end".into()),
+            Err(v1::DecodeError::TooLarge { len, limit }) => self.on_v1_too_large(text, len, limit),
             Err(err) => self.ignore(format!("an undecodable v1 message: {err}")),
         }
     }
@@ -1343,6 +1353,57 @@ impl Session {
         self.events.push_back(Event::Accepted(id));
     }
 
+    /// An exec or Hubble stream (OpenChoreo v1.x): never run as a request. The agent answers as
+    /// OpenChoreo's does when it cannot serve one: a closing chunk whose data is the reason.
+    fn on_v1_stream_init(&mut self, init: v1::HttpTunnelStreamInit) {
+        let reason = format!(
+            "{} streams (target {:?}) are not supported by this cluster agent; it serves HTTP requests only",
+            init.upgrade_proto.as_deref().unwrap_or("upgrade"),
+            init.target
+        );
+        self.text_due
+            .push_back(v1::encode(&v1::Message::StreamChunk(
+                v1::HttpTunnelStreamChunk {
+                    request_id: init.request_id,
+                    data: Some(reason.clone().into_bytes()),
+                    stream_id: 0,
+                    is_close: true,
+                },
+            )));
+        self.ignore(format!("refused a streamed exchange: {reason}"));
+    }
+
+    /// A message over [`Config::max_v1_message`]: it fails its own request (found by its id,
+    /// read without building the body), never the connection.
+    fn on_v1_too_large(&mut self, text: &str, len: usize, limit: usize) {
+        let reason = format!("the v1 message of {len} bytes exceeds the limit of {limit} bytes");
+        self.ignore(reason.clone());
+        let Some(request_id) = v1::request_id(text) else {
+            return;
+        };
+        match self.config.role {
+            Role::Agent => self
+                .text_due
+                .push_back(v1_failure(&request_id, 413, &reason)),
+            Role::Gateway => {
+                let Some(&id) = self.v1_ids.get(&request_id) else {
+                    return;
+                };
+                if self.streams.get(&id).is_some_and(|s| !s.head_seen) {
+                    self.stats.resets_received += 1;
+                    self.fail_stream(
+                        id,
+                        Read::Reset {
+                            code: 502,
+                            reason: format!("the agent's response is too large: {reason}"),
+                        },
+                        false,
+                    );
+                }
+            }
+        }
+    }
+
     fn on_v1_response(&mut self, response: v1::HttpTunnelResponse) {
         let Some(&id) = self.v1_ids.get(&response.request_id) else {
             return; // abandoned, or never ours
@@ -1400,7 +1461,10 @@ impl Session {
                     .map(|(_, v)| v.clone());
                 let mut grouped: v1::Headers = Default::default();
                 for (name, value) in head.headers {
-                    grouped.entry(name).or_default().push(value);
+                    grouped
+                        .entry(v1::canonical_header_key(&name))
+                        .or_default()
+                        .push(value);
                 }
                 v1::encode(&v1::Message::Request(v1::HttpTunnelRequest {
                     request_id: v1.request_id.clone(),
@@ -1416,7 +1480,10 @@ impl Session {
             (Role::Agent, _, Some(head)) => {
                 let mut grouped: v1::Headers = Default::default();
                 for (name, value) in head.headers {
-                    grouped.entry(name).or_default().push(value);
+                    grouped
+                        .entry(v1::canonical_header_key(&name))
+                        .or_default()
+                        .push(value);
                 }
                 v1::encode(&v1::Message::Response(v1::HttpTunnelResponse {
                     request_id: v1.request_id.clone(),

@@ -1,4 +1,13 @@
 //! v1: OpenChoreo's JSON messages (`internal/cluster-agent/messaging/types.go`), in text frames.
+//!
+//! The wire has no type tag: the fields decide, in the order OpenChoreo's receivers try them
+//! (v1.2.3's `agent.go handleConnection` and `server.go handleConnection`):
+//! `HTTPTunnelStreamInit` (`isUpgrade` true and a `requestID`), `HTTPTunnelStreamChunk` (a
+//! `requestID` and a non-null `data` or `isClose` true), then `HTTPTunnelResponse`
+//! (`statusCode`) and `HTTPTunnelRequest` (`method`). [`encode`] writes what Go's
+//! `encoding/json` writes for the same values: struct field order, `omitempty` fields left out,
+//! and `<`, `>`, `&`, U+2028 and U+2029 escaped as `\u003c`, `\u003e`, `\u0026`, `\u2028`,
+//! `\u2029` (golden files of v1.2.3's own output in `test_data/openchoreo-v1.2.3/`).
 
 use std::collections::BTreeMap;
 
@@ -43,17 +52,19 @@ pub struct HttpTunnelRequest {
     pub body: Option<Vec<u8>>,
 }
 
-/// An error the agent reports instead of a backend response.
+/// An error the agent reports instead of a backend response (Go's `ErrorDetails`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelError {
     /// An HTTP-like code, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<i32>,
     /// What went wrong.
+    #[serde(default)]
     pub message: String,
-    /// More detail.
+    /// More detail: any JSON value. OpenChoreo declares a `map[string]any` (an object); older
+    /// peers of ours sent a string. Neither closes anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub details: Option<String>,
+    pub details: Option<serde_json::Value>,
 }
 
 /// The agent's answer.
@@ -80,6 +91,67 @@ pub struct HttpTunnelResponse {
     pub error: Option<TunnelError>,
 }
 
+/// The opening of a streamed exchange (`HTTPTunnelStreamInit`): OpenChoreo v1.x gateways send
+/// it for exec (`upgradeProto` `SPDY/3.1`) and Hubble wirelogs (`target` `hubble`,
+/// `upgradeProto` `hubble/v1`), then [`HttpTunnelStreamChunk`]s both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpTunnelStreamInit {
+    /// Names the stream (the gateway's request id, not a UUID).
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+    /// `k8s` or `hubble`.
+    #[serde(default)]
+    pub target: String,
+    /// HTTP method.
+    #[serde(default)]
+    pub method: String,
+    /// Path on the target.
+    #[serde(default)]
+    pub path: String,
+    /// Raw query string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Request headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
+    /// Always true on the wire: what tells a stream opening from a request.
+    #[serde(rename = "isUpgrade", default)]
+    pub is_upgrade: bool,
+    /// `SPDY/3.1` (exec) or `hubble/v1`.
+    #[serde(
+        rename = "upgradeProto",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub upgrade_proto: Option<String>,
+}
+
+/// A piece of a streamed exchange (`HTTPTunnelStreamChunk`), either way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpTunnelStreamChunk {
+    /// The stream it belongs to.
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+    /// Bytes, base64. Go writes it without `omitempty`: `None` is `null`, an empty `Some` is
+    /// `""` (Hubble's "stream active" sentinel).
+    #[serde(default, with = "base64_bytes")]
+    pub data: Option<Vec<u8>>,
+    /// The SPDY stream (1 stdout, 2 stderr); 0 is left out.
+    #[serde(rename = "streamId", default, skip_serializing_if = "is_zero")]
+    pub stream_id: i64,
+    /// The stream ends; `data`, if any, is the error that ended it.
+    #[serde(rename = "isClose", default, skip_serializing_if = "is_false")]
+    pub is_close: bool,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// A v1 message; the wire has no type field, so the shape decides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -88,6 +160,10 @@ pub enum Message {
     Request(HttpTunnelRequest),
     /// `HTTPTunnelResponse` (has `statusCode`).
     Response(HttpTunnelResponse),
+    /// `HTTPTunnelStreamChunk` (has `requestID` and a non-null `data` or `isClose`).
+    StreamChunk(HttpTunnelStreamChunk),
+    /// `HTTPTunnelStreamInit` (has `requestID` and `isUpgrade` true).
+    StreamInit(HttpTunnelStreamInit),
 }
 
 /// Default largest v1 text frame: bodies are buffered whole in v1 (OpenChoreo sets no read
@@ -121,6 +197,25 @@ pub fn decode(text: &str, limit: usize) -> Result<Message, DecodeError> {
     }
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    // As Go's receivers do: a shape that does not parse falls through to the next.
+    let has_id = value
+        .get("requestID")
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|id| !id.is_empty());
+    if has_id
+        && value.get("isUpgrade") == Some(&serde_json::Value::Bool(true))
+        && let Ok(init) = HttpTunnelStreamInit::deserialize(&value)
+    {
+        return Ok(Message::StreamInit(init));
+    }
+    let has_data = value.get("data").is_some_and(|d| !d.is_null());
+    let is_close = value.get("isClose") == Some(&serde_json::Value::Bool(true));
+    if has_id
+        && (has_data || is_close)
+        && let Ok(chunk) = HttpTunnelStreamChunk::deserialize(&value)
+    {
+        return Ok(Message::StreamChunk(chunk));
+    }
     if value.get("statusCode").is_some() {
         serde_json::from_value(value)
             .map(Message::Response)
@@ -136,14 +231,75 @@ pub fn decode(text: &str, limit: usize) -> Result<Message, DecodeError> {
     }
 }
 
-/// Encodes a message as the JSON text OpenChoreo sends.
+/// Encodes a message as the JSON text OpenChoreo sends, byte for byte as Go would.
 pub fn encode(message: &Message) -> String {
-    // Serialising these types cannot fail: string keys, no floats.
-    match message {
+    // Serialising these types cannot fail: string keys, and the only floats are in `details`,
+    // which came from JSON.
+    let text = match message {
         Message::Request(request) => serde_json::to_string(request),
         Message::Response(response) => serde_json::to_string(response),
+        Message::StreamChunk(chunk) => serde_json::to_string(chunk),
+        Message::StreamInit(init) => serde_json::to_string(init),
     }
-    .unwrap_or_default()
+    .unwrap_or_default();
+    go_escape(text)
+}
+
+/// The id of the request a message answers (or asks), read without building its body: for a
+/// message too large to decode, so that its one request fails instead of waiting for a timeout.
+pub fn request_id(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        #[serde(rename = "requestID")]
+        request_id: String,
+    }
+    serde_json::from_str::<Id>(text)
+        .ok()
+        .map(|id| id.request_id)
+        .filter(|id| !id.is_empty())
+}
+
+/// Go's `encoding/json` escapes `<`, `>`, `&` (HTML safety) and U+2028, U+2029 in strings.
+/// These characters occur only inside strings in our JSON, so a replacement over the whole text
+/// is exact.
+fn go_escape(text: String) -> String {
+    if !text.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Go's `http.CanonicalHeaderKey`: the first letter and each letter after a `-` upper case, the
+/// rest lower case; a name with a byte outside the token characters is left as it is. OpenChoreo
+/// reads headers with `http.Header.Get`, which finds only canonical keys.
+pub fn canonical_header_key(name: &str) -> String {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return name.to_owned();
+    }
+    let mut upper = true;
+    name.chars()
+        .map(|c| {
+            let out = if upper {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            };
+            upper = c == '-';
+            out
+        })
+        .collect()
 }
 
 mod base64_bytes {

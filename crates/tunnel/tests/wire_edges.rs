@@ -36,7 +36,9 @@ fn v1_encoding_is_byte_identical_to_the_fixtures() {
         Some(TunnelError {
             code: Some(502),
             message: "failed to reach the Kubernetes API".into(),
-            details: Some("dial tcp 10.43.0.1:443: connect: connection refused".into()),
+            details: Some(serde_json::Value::String(
+                "dial tcp 10.43.0.1:443: connect: connection refused".into()
+            )),
         })
     );
 }
@@ -227,7 +229,9 @@ proptest! {
     ) {
         let message = V1Message::Response(HttpTunnelResponse {
             request_id: id, status_code: status, headers, body,
-            error: error.map(|(code, message, details)| TunnelError { code, message, details }),
+            error: error.map(|(code, message, details)| TunnelError {
+                code, message, details: details.map(serde_json::Value::String),
+            }),
         });
         prop_assert_eq!(decode_v1(&encode_v1(&message)).expect("decodes"), message);
     }

@@ -352,7 +352,24 @@ impl Env {
     }
 
     pub fn agent_with_leaf(&mut self, leaf: &Leaf, plane_id: &str, protocol: u16) -> Arc<Agent> {
-        let mut config = AgentConfig::new(self.agent_url(), plane_id);
+        let url = self.agent_url();
+        let server_ca = self.server_ca.cert_pem().to_owned();
+        self.agent_to(&url, &server_ca, leaf, plane_id, "buildplane", protocol)
+    }
+
+    /// Starts an in-process agent serving the build cluster, dialling `url` (any gateway, ours
+    /// or OpenChoreo's) and trusting `server_ca_pem` for it.
+    pub fn agent_to(
+        &mut self,
+        url: &str,
+        server_ca_pem: &str,
+        leaf: &Leaf,
+        plane_id: &str,
+        plane_type: &str,
+        protocol: u16,
+    ) -> Arc<Agent> {
+        let mut config = AgentConfig::new(url, plane_id);
+        config.plane_type = plane_type.into();
         config.protocol = protocol;
         config.backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
         config.ping_interval = Duration::from_secs(1);
@@ -361,7 +378,7 @@ impl Env {
         let agent = Agent::new(
             config,
             self.build_cluster.clone(),
-            self.server_ca.cert_pem().as_bytes(),
+            server_ca_pem.as_bytes(),
             cert,
         )
         .expect("agent");

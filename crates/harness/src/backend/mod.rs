@@ -1,4 +1,5 @@
-//! Backends: where scenarios run. One trait, three implementations (`sim`, `kubeconfig`, `k3d`).
+//! Backends: where scenarios run. One trait, four implementations (`sim`, `apiserver`,
+//! `kubeconfig`, `k3d`).
 //!
 //! A [`Backend`] hands each scenario an [`Environment`]: two clusters (control and build) reached
 //! through kubeconfig contexts, the gateway and controller deployed, and operations to start

@@ -1,9 +1,15 @@
-//! The `sim` backend: every scenario gets two `kube-sim` processes (control and build), the real
-//! `cluster-gateway` and `buildplane-controller` binaries, agents as `cluster-agent` processes,
-//! and a fault proxy on every agent → gateway link.
+//! The `sim` and `apiserver` backends: every scenario gets two clusters (control and build), the
+//! real `cluster-gateway` and `buildplane-controller` binaries, agents as `cluster-agent`
+//! processes, and a fault proxy on every agent → gateway link, all local processes.
 //!
-//! Environments are cheap (a handful of processes), so each scenario has its own and scenarios
-//! run in parallel without sharing a gateway they might restart.
+//! The clusters are what differs ([`ApiServers`]): a `kube-sim` process each (`sim`), or a real
+//! etcd, kube-apiserver and kube-controller-manager each (`apiserver`, set up by
+//! [`buildplane_peers::RealCluster`]). etcd keeps the data across an API server restart, as a
+//! kube-sim data directory does.
+//!
+//! Environments are cheap (a handful of processes; a real cluster is ready in about 4 s), so
+//! each scenario has its own and scenarios run in parallel without sharing a gateway they might
+//! restart, or a cluster whose BuildPlanes another scenario's controller would reconcile.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,6 +24,8 @@ use super::{
     AgentSpec, Backend, BackendError, BoxFuture, ClusterAccess, CommandOutput, ComponentTarget,
     EnvSpec, Environment, GatewayAccess, Result, StopMode, SwarmPlane, SwarmSpec,
 };
+use buildplane_peers::{ClusterPorts, ClusterPrograms, RealCluster};
+
 use crate::pki::EnvPki;
 use crate::process::{Proc, free_port, tail};
 use crate::proxy::{FaultProxy, Toxics};
@@ -82,22 +90,43 @@ pub fn package_of(binary: &str) -> &str {
     }
 }
 
-/// The sim backend.
+/// What answers as each cluster's Kubernetes API.
+#[derive(Clone, Debug)]
+pub enum ApiServers {
+    /// One kube-sim process per cluster.
+    KubeSim,
+    /// A real etcd, kube-apiserver and kube-controller-manager per cluster.
+    Real(ClusterPrograms),
+}
+
+/// The sim backend, or with real API servers the apiserver backend.
 #[derive(Clone, Debug)]
 pub struct SimBackend {
     binaries: Binaries,
+    api_servers: ApiServers,
 }
 
 impl SimBackend {
-    /// A backend using the binaries in `binaries.dir`.
+    /// The sim backend, using the binaries in `binaries.dir`.
     pub fn new(binaries: Binaries) -> SimBackend {
-        SimBackend { binaries }
+        SimBackend::with_api_servers(binaries, ApiServers::KubeSim)
+    }
+
+    /// The same with other API servers (`apiserver` backend with [`ApiServers::Real`]).
+    pub fn with_api_servers(binaries: Binaries, api_servers: ApiServers) -> SimBackend {
+        SimBackend {
+            binaries,
+            api_servers,
+        }
     }
 }
 
 impl Backend for SimBackend {
     fn name(&self) -> &'static str {
-        "sim"
+        match self.api_servers {
+            ApiServers::KubeSim => "sim",
+            ApiServers::Real(_) => "apiserver",
+        }
     }
 
     fn isolated(&self) -> bool {
@@ -110,7 +139,7 @@ impl Backend for SimBackend {
 
     fn environment(&self, spec: EnvSpec) -> BoxFuture<'_, Result<Box<dyn Environment>>> {
         Box::pin(async move {
-            let env = SimEnv::start(self.binaries.clone(), spec).await?;
+            let env = SimEnv::start(self.binaries.clone(), self.api_servers.clone(), spec).await?;
             Ok(Box::new(env) as Box<dyn Environment>)
         })
     }
@@ -126,6 +155,8 @@ enum Probe {
     Pem(PathBuf),
     /// A TCP connection to 127.0.0.1 on this port succeeds.
     Tcp(u16),
+    /// GET with this client (its own roots and client certificate) returns 2xx.
+    Https(String, reqwest::Client),
 }
 
 impl Probe {
@@ -143,6 +174,11 @@ impl Probe {
             Probe::Tcp(port) => tokio::net::TcpStream::connect(("127.0.0.1", *port))
                 .await
                 .is_ok(),
+            Probe::Https(url, client) => client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()),
         }
     }
 }
@@ -152,6 +188,8 @@ struct ApiServer {
     kubeconfig: PathBuf,
     data_dir: PathBuf,
     context: String,
+    /// The real cluster's files and flags (`apiserver` backend).
+    real: Option<RealCluster>,
 }
 
 struct AgentInfo {
@@ -171,6 +209,7 @@ struct State {
 
 struct SimEnv {
     binaries: Binaries,
+    api_servers: ApiServers,
     work: PathBuf,
     pki: EnvPki,
     control: ApiServer,
@@ -218,6 +257,32 @@ fn open_files_suffice(agents: u64) -> Result<()> {
     }
 }
 
+/// An HTTP client for a real cluster's API server: trusts its CA and presents the admin's
+/// client certificate, both read from the admin kubeconfig.
+fn admin_client(real: &RealCluster) -> std::result::Result<reqwest::Client, String> {
+    let text = std::fs::read_to_string(&real.kubeconfig).map_err(|e| e.to_string())?;
+    let config: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    let decode = |value: &serde_yaml::Value| -> std::result::Result<String, String> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(value.as_str().unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(bytes).map_err(|e| e.to_string())
+    };
+    let user = &config["users"][0]["user"];
+    let client = crate::pki::Pem {
+        cert: decode(&user["client-certificate-data"])?,
+        key: decode(&user["client-key-data"])?,
+    };
+    let ca = decode(&config["clusters"][0]["cluster"]["certificate-authority-data"])?;
+    let tls = crate::pki::client_tls(&ca, &client)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 fn unavailable(component: &str, reason: impl Into<String>) -> BackendError {
     BackendError::ComponentUnavailable {
         component: component.to_string(),
@@ -243,7 +308,7 @@ fn current_context(kubeconfig: &Path) -> Option<String> {
 }
 
 impl SimEnv {
-    async fn start(binaries: Binaries, spec: EnvSpec) -> Result<SimEnv> {
+    async fn start(binaries: Binaries, api_servers: ApiServers, spec: EnvSpec) -> Result<SimEnv> {
         let work = spec.work_dir.clone();
         std::fs::create_dir_all(work.join("logs"))
             .map_err(io_err("creating the work directory"))?;
@@ -258,15 +323,34 @@ impl SimEnv {
             .map_err(|e| BackendError::Other(format!("harness HTTP client: {e}")))?;
         let port = || free_port().map_err(io_err("choosing a port"));
         let api_server = |name: &str| -> Result<ApiServer> {
+            let port = port()?;
+            let real = match &api_servers {
+                ApiServers::KubeSim => None,
+                ApiServers::Real(_) => {
+                    let ports = ClusterPorts {
+                        etcd_client: free_port().map_err(io_err("choosing a port"))?,
+                        etcd_peer: free_port().map_err(io_err("choosing a port"))?,
+                        apiserver: port,
+                    };
+                    let real = RealCluster::prepare(&work.join(name), name, ports)
+                        .map_err(|e| BackendError::Other(format!("cluster {name}: {e}")))?;
+                    Some(real)
+                }
+            };
             Ok(ApiServer {
-                port: port()?,
-                kubeconfig: work.join(format!("{name}.kubeconfig")),
+                port,
+                kubeconfig: real.as_ref().map_or_else(
+                    || work.join(format!("{name}.kubeconfig")),
+                    |real| real.kubeconfig.clone(),
+                ),
                 data_dir: work.join(format!("{name}-data")),
                 context: name.to_string(),
+                real,
             })
         };
         let internal_port = port()?;
         let env = SimEnv {
+            api_servers: api_servers.clone(),
             control: api_server("control")?,
             build: api_server("build")?,
             agent_port: port()?,
@@ -310,8 +394,21 @@ impl SimEnv {
 
     async fn spawn(&self, name: &str, binary: &str, args: Vec<String>) -> Result<()> {
         let program = self.binaries.path(binary)?;
+        self.spawn_program(name, &program, args).await
+    }
+
+    /// Whether a process of that name runs (and has not exited).
+    async fn running(&self, name: &str) -> bool {
+        let mut state = self.state.lock().await;
+        state
+            .procs
+            .get_mut(name)
+            .is_some_and(|proc| proc.exited().is_none())
+    }
+
+    async fn spawn_program(&self, name: &str, program: &Path, args: Vec<String>) -> Result<()> {
         let log = self.work.join("logs").join(format!("{name}.log"));
-        let proc = Proc::spawn(name, &program, &args, &component_env(), &log)
+        let proc = Proc::spawn(name, program, &args, &component_env(), &log)
             .map_err(|err| unavailable(name, err.to_string()))?;
         let mut state = self.state.lock().await;
         state.logs.insert(name.to_string(), log);
@@ -376,6 +473,9 @@ impl SimEnv {
 
     async fn start_api_server(&self, cluster: ClusterName) -> Result<()> {
         let server = self.api_server(cluster);
+        if let (ApiServers::Real(programs), Some(real)) = (&self.api_servers, &server.real) {
+            return self.start_real_cluster(cluster, programs, real).await;
+        }
         let _ = std::fs::remove_file(&server.kubeconfig);
         let name = format!("apiserver-{}", cluster.as_str());
         let args = vec![
@@ -407,6 +507,45 @@ impl SimEnv {
                     server.context
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// Starts what is not running of a real cluster's etcd, kube-apiserver and
+    /// kube-controller-manager, and waits for the API server's `/readyz` (with the admin's
+    /// client certificate: the kubeconfig is checked at the same time).
+    async fn start_real_cluster(
+        &self,
+        cluster: ClusterName,
+        programs: &ClusterPrograms,
+        real: &RealCluster,
+    ) -> Result<()> {
+        let suffix = cluster.as_str();
+        let etcd = format!("etcd-{suffix}");
+        if !self.running(&etcd).await {
+            self.spawn_program(&etcd, &programs.etcd, real.etcd_args())
+                .await?;
+        }
+        let apiserver = format!("apiserver-{suffix}");
+        self.spawn_program(&apiserver, &programs.kube_apiserver, real.apiserver_args())
+            .await?;
+        let client = admin_client(real)
+            .map_err(|e| unavailable(&apiserver, format!("admin client: {e}")))?;
+        let url = format!("{}/readyz", real.server_url());
+        self.wait_ready(
+            &apiserver,
+            &format!("200 from {url}"),
+            Probe::Https(url.clone(), client),
+        )
+        .await?;
+        let manager = format!("controller-manager-{suffix}");
+        if !self.running(&manager).await {
+            self.spawn_program(
+                &manager,
+                &programs.kube_controller_manager,
+                real.controller_manager_args(),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -890,7 +1029,9 @@ impl Environment for SimEnv {
                 n if n.starts_with("agent") || n.starts_with("swarm") => 0,
                 "controller" => 1,
                 "gateway" => 2,
-                _ => 3,
+                n if n.starts_with("controller-manager") => 3,
+                n if n.starts_with("etcd") => 5,
+                _ => 4,
             });
             for proc in &mut procs {
                 let signal = stop_signal(proc.name());

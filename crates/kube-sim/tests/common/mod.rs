@@ -57,21 +57,98 @@ pub fn build_planes() -> ApiResource {
     )
 }
 
-/// Starts a server in memory.
-pub async fn start() -> RunningServer {
+/// Which server the tests run against: kube-sim in memory (the default), or with
+/// `KUBE_SIM_TESTS_AGAINST=apiserver` a real kube-apiserver (etcd, kube-apiserver and
+/// kube-controller-manager from `cargo xtask peers build`), so the same checks hold kube-sim to
+/// the real server. CI runs both.
+pub const AGAINST_ENV: &str = "KUBE_SIM_TESTS_AGAINST";
+
+/// The server under test.
+pub enum TestServer {
+    /// kube-sim in this process.
+    Sim(RunningServer),
+    /// A real cluster as local processes.
+    Real(buildplane_peers::LocalCluster),
+}
+
+impl TestServer {
+    /// A client as the cluster's admin.
+    pub async fn client(&self) -> Result<Client, String> {
+        match self {
+            TestServer::Sim(server) => server.client().await.map_err(|e| e.to_string()),
+            TestServer::Real(cluster) => cluster.client().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Writes an admin kubeconfig.
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<(), String> {
+        match self {
+            TestServer::Sim(server) => server.write_kubeconfig(path).map_err(|e| e.to_string()),
+            TestServer::Real(cluster) => cluster.write_kubeconfig(path).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The admin kubeconfig (YAML).
+    pub fn kubeconfig_yaml(&self) -> String {
+        match self {
+            TestServer::Sim(server) => server.kubeconfig_yaml(),
+            TestServer::Real(cluster) => cluster.kubeconfig_yaml(),
+        }
+    }
+
+    /// Whether this is the real server.
+    pub fn is_real(&self) -> bool {
+        matches!(self, TestServer::Real(_))
+    }
+
+    /// Stops the server.
+    pub async fn shutdown(self) {
+        match self {
+            TestServer::Sim(server) => server.shutdown().await,
+            TestServer::Real(cluster) => cluster.shutdown().await,
+        }
+    }
+}
+
+/// Starts the server under test (see [`AGAINST_ENV`]).
+pub async fn start() -> TestServer {
+    match std::env::var(AGAINST_ENV).as_deref() {
+        Ok("apiserver") => TestServer::Real(
+            buildplane_peers::LocalCluster::start("kube-sim-tests")
+                .await
+                .expect("a real cluster starts"),
+        ),
+        Ok("") | Ok("kube-sim") | Err(_) => TestServer::Sim(start_sim().await),
+        Ok(other) => panic!("{AGAINST_ENV}={other}: expected `apiserver` or `kube-sim`"),
+    }
+}
+
+/// Starts kube-sim in memory (tests of kube-sim itself: faults, data directory).
+pub async fn start_sim() -> RunningServer {
     Server::start(Config::default())
         .await
         .expect("kube-sim starts")
 }
 
-/// Installs the CRDs and creates namespace `org`; returns a client.
-pub async fn with_crds(server: &RunningServer) -> Client {
+/// Installs the CRDs, waits until they are established (a real server serves a new CRD's
+/// resources only then), and creates namespace `org`; returns a client.
+pub async fn with_crds(server: &TestServer) -> Client {
     let client = server.client().await.expect("client");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in self::crds() {
         crds.create(&PostParams::default(), &crd)
             .await
             .expect("CRD created");
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let established = kube::runtime::wait::await_condition(
+            crds.clone(),
+            &name,
+            kube::runtime::wait::conditions::is_crd_established(),
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(30), established)
+            .await
+            .expect("CRD established within 30 s")
+            .expect("CRD watch");
     }
     create_namespace(&client, "org").await;
     client
@@ -112,7 +189,7 @@ pub struct Kubectl {
 
 impl Kubectl {
     /// Writes the server's kubeconfig into a fresh directory.
-    pub fn new(server: &RunningServer) -> Self {
+    pub fn new(server: &TestServer) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         server
             .write_kubeconfig(&dir.path().join("kubeconfig"))

@@ -600,6 +600,202 @@ fn v1_is_one_message_per_request_and_fails_alone() {
 
 // ---- property tests ----
 
+/// The golden OpenChoreo v1.2.3 message `name` (`test_data/openchoreo-v1.2.3`).
+fn golden(name: &str) -> String {
+    let path = format!(
+        "{}/test_data/openchoreo-v1.2.3/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim_end()
+        .to_owned()
+}
+
+/// The request id the gateway session gave its v1 request (from the text it sends).
+fn v1_request_id(pair: &mut Pair) -> String {
+    pair.flush();
+    match pair.to_agent.pop_back() {
+        Some(Transmit::Text(text)) => match v1::decode(&text, usize::MAX) {
+            Ok(v1::Message::Request(request)) => request.request_id,
+            other => panic!("not a request: {other:?}"),
+        },
+        other => panic!("no request sent: {other:?}"),
+    }
+}
+
+/// OpenChoreo v1.x gateways open exec and Hubble streams with `HTTPTunnelStreamInit`: the
+/// agent never runs one as a request; it answers as OpenChoreo's agent does when it cannot serve
+/// one (a closing chunk whose data is the reason), ignores the chunks that follow, and goes on.
+#[test]
+fn v1_stream_inits_are_refused_with_a_closing_chunk() {
+    let mut agent = Session::new(config(Role::Agent, version::V1), Moment::default());
+    for name in ["gateway-stream-init-exec", "gateway-stream-init-hubble"] {
+        agent.handle_text(&golden(name), Moment::default());
+        assert!(accepted(&mut agent).is_empty(), "{name} ran as a request");
+        let Some(Transmit::Text(answer)) = agent.poll_transmit() else {
+            panic!("{name}: no answer")
+        };
+        let Ok(v1::Message::StreamChunk(chunk)) = v1::decode(&answer, usize::MAX) else {
+            panic!("{name}: not a stream chunk: {answer}")
+        };
+        assert_eq!(chunk.request_id, "gw-5a1b2c3d4e5f6a7b");
+        assert!(chunk.is_close, "{answer}");
+        insta::assert_snapshot!(name, answer);
+    }
+    for name in ["gateway-stream-chunk-stdin", "gateway-stream-chunk-close"] {
+        agent.handle_text(&golden(name), Moment::default());
+        assert_eq!(agent.poll_transmit(), None, "{name} is not answered");
+    }
+    assert!(!agent.is_closed());
+    assert_eq!(agent.stats().ignored, 4);
+    agent.handle_text(&golden("gateway-request-get"), Moment::default());
+    assert_eq!(accepted(&mut agent).len(), 1, "requests still run");
+}
+
+/// Text this end cannot use (not JSON, a message for the other end, a stream chunk, a shape
+/// from a newer peer) is counted and skipped on both ends, as OpenChoreo's receivers do; the
+/// connection and the streams on it go on.
+#[test]
+fn v1_messages_this_end_cannot_use_are_ignored_not_fatal() {
+    let mut pair = Pair::new(version::V1);
+    let id = pair.gateway.open(get("/api"), true).unwrap();
+    let request_id = v1_request_id(&mut pair);
+    let foreign = [
+        "not json".to_owned(),
+        "[1,2]".to_owned(),
+        r#"{"type":"SomethingNew","requestID":"x"}"#.to_owned(),
+        golden("agent-stream-chunk-stdout"),
+        golden("agent-stream-chunk-close-error"),
+        golden("gateway-request-get"),
+    ];
+    for text in &foreign {
+        pair.gateway.handle_text(text, pair.now);
+        pair.agent.handle_text(text, pair.now);
+    }
+    assert!(!pair.gateway.is_closed() && !pair.agent.is_closed());
+    assert_eq!(pair.gateway.stats().ignored, 6);
+    // The agent runs the request it was meant to get; the rest is ignored.
+    assert_eq!(pair.agent.stats().ignored, 5);
+    pair.gateway.handle_text(
+        &format!(r#"{{"requestID":"{request_id}","statusCode":200}}"#),
+        pair.now,
+    );
+    assert!(matches!(
+        drain_reads(&mut pair.gateway, id).as_slice(),
+        [Read::Response(ResponseHead { status: 200, .. }), Read::End]
+    ));
+}
+
+/// A v1 message over the limit fails its own request, never the connection: a response the
+/// gateway cannot take is a 502 for that stream while the next is answered; a request the agent
+/// cannot take is answered 413.
+#[test]
+fn v1_an_oversized_message_fails_its_request_only() {
+    let mut gateway_config = config(Role::Gateway, version::V1);
+    gateway_config.max_v1_message = 1024;
+    let mut pair = Pair::with(gateway_config, config(Role::Agent, version::V1));
+    let big = pair.gateway.open(get("/big"), true).unwrap();
+    let big_id = v1_request_id(&mut pair);
+    let small = pair.gateway.open(get("/small"), true).unwrap();
+    let small_id = v1_request_id(&mut pair);
+    let body = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b'x'; 2048]);
+    pair.gateway.handle_text(
+        &format!(r#"{{"requestID":"{big_id}","statusCode":200,"body":"{body}"}}"#),
+        pair.now,
+    );
+    pair.gateway.handle_text(
+        &format!(r#"{{"requestID":"{small_id}","statusCode":200}}"#),
+        pair.now,
+    );
+    assert!(!pair.gateway.is_closed());
+    assert!(
+        matches!(
+            drain_reads(&mut pair.gateway, big).as_slice(),
+            [Read::Reset { code: 502, reason }] if reason.contains("too large")
+        ),
+        "the oversized answer fails its stream"
+    );
+    assert!(matches!(
+        drain_reads(&mut pair.gateway, small).as_slice(),
+        [Read::Response(ResponseHead { status: 200, .. }), Read::End]
+    ));
+
+    let mut agent_config = config(Role::Agent, version::V1);
+    agent_config.max_v1_message = 1024;
+    let mut agent = Session::new(agent_config, Moment::default());
+    agent.handle_text(
+        &format!(
+            r#"{{"requestID":"r1","target":"k8s","method":"POST","path":"/","body":"{body}"}}"#
+        ),
+        Moment::default(),
+    );
+    assert!(!agent.is_closed());
+    let Some(Transmit::Text(answer)) = agent.poll_transmit() else {
+        panic!("no answer")
+    };
+    let Ok(v1::Message::Response(response)) = v1::decode(&answer, usize::MAX) else {
+        panic!("not a response: {answer}")
+    };
+    assert_eq!(
+        (response.request_id.as_str(), response.status_code),
+        ("r1", 413)
+    );
+}
+
+/// `error.details` of any JSON shape (OpenChoreo's is an object) reaches the caller in the
+/// error body, and the connection goes on.
+#[test]
+fn v1_error_details_of_any_shape_reach_the_caller() {
+    for details in [r#"{"attempts":1,"retryable":false}"#, r#""text""#, "[1]"] {
+        let mut pair = Pair::new(version::V1);
+        let id = pair.gateway.open(get("/api"), true).unwrap();
+        let request_id = v1_request_id(&mut pair);
+        pair.gateway.handle_text(
+            &format!(
+                r#"{{"requestID":"{request_id}","statusCode":500,"error":{{"code":500,"message":"m","details":{details}}}}}"#
+            ),
+            pair.now,
+        );
+        assert!(!pair.gateway.is_closed(), "{details}");
+        let reads = drain_reads(&mut pair.gateway, id);
+        let [
+            Read::Response(ResponseHead { status: 500, .. }),
+            Read::Data(body),
+            Read::End,
+        ] = reads.as_slice()
+        else {
+            panic!("{details}: {reads:?}")
+        };
+        let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(
+            body["details"],
+            serde_json::from_str::<serde_json::Value>(details).unwrap()
+        );
+    }
+}
+
+/// v1 messages name headers as Go does (`Content-Type`), so OpenChoreo's `http.Header.Get`
+/// finds them.
+#[test]
+fn v1_header_names_are_canonical() {
+    let mut pair = Pair::new(version::V1);
+    let mut head = get("/api");
+    head.headers = vec![
+        ("content-type".into(), "application/json".into()),
+        ("x-request-id".into(), "a".into()),
+    ];
+    pair.gateway.open(head, true).unwrap();
+    pair.flush();
+    let Some(Transmit::Text(text)) = pair.to_agent.pop_back() else {
+        panic!("no request")
+    };
+    assert!(
+        text.contains(r#""headers":{"Content-Type":["application/json"],"X-Request-Id":["a"]}"#),
+        "{text}"
+    );
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     /// The gateway opens a request with a body of this many bytes.

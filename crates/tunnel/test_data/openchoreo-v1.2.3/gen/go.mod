@@ -1,0 +1,3 @@
+module ocgolden
+
+go 1.24
