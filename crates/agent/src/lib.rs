@@ -23,6 +23,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use buildplane_api::served::ServedCrs;
 use buildplane_pki::ReloadableCert;
 use buildplane_runtime::Tasks;
 use tokio::sync::{Notify, Semaphore};
@@ -69,6 +70,9 @@ pub struct AgentConfig {
     /// This process's instance id: a reconnect with the same certificate and id replaces the
     /// older connection at the gateway; HA replicas sharing a certificate differ by it.
     pub agent_id: String,
+    /// The plane CRs this agent serves (`--serve`), sent on every upgrade; the gateway grants
+    /// it no other CR, whatever CA a CR holds. Empty: every CR that admits its certificate.
+    pub served: ServedCrs,
 }
 
 impl AgentConfig {
@@ -90,6 +94,7 @@ impl AgentConfig {
             ping_interval: Duration::from_secs(15),
             read_deadline: Duration::from_secs(45),
             agent_id: uuid::Uuid::new_v4().to_string(),
+            served: ServedCrs::any(),
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use buildplane_api::names::PlaneType;
+use buildplane_api::{names::PlaneType, served::ServedCr};
 use buildplane_runtime::parse_positive_duration;
 use clap::{Args, Parser, Subcommand};
 use cluster_agent::{AgentConfig, backoff::Backoff, swarm::SwarmConfig};
@@ -87,6 +87,12 @@ enum Command {
         /// Instance id (defaults to the pod name, else a random id per process).
         #[arg(long, env = "POD_NAME")]
         agent_id: Option<String>,
+        /// The plane CRs this agent serves: `<namespace>/<name>`, `<namespace>/*`,
+        /// `_cluster/<name>` or `_cluster/*` (repeatable, or comma-separated). The gateway
+        /// grants no other CR, even one holding this agent's CA. Default: every CR that admits
+        /// the agent's certificate.
+        #[arg(long = "serve", env = "SERVE", value_delimiter = ',')]
+        serve: Vec<ServedCr>,
     },
     /// Run N agents in one process (planeIDs PREFIX-0..PREFIX-(N-1)) sharing one generated CA.
     Swarm {
@@ -171,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
             renew_before,
             health_listen,
             agent_id,
+            serve,
         } => {
             if plane_id.is_empty() {
                 anyhow::bail!("--plane-id must not be empty");
@@ -184,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(agent_id) = agent_id {
                 config.agent_id = agent_id;
             }
+            config.served = serve.into_iter().collect();
             cluster_agent::run(config).await
         }
         Command::Swarm {

@@ -148,7 +148,7 @@ impl Connected {
     }
 }
 
-/// Dials the gateway: `wss://.../ws?planeID=..&planeType=..&agentID=..`. With `--protocol v2`
+/// Dials the gateway: `wss://.../ws?planeID=..&planeType=..&agentID=..[&serves=..]`. With `--protocol v2`
 /// it offers v2 and v1; a gateway that upgrades without naming either (OpenChoreo's, which
 /// speaks v1 and names no subprotocol) is dialled again at once offering nothing, and v1 is
 /// spoken to it from then on (until the process restarts). With `--protocol v1` nothing is
@@ -176,13 +176,17 @@ async fn dial(agent: &Agent, offer_v2: bool) -> Result<Connected, Ended> {
     } else {
         '?'
     };
-    let url = format!(
+    let mut url = format!(
         "{}{separator}planeID={}&planeType={}&agentID={}",
         config.server_url,
         encode_query(&config.plane_id),
         encode_query(&config.plane_type),
         encode_query(&config.agent_id)
     );
+    if !config.served.is_any() {
+        url.push_str("&serves=");
+        url.push_str(&encode_query(&config.served.to_string()));
+    }
     let mut request = url
         .as_str()
         .into_client_request()

@@ -16,6 +16,7 @@
 mod crd;
 pub mod events;
 pub mod names;
+pub mod served;
 mod types;
 mod validation;
 

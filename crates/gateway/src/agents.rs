@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use buildplane_api::names::PlaneType;
+use buildplane_api::{names::PlaneType, served::ServedCrs};
 use buildplane_link::{Config as SessionConfig, Link, Moment, OnIgnored, Role, Session};
 use buildplane_tunnel::negotiate;
 use parking_lot::Mutex;
@@ -163,6 +163,49 @@ struct Verdict {
     plane_id: String,
     version: u16,
     agent_id: String,
+    served: ServedCrs,
+}
+
+/// The upgrade's query: `planeID` (required), `planeType` (`buildplane` or `workflowplane`),
+/// `agentID` (optional), `serves` (optional, the CRs the agent serves; see
+/// [`buildplane_api::served`]). Values are percent-decoded; unknown parameters are ignored.
+#[derive(Debug)]
+struct UpgradeQuery {
+    plane_id: String,
+    agent_id: String,
+    served: ServedCrs,
+}
+
+impl UpgradeQuery {
+    /// The query, or the reason for a 400.
+    fn parse(query: &str) -> Result<Self, String> {
+        let (mut plane_id, mut plane_type, mut agent_id, mut serves) = (None, None, None, None);
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match name.as_ref() {
+                "planeID" => &mut plane_id,
+                "planeType" => &mut plane_type,
+                "agentID" => &mut agent_id,
+                "serves" => &mut serves,
+                _ => continue,
+            };
+            // The first of a repeated parameter counts, as Go's `Query().Get`.
+            slot.get_or_insert(value.into_owned());
+        }
+        let plane_id = plane_id
+            .filter(|p| !p.is_empty())
+            .ok_or("missing planeID query parameter")?;
+        plane_type
+            .unwrap_or_default()
+            .parse::<PlaneType>()
+            .map_err(|err| err.to_string())?;
+        let served = ServedCrs::parse_list(serves.as_deref().unwrap_or(""))
+            .map_err(|err| format!("serves: {err}"))?;
+        Ok(Self {
+            plane_id,
+            agent_id: agent_id.unwrap_or_default(),
+            served,
+        })
+    }
 }
 
 // The callback's error type is tungstenite's; its size is not ours to choose.
@@ -186,32 +229,23 @@ async fn accept(
     let caps = shared.config.connection_caps;
     let verdict_in = verdict.clone();
     let callback = move |req: &Request, mut res: Response| -> Result<Response, ErrorResponse> {
-        let query = req.uri().query().unwrap_or("");
-        let param = |name: &str| {
-            query
-                .split('&')
-                .filter_map(|p| p.split_once('='))
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_owned())
-        };
         if req.uri().path() != "/ws" {
             return Err(reject(
                 StatusCode::NOT_FOUND,
                 format!("no such path {}; agents connect to /ws", req.uri().path()),
             ));
         }
-        let plane_type = param("planeType").unwrap_or_default();
-        let Some(plane_id) = param("planeID").filter(|p| !p.is_empty()) else {
-            metrics.rejected("bad_request");
-            return Err(reject(
-                StatusCode::BAD_REQUEST,
-                "missing planeID query parameter".into(),
-            ));
+        let UpgradeQuery {
+            plane_id,
+            agent_id,
+            served,
+        } = match UpgradeQuery::parse(req.uri().query().unwrap_or("")) {
+            Ok(query) => query,
+            Err(reason) => {
+                metrics.rejected("bad_request");
+                return Err(reject(StatusCode::BAD_REQUEST, reason));
+            }
         };
-        if let Err(err) = plane_type.parse::<PlaneType>() {
-            metrics.rejected("bad_request");
-            return Err(reject(StatusCode::BAD_REQUEST, err.to_string()));
-        }
         if chain.is_empty() {
             metrics.rejected("no_certificate");
             return Err(reject(
@@ -219,7 +253,7 @@ async fn accept(
                 "client certificate required".into(),
             ));
         }
-        let admission = trust.admit(&plane_id, &chain);
+        let admission = trust.admit(&plane_id, &chain, &served);
         if admission.granted.is_empty() {
             metrics.rejected(if admission.refused.is_empty() {
                 "unknown_plane"
@@ -241,7 +275,6 @@ async fn accept(
             info!(%plane_id, %reasons, "agent certificate not accepted");
             return Err(reject(StatusCode::UNAUTHORIZED, NOT_ACCEPTED.into()));
         }
-        let agent_id = param("agentID").unwrap_or_default();
         let public_key = chain.first().map(public_key_of).unwrap_or_default();
         let candidate = Candidate {
             plane_id: &plane_id,
@@ -272,6 +305,7 @@ async fn accept(
             plane_id,
             version,
             agent_id,
+            served,
         });
         Ok(res)
     };
@@ -323,12 +357,13 @@ async fn run_connection(ws: Ws, admitted: Admitted, shared: Arc<Shared>) {
                 plane_id,
                 version,
                 agent_id,
+                served,
             },
         chain,
     } = admitted;
     // Trust may have changed since the upgrade was admitted; decide again now that the
     // connection becomes visible to revalidation, so no change falls between the two.
-    let admission = shared.trust.admit(&plane_id, &chain);
+    let admission = shared.trust.admit(&plane_id, &chain, &served);
     if admission.granted.is_empty() {
         let mut ws = ws;
         let _ = ws
@@ -366,6 +401,7 @@ async fn run_connection(ws: Ws, admitted: Admitted, shared: Arc<Shared>) {
             link,
         )
         .with_agent_id(agent_id)
+        .with_served(served)
         .with_cas(admission.cas),
     );
     // The callback checked the caps; concurrent handshakes may have filled them since, and
@@ -390,4 +426,42 @@ async fn run_connection(ws: Ws, admitted: Admitted, shared: Arc<Shared>) {
         .close_reason()
         .map_or_else(|| "stopped".to_owned(), |r| r.to_string());
     info!(id = conn.id, plane_id = %conn.plane_id, %reason, "agent disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use buildplane_api::CrKey;
+
+    use super::UpgradeQuery;
+
+    #[test]
+    fn the_upgrade_query_is_decoded_and_checked() {
+        let query = UpgradeQuery::parse(
+            "planeID=p1&planeType=workflowplane&agentID=a%2Fb&serves=org1%2Fbp%2C_cluster/*&x=y",
+        )
+        .unwrap();
+        assert_eq!(query.plane_id, "p1");
+        assert_eq!(query.agent_id, "a/b");
+        assert!(query.served.allows(&CrKey::namespaced("org1", "bp")));
+        assert!(query.served.allows(&CrKey::cluster("any")));
+        assert!(!query.served.allows(&CrKey::namespaced("org2", "bp")));
+
+        let open = UpgradeQuery::parse("planeID=p1&planeType=buildplane").unwrap();
+        assert!(open.served.is_any());
+        assert_eq!(open.agent_id, "");
+        // The first of a repeated parameter counts.
+        let first = UpgradeQuery::parse("planeID=a&planeID=b&planeType=buildplane").unwrap();
+        assert_eq!(first.plane_id, "a");
+
+        for (query, reason) in [
+            ("planeType=buildplane", "missing planeID"),
+            ("planeID=&planeType=buildplane", "missing planeID"),
+            ("planeID=p1", "planeType"),
+            ("planeID=p1&planeType=dataplane", "dataplane"),
+            ("planeID=p1&planeType=buildplane&serves=bp", "serves"),
+        ] {
+            let err = UpgradeQuery::parse(query).expect_err(query);
+            assert!(err.contains(reason), "{query}: {err}");
+        }
+    }
 }

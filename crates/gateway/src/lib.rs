@@ -189,7 +189,7 @@ fn revalidate_connections(
     let (mut granted, mut revoked) = (0, 0);
     for conn in connections {
         shared.metrics.reverified();
-        let admission = index.admit(&conn.plane_id, &conn.chain);
+        let admission = index.admit(&conn.plane_id, &conn.chain, &conn.served);
         if admission.granted.is_empty() {
             // Authorised for nothing: close it; its `disconnected` event carries the CRs it lost.
             revoked += conn.crs().len();

@@ -14,6 +14,7 @@ use std::{
 use buildplane_api::{
     CrKey,
     events::{GatewayEvent, GatewayEventKind},
+    served::ServedCrs,
 };
 use buildplane_link::{Link, RequestHead, StreamError, StreamHandle};
 use buildplane_pki::CaId;
@@ -50,6 +51,9 @@ pub struct Connection {
     pub identity: String,
     /// The clientCAs that verified its chain at admission (the caps per CA count by them).
     pub cas: BTreeSet<CaId>,
+    /// The CRs the agent said it serves (`serves` query parameter); every re-verification
+    /// honours it.
+    pub served: ServedCrs,
 }
 
 impl Connection {
@@ -74,7 +78,14 @@ impl Connection {
             public_key,
             identity,
             cas: BTreeSet::new(),
+            served: ServedCrs::any(),
         }
+    }
+
+    /// Sets the CRs the agent serves.
+    pub fn with_served(mut self, served: ServedCrs) -> Self {
+        self.served = served;
+        self
     }
 
     /// Sets the clientCAs that verified its chain.

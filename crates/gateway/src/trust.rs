@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use buildplane_api::{BuildPlane, ClusterBuildPlane, CrKey, PlaneCr};
+use buildplane_api::{BuildPlane, ClusterBuildPlane, CrKey, PlaneCr, served::ServedCrs};
 use buildplane_pki::{CaId, ClientCaBundle};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -310,9 +310,15 @@ impl Trust {
         self.secrets.value(&(namespace, name), &key)
     }
 
-    /// Admission of a chain for a planeID: every CR with that planeID whose CA verifies it.
-    pub fn admit(&self, plane_id: &str, chain: &[CertificateDer<'static>]) -> Admission {
-        self.index(Some(plane_id)).admit(plane_id, chain)
+    /// Admission of a chain for a planeID: every CR with that planeID that the agent serves and
+    /// whose CA verifies it.
+    pub fn admit(
+        &self,
+        plane_id: &str,
+        chain: &[CertificateDer<'static>],
+        served: &ServedCrs,
+    ) -> Admission {
+        self.index(Some(plane_id)).admit(plane_id, chain, served)
     }
 
     /// The CRs (of one planeID, or all) that may admit agents, with their CA bundles parsed
@@ -422,6 +428,9 @@ impl Trust {
     }
 }
 
+/// The reason a CR the agent's `--serve` list leaves out is refused.
+pub const NOT_SERVED: &str = "not among the CRs the agent serves (its --serve list)";
+
 /// A CR's parsed `clientCA`, or why it cannot be used.
 type CaVerdict = Result<Arc<ClientCaBundle>, String>;
 
@@ -432,8 +441,16 @@ pub struct TrustIndex {
 }
 
 impl TrustIndex {
-    /// Admission of a chain for a planeID: every CR with that planeID whose CA verifies it.
-    pub fn admit(&self, plane_id: &str, chain: &[CertificateDer<'static>]) -> Admission {
+    /// Admission of a chain for a planeID: every CR with that planeID that the agent serves
+    /// (its `--serve` list) and whose CA verifies it. A CR the agent does not serve is refused
+    /// before its CA is consulted, so a copy of the agent's public CA in another tenant's CR
+    /// gains nothing.
+    pub fn admit(
+        &self,
+        plane_id: &str,
+        chain: &[CertificateDer<'static>],
+        served: &ServedCrs,
+    ) -> Admission {
         let mut admission = Admission {
             granted: BTreeSet::new(),
             refused: Vec::new(),
@@ -444,6 +461,10 @@ impl TrustIndex {
         };
         let now = UnixTime::now();
         for (key, bundle) in self.by_plane.get(plane_id).into_iter().flatten() {
+            if !served.allows(key) {
+                admission.refused.push((key.clone(), NOT_SERVED.to_owned()));
+                continue;
+            }
             let verdict = bundle.as_ref().map_err(Clone::clone).and_then(|bundle| {
                 bundle
                     .verify_client_anchor(end_entity, intermediates, now)
@@ -595,7 +616,7 @@ mod tests {
         let chain = buildplane_pki::parse_cert_bundle(leaf.cert_pem.as_bytes()).unwrap();
         let granted = |trust: &Trust, plane: &str| -> Vec<String> {
             trust
-                .admit(plane, &chain)
+                .admit(plane, &chain, &ServedCrs::any())
                 .granted
                 .iter()
                 .map(ToString::to_string)

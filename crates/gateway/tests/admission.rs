@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use buildplane_api::served::ServedCrs;
 use buildplane_pki::Ca;
 use cluster_gateway::agents::NOT_ACCEPTED;
 use common::{DAY, Env, V2_FIRST, from_secret};
@@ -48,7 +49,11 @@ async fn admission_by_ca_and_plane_id_with_reasons() {
         .expect_err("wrong CA refused");
     assert_eq!(status, 401, "{body}");
     assert_eq!(body, NOT_ACCEPTED, "the reason is not told to the caller");
-    let reasons = env.shared().trust.admit("plane-1", &chain(&wrong)).refused;
+    let reasons = env
+        .shared()
+        .trust
+        .admit("plane-1", &chain(&wrong), &ServedCrs::any())
+        .refused;
     assert!(
         format!("{reasons:?}").contains("bp"),
         "the gateway's reason names the CR: {reasons:?}"
@@ -115,7 +120,7 @@ async fn admission_by_ca_and_plane_id_with_reasons() {
     let reasons = env
         .shared()
         .trust
-        .admit("plane-1", &chain(&expired))
+        .admit("plane-1", &chain(&expired), &ServedCrs::any())
         .refused;
     assert!(
         format!("{reasons:?}").contains("expired"),
@@ -309,4 +314,75 @@ async fn deleting_one_cr_leaves_its_sibling_connected() {
         after["connections"][0]["crs"],
         serde_json::json!(["org-b/bp"])
     );
+}
+
+/// Tenancy from the build cluster's side: an agent started with `--serve org-a/bp` is granted
+/// org-a's CR and not org-b's, though org-b's CR holds a copy of the same public CA (a copy any
+/// tenant can make); a copy created after the agent connected is not granted at re-verification
+/// either; a malformed list is a 400 naming it. The same copy is granted to an agent that names
+/// no list, which is what the list prevents. (Fails without the list: the copy routes 200.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serves_only_the_crs_it_names() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "shared", ca.cert_pem())
+        .await;
+    env.build_plane("org-b", "copy", "shared", ca.cert_pem())
+        .await;
+    let _agent = env.agent_serving(&ca, "shared", "org-a/bp,_cluster/other");
+    env.wait_proxy_status("shared", "org-a", "bp", 200, WAIT)
+        .await;
+    let (status, body) = env
+        .proxy("shared", "org-b", "copy", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("NotAuthorized"), "{body}");
+    assert_eq!(
+        env.connected_agents("shared", Some(("org-b", "copy")))
+            .await,
+        0
+    );
+
+    // A copy made after the connection: re-verification runs and still leaves it out.
+    let reverified = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("cluster_gateway_reverified_connections_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = reverified(&env.metrics().await);
+    env.build_plane("org-c", "late-copy", "shared", ca.cert_pem())
+        .await;
+    env.eventually("re-verification after the new CR", WAIT, || async {
+        reverified(&env.metrics().await) > before
+    })
+    .await;
+    let (status, body) = env
+        .proxy("shared", "org-c", "late-copy", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _) = env
+        .proxy("shared", "org-a", "bp", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 200);
+
+    // A malformed list is refused before admission, with the entry in the reason.
+    let leaf = ca.issue_client("shared", DAY).unwrap();
+    let refused = env
+        .raw_connect(
+            "?planeID=shared&planeType=buildplane&serves=Org-A%2Fbp",
+            Some(&leaf),
+            None,
+        )
+        .await
+        .expect_err("a bad serves list is refused");
+    assert_eq!(refused.0, 400, "{refused:?}");
+    assert!(refused.1.contains("Org-A/bp"), "{refused:?}");
+
+    // The control: an agent that names no list is granted the copies too.
+    let _open = env.agent(&ca, "shared", 2);
+    env.wait_proxy_status("shared", "org-b", "copy", 200, WAIT)
+        .await;
 }

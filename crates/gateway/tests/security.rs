@@ -5,6 +5,7 @@ mod common;
 
 use std::{sync::atomic::Ordering, time::Duration};
 
+use buildplane_api::served::ServedCrs;
 use buildplane_pki::Ca;
 use common::{DAY, Env};
 
@@ -209,7 +210,12 @@ async fn unauthenticated_callers_get_a_generic_401() {
     let stranger = buildplane_pki::self_signed_client("p", DAY).unwrap();
     let chain = buildplane_pki::parse_cert_bundle(stranger.cert_pem.as_bytes()).unwrap();
     env.eventually("the gateway sees both CRs", WAIT, || async {
-        env.shared().trust.admit("p", &chain).refused.len() == 2
+        env.shared()
+            .trust
+            .admit("p", &chain, &ServedCrs::any())
+            .refused
+            .len()
+            == 2
     })
     .await;
 
@@ -248,7 +254,11 @@ async fn unauthenticated_callers_get_a_generic_401() {
     }
 
     // What the gateway logs instead, and the metric that tells the cases apart.
-    let refused = env.shared().trust.admit("p", &chain).refused;
+    let refused = env
+        .shared()
+        .trust
+        .admit("p", &chain, &ServedCrs::any())
+        .refused;
     let detail = format!("{refused:?}");
     assert!(detail.contains("hidden-ca-secret"), "{detail}");
     let metrics = env.metrics().await;

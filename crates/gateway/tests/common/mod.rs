@@ -351,6 +351,16 @@ impl Env {
         self.agent_with_leaf(&leaf, plane_id, protocol)
     }
 
+    /// Starts an in-process agent (leaf from `ca`, v2) that names the CRs it serves.
+    pub fn agent_serving(&mut self, ca: &Ca, plane_id: &str, served: &str) -> Arc<Agent> {
+        let leaf = ca.issue_client(plane_id, DAY).expect("agent leaf");
+        let mut config = AgentConfig::new(self.agent_url(), plane_id);
+        config.served =
+            buildplane_api::served::ServedCrs::parse_list(served).expect("--serve list");
+        let server_ca = self.server_ca.cert_pem().to_owned();
+        self.agent_with_config(config, &server_ca, &leaf)
+    }
+
     pub fn agent_with_leaf(&mut self, leaf: &Leaf, plane_id: &str, protocol: u16) -> Arc<Agent> {
         let url = self.agent_url();
         let server_ca = self.server_ca.cert_pem().to_owned();
@@ -371,6 +381,16 @@ impl Env {
         let mut config = AgentConfig::new(url, plane_id);
         config.plane_type = plane_type.into();
         config.protocol = protocol;
+        self.agent_with_config(config, server_ca_pem, leaf)
+    }
+
+    /// Starts an in-process agent with `config` (test-speed backoff and heartbeats set here).
+    pub fn agent_with_config(
+        &mut self,
+        mut config: AgentConfig,
+        server_ca_pem: &str,
+        leaf: &Leaf,
+    ) -> Arc<Agent> {
         config.backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
         config.ping_interval = Duration::from_secs(1);
         config.read_deadline = Duration::from_secs(5);

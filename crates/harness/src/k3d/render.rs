@@ -537,20 +537,24 @@ pub fn agent_deployment(values: &Values, spec: &AgentDeployment) -> Value {
     args.extend(spec.extra_args.iter().cloned());
     // A swarm has no single planeID and no health listener.
     let is_swarm = spec.swarm.is_some();
+    let mut agent_env = vec![
+        env("SERVER_URL", &agent.server_url),
+        env("PLANE_ID", &spec.plane_id),
+        env("PLANE_TYPE", &agent.plane_type),
+        env("SERVER_CA", "/ca-certs/ca.crt"),
+        env("RUST_LOG", "info"),
+        env("NO_COLOR", "1"),
+        pod_name_env(),
+    ];
+    if !agent.serve.is_empty() && !is_swarm {
+        agent_env.push(env("SERVE", &agent.serve.join(",")));
+    }
     let container = container(ContainerSpec {
         name: "cluster-agent",
         image: &agent.image,
         pull_policy: &values.global.image_pull_policy,
         args,
-        env: vec![
-            env("SERVER_URL", &agent.server_url),
-            env("PLANE_ID", &spec.plane_id),
-            env("PLANE_TYPE", &agent.plane_type),
-            env("SERVER_CA", "/ca-certs/ca.crt"),
-            env("RUST_LOG", "info"),
-            env("NO_COLOR", "1"),
-            pod_name_env(),
-        ],
+        env: agent_env,
         ports: vec![port("health", agent.health_port)],
         health_port: agent.health_port,
         mounts: vec![

@@ -178,6 +178,10 @@ pub struct ClusterAgent {
     pub plane_id: String,
     /// `buildplane`.
     pub plane_type: String,
+    /// The plane CRs the agent serves (`--serve`, env `SERVE`): `<namespace>/<name>`,
+    /// `<namespace>/*`, `_cluster/<name>`, `_cluster/*`. Empty: every CR that admits it.
+    #[serde(default)]
+    pub serve: Vec<String>,
     /// Gateway URL.
     pub server_url: String,
     /// `v2` or `v1`.
