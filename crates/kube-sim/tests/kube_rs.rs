@@ -806,11 +806,19 @@ async fn a_new_cluster_has_the_bootstrap_objects() {
         .await
         .unwrap_or_else(|_| panic!("namespace {name}"));
     }
+    // The real server's bootstrap controller creates it after readiness too (seen missing on a
+    // busy machine right after `/readyz` said ok).
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let kubernetes = services
-        .get("kubernetes")
-        .await
-        .expect("default/kubernetes");
+    let kubernetes = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(service) = services.get_opt("kubernetes").await.expect("get") {
+                return service;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("default/kubernetes within 30 s");
     let labels = kubernetes.metadata.labels.clone().unwrap_or_default();
     assert_eq!(
         labels.get("component").map(String::as_str),
