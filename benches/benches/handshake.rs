@@ -154,5 +154,45 @@ fn handshake(c: &mut Criterion) {
     drop(tunnel);
 }
 
-criterion_group!(benches, handshake);
+/// One chain verification against a rotation bundle (two CAs, the leaf under the second), run
+/// and remembered: what a re-verification pass costs per connection without and with the
+/// verdict cache.
+fn verdicts(c: &mut Criterion) {
+    let pki = Pki::generate().expect("PKI");
+    let old =
+        buildplane_pki::Ca::generate("old-agent-ca", Duration::from_secs(86_400)).expect("old CA");
+    let leaf = pki
+        .agent_ca
+        .issue_client("bench-verdict", Duration::from_secs(86_400))
+        .expect("leaf");
+    let chain = buildplane_pki::parse_cert_bundle(leaf.cert_pem.as_bytes()).expect("chain");
+    let bundle = buildplane_pki::ClientCaBundle::from_pem(
+        format!("{}{}", old.cert_pem(), pki.agent_ca.cert_pem()).as_bytes(),
+    )
+    .expect("bundle");
+    let quick = buildplane_benches::quick();
+    let mut group = c.benchmark_group("verdict");
+    group
+        .throughput(Throughput::Elements(1))
+        .warm_up_time(Duration::from_millis(if quick { 100 } else { 500 }))
+        .measurement_time(Duration::from_millis(if quick { 300 } else { 2000 }));
+    for (name, capacity) in [("verify", 0), ("remembered", 1024)] {
+        let cache = buildplane_pki::VerdictCache::with_capacity(capacity);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                cache
+                    .verify(
+                        &bundle,
+                        &chain[0],
+                        &chain[1..],
+                        rustls_pki_types::UnixTime::now(),
+                    )
+                    .expect("verified")
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, handshake, verdicts);
 criterion_main!(benches);

@@ -323,6 +323,9 @@ impl Tunnel {
         config.agent_listen = localhost;
         config.internal_listen = localhost;
         config.health_listen = localhost;
+        // Every admission verifies its chain, as in a storm of agents the gateway has not seen
+        // since it started (the worst case; a reconnect with a remembered leaf costs less).
+        config.verdict_cache_size = 0;
         let gateway = cluster_gateway::start(config).await?;
         let internal_base = format!("https://127.0.0.1:{}", gateway.internal_addr.port());
         let agents = CancellationToken::new();

@@ -77,6 +77,8 @@ pub struct GatewayConfig {
     pub cert_reload_interval: Duration,
     /// The paths the proxy refuses (`--proxy-deny`).
     pub proxy_policy: ProxyPolicy,
+    /// Verdicts the trust cache keeps (`--verdict-cache-size`; 0: none).
+    pub verdict_cache_size: usize,
 }
 
 impl GatewayConfig {
@@ -105,6 +107,7 @@ impl GatewayConfig {
             stream_stall_timeout: Duration::from_secs(60),
             cert_reload_interval: Duration::from_secs(2),
             proxy_policy: ProxyPolicy::default(),
+            verdict_cache_size: buildplane_pki::DEFAULT_VERDICT_CAPACITY,
         }
     }
 }
@@ -423,7 +426,8 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         config.cert_reload_interval,
     );
     let (changed_tx, mut changed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let trust = Trust::start(client, changed_tx, &mut tasks);
+    let trust =
+        Trust::start(client, changed_tx, &mut tasks).with_verdict_cache(config.verdict_cache_size);
     let shared = Arc::new(Shared {
         agent_tls: without_resumption(buildplane_pki::agent_listener_config(agent_cert)?),
         handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes.max(1))),

@@ -76,6 +76,11 @@ struct Flags {
     /// caller reads nothing) is reset with an error.
     #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     stream_stall_timeout: Duration,
+    /// Verdicts of chain verification remembered by (presented chain, clientCA bundle), so a
+    /// relist or an agent reconnecting with the same leaf costs no signature check; 0 turns the
+    /// cache off.
+    #[arg(long, default_value_t = buildplane_pki::DEFAULT_VERDICT_CAPACITY)]
+    verdict_cache_size: usize,
     /// A path the proxy refuses with 403 (repeatable): `/`-separated segments, `*` for any one
     /// segment, denying the path and everything below it (`/api/v1/namespaces/*/configmaps`).
     /// Without the flag the defaults apply (Secrets cluster-wide and in kube-system, the
@@ -137,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown_stagger: flags.shutdown_stagger,
         drain_timeout: flags.drain_timeout,
         stream_stall_timeout: flags.stream_stall_timeout,
+        verdict_cache_size: flags.verdict_cache_size,
         cert_reload_interval: Duration::from_secs(2),
         proxy_policy,
     })

@@ -48,6 +48,10 @@ pub struct Metrics {
     replaced_seen: Arc<AtomicU64>,
     reverified: Counter,
     ignored: Counter,
+    verdict_hits: Counter,
+    verdict_misses: Counter,
+    verdicts_seen: Arc<parking_lot::Mutex<(u64, u64)>>,
+    verdict_entries: Gauge,
 }
 
 impl Default for Metrics {
@@ -125,6 +129,24 @@ impl Default for Metrics {
             "Tunnel messages from agents that were ignored (undecodable, too large, or a kind this gateway does not serve); the connection stays",
             ignored.clone(),
         );
+        let verdict_hits = Counter::default();
+        registry.register(
+            "verdict_cache_hits",
+            "Chain verifications answered from the verdict cache (same chain, same clientCA bundle, no certificate past a validity boundary since)",
+            verdict_hits.clone(),
+        );
+        let verdict_misses = Counter::default();
+        registry.register(
+            "verdict_cache_misses",
+            "Chain verifications that ran (not in the verdict cache)",
+            verdict_misses.clone(),
+        );
+        let verdict_entries = Gauge::default();
+        registry.register(
+            "verdict_cache_entries",
+            "Verdicts held by the verdict cache",
+            verdict_entries.clone(),
+        );
         Self {
             registry: Arc::new(parking_lot::Mutex::new(registry)),
             admissions,
@@ -140,6 +162,10 @@ impl Default for Metrics {
             replaced_seen: Arc::default(),
             reverified,
             ignored,
+            verdict_hits,
+            verdict_misses,
+            verdicts_seen: Arc::default(),
+            verdict_entries,
         }
     }
 }
@@ -213,6 +239,16 @@ impl Metrics {
         let total = shared.registry.replaced_total();
         let seen = self.replaced_seen.swap(total, Ordering::Relaxed);
         self.replaced.inc_by(total.saturating_sub(seen));
+        let verdicts = shared.trust.verdict_stats();
+        {
+            let mut seen = self.verdicts_seen.lock();
+            self.verdict_hits
+                .inc_by(verdicts.hits.saturating_sub(seen.0));
+            self.verdict_misses
+                .inc_by(verdicts.misses.saturating_sub(seen.1));
+            *seen = (verdicts.hits, verdicts.misses);
+        }
+        self.verdict_entries.set(verdicts.entries as i64);
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry.lock());
         out

@@ -10,7 +10,7 @@ use std::{
 };
 
 use buildplane_api::{BuildPlane, ClusterBuildPlane, CrKey, PlaneCr, served::ServedCrs};
-use buildplane_pki::{CaId, ClientCaBundle};
+use buildplane_pki::{CaId, ClientCaBundle, VerdictCache, VerdictStats};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -42,6 +42,11 @@ pub struct Trust {
     /// quadratic). A hint only: each key is looked up in the store and its planeID checked
     /// again. `None` over bare stores (tests), which scan.
     planes: Option<PlaneIndex>,
+    /// Verdicts by (presented chain, clientCA bundle): a relist, a Secret rewritten with the
+    /// same data, an agent reconnecting with the same leaf, or a plane whose other CR changed
+    /// re-verifies from memory. A verdict holds only while no certificate involved crosses a
+    /// validity boundary (`buildplane_pki::VerdictCache`).
+    verdicts: Arc<VerdictCache>,
 }
 
 type PlaneIndex = Arc<parking_lot::RwLock<Planes>>;
@@ -213,7 +218,21 @@ impl Trust {
             secrets,
             deleted: Arc::default(),
             planes: None,
+            verdicts: Arc::default(),
         }
+    }
+
+    /// This trust with a verdict cache of `capacity` entries (0: every verification runs).
+    pub fn with_verdict_cache(self, capacity: usize) -> Trust {
+        Trust {
+            verdicts: Arc::new(VerdictCache::with_capacity(capacity)),
+            ..self
+        }
+    }
+
+    /// Hits, misses and entries of the verdict cache.
+    pub fn verdict_stats(&self) -> VerdictStats {
+        self.verdicts.stats()
     }
 
     fn uid_of(&self, key: &CrKey) -> Option<Option<String>> {
@@ -325,7 +344,10 @@ impl Trust {
     /// once: revalidating many connections costs one pass over the stores, not one per
     /// connection.
     pub fn index(&self, plane_id: Option<&str>) -> TrustIndex {
-        let mut index = TrustIndex::default();
+        let mut index = TrustIndex {
+            by_plane: HashMap::new(),
+            verdicts: self.verdicts.clone(),
+        };
         let mut parsed: HashMap<Vec<u8>, CaVerdict> = HashMap::new();
         let mut add = |key: CrKey, plane: String, ca: Result<Vec<u8>, String>| {
             let bundle = ca.and_then(|pem| {
@@ -435,9 +457,9 @@ pub const NOT_SERVED: &str = "not among the CRs the agent serves (its --serve li
 type CaVerdict = Result<Arc<ClientCaBundle>, String>;
 
 /// The admitting CRs by planeID at one moment (see [`Trust::index`]).
-#[derive(Default)]
 pub struct TrustIndex {
     by_plane: HashMap<String, Vec<(CrKey, CaVerdict)>>,
+    verdicts: Arc<VerdictCache>,
 }
 
 impl TrustIndex {
@@ -466,8 +488,8 @@ impl TrustIndex {
                 continue;
             }
             let verdict = bundle.as_ref().map_err(Clone::clone).and_then(|bundle| {
-                bundle
-                    .verify_client_anchor(end_entity, intermediates, now)
+                self.verdicts
+                    .verify(bundle, end_entity, intermediates, now)
                     .map_err(|e| e.to_string())
             });
             match verdict {
@@ -652,5 +674,44 @@ mod tests {
         apply(Event::Init);
         apply(Event::InitDone);
         assert!(both("p2").is_empty());
+    }
+
+    /// The second admission of the same chain against the same CR is answered from the verdict
+    /// cache; once the CR's clientCA names another CA the same chain is refused (the new bundle
+    /// is another key), and a return to the first CA is answered from the cache again.
+    #[test]
+    fn verdicts_are_remembered_per_bundle() {
+        let (namespaced, mut writer) = reflector::store::<BuildPlane>();
+        let (cluster, _cluster_writer) = reflector::store::<ClusterBuildPlane>();
+        let trust = Trust::from_stores(namespaced, cluster, SecretCache::holding([]));
+        let ca = Ca::generate("agent-ca", DAY).unwrap();
+        let other = Ca::generate("other-ca", DAY).unwrap();
+        let leaf = ca.issue_client("p1", DAY).unwrap();
+        let chain = buildplane_pki::parse_cert_bundle(leaf.cert_pem.as_bytes()).unwrap();
+        let mut set_ca = |pem: &str| {
+            writer.apply_watcher_event(&Event::Apply(build_plane("a", "p1", pem)));
+        };
+        let admitted = |trust: &Trust| {
+            !trust
+                .admit("p1", &chain, &ServedCrs::any())
+                .granted
+                .is_empty()
+        };
+
+        set_ca(ca.cert_pem());
+        assert!(admitted(&trust));
+        assert!(admitted(&trust));
+        let stats = trust.verdict_stats();
+        assert_eq!((stats.hits, stats.misses), (1, 1));
+
+        set_ca(other.cert_pem());
+        assert!(
+            !admitted(&trust),
+            "a verdict of the old bundle never answers for the new one"
+        );
+        set_ca(ca.cert_pem());
+        assert!(admitted(&trust));
+        let stats = trust.verdict_stats();
+        assert_eq!((stats.hits, stats.misses), (2, 2));
     }
 }

@@ -621,6 +621,24 @@ async fn secret_changes_reverify_only_the_planes_that_read_them() {
     );
     assert_eq!(env.connections().await, 2);
 
+    // Back to the CA alone: p's chain met that bundle at admission, so its re-verification is
+    // answered from the verdict cache (a new bundle never is: the change above was a miss).
+    let hits = sample(&env, "cluster_gateway_verdict_cache_hits_total").await;
+    let misses = sample(&env, "cluster_gateway_verdict_cache_misses_total").await;
+    env.secret("org-a", "agent-ca", "ca.crt", ca.cert_pem())
+        .await;
+    assert_eq!(settled_reverified(&env).await, before + 2);
+    assert_eq!(
+        sample(&env, "cluster_gateway_verdict_cache_hits_total").await,
+        hits + 1,
+        "the known (chain, bundle) pair is remembered"
+    );
+    assert_eq!(
+        sample(&env, "cluster_gateway_verdict_cache_misses_total").await,
+        misses
+    );
+    assert_eq!(env.connections().await, 2);
+
     // Of the cluster's Secrets, the gateway holds the data of the one a CR names, fetched when
     // the CR named it (it existed before), and lets it go when no CR names it any more.
     let cached = || async { sample(&env, "cluster_gateway_cached_secrets").await };

@@ -47,6 +47,9 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
 use thiserror::Error;
 
+mod verdicts;
+pub use verdicts::{DEFAULT_CAPACITY as DEFAULT_VERDICT_CAPACITY, VerdictCache, VerdictStats};
+
 /// Failures generating, parsing or loading certificates.
 #[derive(Debug, Error)]
 pub enum Error {
@@ -454,14 +457,14 @@ impl CaId {
 #[derive(Debug, Clone)]
 pub struct ClientCaBundle {
     certs: Vec<CertificateDer<'static>>,
+    /// SHA-256 of the certificates, the bundle's part of a [`VerdictCache`] key.
+    digest: [u8; 32],
 }
 
 impl ClientCaBundle {
     /// Parses a PEM bundle (several CAs during a rotation).
     pub fn from_pem(pem: &[u8]) -> Result<Self> {
-        Ok(Self {
-            certs: parse_cert_bundle(pem)?,
-        })
+        Ok(Self::from_ders(parse_cert_bundle(pem)?))
     }
 
     /// Parses a PEM bundle, giving the reason as a [`VerifyError`]: `EmptyBundle` when it holds
@@ -477,13 +480,19 @@ impl ClientCaBundle {
             webpki::anchor_from_trusted_cert(cert)
                 .map_err(|e| VerifyError::Malformed(format!("clientCA certificate: {e:?}")))?;
         }
-        Ok(Self { certs })
+        Ok(Self::from_ders(certs))
     }
 
     /// A bundle of already parsed certificates; when empty, verification fails with
     /// [`VerifyError::EmptyBundle`].
     pub fn from_ders(certs: Vec<CertificateDer<'static>>) -> Self {
-        Self { certs }
+        let digest = verdicts::digest_ders(certs.iter().map(|c| c.as_ref()));
+        Self { certs, digest }
+    }
+
+    /// SHA-256 over the bundle's certificates (each length-prefixed).
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
     }
 
     /// The certificates of the bundle.

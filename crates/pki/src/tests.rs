@@ -72,10 +72,22 @@ fn check(case: Case, expected: Expect) {
     let res = match ClientCaBundle::from_pem(case.bundle_pem.as_bytes()) {
         Err(Error::InvalidPem(_)) => Expect::BadBundle,
         Err(other) => panic!("{}: unexpected bundle error {other}", case.name),
-        Ok(bundle) => match bundle.verify_client(&case.presented[0], &case.presented[1..], now()) {
-            Ok(()) => Expect::Accepted,
-            Err(err) => Expect::Rejected(err),
-        },
+        Ok(bundle) => {
+            let now = now();
+            let direct = bundle.verify_client(&case.presented[0], &case.presented[1..], now);
+            // The verdict cache gives the same answer, cold and warm.
+            let cache = VerdictCache::default();
+            for round in ["cold", "warm"] {
+                let cached = cache
+                    .verify(&bundle, &case.presented[0], &case.presented[1..], now)
+                    .map(drop);
+                assert_eq!(cached, direct, "{}: cached verdict ({round})", case.name);
+            }
+            match direct {
+                Ok(()) => Expect::Accepted,
+                Err(err) => Expect::Rejected(err),
+            }
+        }
     };
     assert_eq!(res, expected, "{}", case.name);
 }

@@ -87,29 +87,12 @@ impl K3dPki {
     /// A rustls client configuration that trusts the gateway CA and presents the harness's
     /// client certificate (for the internal API).
     pub fn harness_tls(&self) -> Result<rustls::ClientConfig, K3dError> {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let bad = |err: String| K3dError::Pki(format!("harness TLS configuration: {err}"));
-        let ca = self.read("server-ca.crt")?;
-        let cert = self.read("harness.crt")?;
-        let key = self.read("harness.key")?;
-        let mut roots = rustls::RootCertStore::empty();
-        for der in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            roots
-                .add(der.map_err(|e| bad(e.to_string()))?)
-                .map_err(|e| bad(e.to_string()))?;
-        }
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(e.to_string()))?;
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| bad(e.to_string()))
+        let harness = crate::pki::Pem {
+            cert: self.read("harness.crt")?,
+            key: self.read("harness.key")?,
+        };
+        crate::pki::client_tls(&self.read("server-ca.crt")?, &harness)
+            .map_err(|err| K3dError::Pki(format!("harness TLS configuration: {err}")))
     }
 }
 
