@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use crate::{
     error::ApiError,
+    kinds,
     managed::{self, Scope},
     schema,
     selector::{FieldSelector, LabelSelector},
@@ -170,6 +171,7 @@ fn tracks_generation(resource: &Resource) -> bool {
     resource.is_custom()
         || resource.is_crd()
         || matches!(resource.plural.as_str(), "deployments" | "pods")
+        || kinds::is_job(resource)
 }
 
 /// Validates a name like the real server: namespaces are DNS labels, the rest DNS subdomains.
@@ -236,6 +238,9 @@ fn admit(
     }
     if resource.is_crd() {
         admit_crd(resource, object, name, old)?;
+    }
+    if kinds::is_job(resource) {
+        kinds::admit_job(resource, object, name)?;
     }
     if let Some(schema) = &resource.schema {
         let admission = schema::admit(schema, object, old);
@@ -581,6 +586,11 @@ fn create_with(
         );
     }
     let mut object = store.stamp_new(object);
+    if kinds::is_job(resource) {
+        kinds::label_new_job(&mut object);
+        // The Go struct's empty status is written out.
+        object["status"] = json!({});
+    }
     if !tracks_generation(resource)
         && let Some(meta) = object["metadata"].as_object_mut()
     {

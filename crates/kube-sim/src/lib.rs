@@ -16,6 +16,7 @@ pub mod api;
 pub mod discovery;
 pub mod error;
 pub mod events;
+pub mod kinds;
 pub mod managed;
 pub mod protobuf;
 pub mod schema;

@@ -731,7 +731,7 @@ pub fn builtin_resources() -> Vec<Resource> {
     for resource in &mut resources {
         if matches!(
             resource.plural.as_str(),
-            "pods" | "services" | "deployments"
+            "pods" | "services" | "deployments" | "jobs"
         ) {
             resource.categories = vec!["all".into()];
         }
@@ -823,6 +823,7 @@ fn stored_builtins() -> Vec<Resource> {
             true,
             &["deploy"],
         ),
+        builtin("batch", "v1", "Job", "jobs", true, true, &[]),
         builtin(
             "rbac.authorization.k8s.io",
             "v1",

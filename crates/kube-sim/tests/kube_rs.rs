@@ -936,3 +936,173 @@ async fn metadata_only_responses_carry_no_data() {
     assert_eq!(seen.metadata.name.as_deref(), Some("s"));
     server.shutdown().await;
 }
+
+/// `batch/v1` Jobs: discovered with their status subresource, stored with the defaults the API
+/// server sets (counts, modes, the generated selector and labels, the pod template's defaults),
+/// refused without a restart policy a Job allows, listed by label, deleted. The job controller
+/// of the real cluster's kube-controller-manager writes status and pods; the test reads neither.
+#[tokio::test]
+async fn jobs_are_stored_with_the_servers_defaults() {
+    use k8s_openapi::api::batch::v1::Job;
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    create_namespace(&client, "org").await;
+    let resources = client
+        .list_api_group_resources("batch/v1")
+        .await
+        .expect("batch/v1 discovered");
+    let jobs_entry = resources
+        .resources
+        .iter()
+        .find(|r| r.name == "jobs")
+        .expect("jobs listed");
+    assert_eq!(jobs_entry.kind, "Job");
+    assert!(jobs_entry.namespaced);
+    assert_eq!(
+        jobs_entry.categories.as_deref(),
+        Some(&["all".to_owned()][..])
+    );
+    assert!(resources.resources.iter().any(|r| r.name == "jobs/status"));
+
+    let jobs: Api<Job> = Api::namespaced(client.clone(), "org");
+    let job = |name: &str, spec: serde_json::Value| -> Job {
+        serde_json::from_value(json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name}, "spec": spec}))
+        .expect("a Job")
+    };
+    let err = jobs
+        .create(
+            &PostParams::default(),
+            &job(
+                "bad",
+                json!({"template": {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}}),
+            ),
+        )
+        .await
+        .expect_err("a Job's pods must not restart always");
+    assert_eq!(
+        api_error(&err),
+        (
+            422,
+            "Invalid".to_owned(),
+            "Job.batch \"bad\" is invalid: spec.template.spec.restartPolicy: Required value: valid values: \"OnFailure\", \"Never\"".to_owned()
+        )
+    );
+
+    let created = jobs
+        .create(
+            &PostParams::default(),
+            &job("plain", json!({"template": {"spec": {"restartPolicy": "Never",
+                "containers": [{"name": "c", "image": "busybox"}, {"name": "d", "image": "busybox:1.36"}]}}})),
+        )
+        .await
+        .expect("created");
+    let uid = created.metadata.uid.clone().expect("uid");
+    let value = serde_json::to_value(&created).expect("json");
+    let spec = &value["spec"];
+    for (field, expected) in [
+        ("parallelism", json!(1)),
+        ("completions", json!(1)),
+        ("backoffLimit", json!(6)),
+        ("completionMode", json!("NonIndexed")),
+        ("suspend", json!(false)),
+        ("podReplacementPolicy", json!("TerminatingOrFailed")),
+        ("manualSelector", json!(false)),
+        (
+            "selector",
+            json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+        ),
+    ] {
+        assert_eq!(spec[field], expected, "spec.{field}");
+    }
+    let labels = json!({"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": "plain",
+        "controller-uid": uid, "job-name": "plain"});
+    assert_eq!(spec["template"]["metadata"]["labels"], labels);
+    assert_eq!(
+        value["metadata"]["labels"], labels,
+        "a Job without labels takes its pods'"
+    );
+    assert_eq!(created.metadata.generation, Some(1));
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirst");
+    assert_eq!(pod["schedulerName"], "default-scheduler");
+    assert_eq!(pod["securityContext"], json!({}));
+    let container = &pod["containers"][0];
+    assert_eq!(container["terminationMessagePath"], "/dev/termination-log");
+    assert_eq!(container["terminationMessagePolicy"], "File");
+    assert_eq!(container["resources"], json!({}));
+    assert_eq!(container["imagePullPolicy"], "Always");
+    assert_eq!(pod["containers"][1]["imagePullPolicy"], "IfNotPresent");
+
+    let given = jobs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": "indexed", "labels": {"team": "a"}},
+                "spec": {"suspend": true, "completions": 3, "parallelism": 2, "completionMode": "Indexed",
+                    "backoffLimit": 1,
+                    "template": {"metadata": {"labels": {"app": "x"}},
+                        "spec": {"restartPolicy": "OnFailure", "containers": [{"name": "c", "image": "busybox"}]}}}}))
+            .expect("a Job"),
+        )
+        .await
+        .expect("created");
+    let value = serde_json::to_value(&given).expect("json");
+    assert_eq!(
+        value["metadata"]["labels"],
+        json!({"team": "a"}),
+        "given labels stay"
+    );
+    assert_eq!(value["spec"]["template"]["metadata"]["labels"]["app"], "x");
+    assert_eq!(
+        value["spec"]["template"]["metadata"]["labels"]["job-name"],
+        "indexed"
+    );
+    for (field, expected) in [
+        ("parallelism", json!(2)),
+        ("completions", json!(3)),
+        ("backoffLimit", json!(1)),
+        ("completionMode", json!("Indexed")),
+        ("suspend", json!(true)),
+    ] {
+        assert_eq!(value["spec"][field], expected, "spec.{field}");
+    }
+
+    let fetched = jobs.get("plain").await.expect("get");
+    assert_eq!(fetched.spec, created.spec);
+    let listed = jobs
+        .list(&ListParams::default().labels("job-name=plain"))
+        .await
+        .expect("list");
+    let names: Vec<String> = listed.items.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(names, ["plain"]);
+    let all = jobs.list(&ListParams::default()).await.expect("list");
+    assert_eq!(all.items.len(), 2);
+
+    // A background delete removes the Job at once; the default (orphan) one goes after the
+    // real server's garbage collector removed its `orphan` finalizer.
+    let deleted = jobs
+        .delete("indexed", &DeleteParams::background())
+        .await
+        .expect("deleted");
+    assert!(deleted.is_right(), "a background delete answers a Status");
+    jobs.delete("plain", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !jobs
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the Jobs are gone");
+    server.shutdown().await;
+}
