@@ -27,6 +27,17 @@ use buildplane_api::served::ServedCrs;
 use buildplane_pki::ReloadableCert;
 use buildplane_runtime::Tasks;
 use tokio::sync::{Notify, Semaphore};
+
+/// Connections an agent holds at most, whatever replica count a gateway tells.
+pub const MAX_GATEWAY_REPLICAS: usize = 16;
+
+/// The gateway replicas an agent is connected to, by connection slot, and how many the
+/// gateways say there are.
+#[derive(Debug, Default)]
+struct Replicas {
+    held: std::collections::BTreeMap<usize, String>,
+    count: usize,
+}
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -118,11 +129,19 @@ pub struct Agent {
     tls: parking_lot::RwLock<Arc<rustls::ClientConfig>>,
     /// The client certificate in use; replacing it takes effect on the next connection.
     pub cert: Arc<ReloadableCert>,
-    /// Notified after [`Agent::cert`] changed: the supervisor opens a new connection, then
-    /// drains the old one.
-    pub renewed: Notify,
-    /// Live sessions (0 or 1; 2 while a renewal hands over).
+    /// Bumped after [`Agent::cert`] changed ([`Agent::certificate_renewed`]): each connection
+    /// slot opens a new connection, then drains its old one.
+    renewed: tokio::sync::watch::Sender<u64>,
+    /// Live sessions (one per gateway replica; one more while a slot hands over).
     pub connected: AtomicUsize,
+    /// The gateway replicas this agent holds a connection to, by connection slot.
+    replicas: parking_lot::Mutex<Replicas>,
+    /// Notified when a gateway told a different replica count.
+    replica_count_changed: Notify,
+    /// Held by a slot from its dial until it records the replica it reached, so two slots
+    /// never dial at once and each dial names every replica the others hold (otherwise two
+    /// slots can reach the same replica together, and the newer replaces the older there).
+    dialing: tokio::sync::Mutex<()>,
     /// Requests executed (for tests and the swarm's summary).
     pub requests: AtomicUsize,
     /// Tunnel messages ignored: undecodable, too large, or a kind this agent does not serve
@@ -170,8 +189,11 @@ impl Agent {
             cluster,
             tls: parking_lot::RwLock::new(tls),
             cert,
-            renewed: Notify::new(),
+            renewed: tokio::sync::watch::Sender::new(0),
             connected: AtomicUsize::new(0),
+            replicas: parking_lot::Mutex::new(Replicas::default()),
+            replica_count_changed: Notify::new(),
+            dialing: tokio::sync::Mutex::new(()),
             requests: AtomicUsize::new(0),
             ignored: AtomicUsize::new(0),
             gateway_ignores_offer: AtomicBool::new(false),
@@ -200,25 +222,123 @@ impl Agent {
         self.connected.load(Ordering::SeqCst) > 0
     }
 
+    /// The certificate in [`Agent::cert`] changed: every connection is replaced, new before
+    /// old.
+    pub fn certificate_renewed(&self) {
+        self.renewed.send_modify(|generation| *generation += 1);
+    }
+
+    /// The gateway replicas this agent holds a connection to.
+    pub fn held_replicas(&self) -> Vec<String> {
+        self.replicas.lock().held.values().cloned().collect()
+    }
+
     /// Connects, serves and reconnects until `shutdown`; then drains in-flight work.
+    ///
+    /// One connection slot to begin with; when a gateway's 101 says there are N replicas
+    /// behind the address, N slots, each dialing (through whatever balances the address)
+    /// until it holds a replica the others do not (the replicas it holds already answer 409).
+    /// A slot above the count retires at its next reconnect.
     pub async fn supervise(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut backoff = self.config.backoff.clone();
+        let mut slots = tokio::task::JoinSet::new();
+        slots.spawn(self.clone().supervise_slot(0, shutdown.clone()));
         loop {
+            tokio::select! {
+                () = self.replica_count_changed.notified() => {
+                    let wanted = self.replicas.lock().count.clamp(1, MAX_GATEWAY_REPLICAS);
+                    while slots.len() < wanted {
+                        let slot = slots.len();
+                        info!(plane_id = %self.config.plane_id, slot, wanted, "opening a connection to another gateway replica");
+                        slots.spawn(self.clone().supervise_slot(slot, shutdown.clone()));
+                    }
+                }
+                ended = slots.join_next() => {
+                    if let Some(Err(err)) = ended && err.is_panic() {
+                        std::panic::resume_unwind(err.into_panic());
+                    }
+                    if slots.is_empty() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `slot` is above the replica count (slot 0 always stays).
+    fn slot_retired(&self, slot: usize) -> bool {
+        let replicas = self.replicas.lock();
+        slot > 0 && slot >= replicas.count.clamp(1, MAX_GATEWAY_REPLICAS)
+    }
+
+    /// Records what a connection's 101 said: the slot holds that replica, and the count.
+    fn hold(&self, slot: usize, replica: &session::GatewayReplica) {
+        let changed = {
+            let mut replicas = self.replicas.lock();
+            if let Some(id) = &replica.id {
+                replicas.held.insert(slot, id.clone());
+            }
+            let count = replica.count.unwrap_or(1);
+            std::mem::replace(&mut replicas.count, count) != count
+        };
+        if changed {
+            self.replica_count_changed.notify_one();
+        }
+    }
+
+    /// Dials for `slot`, naming the replicas the other slots hold, and records the replica
+    /// reached; one slot at a time.
+    async fn dial_for(&self, slot: usize) -> Result<session::Connected, Ended> {
+        let _dialing = self.dialing.lock().await;
+        let connected = connect(self, &self.held_elsewhere(slot)).await?;
+        self.hold(slot, &connected.replica);
+        Ok(connected)
+    }
+
+    fn release(&self, slot: usize) {
+        self.replicas.lock().held.remove(&slot);
+    }
+
+    /// The replicas the other slots hold: a new connection of `slot` must reach another one.
+    fn held_elsewhere(&self, slot: usize) -> Vec<String> {
+        let replicas = self.replicas.lock();
+        replicas
+            .held
+            .iter()
+            .filter(|(other, _)| **other != slot)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// One connection slot: connects, serves and reconnects until `shutdown` (then drains) or
+    /// until the replica count falls below it.
+    async fn supervise_slot(self: Arc<Self>, slot: usize, shutdown: CancellationToken) {
+        let mut backoff = self.config.backoff.clone();
+        let mut renewals = self.renewed.subscribe();
+        loop {
+            if self.slot_retired(slot) {
+                info!(plane_id = %self.config.plane_id, slot, "fewer gateway replicas now; closing this connection slot");
+                return;
+            }
             let attempt = tokio::select! {
-                attempt = connect(&self) => attempt,
+                attempt = self.dial_for(slot) => attempt,
                 () = shutdown.cancelled() => return,
             };
             let delay = match attempt {
                 Err(ended) => self.delay_after(&mut backoff, ended),
                 Ok(session) => {
+                    renewals.mark_unchanged();
                     let mut current = session.spawn(self.clone());
                     // Whether the current connection's drain (the gateway's GoAway) was handled.
                     let mut handed_over = false;
+                    // A renewal whose new connection could not be made yet is tried again.
+                    let mut retry_renewal: Option<tokio::time::Instant> = None;
                     let ended = loop {
+                        let retry_at = retry_renewal;
                         tokio::select! {
                             biased;
                             ended = current.wait() => break ended,
                             () = shutdown.cancelled() => {
+                                self.release(slot);
                                 current.drain().await;
                                 return;
                             }
@@ -228,30 +348,40 @@ impl Agent {
                                 // its requests. When no gateway takes a new connection yet, the
                                 // old one drains and the backoff takes over.
                                 handed_over = true;
-                                if current.is_draining() && self.hand_over(&mut current, "the gateway is draining the connection").await {
+                                if current.is_draining() && self.hand_over(slot, &mut current, "the gateway is draining the connection").await {
                                     handed_over = false;
                                 }
                             }
-                            () = self.renewed.notified() => {
+                            changed = renewals.changed() => {
+                                if changed.is_err() {
+                                    continue;
+                                }
                                 // New before old: the old connection only drains once the
                                 // renewed one is up, so requests keep flowing.
-                                if self.hand_over(&mut current, "connected with the renewed certificate").await {
+                                retry_renewal = None;
+                                if self.hand_over(slot, &mut current, "connected with the renewed certificate").await {
                                     handed_over = false;
                                 } else {
-                                    let agent = self.clone();
-                                    tokio::spawn(async move {
-                                        tokio::time::sleep(Duration::from_secs(5)).await;
-                                        agent.renewed.notify_one();
-                                    });
+                                    retry_renewal = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                                }
+                            }
+                            () = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
+                                retry_renewal = None;
+                                if self.hand_over(slot, &mut current, "connected with the renewed certificate").await {
+                                    handed_over = false;
+                                } else {
+                                    retry_renewal = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                                 }
                             }
                         }
                     };
+                    self.release(slot);
                     self.delay_after(&mut backoff, ended)
                 }
             };
             tracing::debug!(
                 plane_id = %self.config.plane_id,
+                slot,
                 delay_ms = delay.as_millis() as u64,
                 "reconnecting after backoff"
             );
@@ -264,8 +394,13 @@ impl Agent {
 
     /// Connects anew and, once connected, swaps the new connection in and drains the old one
     /// on its own task. False when the new connection could not be made (the old one stays).
-    async fn hand_over(self: &Arc<Self>, current: &mut SessionHandle, why: &str) -> bool {
-        match connect(self).await {
+    async fn hand_over(
+        self: &Arc<Self>,
+        slot: usize,
+        current: &mut SessionHandle,
+        why: &str,
+    ) -> bool {
+        match self.dial_for(slot).await {
             Ok(next) => {
                 info!(plane_id = %self.config.plane_id, "{why}; connected anew, draining the old connection");
                 let old = std::mem::replace(current, next.spawn(self.clone()));
@@ -286,7 +421,12 @@ impl Agent {
                 retry_after,
                 body,
             } => {
-                warn!(plane_id = %self.config.plane_id, status, %body, "the gateway refused the connection");
+                if status == 409 {
+                    // A replica this agent holds already; the balancer picks another next time.
+                    tracing::debug!(plane_id = %self.config.plane_id, %body, "reached a gateway replica held already");
+                } else {
+                    warn!(plane_id = %self.config.plane_id, status, %body, "the gateway refused the connection");
+                }
                 backoff.after_refusal(status, retry_after)
             }
             Ended::OfferIgnored => backoff.next_delay(),
@@ -444,7 +584,7 @@ pub async fn follow_identity(agent: Arc<Agent>) -> anyhow::Result<()> {
                 return;
             }
             info!("client certificate renewed");
-            agent.renewed.notify_one();
+            agent.certificate_renewed();
         },
     )
     .await

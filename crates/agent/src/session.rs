@@ -64,10 +64,20 @@ impl Ended {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
+/// What a gateway's 101 said about its replicas (nothing, from OpenChoreo's or an older one).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GatewayReplica {
+    /// The replica that answered.
+    pub(crate) id: Option<String>,
+    /// How many replicas serve behind the address.
+    pub(crate) count: Option<usize>,
+}
+
 /// A connected, not yet serving, WebSocket.
 pub(crate) struct Connected {
     ws: Ws,
     version: u16,
+    pub(crate) replica: GatewayReplica,
 }
 
 /// A serving connection: its tunnel [`Link`], whose acceptor runs each request on its own task.
@@ -148,28 +158,29 @@ impl Connected {
     }
 }
 
-/// Dials the gateway: `wss://.../ws?planeID=..&planeType=..&agentID=..[&serves=..]`. With `--protocol v2`
+/// Dials the gateway: `wss://.../ws?planeID=..&planeType=..&agentID=..[&serves=..][&held=..]`
+/// (`held`: the gateway replicas the agent's other connections hold, which answer 409). With `--protocol v2`
 /// it offers v2 and v1; a gateway that upgrades without naming either (OpenChoreo's, which
 /// speaks v1 and names no subprotocol) is dialled again at once offering nothing, and v1 is
 /// spoken to it from then on (until the process restarts). With `--protocol v1` nothing is
 /// offered, as OpenChoreo's agent does.
-pub(crate) async fn connect(agent: &Agent) -> Result<Connected, Ended> {
+pub(crate) async fn connect(agent: &Agent, held: &[String]) -> Result<Connected, Ended> {
     let offer_v2 =
         agent.config.protocol >= 2 && !agent.gateway_ignores_offer.load(Ordering::Relaxed);
-    match dial(agent, offer_v2).await {
+    match dial(agent, offer_v2, held).await {
         Err(Ended::OfferIgnored) if offer_v2 => {
             warn!(
                 plane_id = %agent.config.plane_id,
                 "the gateway ignored the subprotocol offer (an OpenChoreo gateway); speaking v1 (OpenChoreo JSON) to it from now on"
             );
             agent.gateway_ignores_offer.store(true, Ordering::Relaxed);
-            dial(agent, false).await
+            dial(agent, false, held).await
         }
         other => other,
     }
 }
 
-async fn dial(agent: &Agent, offer_v2: bool) -> Result<Connected, Ended> {
+async fn dial(agent: &Agent, offer_v2: bool, held: &[String]) -> Result<Connected, Ended> {
     let config = &agent.config;
     let separator = if config.server_url.contains('?') {
         '&'
@@ -186,6 +197,12 @@ async fn dial(agent: &Agent, offer_v2: bool) -> Result<Connected, Ended> {
     if !config.served.is_any() {
         url.push_str("&serves=");
         url.push_str(&encode_query(&config.served.to_string()));
+    }
+    if !held.is_empty() {
+        url.push('&');
+        url.push_str(buildplane_api::names::HELD_REPLICAS_QUERY);
+        url.push('=');
+        url.push_str(&encode_query(&held.join(",")));
     }
     let mut request = url
         .as_str()
@@ -270,8 +287,24 @@ async fn dial(agent: &Agent, offer_v2: bool) -> Result<Connected, Ended> {
         Some(SUBPROTOCOL_V2) => 2,
         _ => 1,
     };
-    info!(plane_id = %config.plane_id, protocol = version, "connected to the gateway");
-    Ok(Connected { ws, version })
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let replica = GatewayReplica {
+        id: header(buildplane_api::names::GATEWAY_REPLICA_HEADER),
+        count: header(buildplane_api::names::GATEWAY_REPLICAS_HEADER)
+            .and_then(|count| count.parse().ok()),
+    };
+    info!(plane_id = %config.plane_id, protocol = version, replica = ?replica.id, "connected to the gateway");
+    Ok(Connected {
+        ws,
+        version,
+        replica,
+    })
 }
 
 fn encode_query(value: &str) -> String {

@@ -37,6 +37,14 @@ pub const ANNOTATION_DISPLAY_NAME: &str = "openchoreo.dev/display-name";
 pub const ANNOTATION_DESCRIPTION: &str = "openchoreo.dev/description";
 /// The namespace placeholder for cluster-scoped CRs in gateway proxy URLs.
 pub const CLUSTER_SCOPE_SEGMENT: &str = "_cluster";
+/// Response header of a gateway's WebSocket upgrade (101 and 409): the answering replica's id.
+pub const GATEWAY_REPLICA_HEADER: &str = "x-buildplane-gateway-replica";
+/// Response header of a gateway's 101: how many gateway replicas serve behind the address; an
+/// agent of ours holds one connection to each (see ARCHITECTURE.md, "Gateway replicas").
+pub const GATEWAY_REPLICAS_HEADER: &str = "x-buildplane-gateway-replicas";
+/// Upgrade query parameter: the replica ids the agent already holds a connection to, comma
+/// separated; a replica named there answers 409 instead of admitting a second connection.
+pub const HELD_REPLICAS_QUERY: &str = "held";
 
 /// Condition types written by the controller.
 pub mod condition {

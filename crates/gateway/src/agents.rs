@@ -3,7 +3,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use buildplane_api::{names::PlaneType, served::ServedCrs};
+use buildplane_api::{
+    names::{self, PlaneType},
+    served::ServedCrs,
+};
 use buildplane_link::{Config as SessionConfig, Link, Moment, OnIgnored, Role, Session};
 use buildplane_tunnel::negotiate;
 use parking_lot::Mutex;
@@ -174,18 +177,22 @@ struct UpgradeQuery {
     plane_id: String,
     agent_id: String,
     served: ServedCrs,
+    /// Gateway replicas the agent already holds a connection to.
+    held: Vec<String>,
 }
 
 impl UpgradeQuery {
     /// The query, or the reason for a 400.
     fn parse(query: &str) -> Result<Self, String> {
-        let (mut plane_id, mut plane_type, mut agent_id, mut serves) = (None, None, None, None);
+        let (mut plane_id, mut plane_type, mut agent_id, mut serves, mut held) =
+            (None, None, None, None, None);
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
             let slot = match name.as_ref() {
                 "planeID" => &mut plane_id,
                 "planeType" => &mut plane_type,
                 "agentID" => &mut agent_id,
                 "serves" => &mut serves,
+                names::HELD_REPLICAS_QUERY => &mut held,
                 _ => continue,
             };
             // The first of a repeated parameter counts, as Go's `Query().Get`.
@@ -200,12 +207,33 @@ impl UpgradeQuery {
             .map_err(|err| err.to_string())?;
         let served = ServedCrs::parse_list(serves.as_deref().unwrap_or(""))
             .map_err(|err| format!("serves: {err}"))?;
+        let held = held
+            .unwrap_or_default()
+            .split(',')
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .collect();
         Ok(Self {
             plane_id,
             agent_id: agent_id.unwrap_or_default(),
             served,
+            held,
         })
     }
+}
+
+/// Tells the agent which replica answered and how many there are.
+fn insert_replica_headers(
+    headers: &mut tokio_tungstenite::tungstenite::http::HeaderMap,
+    replica: &crate::Replica,
+) {
+    if let Ok(id) = HeaderValue::from_str(&replica.id) {
+        headers.insert(names::GATEWAY_REPLICA_HEADER, id);
+    }
+    headers.insert(
+        names::GATEWAY_REPLICAS_HEADER,
+        HeaderValue::from(replica.count),
+    );
 }
 
 // The callback's error type is tungstenite's; its size is not ours to choose.
@@ -227,6 +255,7 @@ async fn accept(
     let metrics = shared.metrics.clone();
     let registry = shared.clone();
     let caps = shared.config.connection_caps;
+    let replica = shared.config.replica.clone();
     let verdict_in = verdict.clone();
     let callback = move |req: &Request, mut res: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != "/ws" {
@@ -239,6 +268,7 @@ async fn accept(
             plane_id,
             agent_id,
             served,
+            held,
         } = match UpgradeQuery::parse(req.uri().query().unwrap_or("")) {
             Ok(query) => query,
             Err(reason) => {
@@ -246,6 +276,21 @@ async fn accept(
                 return Err(reject(StatusCode::BAD_REQUEST, reason));
             }
         };
+        if held.contains(&replica.id) {
+            // The agent reached, through the load balancer, a replica it is connected to
+            // already: it dials again for another. Nothing is verified or registered, and its
+            // live connection here stays.
+            metrics.rejected("replica_held");
+            let mut res = reject(
+                StatusCode::CONFLICT,
+                format!(
+                    "the agent holds a connection to gateway replica {:?} already",
+                    replica.id
+                ),
+            );
+            insert_replica_headers(res.headers_mut(), &replica);
+            return Err(res);
+        }
         if chain.is_empty() {
             metrics.rejected("no_certificate");
             return Err(reject(
@@ -301,6 +346,7 @@ async fn accept(
                 HeaderValue::from_static(subprotocol),
             );
         }
+        insert_replica_headers(res.headers_mut(), &replica);
         *verdict_in.lock() = Some(Verdict {
             plane_id,
             version,
@@ -449,6 +495,11 @@ mod tests {
         let open = UpgradeQuery::parse("planeID=p1&planeType=buildplane").unwrap();
         assert!(open.served.is_any());
         assert_eq!(open.agent_id, "");
+        assert!(open.held.is_empty());
+        let held =
+            UpgradeQuery::parse("planeID=p1&planeType=buildplane&held=gateway-0%2Cgateway-2,")
+                .unwrap();
+        assert_eq!(held.held, ["gateway-0", "gateway-2"]);
         // The first of a repeated parameter counts.
         let first = UpgradeQuery::parse("planeID=a&planeID=b&planeType=buildplane").unwrap();
         assert_eq!(first.plane_id, "a");

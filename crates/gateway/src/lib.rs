@@ -79,6 +79,27 @@ pub struct GatewayConfig {
     pub proxy_policy: ProxyPolicy,
     /// Verdicts the trust cache keeps (`--verdict-cache-size`; 0: none).
     pub verdict_cache_size: usize,
+    /// This replica's id and the number of replicas behind the agent address.
+    pub replica: Replica,
+}
+
+/// A gateway's place among its replicas, told to every agent in the upgrade's 101 so that an
+/// agent of ours can hold one connection to each replica (`--replica-id`, `--replicas`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Unique among the replicas (the pod name in Kubernetes).
+    pub id: String,
+    /// How many replicas serve behind the agents' address (at least 1).
+    pub count: u32,
+}
+
+impl Default for Replica {
+    fn default() -> Self {
+        Self {
+            id: "gateway-0".into(),
+            count: 1,
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -108,6 +129,7 @@ impl GatewayConfig {
             cert_reload_interval: Duration::from_secs(2),
             proxy_policy: ProxyPolicy::default(),
             verdict_cache_size: buildplane_pki::DEFAULT_VERDICT_CAPACITY,
+            replica: Replica::default(),
         }
     }
 }

@@ -81,6 +81,14 @@ struct Flags {
     /// cache off.
     #[arg(long, default_value_t = buildplane_pki::DEFAULT_VERDICT_CAPACITY)]
     verdict_cache_size: usize,
+    /// This replica's id among the gateway replicas (in Kubernetes, the pod name), told to
+    /// agents in the upgrade's 101; default: the host name.
+    #[arg(long, env = "POD_NAME")]
+    replica_id: Option<String>,
+    /// How many gateway replicas serve behind the agents' address: an agent of ours holds one
+    /// connection to each, so any replica can route any request.
+    #[arg(long, env = "GATEWAY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    replicas: u32,
     /// A path the proxy refuses with 403 (repeatable): `/`-separated segments, `*` for any one
     /// segment, denying the path and everything below it (`/api/v1/namespaces/*/configmaps`).
     /// Without the flag the defaults apply (Secrets cluster-wide and in kube-system, the
@@ -143,6 +151,13 @@ async fn main() -> anyhow::Result<()> {
         drain_timeout: flags.drain_timeout,
         stream_stall_timeout: flags.stream_stall_timeout,
         verdict_cache_size: flags.verdict_cache_size,
+        replica: cluster_gateway::Replica {
+            id: match flags.replica_id.filter(|id| !id.is_empty()) {
+                Some(id) => id,
+                None => host_name(),
+            },
+            count: flags.replicas,
+        },
         cert_reload_interval: Duration::from_secs(2),
         proxy_policy,
     })
@@ -157,6 +172,15 @@ async fn main() -> anyhow::Result<()> {
     let stopped = gateway.shutdown(flags.shutdown_stagger).await;
     ended.and(stopped)?;
     Ok(())
+}
+
+/// The host name (`/proc/sys/kernel/hostname`), or `gateway-0`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "gateway-0".into())
 }
 
 #[cfg(test)]

@@ -143,7 +143,7 @@ async fn leaf_renewal_hands_over_without_failed_requests() {
         .cert
         .replace_from_pem(&renewed.cert_pem, &renewed.key_pem)
         .unwrap();
-    agent.renewed.notify_one();
+    agent.certificate_renewed();
     env.eventually("the old connection handed over", WAIT, || async {
         let ids = connection_ids(&env).await;
         ids.len() == 1 && ids != before
