@@ -48,6 +48,8 @@ pub enum Part {
     Main,
     /// The `/status` subresource (only status changes kept).
     Status,
+    /// The `/approval` subresource of CertificateSigningRequests (only `status.conditions`).
+    Approval,
 }
 
 /// `fieldValidation`: what to do with unknown fields.
@@ -91,6 +93,8 @@ pub struct WriteOptions {
     pub force: bool,
     /// Warnings for the `Warning` response header.
     pub warnings: Vec<String>,
+    /// Who asks (`username`, `uid`, `groups`, `extra`); kube-sim's own token when `None`.
+    pub user: Option<Value>,
 }
 
 /// Options of a delete (query string and `DeleteOptions` body).
@@ -153,7 +157,7 @@ fn rv_of(object: &Value) -> Option<&str> {
 
 fn scope_of(resource: &Resource, part: Part) -> Scope {
     match part {
-        Part::Status => Scope::Status,
+        Part::Status | Part::Approval => Scope::Status,
         Part::Main if resource.status_subresource => Scope::Main,
         Part::Main => Scope::All,
     }
@@ -163,6 +167,7 @@ fn subresource_of(part: Part) -> &'static str {
     match part {
         Part::Main => "",
         Part::Status => "status",
+        Part::Approval => "approval",
     }
 }
 
@@ -241,6 +246,10 @@ fn admit(
     }
     if kinds::is_job(resource) {
         kinds::admit_job(resource, object, name)?;
+    }
+    if kinds::is_csr(resource) && old.is_none() {
+        let user = options.user.clone().unwrap_or_else(kinds::admin_user);
+        kinds::admit_new_csr(resource, object, name, &user)?;
     }
     if let Some(schema) = &resource.schema {
         let admission = schema::admit(schema, object, old);
@@ -589,6 +598,9 @@ fn create_with(
     if kinds::is_job(resource) {
         kinds::label_new_job(&mut object);
         // The Go struct's empty status is written out.
+        object["status"] = json!({});
+    }
+    if kinds::is_csr(resource) {
         object["status"] = json!({});
     }
     if !tracks_generation(resource)
@@ -964,7 +976,18 @@ fn write(
     if !new.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
-    if part == Part::Status {
+    if part == Part::Approval {
+        let conditions = new["status"].get("conditions").cloned();
+        new = old.clone();
+        match conditions {
+            Some(conditions) => new["status"]["conditions"] = conditions,
+            None => {
+                if let Some(status) = new["status"].as_object_mut() {
+                    status.remove("conditions");
+                }
+            }
+        }
+    } else if part == Part::Status {
         let status = new.get("status").cloned();
         let managed_fields = new["metadata"].get("managedFields").cloned();
         new = old.clone();
@@ -1039,6 +1062,9 @@ fn write(
         new["spec"] = old["spec"].clone();
     }
     admit(resource, &mut new, &name, Some(&old), options)?;
+    if kinds::is_csr(resource) {
+        kinds::update_csr(resource, &old, &mut new, part)?;
+    }
     if tracks_generation(resource) && spec_changed(resource, &old, &new) {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         new["metadata"]["generation"] = json!(generation + 1);

@@ -64,9 +64,24 @@ pub fn resource_list(store: &Store, group: &str, version: &str) -> Option<Value>
             entry["categories"] = json!(r.categories);
         }
         items.push(entry);
+        // The real server lists subresources by name: `approval` before `status` before `token`.
+        let mut subresources: Vec<Value> = r
+            .subresources
+            .iter()
+            .map(|s| {
+                let mut entry = json!({"name": format!("{}/{}", r.plural, s.name), "singularName": "", "namespaced": r.namespaced, "kind": s.kind, "verbs": s.verbs});
+                if s.group != r.group || s.version != r.version {
+                    entry["group"] = json!(s.group);
+                    entry["version"] = json!(s.version);
+                }
+                entry
+            })
+            .collect();
         if r.status_subresource {
-            items.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+            subresources.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
         }
+        subresources.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        items.extend(subresources);
     }
     Some(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": items}),
@@ -144,8 +159,17 @@ pub fn aggregated(store: &Store, core: bool) -> Value {
                             if !r.categories.is_empty() {
                                 entry["categories"] = json!(r.categories);
                             }
+                            let mut subresources: Vec<Value> = r
+                                .subresources
+                                .iter()
+                                .map(|s| json!({"subresource": s.name, "responseKind": {"group": s.group, "version": s.version, "kind": s.kind}, "verbs": s.verbs}))
+                                .collect();
                             if r.status_subresource {
-                                entry["subresources"] = json!([{"subresource": "status", "responseKind": kind, "verbs": ["get", "patch", "update"]}]);
+                                subresources.push(json!({"subresource": "status", "responseKind": kind, "verbs": ["get", "patch", "update"]}));
+                            }
+                            subresources.sort_by(|a, b| a["subresource"].as_str().cmp(&b["subresource"].as_str()));
+                            if !subresources.is_empty() {
+                                entry["subresources"] = json!(subresources);
                             }
                             entry
                         })

@@ -3,6 +3,22 @@
 use serde_json::{Value, json};
 use thiserror::Error;
 
+/// The `reason` of a cause, from the wording of its message as the real server's field errors
+/// begin (`Required value`, `Unsupported value: ...`, ...).
+fn cause_reason(message: &str) -> &'static str {
+    [
+        ("Required value", "FieldValueRequired"),
+        ("Unsupported value", "FieldValueNotSupported"),
+        ("Forbidden", "FieldValueForbidden"),
+        ("Duplicate value", "FieldValueDuplicate"),
+        ("Too long", "FieldValueTooLong"),
+        ("Too many", "FieldValueTooMany"),
+    ]
+    .iter()
+    .find(|(prefix, _)| message.starts_with(prefix))
+    .map_or("FieldValueInvalid", |(_, reason)| reason)
+}
+
 /// An error answered to a client as a `Status` with a code and reason.
 #[derive(Debug, Clone, Error)]
 #[error("{code} {reason}: {message}")]
@@ -141,7 +157,7 @@ impl ApiError {
                 "name": name,
                 "group": group,
                 "kind": kind,
-                "causes": causes.iter().map(|(field, message)| json!({"reason": "FieldValueInvalid", "message": message, "field": field})).collect::<Vec<_>>(),
+                "causes": causes.iter().map(|(field, message)| json!({"reason": cause_reason(message), "message": message, "field": field})).collect::<Vec<_>>(),
             }))),
             retry_after: None,
         }

@@ -7,7 +7,11 @@
 
 use serde_json::{Value, json};
 
-use crate::{error::ApiError, store::Resource};
+use crate::{
+    api::Part,
+    error::ApiError,
+    store::{Resource, now_rfc3339},
+};
 
 /// Whether this is `jobs.batch`.
 pub fn is_job(resource: &Resource) -> bool {
@@ -164,6 +168,209 @@ pub fn label_new_job(object: &mut Value) {
         .is_none_or(serde_json::Map::is_empty)
     {
         object["metadata"]["labels"] = labels;
+    }
+}
+
+/// The identity kube-sim's own token stands for, as a SelfSubjectReview or a
+/// CertificateSigningRequest's requester fields show it.
+pub fn admin_user() -> Value {
+    json!({"username": "kube-sim:admin", "groups": ["system:masters", "system:authenticated"]})
+}
+
+/// Whether a PEM text holds a block of this type.
+fn has_pem_block(text: &[u8], label: &str) -> bool {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let text = String::from_utf8_lossy(text);
+    text.find(&begin)
+        .is_some_and(|start| text[start + begin.len()..].contains(&end))
+}
+
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// A new CertificateSigningRequest: `spec.request` must be a PEM certificate request, the
+/// requester's identity is recorded in `spec.username`/`groups`, and status starts empty.
+pub fn admit_new_csr(
+    resource: &Resource,
+    object: &mut Value,
+    name: &str,
+    user: &Value,
+) -> Result<(), ApiError> {
+    let request = object["spec"]["request"].as_str().unwrap_or("").to_owned();
+    let Some(bytes) = decode_base64(&request) else {
+        // Go's decoder names the first byte outside the alphabet (or the end, for bad padding).
+        let at = request
+            .bytes()
+            .position(|b| !(b.is_ascii_alphanumeric() || b"+/=".contains(&b)))
+            .unwrap_or(request.len());
+        return Err(ApiError::bad_request(format!(
+            "CertificateSigningRequest in version \"v1\" cannot be handled as a CertificateSigningRequest: illegal base64 data at input byte {at}"
+        )));
+    };
+    if object["spec"]["signerName"]
+        .as_str()
+        .is_none_or(str::is_empty)
+    {
+        return Err(ApiError::invalid(
+            &resource.qualified_kind(),
+            name,
+            &[("spec.signerName".into(), "Required value".into())],
+        ));
+    }
+    if !has_pem_block(&bytes, "CERTIFICATE REQUEST") {
+        return Err(ApiError::invalid(
+            &resource.qualified_kind(),
+            name,
+            &[(
+                "spec.request".into(),
+                format!("Invalid value: {request:?}: PEM block type must be CERTIFICATE REQUEST"),
+            )],
+        ));
+    }
+    let spec = &mut object["spec"];
+    for field in ["username", "uid", "groups", "extra"] {
+        if let Some(map) = spec.as_object_mut() {
+            map.remove(field);
+        }
+        if let Some(value) = user.get(field) {
+            spec[field] = value.clone();
+        }
+    }
+    Ok(())
+}
+
+const APPROVAL_TYPES: [&str; 2] = ["Approved", "Denied"];
+
+/// An update of a CertificateSigningRequest: the spec never changes (a change is ignored, as on
+/// the real server); through `status` and `approval`, conditions get their timestamps and are
+/// validated, and approval conditions are added only through `approval` and never removed.
+pub fn update_csr(
+    resource: &Resource,
+    old: &Value,
+    new: &mut Value,
+    part: Part,
+) -> Result<(), ApiError> {
+    new["spec"] = old["spec"].clone();
+    if part == Part::Main {
+        return Ok(());
+    }
+    let now = now_rfc3339();
+    let old_conditions: Vec<Value> = old["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut causes: Vec<(String, String)> = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    for (i, condition) in new["status"]["conditions"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if !condition.is_object() {
+            continue;
+        }
+        let kind = condition["type"].as_str().unwrap_or("").to_owned();
+        let status = condition["status"].as_str().unwrap_or("").to_owned();
+        if kind.is_empty() {
+            causes.push((
+                format!("status.conditions[{i}].type"),
+                "Required value".into(),
+            ));
+        }
+        if status.is_empty() {
+            causes.push((
+                format!("status.conditions[{i}].status"),
+                "Required value".into(),
+            ));
+        } else if !["True", "False", "Unknown"].contains(&status.as_str()) {
+            causes.push((
+                format!("status.conditions[{i}].status"),
+                format!(
+                    "Unsupported value: {status:?}: supported values: \"False\", \"True\", \"Unknown\""
+                ),
+            ));
+        } else if APPROVAL_TYPES.contains(&kind.as_str()) && status != "True" {
+            causes.push((
+                format!("status.conditions[{i}].status"),
+                format!("Unsupported value: {status:?}: supported values: \"True\""),
+            ));
+        }
+        if APPROVAL_TYPES.contains(&kind.as_str())
+            && seen
+                .iter()
+                .any(|k| k != &kind && APPROVAL_TYPES.contains(&k.as_str()))
+        {
+            causes.push((
+                format!("status.conditions[{i}].type"),
+                format!(
+                    "Invalid value: {kind:?}: Approved and Denied conditions are mutually exclusive"
+                ),
+            ));
+        }
+        if seen.contains(&kind) && !kind.is_empty() {
+            causes.push((
+                format!("status.conditions[{i}].type"),
+                format!("Duplicate value: {kind:?}"),
+            ));
+        }
+        seen.push(kind.clone());
+        if condition["lastUpdateTime"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            condition["lastUpdateTime"] = json!(now);
+        }
+        if condition["lastTransitionTime"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            let previous = old_conditions.iter().find_map(|c| {
+                (c["type"] == condition["type"] && c["status"] == condition["status"])
+                    .then(|| c["lastTransitionTime"].as_str())
+                    .flatten()
+            });
+            condition["lastTransitionTime"] = json!(previous.unwrap_or(&now));
+        }
+    }
+    let had = |kind: &str| old_conditions.iter().any(|c| c["type"] == kind);
+    for kind in APPROVAL_TYPES {
+        let has = seen.iter().any(|k| k == kind);
+        if had(kind) && !has {
+            causes.push((
+                "status.conditions".into(),
+                format!("Forbidden: updates may not remove a condition of type {kind:?}"),
+            ));
+        }
+        if part == Part::Status && has && !had(kind) {
+            causes.push((
+                "status.conditions".into(),
+                format!("Forbidden: updates may not add a condition of type {kind:?}"),
+            ));
+        }
+    }
+    if part == Part::Status
+        && let Some(certificate) = new["status"]["certificate"].as_str()
+        && !certificate.is_empty()
+        && !decode_base64(certificate).is_some_and(|pem| has_pem_block(&pem, "CERTIFICATE"))
+    {
+        causes.push((
+            "status.certificate".into(),
+            "Invalid value: \"<certificate data>\": must contain at least one CERTIFICATE PEM block"
+                .into(),
+        ));
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            &resource.qualified_kind(),
+            new["metadata"]["name"].as_str().unwrap_or(""),
+            &causes,
+        ))
     }
 }
 

@@ -157,12 +157,146 @@ fn object_meta(bytes: &[u8]) -> Result<Value, DecodeError> {
                     list.push(finalizer);
                 }
             }
-            // uid, resourceVersion, timestamps and managedFields are set by the server.
-            4..=10 | 13 | 15..=17 => {}
+            // An update's precondition.
+            6 => {
+                let rv = text(bytes_of(field, "resourceVersion")?)?;
+                if !rv.is_empty() {
+                    meta.insert("resourceVersion".into(), json!(rv));
+                }
+            }
+            // uid, timestamps and managedFields are set by the server.
+            4 | 5 | 7..=10 | 13 | 15..=17 => {}
             other => return Err(err(format!("ObjectMeta field {other} is not supported"))),
         }
     }
     Ok(Value::Object(meta))
+}
+
+/// Pushes a string onto the list at `object[name]`.
+fn push(object: &mut Value, name: &str, item: Value) {
+    if !object[name].is_array() {
+        object[name] = json!([]);
+    }
+    if let Some(list) = object[name].as_array_mut() {
+        list.push(item);
+    }
+}
+
+fn base64_of(bytes: &[u8]) -> Value {
+    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// `certificates.k8s.io/v1` CertificateSigningRequestSpec.
+fn csr_spec(bytes: &[u8]) -> Result<Value, DecodeError> {
+    let mut spec = json!({});
+    let mut reader = Reader::new(bytes);
+    while let Some((number, field)) = reader.next()? {
+        match (number, field) {
+            (1, field) => spec["request"] = base64_of(bytes_of(field, "request")?),
+            (2, field) => spec["username"] = json!(text(bytes_of(field, "username")?)?),
+            (3, field) => spec["uid"] = json!(text(bytes_of(field, "uid")?)?),
+            (4, field) => push(
+                &mut spec,
+                "groups",
+                json!(text(bytes_of(field, "groups")?)?),
+            ),
+            (5, field) => push(
+                &mut spec,
+                "usages",
+                json!(text(bytes_of(field, "usages")?)?),
+            ),
+            (6, field) => {
+                let mut entry = Reader::new(bytes_of(field, "extra")?);
+                let (mut key, mut items) = (String::new(), Vec::new());
+                while let Some((n, f)) = entry.next()? {
+                    match n {
+                        1 => key = text(bytes_of(f, "extra key")?)?,
+                        2 => {
+                            let mut value = Reader::new(bytes_of(f, "extra value")?);
+                            while let Some((_, item)) = value.next()? {
+                                items.push(json!(text(bytes_of(item, "extra item")?)?));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if !spec["extra"].is_object() {
+                    spec["extra"] = json!({});
+                }
+                spec["extra"][key] = json!(items);
+            }
+            (7, field) => spec["signerName"] = json!(text(bytes_of(field, "signerName")?)?),
+            (8, Field::Varint(v)) => spec["expirationSeconds"] = json!(v as i32),
+            (other, _) => {
+                return Err(err(format!(
+                    "CertificateSigningRequestSpec field {other} is not supported; send JSON"
+                )));
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// `meta/v1` Time (seconds since the epoch) as RFC 3339; `None` for Go's zero time (sent as
+/// zero seconds, or as the seconds of year 1), which JSON leaves out.
+fn time(bytes: &[u8]) -> Result<Option<Value>, DecodeError> {
+    let mut seconds = 0i64;
+    let mut reader = Reader::new(bytes);
+    while let Some((number, field)) = reader.next()? {
+        if let (1, Field::Varint(v)) = (number, field) {
+            seconds = v as i64;
+        }
+    }
+    const YEAR_ONE: i64 = -62_135_596_800;
+    if seconds == 0 || seconds == YEAR_ONE {
+        return Ok(None);
+    }
+    let time =
+        chrono::DateTime::from_timestamp(seconds, 0).ok_or_else(|| err("time out of range"))?;
+    Ok(Some(json!(
+        time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )))
+}
+
+/// `certificates.k8s.io/v1` CertificateSigningRequestStatus.
+fn csr_status(bytes: &[u8]) -> Result<Value, DecodeError> {
+    let mut status = json!({});
+    let mut reader = Reader::new(bytes);
+    while let Some((number, field)) = reader.next()? {
+        match number {
+            1 => {
+                let mut condition = json!({});
+                let mut fields = Reader::new(bytes_of(field, "conditions")?);
+                while let Some((n, f)) = fields.next()? {
+                    let name = match n {
+                        1 => "type",
+                        2 => "reason",
+                        3 => "message",
+                        4 => "lastUpdateTime",
+                        5 => "lastTransitionTime",
+                        6 => "status",
+                        _ => continue,
+                    };
+                    let raw = bytes_of(f, name)?;
+                    if n == 4 || n == 5 {
+                        if let Some(time) = time(raw)? {
+                            condition[name] = time;
+                        }
+                    } else {
+                        condition[name] = json!(text(raw)?);
+                    }
+                }
+                push(&mut status, "conditions", condition);
+            }
+            2 => status["certificate"] = base64_of(bytes_of(field, "certificate")?),
+            other => {
+                return Err(err(format!(
+                    "CertificateSigningRequestStatus field {other} is not supported; send JSON"
+                )));
+            }
+        }
+    }
+    Ok(status)
 }
 
 /// Decodes a `k8s\0`-prefixed protobuf body into the JSON object it encodes.
@@ -231,6 +365,12 @@ pub fn decode(body: &[u8]) -> Result<Value, DecodeError> {
             ("Secret", 3, field) => object["type"] = json!(text(bytes_of(field, "type")?)?),
             ("Secret", 5, Field::Varint(v)) | ("ConfigMap", 4, Field::Varint(v)) => {
                 object["immutable"] = json!(v != 0)
+            }
+            ("CertificateSigningRequest", 2, field) => {
+                object["spec"] = csr_spec(bytes_of(field, "spec")?)?;
+            }
+            ("CertificateSigningRequest", 3, field) => {
+                object["status"] = csr_status(bytes_of(field, "status")?)?;
             }
             ("ServiceAccount", 4, Field::Varint(v)) => {
                 object["automountServiceAccountToken"] = json!(v != 0)

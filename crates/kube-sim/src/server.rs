@@ -17,7 +17,7 @@ use crate::{
     api::{self, DeleteOptions, FieldValidation, ListOptions, Part, PatchKind, WriteOptions},
     discovery,
     error::ApiError,
-    events,
+    events, kinds,
     selector::{FieldSelector, LabelSelector},
     store::{ObjectKey, Resource, ResourceKey, Store},
     table,
@@ -316,6 +316,7 @@ fn write_options(
         dry_run: is_dry_run(query)?,
         force: query.get("force").is_some_and(|f| f == "true"),
         warnings: Vec::new(),
+        user: None,
     })
 }
 
@@ -477,6 +478,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let part = match target.subresource.as_deref() {
         None => Part::Main,
         Some("status") if resource.status_subresource => Part::Status,
+        Some("approval") if kinds::is_csr(&resource) => Part::Approval,
         Some(_) => {
             return Err(ApiError::new(
                 404,

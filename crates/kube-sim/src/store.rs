@@ -49,6 +49,8 @@ pub struct Resource {
     pub create_only: bool,
     /// Whether `/status` is a subresource (status writes through the main resource are ignored).
     pub status_subresource: bool,
+    /// Subresources besides `status` (`approval`, `token`, `scale`), as discovery lists them.
+    pub subresources: Vec<Subresource>,
     /// The OpenAPI v3 schema of a CRD version.
     pub schema: Option<Value>,
     /// CRD `additionalPrinterColumns`.
@@ -105,6 +107,21 @@ impl Resource {
     pub fn is_crd(&self) -> bool {
         self.group == "apiextensions.k8s.io" && self.plural == "customresourcedefinitions"
     }
+}
+
+/// A subresource other than `status`, as discovery describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subresource {
+    /// The path segment after the object's name.
+    pub name: String,
+    /// Group of the kind it answers with.
+    pub group: String,
+    /// Version of the kind it answers with.
+    pub version: String,
+    /// The kind it answers with (`Scale`, `TokenRequest`, or the resource's own).
+    pub kind: String,
+    /// Verbs.
+    pub verbs: Vec<&'static str>,
 }
 
 /// Identifies a resource in storage.
@@ -614,6 +631,7 @@ impl Store {
                 categories: strings(&names["categories"]),
                 create_only: false,
                 status_subresource: version["subresources"]["status"].is_object(),
+                subresources: Vec::new(),
                 schema: Some(
                     version["schema"]["openAPIV3Schema"]
                         .as_object()
@@ -720,6 +738,7 @@ fn builtin(
         categories: Vec::new(),
         create_only: false,
         status_subresource: status,
+        subresources: Vec::new(),
         schema: None,
         printer_columns: Vec::new(),
     }
@@ -736,6 +755,23 @@ pub fn builtin_resources() -> Vec<Resource> {
             resource.categories = vec!["all".into()];
         }
     }
+    let mut csrs = builtin(
+        "certificates.k8s.io",
+        "v1",
+        "CertificateSigningRequest",
+        "certificatesigningrequests",
+        false,
+        true,
+        &["csr"],
+    );
+    csrs.subresources.push(Subresource {
+        name: "approval".into(),
+        group: csrs.group.clone(),
+        version: csrs.version.clone(),
+        kind: csrs.kind.clone(),
+        verbs: vec!["get", "patch", "update"],
+    });
+    resources.push(csrs);
     for (group, kind, plural) in [
         (
             "authorization.k8s.io",

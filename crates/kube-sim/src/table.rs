@@ -48,6 +48,70 @@ fn age_cell(object: &Value) -> Value {
     json!(age(object["metadata"]["creationTimestamp"].as_str()))
 }
 
+/// A CertificateSigningRequest's condition column: Denied, Approved or Pending, then Failed and
+/// Issued (a certificate is set), as the real server's printer words it.
+fn csr_condition(object: &Value) -> Value {
+    let has = |kind: &str| {
+        object["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == kind)
+    };
+    let mut condition = if has("Denied") {
+        "Denied".to_owned()
+    } else if has("Approved") {
+        "Approved".to_owned()
+    } else {
+        "Pending".to_owned()
+    };
+    if has("Failed") {
+        condition.push_str(",Failed");
+    }
+    if object["status"]["certificate"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty())
+    {
+        condition.push_str(",Issued");
+    }
+    json!(condition)
+}
+
+/// A duration in seconds as the real server's printers write one (`10m`, `1h`, `36h`, `2d`).
+fn human_duration(seconds: i64) -> String {
+    let (minutes, hours) = (seconds / 60, seconds / 3600);
+    if seconds < 120 {
+        format!("{seconds}s")
+    } else if minutes < 10 {
+        let rest = seconds % 60;
+        if rest == 0 {
+            format!("{minutes}m")
+        } else {
+            format!("{minutes}m{rest}s")
+        }
+    } else if hours < 3 {
+        format!("{minutes}m")
+    } else if hours < 8 {
+        let rest = minutes % 60;
+        if rest == 0 {
+            format!("{hours}h")
+        } else {
+            format!("{hours}h{rest}m")
+        }
+    } else if hours < 48 {
+        format!("{hours}h")
+    } else if hours < 24 * 8 {
+        let rest = hours % 24;
+        if rest == 0 {
+            format!("{}d", hours / 24)
+        } else {
+            format!("{}d{rest}h", hours / 24)
+        }
+    } else {
+        format!("{}d", hours / 24)
+    }
+}
+
 fn builtin_columns(resource: &Resource) -> Vec<Column> {
     let name = || column("Name", "string", name_cell);
     let age_column = || column("Age", "string", age_cell);
@@ -97,6 +161,22 @@ fn builtin_columns(resource: &Resource) -> Vec<Column> {
                 json!(restarts.to_string())
             }),
             age_column(),
+        ],
+        ("certificates.k8s.io", "certificatesigningrequests") => vec![
+            name(),
+            age_column(),
+            column("SignerName", "string", |o| {
+                json!(o["spec"]["signerName"].as_str().unwrap_or("<none>"))
+            }),
+            column("Requestor", "string", path_cell(".spec.username")),
+            column("RequestedDuration", "string", |o| {
+                json!(
+                    o["spec"]["expirationSeconds"]
+                        .as_i64()
+                        .map_or_else(|| "<none>".to_owned(), human_duration)
+                )
+            }),
+            column("Condition", "string", csr_condition),
         ],
         ("coordination.k8s.io", "leases") => vec![
             name(),

@@ -1106,3 +1106,239 @@ async fn jobs_are_stored_with_the_servers_defaults() {
     .expect("the Jobs are gone");
     server.shutdown().await;
 }
+
+/// A certificate request (PEM, as `spec.request` holds it before base64).
+fn csr_pem(name: &str) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params
+        .serialize_request(&key)
+        .expect("request")
+        .pem()
+        .expect("pem")
+}
+
+/// `certificates.k8s.io/v1` CertificateSigningRequests: discovered with `approval` and `status`;
+/// the request must be PEM and name a signer; the requester is recorded; the spec never
+/// changes; approval conditions come through `approval` (timestamps filled in) and are never
+/// removed, nor added through `status`, whose certificate must be PEM.
+#[tokio::test]
+async fn certificate_signing_requests_are_approved_through_approval() {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest as Csr;
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    let resources = client
+        .list_api_group_resources("certificates.k8s.io/v1")
+        .await
+        .expect("discovered");
+    for name in [
+        "certificatesigningrequests",
+        "certificatesigningrequests/approval",
+        "certificatesigningrequests/status",
+    ] {
+        let entry = resources
+            .resources
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{name} listed"));
+        assert_eq!(entry.kind, "CertificateSigningRequest");
+        assert!(!entry.namespaced);
+    }
+    let csrs: Api<Csr> = Api::all(client.clone());
+    let csr = |name: &str, request: &str, signer: Option<&str>| -> Csr {
+        use base64::Engine as _;
+        let mut spec = json!({"request": base64::engine::general_purpose::STANDARD.encode(request),
+            "usages": ["client auth"]});
+        if let Some(signer) = signer {
+            spec["signerName"] = json!(signer);
+        }
+        serde_json::from_value(json!({"apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest", "metadata": {"name": name}, "spec": spec}))
+        .expect("a CSR")
+    };
+    let pp = PostParams::default();
+    let err = csrs
+        .create(&pp, &csr("bad", "hello", Some("example.com/signer")))
+        .await
+        .expect_err("not PEM");
+    assert_eq!(
+        api_error(&err),
+        (422, "Invalid".to_owned(), "CertificateSigningRequest.certificates.k8s.io \"bad\" is invalid: spec.request: Invalid value: \"aGVsbG8=\": PEM block type must be CERTIFICATE REQUEST".to_owned())
+    );
+    let err = csrs
+        .create(&pp, &csr("nosigner", &csr_pem("x"), None))
+        .await
+        .expect_err("no signer");
+    assert_eq!(
+        api_error(&err).2,
+        "CertificateSigningRequest.certificates.k8s.io \"nosigner\" is invalid: spec.signerName: Required value"
+    );
+
+    let created = csrs
+        .create(
+            &pp,
+            &csr("alice", &csr_pem("alice"), Some("example.com/signer")),
+        )
+        .await
+        .expect("created");
+    let groups = created.spec.groups.clone().unwrap_or_default();
+    assert!(
+        created
+            .spec
+            .username
+            .as_deref()
+            .is_some_and(|u| !u.is_empty())
+            && groups.contains(&"system:masters".to_owned()),
+        "the requester is recorded: {:?}",
+        created.spec
+    );
+    assert!(
+        created
+            .status
+            .as_ref()
+            .is_none_or(|s| s.conditions.is_none())
+    );
+    assert_eq!(created.metadata.generation, None);
+    csrs.create(
+        &pp,
+        &csr("bob", &csr_pem("bob"), Some("example.com/signer")),
+    )
+    .await
+    .expect("created");
+
+    // The spec is immutable: a change is ignored, not refused.
+    let unchanged = csrs
+        .patch(
+            "alice",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"usages": ["server auth"]}})),
+        )
+        .await
+        .expect("patched");
+    assert_eq!(unchanged.spec.usages, Some(vec!["client auth".to_owned()]));
+    assert_eq!(
+        unchanged.metadata.resource_version,
+        created.metadata.resource_version
+    );
+
+    let approval = |conditions: serde_json::Value| {
+        let mut body = serde_json::to_value(&created).expect("json");
+        body["status"] = json!({"conditions": conditions});
+        body
+    };
+    let err = csrs
+        .replace_subresource(
+            "approval",
+            "alice",
+            &pp,
+            &approval(
+                json!([{"type": "Approved", "status": "False", "reason": "R", "message": "m"}]),
+            ),
+        )
+        .await
+        .expect_err("an approval is True");
+    assert_eq!(
+        api_error(&err).2,
+        "CertificateSigningRequest.certificates.k8s.io \"alice\" is invalid: status.conditions[0].status: Unsupported value: \"False\": supported values: \"True\""
+    );
+    let err = csrs
+        .replace_subresource(
+            "approval",
+            "alice",
+            &pp,
+            &approval(json!([{"type": "Approved", "reason": "R", "message": "m"}])),
+        )
+        .await
+        .expect_err("a status is required");
+    assert_eq!(
+        api_error(&err).2,
+        "CertificateSigningRequest.certificates.k8s.io \"alice\" is invalid: status.conditions[0].status: Required value"
+    );
+    let approved = csrs
+        .replace_subresource(
+            "approval",
+            "alice",
+            &pp,
+            &approval(
+                json!([{"type": "Approved", "status": "True", "reason": "Test", "message": "ok"}]),
+            ),
+        )
+        .await
+        .expect("approved");
+    let conditions = approved
+        .status
+        .clone()
+        .and_then(|s| s.conditions)
+        .unwrap_or_default();
+    assert_eq!(conditions.len(), 1);
+    assert_eq!(
+        (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+        ("Approved", "True")
+    );
+    assert!(
+        conditions[0].last_update_time.is_some() && conditions[0].last_transition_time.is_some()
+    );
+    let err = csrs
+        .replace_subresource("approval", "alice", &pp, &approval(json!([])))
+        .await
+        .expect_err("a stale approval");
+    assert_eq!(api_error(&err).1, "Conflict");
+
+    let merge = |status: serde_json::Value| Patch::Merge(json!({"status": status}));
+    let err = csrs
+        .patch_status(
+            "alice",
+            &PatchParams::default(),
+            &merge(json!({"conditions": []})),
+        )
+        .await
+        .expect_err("approval conditions stay");
+    assert_eq!(
+        api_error(&err).2,
+        "CertificateSigningRequest.certificates.k8s.io \"alice\" is invalid: status.conditions: Forbidden: updates may not remove a condition of type \"Approved\""
+    );
+    let err = csrs
+        .patch_status(
+            "bob",
+            &PatchParams::default(),
+            &merge(json!({"conditions": [{"type": "Approved", "status": "True", "reason": "R", "message": "m"}]})),
+        )
+        .await
+        .expect_err("approval goes through approval");
+    assert_eq!(
+        api_error(&err).2,
+        "CertificateSigningRequest.certificates.k8s.io \"bob\" is invalid: status.conditions: Forbidden: updates may not add a condition of type \"Approved\""
+    );
+    let err = csrs
+        .patch_status(
+            "alice",
+            &PatchParams::default(),
+            &merge(json!({"certificate": "aGVsbG8="})),
+        )
+        .await
+        .expect_err("a certificate is PEM");
+    assert_eq!(
+        api_error(&err).2,
+        "CertificateSigningRequest.certificates.k8s.io \"alice\" is invalid: status.certificate: Invalid value: \"<certificate data>\": must contain at least one CERTIFICATE PEM block"
+    );
+    let denied = csrs
+        .patch_subresource(
+            "approval",
+            "bob",
+            &PatchParams::default(),
+            &merge(json!({"conditions": [{"type": "Denied", "status": "True", "reason": "R", "message": "no"}]})),
+        )
+        .await
+        .expect("denied");
+    assert_eq!(
+        denied
+            .status
+            .and_then(|s| s.conditions)
+            .map(|c| c[0].type_.clone()),
+        Some("Denied".to_owned())
+    );
+    server.shutdown().await;
+}

@@ -618,3 +618,86 @@ async fn kubectl_cordons_nodes_and_selects_them_by_unschedulable() {
     );
     server.shutdown().await;
 }
+
+/// A PEM certificate request (base64, as `spec.request` holds it).
+fn csr_request(name: &str) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let pem = params
+        .serialize_request(&key)
+        .expect("request")
+        .pem()
+        .expect("pem");
+    base64::engine::general_purpose::STANDARD.encode(pem)
+}
+
+/// `kubectl certificate approve|deny` put an Approved or Denied condition through the
+/// `approval` subresource (kubectl sends it as protobuf), and `kubectl get csr` shows it in the
+/// real server's columns. The signer is a custom one, so no controller issues a certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_approves_and_denies_certificate_signing_requests() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    for name in ["alice", "mallory"] {
+        let manifest = format!(
+            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: {name}\nspec:\n  request: {}\n  signerName: example.com/signer\n  usages: [client auth]\n  expirationSeconds: 86400\n",
+            csr_request(name)
+        );
+        kubectl
+            .ok_with(&["create", "-f", "-"], Some(&manifest))
+            .await;
+    }
+    let approved = kubectl.ok(&["certificate", "approve", "alice"]).await;
+    assert!(approved.contains("alice approved"), "{approved}");
+    let denied = kubectl.ok(&["certificate", "deny", "mallory"]).await;
+    assert!(denied.contains("mallory denied"), "{denied}");
+    let table = kubectl.ok(&["get", "csr"]).await;
+    assert_eq!(
+        header(&table),
+        [
+            "NAME",
+            "AGE",
+            "SIGNERNAME",
+            "REQUESTOR",
+            "REQUESTEDDURATION",
+            "CONDITION"
+        ]
+    );
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    for (row, condition) in rows.iter().zip(["Approved", "Denied"]) {
+        assert_eq!(row[2], "example.com/signer", "{table}");
+        assert_eq!(row[4], "24h", "{table}");
+        assert_eq!(row[5], condition, "{table}");
+    }
+    let reason = kubectl
+        .ok(&[
+            "get",
+            "csr",
+            "alice",
+            "-o",
+            "jsonpath={.status.conditions[0].reason}/{.status.conditions[0].status}",
+        ])
+        .await;
+    assert_eq!(reason, "KubectlApprove/True");
+    let transition = kubectl
+        .ok(&[
+            "get",
+            "csr",
+            "alice",
+            "-o",
+            "jsonpath={.status.conditions[0].lastTransitionTime}",
+        ])
+        .await;
+    assert!(transition.starts_with("20"), "{transition}");
+    // Approving twice changes nothing: kubectl sees the condition and leaves it.
+    kubectl.ok(&["certificate", "approve", "alice"]).await;
+    server.shutdown().await;
+}
