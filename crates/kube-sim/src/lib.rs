@@ -25,6 +25,7 @@ pub mod server;
 pub mod store;
 pub mod strategic;
 pub mod table;
+pub mod tokens;
 
 use std::{
     net::SocketAddr,
@@ -247,6 +248,7 @@ impl Server {
             token: identity.token.clone(),
             faults: Mutex::new(Faults::default()),
             close_watches,
+            tokens: tokens::Tokens::default(),
         });
         let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
         let task_shared = shared.clone();

@@ -20,7 +20,7 @@ use crate::{
     events, kinds,
     selector::{FieldSelector, LabelSelector},
     store::{ObjectKey, Resource, ResourceKey, Store},
-    table,
+    table, tokens,
 };
 
 /// The body type of every response.
@@ -52,6 +52,8 @@ pub struct Shared {
     pub faults: Mutex<Faults>,
     /// Closes every open watch when sent to.
     pub close_watches: broadcast::Sender<()>,
+    /// ServiceAccount tokens issued through TokenRequests.
+    pub tokens: tokens::Tokens,
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -120,23 +122,33 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let authorised = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.strip_prefix("Bearer ")
-                .is_some_and(|t| t.trim() == shared.token)
-        });
-    if !authorised {
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    // The server's own token is the admin (`None`); a ServiceAccount token is its account.
+    let user = match bearer {
+        Some(token) if token == shared.token => Some(None),
+        Some(token) => shared
+            .tokens
+            .authenticate(&shared.store.lock(), &shared.token, &token, &[])
+            .ok()
+            .map(|(user, _)| Some(user)),
+        None => None,
+    };
+    let Some(user) = user else {
         return Ok(error_response(&ApiError::new(
             401,
             "Unauthorized",
             "Unauthorized",
         )));
-    }
+    };
     let path = req.uri().path().to_owned();
-    if let Some(admin) = path.strip_prefix("/_sim/") {
+    if let Some(admin) = path.strip_prefix("/_sim/")
+        && user.is_none()
+    {
         return Ok(admin_request(&shared, admin, req).await);
     }
     let faults = shared.faults.lock().clone();
@@ -162,7 +174,7 @@ pub async fn handle(
             return Ok(error_response(&err));
         }
     }
-    Ok(match route(&shared, req).await {
+    Ok(match route(&shared, req, user).await {
         Ok(res) => res,
         Err(err) => error_response(&err),
     })
@@ -397,7 +409,11 @@ impl Representation {
     }
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    user: Option<Value>,
+) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let query = query_map(req.uri().query());
@@ -479,6 +495,26 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         None => Part::Main,
         Some("status") if resource.status_subresource => Part::Status,
         Some("approval") if kinds::is_csr(&resource) => Part::Approval,
+        Some("token") if resource.group.is_empty() && resource.plural == "serviceaccounts" => {
+            let name = target.name.clone().unwrap_or_default();
+            if method != Method::POST {
+                return Err(ApiError::new(
+                    405,
+                    "MethodNotAllowed",
+                    "the server does not allow this method on the requested resource",
+                ));
+            }
+            let body = read_body(req).await?;
+            let request = if body.iter().all(u8::is_ascii_whitespace) {
+                json!({})
+            } else {
+                parse_object(&body, &content_type)?
+            };
+            let answer = shared
+                .tokens
+                .issue(&shared.store.lock(), &namespace, &name, &request)?;
+            return Ok(json_response(StatusCode::CREATED, &answer));
+        }
         Some(_) => {
             return Err(ApiError::new(
                 404,
@@ -505,9 +541,15 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         } else {
             parse_object(&body, &content_type)?
         };
+        if resource.kind == "TokenReview" {
+            let answer = shared
+                .tokens
+                .review(&shared.store.lock(), &shared.token, object)?;
+            return Ok(json_response(StatusCode::CREATED, &answer));
+        }
         return Ok(json_response(
             StatusCode::CREATED,
-            &review(&resource, object),
+            &review(&resource, object, user.as_ref()),
         ));
     }
     // events.k8s.io Events are stored as core Events and converted on the way in and out.
@@ -614,6 +656,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
         (&Method::POST, None) => {
             let mut options = write_options(&query, &user_agent)?;
+            options.user = user.clone();
             let body = read_body(req).await?;
             let object = stored(parse_object(&body, &content_type)?);
             let created = api::create(
@@ -630,6 +673,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
         (&Method::PUT, Some(name)) => {
             let mut options = write_options(&query, &user_agent)?;
+            options.user = user.clone();
             let body = read_body(req).await?;
             let object = stored(parse_object(&body, &content_type)?);
             let updated = api::update(
@@ -651,6 +695,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"))
             })?;
             let mut options = write_options(&query, &user_agent)?;
+            options.user = user.clone();
             let body = read_body(req).await?;
             let (patched, created) = {
                 let mut store = shared.store.lock();
@@ -769,8 +814,8 @@ fn list_view(
     Ok(list)
 }
 
-/// The answer to an access or identity review: kube-sim's token may do everything.
-fn review(resource: &Resource, mut object: Value) -> Value {
+/// The answer to an access or identity review: every authenticated user may do everything.
+fn review(resource: &Resource, mut object: Value, user: Option<&Value>) -> Value {
     if !object.is_object() {
         object = json!({});
     }
@@ -784,9 +829,7 @@ fn review(resource: &Resource, mut object: Value) -> Value {
         "SelfSubjectRulesReview" => {
             json!({"resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}], "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}], "incomplete": false})
         }
-        _ => {
-            json!({"userInfo": {"username": "kube-sim:admin", "groups": ["system:masters", "system:authenticated"]}})
-        }
+        _ => json!({"userInfo": user.cloned().unwrap_or_else(kinds::admin_user)}),
     };
     object
 }

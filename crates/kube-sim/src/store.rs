@@ -772,6 +772,18 @@ pub fn builtin_resources() -> Vec<Resource> {
         verbs: vec!["get", "patch", "update"],
     });
     resources.push(csrs);
+    if let Some(accounts) = resources
+        .iter_mut()
+        .find(|r| r.group.is_empty() && r.plural == "serviceaccounts")
+    {
+        accounts.subresources.push(Subresource {
+            name: "token".into(),
+            group: "authentication.k8s.io".into(),
+            version: "v1".into(),
+            kind: "TokenRequest".into(),
+            verbs: vec!["create"],
+        });
+    }
     for (group, kind, plural) in [
         (
             "authorization.k8s.io",
@@ -788,6 +800,7 @@ pub fn builtin_resources() -> Vec<Resource> {
             "SelfSubjectReview",
             "selfsubjectreviews",
         ),
+        ("authentication.k8s.io", "TokenReview", "tokenreviews"),
     ] {
         let mut review = builtin(group, "v1", kind, plural, false, false, &[]);
         review.create_only = true;

@@ -1342,3 +1342,266 @@ async fn certificate_signing_requests_are_approved_through_approval() {
     );
     server.shutdown().await;
 }
+
+/// A client that presents only this bearer token to the server under test.
+async fn client_with_token(server: &TestServer, token: &str) -> kube::Client {
+    let kubeconfig =
+        kube::config::Kubeconfig::from_yaml(&server.kubeconfig_yaml()).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.to_owned().into()),
+        ..Default::default()
+    };
+    kube::Client::try_from(config).expect("client")
+}
+
+/// ServiceAccount tokens: `serviceaccounts/token` (TokenRequest) issues one for the lifetime
+/// asked (default 1 h, at least 10 min) and the API server's audience; the server accepts it
+/// as a bearer token (a SelfSubjectReview names the account), TokenReview answers for it, and
+/// refuses unknown tokens and tokens for other audiences.
+#[tokio::test]
+async fn service_account_tokens_authenticate_and_are_reviewed() {
+    use k8s_openapi::api::{
+        authentication::v1::{SelfSubjectReview, TokenRequest, TokenReview},
+        core::v1::ServiceAccount,
+    };
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    create_namespace(&client, "org").await;
+    let core = client
+        .list_core_api_resources("v1")
+        .await
+        .expect("core discovered");
+    let token_entry = core
+        .resources
+        .iter()
+        .find(|r| r.name == "serviceaccounts/token")
+        .expect("serviceaccounts/token listed");
+    assert_eq!(
+        (
+            token_entry.kind.as_str(),
+            token_entry.group.as_deref(),
+            token_entry.version.as_deref(),
+            token_entry.verbs.clone()
+        ),
+        (
+            "TokenRequest",
+            Some("authentication.k8s.io"),
+            Some("v1"),
+            vec!["create".to_owned()]
+        )
+    );
+    let authn = client
+        .list_api_group_resources("authentication.k8s.io/v1")
+        .await
+        .expect("authentication discovered");
+    let reviews = authn
+        .resources
+        .iter()
+        .find(|r| r.name == "tokenreviews")
+        .expect("tokenreviews listed");
+    assert_eq!(reviews.verbs, ["create"]);
+
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "org");
+    let account = accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "robot"}})).expect("account"),
+        )
+        .await
+        .expect("created");
+    let uid = account.metadata.uid.clone().expect("uid");
+    let request = |spec: serde_json::Value| -> TokenRequest {
+        serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest", "spec": spec}))
+        .expect("a TokenRequest")
+    };
+    let issue = |name: &'static str, spec: serde_json::Value| {
+        let accounts = accounts.clone();
+        let body = request(spec);
+        async move {
+            accounts
+                .create_subresource::<_, TokenRequest>("token", name, &PostParams::default(), &body)
+                .await
+        }
+    };
+    let before = chrono::Utc::now();
+    let issued = issue("robot", json!({})).await.expect("a token");
+    assert_eq!(issued.metadata.name.as_deref(), Some("robot"));
+    assert_eq!(issued.metadata.namespace.as_deref(), Some("org"));
+    assert_eq!(issued.metadata.uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(issued.spec.expiration_seconds, Some(3600));
+    assert_eq!(
+        issued.spec.audiences,
+        ["https://kubernetes.default.svc.cluster.local"]
+    );
+    let status = issued.status.expect("status");
+    let token = status.token;
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let lifetime = status.expiration_timestamp.0.as_second() - before.timestamp();
+    assert!((3590..=3610).contains(&lifetime), "{lifetime}");
+
+    let short = issue("robot", json!({"expirationSeconds": 60}))
+        .await
+        .expect_err("too short");
+    assert_eq!(
+        api_error(&short),
+        (422, "Invalid".to_owned(), "TokenRequest.authentication.k8s.io \"\" is invalid: spec.expirationSeconds: Invalid value: 60: may not specify a duration less than 10 minutes".to_owned())
+    );
+    let missing = issue("nobody", json!({})).await.expect_err("no account");
+    assert_eq!(
+        api_error(&missing),
+        (
+            404,
+            "NotFound".to_owned(),
+            "serviceaccounts \"nobody\" not found".to_owned()
+        )
+    );
+    let other = issue(
+        "robot",
+        json!({"expirationSeconds": 600, "audiences": ["foo"]}),
+    )
+    .await
+    .expect("a token for another audience");
+    assert_eq!(other.spec.audiences, ["foo"]);
+    let other_status = other.status.expect("status");
+    let lifetime = other_status.expiration_timestamp.0.as_second() - before.timestamp();
+    assert!((590..=610).contains(&lifetime), "{lifetime}");
+
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let review = |token: &str, audiences: Option<Vec<&str>>| -> TokenReview {
+        let mut spec = json!({"token": token});
+        if let Some(audiences) = audiences {
+            spec["audiences"] = json!(audiences);
+        }
+        serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview", "spec": spec}))
+        .expect("a TokenReview")
+    };
+    let pp = PostParams::default();
+    let answer = reviews
+        .create(&pp, &review(&token, None))
+        .await
+        .expect("reviewed")
+        .status
+        .expect("status");
+    assert_eq!(answer.authenticated, Some(true));
+    let user = answer.user.expect("user");
+    assert_eq!(
+        user.username.as_deref(),
+        Some("system:serviceaccount:org:robot")
+    );
+    assert_eq!(user.uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(
+        user.groups.unwrap_or_default(),
+        [
+            "system:serviceaccounts",
+            "system:serviceaccounts:org",
+            "system:authenticated"
+        ]
+    );
+    let credential = user.extra.unwrap_or_default();
+    assert!(
+        credential["authentication.kubernetes.io/credential-id"][0].starts_with("JTI="),
+        "{credential:?}"
+    );
+    assert_eq!(
+        answer.audiences.unwrap_or_default(),
+        ["https://kubernetes.default.svc.cluster.local"]
+    );
+
+    let refused = reviews
+        .create(&pp, &review("nope", None))
+        .await
+        .expect("reviewed")
+        .status
+        .expect("status");
+    assert_ne!(refused.authenticated, Some(true));
+    assert_eq!(refused.error.as_deref(), Some("invalid bearer token"));
+    let wrong_audience = reviews
+        .create(&pp, &review(&other_status.token, None))
+        .await
+        .expect("reviewed")
+        .status
+        .expect("status");
+    assert_ne!(wrong_audience.authenticated, Some(true));
+    assert_eq!(
+        wrong_audience.error.as_deref(),
+        Some(
+            "[invalid bearer token, token audiences [\"foo\"] is invalid for the target audiences [\"https://kubernetes.default.svc.cluster.local\"]]"
+        )
+    );
+    let own_audience = reviews
+        .create(&pp, &review(&other_status.token, Some(vec!["foo", "bar"])))
+        .await
+        .expect("reviewed")
+        .status
+        .expect("status");
+    assert_eq!(own_audience.authenticated, Some(true));
+    assert_eq!(own_audience.audiences.unwrap_or_default(), ["foo"]);
+    let empty = reviews
+        .create(&pp, &review("", None))
+        .await
+        .expect_err("a token is required");
+    assert_eq!(
+        api_error(&empty),
+        (
+            400,
+            "BadRequest".to_owned(),
+            "token is required for TokenReview in authentication".to_owned()
+        )
+    );
+
+    // kube-sim's own (configured) token reviews as its admin; the real cluster's admin presents
+    // a client certificate, not a token.
+    if let TestServer::Sim(sim) = &server {
+        let admin = reviews
+            .create(&pp, &review(sim.token(), None))
+            .await
+            .expect("reviewed")
+            .status
+            .expect("status");
+        assert_eq!(admin.authenticated, Some(true));
+        let user = admin.user.expect("user");
+        assert_eq!(user.username.as_deref(), Some("kube-sim:admin"));
+        assert!(
+            user.groups
+                .unwrap_or_default()
+                .contains(&"system:masters".to_owned())
+        );
+    }
+
+    // The token is a bearer token of the server; the other audience's is not.
+    let as_robot = client_with_token(&server, &token).await;
+    let reviews_as_robot: Api<SelfSubjectReview> = Api::all(as_robot);
+    let me = reviews_as_robot
+        .create(
+            &pp,
+            &serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1",
+                "kind": "SelfSubjectReview"}))
+            .expect("a review"),
+        )
+        .await
+        .expect("the token authenticates");
+    let info = me.status.and_then(|s| s.user_info).expect("user info");
+    assert_eq!(
+        info.username.as_deref(),
+        Some("system:serviceaccount:org:robot")
+    );
+    for bad in [other_status.token.as_str(), "nope"] {
+        let refused: Api<SelfSubjectReview> = Api::all(client_with_token(&server, bad).await);
+        let err = refused
+            .create(
+                &pp,
+                &serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1",
+                    "kind": "SelfSubjectReview"}))
+                .expect("a review"),
+            )
+            .await
+            .expect_err("not a bearer token of this server");
+        assert_eq!(api_error(&err).0, 401);
+    }
+    server.shutdown().await;
+}
