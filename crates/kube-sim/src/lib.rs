@@ -19,6 +19,7 @@ pub mod events;
 pub mod kinds;
 pub mod managed;
 pub mod protobuf;
+pub mod scale;
 pub mod schema;
 pub mod selector;
 pub mod server;

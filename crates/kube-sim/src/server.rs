@@ -17,7 +17,7 @@ use crate::{
     api::{self, DeleteOptions, FieldValidation, ListOptions, Part, PatchKind, WriteOptions},
     discovery,
     error::ApiError,
-    events, kinds,
+    events, kinds, scale,
     selector::{FieldSelector, LabelSelector},
     store::{ObjectKey, Resource, ResourceKey, Store},
     table, tokens,
@@ -495,6 +495,21 @@ async fn route(
         None => Part::Main,
         Some("status") if resource.status_subresource => Part::Status,
         Some("approval") if kinds::is_csr(&resource) => Part::Approval,
+        Some("scale") if resource.scale.is_some() => {
+            let name = target.name.clone().unwrap_or_default();
+            let mut options = write_options(&query, &user_agent)?;
+            options.user = user;
+            return scale_request(
+                shared,
+                req,
+                &resource,
+                &namespace,
+                &name,
+                &content_type,
+                options,
+            )
+            .await;
+        }
         Some("token") if resource.group.is_empty() && resource.plural == "serviceaccounts" => {
             let name = target.name.clone().unwrap_or_default();
             if method != Method::POST {
@@ -812,6 +827,102 @@ fn list_view(
     list["items"] = Value::Array(items);
     list["apiVersion"] = json!(resource.api_version());
     Ok(list)
+}
+
+/// GET, PUT or PATCH of a custom resource's `scale` subresource: the Scale is read from the
+/// object, and a written Scale's `spec.replicas` goes to the object through an update (schema,
+/// generation and resourceVersion rules included).
+async fn scale_request(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    resource: &Resource,
+    namespace: &str,
+    name: &str,
+    content_type: &str,
+    mut options: WriteOptions,
+) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    if method == Method::GET {
+        let store = shared.store.lock();
+        let object = api::get(&store, resource, namespace, name)?;
+        return Ok(json_response(
+            StatusCode::OK,
+            &scale::to_scale(resource, &object)?,
+        ));
+    }
+    if method != Method::PUT && method != Method::PATCH {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method on the requested resource ({method})"),
+        ));
+    }
+    let patch_kind = if method == Method::PATCH {
+        match PatchKind::from_content_type(content_type) {
+            Some(PatchKind::Apply) | None => {
+                return Err(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    format!(
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"
+                    ),
+                ));
+            }
+            kind => kind,
+        }
+    } else {
+        None
+    };
+    let body = read_body(req).await?;
+    let mut store = shared.store.lock();
+    let object = api::get(&store, resource, namespace, name)?;
+    let wanted = match patch_kind {
+        None => parse_object(&body, content_type)?,
+        Some(kind) => {
+            let mut current = scale::to_scale(resource, &object)?;
+            let patch: Value = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+            if kind == PatchKind::Json {
+                let operations: json_patch::Patch = serde_json::from_value(patch)
+                    .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+                json_patch::patch(&mut current, &operations).map_err(|e| {
+                    ApiError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            "the server rejected our request due to an error in our request: {e}"
+                        ),
+                    )
+                })?;
+            } else {
+                json_patch::merge(&mut current, &patch);
+            }
+            current
+        }
+    };
+    let current_rv = object["metadata"]["resourceVersion"].clone();
+    if let Some(rv) = wanted["metadata"]["resourceVersion"]
+        .as_str()
+        .filter(|rv| !rv.is_empty())
+        && Some(rv) != current_rv.as_str()
+    {
+        return Err(ApiError::conflict(&resource.qualified_plural(), name));
+    }
+    let mut updated = object;
+    scale::apply_scale(resource, &mut updated, &wanted, name)?;
+    let written = api::update(
+        &mut store,
+        resource,
+        namespace,
+        name,
+        updated,
+        Part::Main,
+        &mut options,
+    )?;
+    Ok(with_warnings(
+        json_response(StatusCode::OK, &scale::to_scale(resource, &written)?),
+        &options.warnings,
+    ))
 }
 
 /// The answer to an access or identity review: every authenticated user may do everything.

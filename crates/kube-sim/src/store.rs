@@ -51,6 +51,9 @@ pub struct Resource {
     pub status_subresource: bool,
     /// Subresources besides `status` (`approval`, `token`, `scale`), as discovery lists them.
     pub subresources: Vec<Subresource>,
+    /// A CRD version's `subresources.scale` (`specReplicasPath`, `statusReplicasPath`,
+    /// `labelSelectorPath`).
+    pub scale: Option<Value>,
     /// The OpenAPI v3 schema of a CRD version.
     pub schema: Option<Value>,
     /// CRD `additionalPrinterColumns`.
@@ -631,7 +634,20 @@ impl Store {
                 categories: strings(&names["categories"]),
                 create_only: false,
                 status_subresource: version["subresources"]["status"].is_object(),
-                subresources: Vec::new(),
+                subresources: if version["subresources"]["scale"].is_object() {
+                    vec![Subresource {
+                        name: "scale".into(),
+                        group: "autoscaling".into(),
+                        version: "v1".into(),
+                        kind: "Scale".into(),
+                        verbs: vec!["get", "patch", "update"],
+                    }]
+                } else {
+                    Vec::new()
+                },
+                scale: version["subresources"]["scale"]
+                    .as_object()
+                    .map(|scale| Value::Object(scale.clone())),
                 schema: Some(
                     version["schema"]["openAPIV3Schema"]
                         .as_object()
@@ -739,6 +755,7 @@ fn builtin(
         create_only: false,
         status_subresource: status,
         subresources: Vec::new(),
+        scale: None,
         schema: None,
         printer_columns: Vec::new(),
     }

@@ -1605,3 +1605,205 @@ async fn service_account_tokens_authenticate_and_are_reviewed() {
     }
     server.shutdown().await;
 }
+
+/// The `scale` subresource of a CRD (`specReplicasPath`, `statusReplicasPath`,
+/// `labelSelectorPath`): discovered as `autoscaling/v1` Scale; GET reads the paths, PUT and
+/// PATCH write `spec.replicas` through to the object (a new generation), with the resource's
+/// conflict, validation and not-found answers.
+#[tokio::test]
+async fn custom_resources_scale_through_the_scale_subresource() {
+    use k8s_openapi::{
+        api::autoscaling::v1::Scale,
+        apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    };
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    create_namespace(&client, "org").await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "properties": {"replicas": {"type": "integer"}}},
+                    "status": {"type": "object", "properties": {
+                        "replicas": {"type": "integer"}, "selector": {"type": "string"}}}}}},
+                "subresources": {"status": {}, "scale": {"specReplicasPath": ".spec.replicas",
+                    "statusReplicasPath": ".status.replicas", "labelSelectorPath": ".status.selector"}}}]}
+    }))
+    .expect("a CRD");
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("CRD created");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        kube::runtime::wait::await_condition(
+            crds.clone(),
+            "widgets.example.com",
+            kube::runtime::wait::conditions::is_crd_established(),
+        ),
+    )
+    .await
+    .expect("established within 30 s")
+    .expect("CRD watch");
+    let resources = client
+        .list_api_group_resources("example.com/v1")
+        .await
+        .expect("discovered");
+    let entry = resources
+        .resources
+        .iter()
+        .find(|r| r.name == "widgets/scale")
+        .expect("widgets/scale listed");
+    assert_eq!(
+        (
+            entry.kind.as_str(),
+            entry.group.as_deref(),
+            entry.version.as_deref(),
+            entry.verbs.clone()
+        ),
+        (
+            "Scale",
+            Some("autoscaling"),
+            Some("v1"),
+            vec!["get".to_owned(), "patch".to_owned(), "update".to_owned()]
+        )
+    );
+
+    let widgets: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "org",
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("example.com", "v1", "Widget"),
+            "widgets",
+        ),
+    );
+    let widget = |name: &str, data: serde_json::Value| -> DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Widget",
+            "metadata": {"name": name}}))
+        .map(|mut object: DynamicObject| {
+            object.data = data;
+            object
+        })
+        .expect("a Widget")
+    };
+    let created = widgets
+        .create(
+            &PostParams::default(),
+            &widget("w", json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .expect("created");
+    widgets
+        .create(&PostParams::default(), &widget("empty", json!({})))
+        .await
+        .expect("created");
+
+    let scale = widgets.get_scale("w").await.expect("scale");
+    assert_eq!(scale.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let status = scale.status.clone().expect("status");
+    assert_eq!((status.replicas, status.selector), (0, None));
+    assert_eq!(scale.metadata.name.as_deref(), Some("w"));
+    assert_eq!(scale.metadata.namespace.as_deref(), Some("org"));
+    assert_eq!(scale.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        scale.metadata.resource_version,
+        created.metadata.resource_version
+    );
+    let err = widgets
+        .get_scale("empty")
+        .await
+        .expect_err("no spec.replicas");
+    assert_eq!(
+        api_error(&err),
+        (
+            500,
+            "InternalError".to_owned(),
+            "Internal error occurred: the spec replicas field \".spec.replicas\" does not exist"
+                .to_owned()
+        )
+    );
+    let err = widgets.get_scale("nope").await.expect_err("no widget");
+    assert_eq!(
+        api_error(&err),
+        (
+            404,
+            "NotFound".to_owned(),
+            "widgets.example.com \"nope\" not found".to_owned()
+        )
+    );
+
+    widgets
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"replicas": 1, "selector": "app=w"}})),
+        )
+        .await
+        .expect("status written");
+    let scale = widgets.get_scale("w").await.expect("scale");
+    let status = scale.status.clone().expect("status");
+    assert_eq!(
+        (status.replicas, status.selector.as_deref()),
+        (1, Some("app=w"))
+    );
+
+    let mut wanted: Scale = scale.clone();
+    wanted.spec.as_mut().expect("spec").replicas = Some(5);
+    let replaced = widgets
+        .replace_scale("w", &PostParams::default(), &wanted)
+        .await
+        .expect("scaled");
+    assert_eq!(replaced.spec.as_ref().and_then(|s| s.replicas), Some(5));
+    assert_ne!(
+        replaced.metadata.resource_version,
+        scale.metadata.resource_version
+    );
+    let err = widgets
+        .replace_scale("w", &PostParams::default(), &wanted)
+        .await
+        .expect_err("stale");
+    assert_eq!(
+        api_error(&err),
+        (
+            409,
+            "Conflict".to_owned(),
+            "Operation cannot be fulfilled on widgets.example.com \"w\": the object has been modified; please apply your changes to the latest version and try again".to_owned()
+        )
+    );
+    let patched = widgets
+        .patch_scale(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 7}})),
+        )
+        .await
+        .expect("scaled");
+    assert_eq!(patched.spec.as_ref().and_then(|s| s.replicas), Some(7));
+    assert_eq!(
+        patched.status.clone().and_then(|s| s.selector).as_deref(),
+        Some("app=w")
+    );
+    let mut negative = patched.clone();
+    negative.spec.as_mut().expect("spec").replicas = Some(-1);
+    negative.metadata.resource_version = None;
+    let err = widgets
+        .replace_scale("w", &PostParams::default(), &negative)
+        .await
+        .expect_err("negative");
+    assert_eq!(
+        api_error(&err),
+        (
+            422,
+            "Invalid".to_owned(),
+            "Widget.example.com \"w\" is invalid: .spec.replicas: Invalid value: -1: should be a non-negative integer".to_owned()
+        )
+    );
+    let object = widgets.get("w").await.expect("get");
+    assert_eq!(object.data["spec"]["replicas"], 7);
+    assert_eq!(object.data["status"]["replicas"], 1);
+    assert_eq!(object.metadata.generation, Some(3));
+    server.shutdown().await;
+}
