@@ -153,6 +153,11 @@ pub struct Shared {
     ready: AtomicBool,
     /// Set on shutdown: new agent connections are refused.
     pub draining: AtomicBool,
+    /// Cancelled when the drain starts: internal API connections close once their requests
+    /// in flight are answered (HTTP/1 `Connection: close`, HTTP/2 GOAWAY).
+    pub drain_started: CancellationToken,
+    /// When this replica started (see [`Shared::warming_up`]).
+    pub started: tokio::time::Instant,
     /// Cancelled when the gateway stops: every listener and connection task ends.
     pub shutdown: CancellationToken,
 }
@@ -238,6 +243,7 @@ pub async fn drain(shared: &Shared, stagger: Duration) {
     shared
         .draining
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    shared.drain_started.cancel();
     let connections = shared.registry.all();
     if connections.is_empty() {
         return;
@@ -463,6 +469,8 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         metrics: Metrics::default(),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        drain_started: CancellationToken::new(),
+        started: tokio::time::Instant::now(),
         shutdown: shutdown.clone(),
     });
 
@@ -523,6 +531,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .with_context(|| format!("binding {}", config.internal_listen))?;
     let internal_addr = internal.local_addr()?;
     let router = internal::router(shared.clone());
+    let shared_for_internal = shared.clone();
     let token = shutdown.clone();
     tasks.spawn("internal listener", looping(async move {
         loop {
@@ -544,6 +553,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             let acceptor =
                 tokio_rustls::TlsAcceptor::from(client_ca.borrow_and_update().config.clone());
             let router = router.clone();
+            let drain_started = shared_for_internal.drain_started.clone();
             spawn_until(&token, async move {
                 let tls =
                     match tokio::time::timeout(INTERNAL_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
@@ -571,9 +581,16 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
                 tokio::pin!(conn);
                 // A live connection (the controller's event stream) outlives a CA change: when
                 // the new CA no longer admits its client, it is closed.
+                let mut closing = false;
                 loop {
                     tokio::select! {
                         _ = &mut conn => return,
+                        () = drain_started.cancelled(), if !closing => {
+                            // Answer what is in flight, then close: a keep-alive connection
+                            // is not cut under a request.
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
                         changed = client_ca.changed() => {
                             if changed.is_err() {
                                 return;
@@ -618,10 +635,22 @@ impl RunningGateway {
     }
 }
 
+/// How long a young replica of several holds a request for a plane none of whose agents has
+/// connected to it yet: its agents reconnect within their backoff after a restart.
+pub const WARM_UP: Duration = Duration::from_secs(10);
+
 impl Shared {
-    /// Whether the trust sources have synced.
+    /// Whether the trust sources have synced and the gateway is not draining (`/readyz`: a
+    /// draining replica leaves its Service's endpoints, so callers go to the others).
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::SeqCst)
+            && !self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether this replica (one of several) started less than [`WARM_UP`] ago, so an agent
+    /// missing here may still be on its way.
+    pub fn warming_up(&self) -> bool {
+        self.config.replica.count > 1 && self.started.elapsed() < WARM_UP
     }
 }
 

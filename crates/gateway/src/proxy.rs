@@ -468,19 +468,24 @@ async fn exchange(
 
 /// Picks a connection for the call. When every authorised connection is draining (their agents
 /// were told to connect anew: a reconnect, a shutdown, a renewal), waits up to
-/// [`RECONNECT_WAIT`] for a new one, so a drain costs callers a short wait, not a 503.
+/// [`RECONNECT_WAIT`] for a new one, so a drain costs callers a short wait, not a 503; so does
+/// a replica of several in its [`crate::WARM_UP`] that no agent of the plane has reached yet.
 async fn pick(
     shared: &Shared,
     call: &Call,
 ) -> Result<Arc<crate::registry::Connection>, Unavailable> {
     let deadline = tokio::time::Instant::now() + RECONNECT_WAIT;
+    let warm_until = shared.started + crate::WARM_UP;
     loop {
+        let now = tokio::time::Instant::now();
         match shared.registry.pick(&call.plane_id, &call.cr) {
-            Err(Unavailable::Draining) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            Err(Unavailable::Draining) if now < deadline => {}
+            // A replica that has just started: the plane's agents are reconnecting to it.
+            Err(Unavailable::NoAgentConnected)
+                if shared.warming_up() && now < deadline.min(warm_until) => {}
             other => return other,
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

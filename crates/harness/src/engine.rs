@@ -862,8 +862,14 @@ impl Engine {
             name: op.instance.clone(),
             cluster: None,
         };
+        let labels = op
+            .labels
+            .iter()
+            .map(|(name, value)| Ok((name.clone(), self.text(value)?)))
+            .collect::<Result<BTreeMap<_, _>, Failure>>()
+            .map_err(|failure| failure.message)?;
         let text = self.env.metrics(target).await.map_err(|e| e.to_string())?;
-        Ok(prometheus_sum(&text, &op.name, &op.labels))
+        Ok(prometheus_sum(&text, &op.name, &labels))
     }
 
     async fn metric_once(&self, op: &MetricOp) -> Result<(bool, String), Failure> {

@@ -8,6 +8,7 @@
 //! JSON and HTML reports ([`report`]).
 
 pub mod backend;
+pub mod balancer;
 pub mod bindings;
 pub mod build;
 pub mod duration;

@@ -191,6 +191,7 @@ pub async fn run_scenario(
         components: scenario.components.clone(),
         component_args: scenario.component_args.clone(),
         work_dir: work_dir.clone(),
+        gateway_replicas: scenario.gateway_replicas,
     };
     let name = scenario.name.clone();
     let say = {

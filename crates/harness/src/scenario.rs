@@ -38,6 +38,12 @@ pub struct Scenario {
     /// `gateway: ["--heartbeat-interval", "1s"]`).
     #[serde(default)]
     pub component_args: BTreeMap<ComponentKind, Vec<String>>,
+    /// Gateway replicas behind one address (default 1). With more than one, the replicas are
+    /// `gateway-0`, `gateway-1`, ... (the `name` of a gateway `start`/`stop`/`kill`; without a
+    /// name, all of them), behind a round-robin balancer for agents and one for callers, and
+    /// the scenario must require `gatewayReplicas`.
+    #[serde(default = "default_replicas", skip_serializing_if = "is_one")]
+    pub gateway_replicas: u32,
     /// Bindings available to every step as `$(name)`.
     #[serde(default)]
     pub bindings: BTreeMap<String, Value>,
@@ -63,6 +69,8 @@ pub enum Capability {
     /// Stopping and starting a cluster's API server (`kill`/`stop`/`start`/`restart` of
     /// `apiserver`).
     ApiServerLifecycle,
+    /// Several gateway replicas behind one address (`gatewayReplicas` above 1).
+    GatewayReplicas,
 }
 
 impl Capability {
@@ -71,6 +79,7 @@ impl Capability {
         match self {
             Self::LinkFaults => "linkFaults",
             Self::ApiServerLifecycle => "apiServerLifecycle",
+            Self::GatewayReplicas => "gatewayReplicas",
         }
     }
 }
@@ -84,16 +93,29 @@ impl std::fmt::Display for Capability {
 impl Scenario {
     /// The capabilities the scenario's operations need.
     pub fn needed_capabilities(&self) -> std::collections::BTreeSet<Capability> {
-        self.steps
+        let mut needed: std::collections::BTreeSet<Capability> = self
+            .steps
             .iter()
             .flat_map(|step| step.try_.iter().chain(&step.catch).chain(&step.finally))
             .filter_map(Operation::needs)
-            .collect()
+            .collect();
+        if self.gateway_replicas > 1 {
+            needed.insert(Capability::GatewayReplicas);
+        }
+        needed
     }
 }
 
 fn default_true() -> bool {
     true
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 fn default_components() -> Vec<ComponentKind> {

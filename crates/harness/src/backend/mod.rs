@@ -84,6 +84,8 @@ pub struct EnvSpec {
     pub component_args: BTreeMap<ComponentKind, Vec<String>>,
     /// Directory for files of this environment (logs, certificates, kubeconfigs).
     pub work_dir: PathBuf,
+    /// Gateway replicas behind one address (1: a single `gateway`).
+    pub gateway_replicas: u32,
 }
 
 /// A component instance: kind plus name (agents, swarms) or cluster (API servers).

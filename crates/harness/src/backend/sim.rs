@@ -134,7 +134,11 @@ impl Backend for SimBackend {
     }
 
     fn capabilities(&self) -> &'static [Capability] {
-        &[Capability::LinkFaults, Capability::ApiServerLifecycle]
+        &[
+            Capability::LinkFaults,
+            Capability::ApiServerLifecycle,
+            Capability::GatewayReplicas,
+        ]
     }
 
     fn environment(&self, spec: EnvSpec) -> BoxFuture<'_, Result<Box<dyn Environment>>> {
@@ -214,12 +218,97 @@ struct SimEnv {
     pki: EnvPki,
     control: ApiServer,
     build: ApiServer,
+    /// Where agents dial the gateway (its agent listener, or the balancer of the replicas').
     agent_port: u16,
+    /// Where callers reach the internal API (the gateway's, or the replicas' balancer).
     internal_port: u16,
-    gateway_health_port: u16,
+    gateways: GatewayReplicas,
     controller_health_port: u16,
     gateway: GatewayAccess,
     state: Mutex<State>,
+}
+
+/// The ports of one gateway replica.
+#[derive(Clone, Copy, Debug)]
+struct ReplicaPorts {
+    agent: u16,
+    internal: u16,
+    health: u16,
+}
+
+/// The gateway replicas of an environment: one `gateway` on the environment's ports, or
+/// `gateway-0`, `gateway-1`, ... on their own ports behind two balancers (agents, callers) on
+/// the environment's ports, as a Kubernetes Service would put them.
+struct GatewayReplicas {
+    ports: Vec<ReplicaPorts>,
+    balancers: Vec<crate::balancer::Balancer>,
+}
+
+impl GatewayReplicas {
+    async fn new(
+        replicas: u32,
+        agent_port: u16,
+        internal_port: u16,
+        port: impl Fn() -> Result<u16>,
+    ) -> Result<GatewayReplicas> {
+        if replicas <= 1 {
+            return Ok(GatewayReplicas {
+                ports: vec![ReplicaPorts {
+                    agent: agent_port,
+                    internal: internal_port,
+                    health: port()?,
+                }],
+                balancers: Vec::new(),
+            });
+        }
+        let ports = (0..replicas)
+            .map(|_| {
+                Ok(ReplicaPorts {
+                    agent: port()?,
+                    internal: port()?,
+                    health: port()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut balancers = Vec::new();
+        for (front, back) in [
+            (
+                agent_port,
+                ports.iter().map(|p| local(p.agent)).collect::<Vec<_>>(),
+            ),
+            (
+                internal_port,
+                ports.iter().map(|p| local(p.internal)).collect::<Vec<_>>(),
+            ),
+        ] {
+            balancers.push(
+                crate::balancer::Balancer::start(local(front), &back)
+                    .await
+                    .map_err(io_err("starting a gateway balancer"))?,
+            );
+        }
+        Ok(GatewayReplicas { ports, balancers })
+    }
+
+    /// The process name of replica `index`.
+    fn name(&self, index: usize) -> String {
+        if self.ports.len() == 1 {
+            "gateway".into()
+        } else {
+            format!("gateway-{index}")
+        }
+    }
+
+    fn index_of(&self, name: &str) -> Option<usize> {
+        (0..self.ports.len()).find(|&i| self.name(i) == name)
+    }
+
+    fn set_in_rotation(&self, index: usize, in_rotation: bool) {
+        for balancer in &self.balancers {
+            balancer.set_in_rotation(index, in_rotation);
+        }
+    }
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
@@ -349,13 +438,16 @@ impl SimEnv {
             })
         };
         let internal_port = port()?;
+        let agent_port = port()?;
+        let gateways =
+            GatewayReplicas::new(spec.gateway_replicas, agent_port, internal_port, port).await?;
         let env = SimEnv {
             api_servers: api_servers.clone(),
             control: api_server("control")?,
             build: api_server("build")?,
-            agent_port: port()?,
+            agent_port,
             internal_port,
-            gateway_health_port: port()?,
+            gateways,
             controller_health_port: port()?,
             gateway: GatewayAccess {
                 base_url: format!("https://127.0.0.1:{internal_port}"),
@@ -590,17 +682,28 @@ impl SimEnv {
             .unwrap_or_default()
     }
 
+    /// Starts every gateway replica.
     async fn start_gateway(&self) -> Result<()> {
+        for index in 0..self.gateways.ports.len() {
+            self.start_gateway_replica(index).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts one gateway replica and, once it is ready, puts it in the balancers' rotation.
+    async fn start_gateway_replica(&self, index: usize) -> Result<()> {
         let pki = &self.pki;
+        let ports = self.gateways.ports[index];
+        let name = self.gateways.name(index);
         let mut args = vec![
             "--kubeconfig".to_string(),
             self.control.kubeconfig.display().to_string(),
             "--agent-listen".into(),
-            format!("127.0.0.1:{}", self.agent_port),
+            format!("127.0.0.1:{}", ports.agent),
             "--internal-listen".into(),
-            format!("127.0.0.1:{}", self.internal_port),
+            format!("127.0.0.1:{}", ports.internal),
             "--health-listen".into(),
-            format!("127.0.0.1:{}", self.gateway_health_port),
+            format!("127.0.0.1:{}", ports.health),
             "--server-cert".into(),
             pki.server_cert.display().to_string(),
             "--server-key".into(),
@@ -611,20 +714,24 @@ impl SimEnv {
             pki.server_key.display().to_string(),
             "--internal-client-ca".into(),
             pki.internal_client_ca.display().to_string(),
+            "--replica-id".into(),
+            name.clone(),
+            "--replicas".into(),
+            self.gateways.ports.len().to_string(),
         ];
         args.extend(self.extra_args(ComponentKind::Gateway).await);
-        self.spawn("gateway", "cluster-gateway", args).await?;
-        self.wait_http_ok("gateway", self.gateway_health_port, "/readyz")
-            .await?;
+        self.spawn(&name, "cluster-gateway", args).await?;
+        self.wait_http_ok(&name, ports.health, "/readyz").await?;
         // Readiness alone has been seen to come before the other listeners are bound.
-        for (what, port) in [("agent", self.agent_port), ("internal", self.internal_port)] {
+        for (what, port) in [("agent", ports.agent), ("internal", ports.internal)] {
             self.wait_ready(
-                "gateway",
+                &name,
                 &format!("the {what} listener on port {port}"),
                 Probe::Tcp(port),
             )
             .await?;
         }
+        self.gateways.set_in_rotation(index, true);
         Ok(())
     }
 
@@ -718,7 +825,20 @@ impl SimEnv {
     async fn proc_names(&self, target: &ComponentTarget) -> Result<Vec<String>> {
         let state = self.state.lock().await;
         let names = match target.kind {
-            ComponentKind::Gateway => vec!["gateway".to_string()],
+            ComponentKind::Gateway => match &target.name {
+                Some(name) => {
+                    self.gateways
+                        .index_of(name)
+                        .ok_or_else(|| BackendError::Unknown {
+                            what: "gateway replica",
+                            name: name.clone(),
+                        })?;
+                    vec![name.clone()]
+                }
+                None => (0..self.gateways.ports.len())
+                    .map(|i| self.gateways.name(i))
+                    .collect(),
+            },
             ComponentKind::Controller => vec!["controller".to_string()],
             ComponentKind::Apiserver => {
                 vec![format!(
@@ -753,7 +873,20 @@ impl SimEnv {
 
     async fn health_port(&self, target: &ComponentTarget) -> Result<u16> {
         match target.kind {
-            ComponentKind::Gateway => Ok(self.gateway_health_port),
+            ComponentKind::Gateway => {
+                let index = match &target.name {
+                    Some(name) => {
+                        self.gateways
+                            .index_of(name)
+                            .ok_or_else(|| BackendError::Unknown {
+                                what: "gateway replica",
+                                name: name.clone(),
+                            })?
+                    }
+                    None => 0,
+                };
+                Ok(self.gateways.ports[index].health)
+            }
             ComponentKind::Controller => Ok(self.controller_health_port),
             ComponentKind::Agent => {
                 let name = target.name.clone().unwrap_or_default();
@@ -879,7 +1012,19 @@ impl Environment for SimEnv {
                     .insert(target.kind, args.clone());
             }
             match target.kind {
-                ComponentKind::Gateway => self.start_gateway().await,
+                ComponentKind::Gateway => match &target.name {
+                    Some(name) => {
+                        let index =
+                            self.gateways
+                                .index_of(name)
+                                .ok_or_else(|| BackendError::Unknown {
+                                    what: "gateway replica",
+                                    name: name.clone(),
+                                })?;
+                        self.start_gateway_replica(index).await
+                    }
+                    None => self.start_gateway().await,
+                },
                 ComponentKind::Controller => self.start_controller().await,
                 ComponentKind::Apiserver => {
                     self.start_api_server(target.cluster.unwrap_or(ClusterName::Control))
@@ -905,6 +1050,15 @@ impl Environment for SimEnv {
     fn stop(&self, target: ComponentTarget, mode: StopMode) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let names = self.proc_names(&target).await?;
+            // As a Service does for a terminating pod: no new connection goes to a replica
+            // being stopped (killed: the balancer finds it refusing and skips it).
+            if target.kind == ComponentKind::Gateway && mode == StopMode::Graceful {
+                for name in &names {
+                    if let Some(index) = self.gateways.index_of(name) {
+                        self.gateways.set_in_rotation(index, false);
+                    }
+                }
+            }
             let mut procs = Vec::new();
             {
                 let mut state = self.state.lock().await;
@@ -1028,7 +1182,7 @@ impl Environment for SimEnv {
             procs.sort_by_key(|p| match p.name() {
                 n if n.starts_with("agent") || n.starts_with("swarm") => 0,
                 "controller" => 1,
-                "gateway" => 2,
+                n if n.starts_with("gateway") => 2,
                 n if n.starts_with("controller-manager") => 3,
                 n if n.starts_with("etcd") => 5,
                 _ => 4,

@@ -1091,6 +1091,7 @@ mod tests {
             .into_iter()
             .collect(),
             work_dir: root.path().join("work"),
+            gateway_replicas: 1,
         };
         let env = backend.environment(spec).await.unwrap();
         env.start_agent(AgentSpec {
