@@ -237,6 +237,43 @@ fn csr_spec(bytes: &[u8]) -> Result<Value, DecodeError> {
     Ok(spec)
 }
 
+/// `authentication.k8s.io/v1` TokenRequestSpec (what `kubectl create token` sends).
+fn token_request_spec(bytes: &[u8]) -> Result<Value, DecodeError> {
+    let mut spec = json!({});
+    let mut reader = Reader::new(bytes);
+    while let Some((number, field)) = reader.next()? {
+        match (number, field) {
+            (1, field) => push(
+                &mut spec,
+                "audiences",
+                json!(text(bytes_of(field, "audiences")?)?),
+            ),
+            (3, field) => {
+                let mut reference = json!({});
+                let mut fields = Reader::new(bytes_of(field, "boundObjectRef")?);
+                while let Some((n, f)) = fields.next()? {
+                    let name = match n {
+                        1 => "kind",
+                        2 => "apiVersion",
+                        3 => "name",
+                        4 => "uid",
+                        _ => continue,
+                    };
+                    reference[name] = json!(text(bytes_of(f, name)?)?);
+                }
+                spec["boundObjectRef"] = reference;
+            }
+            (4, Field::Varint(v)) => spec["expirationSeconds"] = json!(v as i64),
+            (other, _) => {
+                return Err(err(format!(
+                    "TokenRequestSpec field {other} is not supported; send JSON"
+                )));
+            }
+        }
+    }
+    Ok(spec)
+}
+
 /// `meta/v1` Time (seconds since the epoch) as RFC 3339; `None` for Go's zero time (sent as
 /// zero seconds, or as the seconds of year 1), which JSON leaves out.
 fn time(bytes: &[u8]) -> Result<Option<Value>, DecodeError> {
@@ -369,6 +406,10 @@ pub fn decode(body: &[u8]) -> Result<Value, DecodeError> {
             ("CertificateSigningRequest", 2, field) => {
                 object["spec"] = csr_spec(bytes_of(field, "spec")?)?;
             }
+            ("TokenRequest", 2, field) => {
+                object["spec"] = token_request_spec(bytes_of(field, "spec")?)?;
+            }
+            ("TokenRequest", 3, _) => {}
             ("CertificateSigningRequest", 3, field) => {
                 object["status"] = csr_status(bytes_of(field, "status")?)?;
             }

@@ -701,3 +701,49 @@ async fn kubectl_approves_and_denies_certificate_signing_requests() {
     kubectl.ok(&["certificate", "approve", "alice"]).await;
     server.shutdown().await;
 }
+
+/// `kubectl create token` (a protobuf TokenRequest) issues a token the server accepts:
+/// `kubectl auth whoami` with it names the ServiceAccount.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_creates_service_account_tokens() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    kubectl.ok(&["create", "serviceaccount", "robot"]).await;
+    let token = kubectl
+        .ok(&["create", "token", "robot", "--duration=20m"])
+        .await;
+    let token = token.trim();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let short = kubectl
+        .fails(&["create", "token", "robot", "--duration=1m"], None)
+        .await;
+    assert!(
+        short.contains("may not specify a duration less than 10 minutes"),
+        "{short}"
+    );
+    // Only the token: the real cluster's admin certificate would be tried first.
+    let as_robot = Kubectl::new(&server);
+    let path = as_robot.kubeconfig();
+    let text = std::fs::read_to_string(&path).expect("kubeconfig");
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            !line.contains("client-certificate-data")
+                && !line.contains("client-key-data")
+                && !line.trim_start().starts_with("token:")
+        })
+        .collect();
+    std::fs::write(&path, kept.join("\n")).expect("kubeconfig written");
+    let whoami = as_robot
+        .ok(&[
+            "auth",
+            "whoami",
+            "--token",
+            token,
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
+        .await;
+    assert_eq!(whoami, "system:serviceaccount:default:robot");
+    server.shutdown().await;
+}
