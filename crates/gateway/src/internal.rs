@@ -60,13 +60,18 @@ struct CrQuery {
     name: Option<String>,
 }
 
-fn status_of(shared: &Shared, plane_id: &str, cr: Option<&CrKey>) -> serde_json::Value {
+fn status_of(
+    shared: &Shared,
+    plane_type: PlaneType,
+    plane_id: &str,
+    cr: Option<&CrKey>,
+) -> serde_json::Value {
     let (n, last_seen) = shared.registry.count(plane_id, cr);
     let last_seen = (last_seen > 0).then(|| {
         chrono::DateTime::from_timestamp_millis(last_seen as i64)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
     });
-    json!({"planeType": "buildplane", "planeID": plane_id, "connected": n > 0, "connectedAgents": n, "lastSeen": last_seen.flatten()})
+    json!({"planeType": plane_type.as_str(), "planeID": plane_id, "connected": n > 0, "connectedAgents": n, "lastSeen": last_seen.flatten()})
 }
 
 async fn plane_status(
@@ -74,13 +79,24 @@ async fn plane_status(
     Path((plane_type, plane_id)): Path<(String, String)>,
     Query(q): Query<CrQuery>,
 ) -> Response {
-    if let Err(err) = plane_type.parse::<PlaneType>() {
-        return invalid_plane_type(&err);
-    }
+    let plane_type = match plane_type.parse::<PlaneType>() {
+        Ok(plane_type) => plane_type,
+        Err(err) => return invalid_plane_type(&err),
+    };
     let cr = q
         .name
         .map(|name| CrKey::from_url_segments(q.namespace.as_deref().unwrap_or(""), &name));
-    Json(status_of(&shared, &plane_id, cr.as_ref())).into_response()
+    // A replica of several that has just started tells what it knows once the plane's agents
+    // had their chance to reach it (they reconnect within their backoff), not before.
+    let warm_until =
+        (shared.started + crate::WARM_UP).min(tokio::time::Instant::now() + Duration::from_secs(5));
+    while shared.warming_up()
+        && shared.registry.count(&plane_id, cr.as_ref()).0 == 0
+        && tokio::time::Instant::now() < warm_until
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Json(status_of(&shared, plane_type, &plane_id, cr.as_ref())).into_response()
 }
 
 /// OpenChoreo's `reconnect`: closes every connection of the plane (agents come back with
@@ -113,8 +129,10 @@ async fn all_status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value
     planes.extend(shared.trust.crs().into_iter().map(|(_, plane)| plane));
     planes.sort();
     planes.dedup();
-    let statuses: Vec<serde_json::Value> =
-        planes.iter().map(|p| status_of(&shared, p, None)).collect();
+    let statuses: Vec<serde_json::Value> = planes
+        .iter()
+        .map(|p| status_of(&shared, PlaneType::BuildPlane, p, None))
+        .collect();
     Json(json!({"planes": statuses, "total": statuses.len()}))
 }
 

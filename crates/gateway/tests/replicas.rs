@@ -255,6 +255,14 @@ async fn a_replica_restarted_under_load_fails_no_request_at_the_others() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         env.start_gateway().await;
         balancer.set(0, Some(env.agent_addr));
+        // At once, before the agent is back on it: the young replica holds the request for
+        // its agent instead of answering 503.
+        let base = env.base.clone();
+        let (status, body) = proxy_at(&env, &base, "p").await;
+        assert_eq!(
+            status, 200,
+            "a request at the restarted replica waits for its agent: {body}"
+        );
     }
     {
         let env = env.lock().await;

@@ -176,6 +176,16 @@ async fn only_build_plane_types_are_served() {
         },
     )
     .await;
+    for plane_type in ["workflowplane", "buildplane"] {
+        let (_, body) = env
+            .get(&format!("/api/v1/planes/{plane_type}/p/status"))
+            .await;
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            status["planeType"], plane_type,
+            "answered under the name asked"
+        );
+    }
     // The raw peer answers nothing: close it so the next request goes to the real agent.
     drop(ws);
     env.eventually("the raw peer is gone", WAIT, || async {
