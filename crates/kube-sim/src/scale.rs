@@ -21,6 +21,54 @@ fn path_of<'a>(resource: &'a Resource, field: &str) -> Option<&'a str> {
     resource.scale.as_ref()?.get(field)?.as_str()
 }
 
+fn is_deployment(resource: &Resource) -> bool {
+    resource.group == "apps" && resource.plural == "deployments"
+}
+
+/// A label selector in its string form, requirements sorted by key (`app=web,tier in (a,b)`).
+fn selector_string(selector: &Value) -> Option<String> {
+    let mut requirements: Vec<(String, String)> = Vec::new();
+    for (key, value) in selector["matchLabels"].as_object().into_iter().flatten() {
+        requirements.push((
+            key.clone(),
+            format!("{key}={}", value.as_str().unwrap_or("")),
+        ));
+    }
+    for expression in selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let key = expression["key"].as_str().unwrap_or("").to_owned();
+        let mut values: Vec<&str> = expression["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        values.sort_unstable();
+        let text = match expression["operator"].as_str().unwrap_or("") {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "Exists" => key.clone(),
+            "DoesNotExist" => format!("!{key}"),
+            _ => continue,
+        };
+        requirements.push((key, text));
+    }
+    if requirements.is_empty() {
+        return None;
+    }
+    requirements.sort();
+    Some(
+        requirements
+            .into_iter()
+            .map(|(_, text)| text)
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
 /// The `specReplicasPath` of the resource.
 pub fn spec_path(resource: &Resource) -> &str {
     path_of(resource, "specReplicasPath").unwrap_or(".spec.replicas")
@@ -31,7 +79,12 @@ pub fn spec_path(resource: &Resource) -> &str {
 /// `labelSelectorPath` (left out when absent).
 pub fn to_scale(resource: &Resource, object: &Value) -> Result<Value, ApiError> {
     let spec_path = spec_path(resource);
-    let Some(replicas) = lookup(object, spec_path).and_then(Value::as_i64) else {
+    let deployment = is_deployment(resource);
+    // A Deployment's replicas default to 1 (kube-sim stores Deployments without defaults).
+    let replicas = lookup(object, spec_path)
+        .and_then(Value::as_i64)
+        .or(deployment.then_some(1));
+    let Some(replicas) = replicas else {
         let message = format!("the spec replicas field {spec_path:?} does not exist");
         let mut err = ApiError::internal(format!("Internal error occurred: {message}"));
         err.details = Some(Box::new(json!({"causes": [{"message": message}]})));
@@ -42,10 +95,15 @@ pub fn to_scale(resource: &Resource, object: &Value) -> Result<Value, ApiError> 
         .and_then(Value::as_i64)
         .unwrap_or(0);
     let mut status = json!({"replicas": status_replicas});
-    if let Some(selector) = path_of(resource, "labelSelectorPath")
-        .and_then(|path| lookup(object, path))
-        .and_then(Value::as_str)
-    {
+    let selector = if deployment {
+        selector_string(&object["spec"]["selector"])
+    } else {
+        path_of(resource, "labelSelectorPath")
+            .and_then(|path| lookup(object, path))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    if let Some(selector) = selector {
         status["selector"] = json!(selector);
     }
     let meta = &object["metadata"];

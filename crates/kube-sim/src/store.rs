@@ -789,6 +789,21 @@ pub fn builtin_resources() -> Vec<Resource> {
         verbs: vec!["get", "patch", "update"],
     });
     resources.push(csrs);
+    if let Some(deployments) = resources
+        .iter_mut()
+        .find(|r| r.group == "apps" && r.plural == "deployments")
+    {
+        deployments.subresources.push(Subresource {
+            name: "scale".into(),
+            group: "autoscaling".into(),
+            version: "v1".into(),
+            kind: "Scale".into(),
+            verbs: vec!["get", "patch", "update"],
+        });
+        deployments.scale = Some(
+            json!({"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"}),
+        );
+    }
     if let Some(accounts) = resources
         .iter_mut()
         .find(|r| r.group.is_empty() && r.plural == "serviceaccounts")

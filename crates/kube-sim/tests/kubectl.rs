@@ -747,3 +747,106 @@ async fn kubectl_creates_service_account_tokens() {
     assert_eq!(whoami, "system:serviceaccount:default:robot");
     server.shutdown().await;
 }
+
+/// `kubectl scale` (a merge patch of the `scale` subresource) on a Deployment and on a custom
+/// resource whose CRD declares `subresources.scale`; `--current-replicas` is checked against
+/// the Scale the server reports.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_scales_deployments_and_custom_resources() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    let crd = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {type: object, properties: {replicas: {type: integer}}}
+          status: {type: object, properties: {replicas: {type: integer}, selector: {type: string}}}
+    subresources:
+      status: {}
+      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas, labelSelectorPath: .status.selector}
+";
+    kubectl.ok_with(&["apply", "-f", "-"], Some(crd)).await;
+    kubectl
+        .ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/widgets.example.com",
+            "--timeout=30s",
+        ])
+        .await;
+    let deployment = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web, tier: front}}
+  template:
+    metadata: {labels: {app: web, tier: front}}
+    spec:
+      containers: [{name: web, image: 'nginx:1.27'}]
+";
+    kubectl
+        .ok_with(&["apply", "-f", "-"], Some(deployment))
+        .await;
+    let widget = "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w, namespace: default}\nspec: {replicas: 2}\n";
+    // kubectl 1.32 may not have the new resource in its discovery cache yet: retry briefly.
+    let mut applied = false;
+    for _ in 0..20 {
+        if kubectl
+            .run(&["apply", "-f", "-"], Some(widget))
+            .await
+            .status
+            .success()
+        {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(applied, "the Widget is applied");
+
+    for (target, replicas) in [("deployment/web", "3"), ("widget/w", "4")] {
+        let out = kubectl
+            .ok(&["scale", target, &format!("--replicas={replicas}")])
+            .await;
+        assert!(out.contains("scaled"), "{out}");
+        let spec = kubectl
+            .ok(&["get", target, "-o", "jsonpath={.spec.replicas}"])
+            .await;
+        assert_eq!(spec, replicas, "{target}");
+    }
+    let refused = kubectl
+        .fails(
+            &["scale", "widget/w", "--current-replicas=3", "--replicas=5"],
+            None,
+        )
+        .await;
+    assert!(
+        refused.contains("Expected replicas to be 3, was 4"),
+        "{refused}"
+    );
+    let scale = kubectl
+        .ok(&[
+            "get",
+            "--raw",
+            "/apis/apps/v1/namespaces/default/deployments/web/scale",
+        ])
+        .await;
+    let scale: serde_json::Value = serde_json::from_str(&scale).expect("a Scale");
+    assert_eq!(scale["kind"], "Scale");
+    assert_eq!(scale["apiVersion"], "autoscaling/v1");
+    assert_eq!(scale["spec"]["replicas"], 3);
+    assert_eq!(scale["status"]["selector"], "app=web,tier=front");
+    server.shutdown().await;
+}
