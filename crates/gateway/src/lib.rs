@@ -647,6 +647,13 @@ impl Shared {
             && !self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Reports not ready from now on (the start of a shutdown) and takes no new agent
+    /// connection; live connections and the internal API serve as before until the drain.
+    pub fn not_ready(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Whether this replica (one of several) started less than [`WARM_UP`] ago, so an agent
     /// missing here may still be on its way.
     pub fn warming_up(&self) -> bool {

@@ -85,6 +85,10 @@ struct Flags {
     /// agents in the upgrade's 101; default: the host name.
     #[arg(long, env = "POD_NAME")]
     replica_id: Option<String>,
+    /// On SIGTERM, report not ready (leaving the Service's endpoints) and keep serving this
+    /// long before the drain begins.
+    #[arg(long, default_value = "0s", value_parser = buildplane_runtime::parse_duration)]
+    shutdown_delay: Duration,
     /// How many gateway replicas serve behind the agents' address: an agent of ours holds one
     /// connection to each, so any replica can route any request.
     #[arg(long, env = "GATEWAY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -166,7 +170,17 @@ async fn main() -> anyhow::Result<()> {
         .run_until(buildplane_runtime::shutdown_signal())
         .await;
     match &ended {
-        Ok(()) => tracing::info!("shutting down"),
+        Ok(()) => {
+            if !flags.shutdown_delay.is_zero() {
+                tracing::info!(
+                    delay_ms = flags.shutdown_delay.as_millis() as u64,
+                    "not ready; serving on until the endpoints have moved, then draining"
+                );
+                gateway.shared.not_ready();
+                tokio::time::sleep(flags.shutdown_delay).await;
+            }
+            tracing::info!("shutting down");
+        }
         Err(err) => tracing::error!(%err, "a gateway task ended; shutting down"),
     }
     let stopped = gateway.shutdown(flags.shutdown_stagger).await;

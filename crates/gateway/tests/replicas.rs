@@ -186,6 +186,13 @@ async fn an_agent_holds_one_connection_per_replica_and_any_replica_routes() {
         assert_eq!(shared.registry.all().len(), 1);
         assert_eq!(shared.registry.replaced_total(), 0);
     }
+    // The start of a shutdown (`--shutdown-delay`): not ready, no new agent connection, and
+    // the live one still serves.
+    assert!(shared[1].is_ready());
+    shared[1].not_ready();
+    assert!(!shared[1].is_ready());
+    let (status, body) = proxy_at(&env, &bases[1], "p").await;
+    assert_eq!(status, 200, "a replica about to drain still serves: {body}");
     for gateway in others {
         gateway.shutdown(Duration::from_millis(50)).await.unwrap();
     }

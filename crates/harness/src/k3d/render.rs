@@ -327,6 +327,8 @@ pub fn gateway(values: &Values, extra_args: &[String]) -> Vec<Value> {
             "--max-connections-per-identity={}",
             gw.max_connections_per_identity
         ),
+        // Out of the Service's endpoints before the drain begins.
+        "--shutdown-delay=5s".to_string(),
     ];
     args.extend(extra_args.iter().cloned());
     let container = container(ContainerSpec {
@@ -334,7 +336,13 @@ pub fn gateway(values: &Values, extra_args: &[String]) -> Vec<Value> {
         image: &gw.image,
         pull_policy: &values.global.image_pull_policy,
         args,
-        env: vec![env("RUST_LOG", "info"), env("NO_COLOR", "1")],
+        env: vec![
+            env("RUST_LOG", "info"),
+            env("NO_COLOR", "1"),
+            // The replica's id (its pod name) and the replica count, told to agents.
+            pod_name_env(),
+            env("GATEWAY_REPLICAS", &gw.replicas.to_string()),
+        ],
         ports: vec![
             port("agent", gw.port),
             port("internal", gw.internal_port),
@@ -347,19 +355,45 @@ pub fn gateway(values: &Values, extra_args: &[String]) -> Vec<Value> {
         json!({"name": "tls", "secret": {"secretName": gw.tls.secret_name}}),
         json!({"name": "internal-ca", "secret": {"secretName": gw.internal_tls.client_ca_secret_name}}),
     ];
-    // One replica at most, ever: stop the old pod before starting the new one.
-    let strategy = json!({"type": "Recreate"});
+    // One replica at a time, never more than `replicas` (the count the agents are told): the
+    // agents of the replaced pod reach the new one while the others serve.
+    let strategy =
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}});
     let service_port = |name: &str, port: u16, target: u16| json!({"name": name, "port": port, "targetPort": target, "protocol": "TCP"});
-    vec![
-        deployment(
-            GATEWAY_NAME,
-            CONTROL_NAMESPACE,
-            gw.replicas,
-            GATEWAY_NAME,
-            container,
-            volumes,
-            strategy,
-        ),
+    let mut deployment = deployment(
+        GATEWAY_NAME,
+        CONTROL_NAMESPACE,
+        gw.replicas,
+        GATEWAY_NAME,
+        container,
+        volumes,
+        strategy,
+    );
+    let pod = &mut deployment["spec"]["template"]["spec"];
+    // The drain: `--shutdown-delay`, then up to `--drain-timeout` (30 s) for requests in flight.
+    pod["terminationGracePeriodSeconds"] = json!(45);
+    // Replicas on different nodes where there are several (preferred: one node still runs all).
+    pod["affinity"] = json!({
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 100,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": selector(GATEWAY_NAME)},
+                },
+            }],
+        },
+    });
+    let mut objects = vec![deployment];
+    if gw.replicas > 1 {
+        objects.push(json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": GATEWAY_NAME, "namespace": CONTROL_NAMESPACE, "labels": labels(GATEWAY_NAME)},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(GATEWAY_NAME)}},
+        }));
+    }
+    objects.extend([
         json!({
             "apiVersion": "v1",
             "kind": "Service",
@@ -390,7 +424,8 @@ pub fn gateway(values: &Values, extra_args: &[String]) -> Vec<Value> {
                 ],
             },
         }),
-    ]
+    ]);
+    objects
 }
 
 /// The controller's Deployment; `extra_args` are appended to its flags.
@@ -681,7 +716,7 @@ pub fn manifests(values: &Values) -> Vec<ManifestFile> {
         ManifestFile {
             role: Role::Control,
             name: "20-cluster-gateway.yaml",
-            about: "The cluster gateway: Deployment, in-cluster Service, host-published Service.",
+            about: "The cluster gateway: Deployment (replicas, each agent connected to all), PodDisruptionBudget, in-cluster Service, host-published Service.",
             objects: gateway(values, &[]),
         },
         ManifestFile {

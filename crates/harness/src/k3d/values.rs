@@ -92,7 +92,8 @@ impl std::fmt::Display for Image {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterGateway {
-    /// Must be 1: connections live in process memory.
+    /// Replicas (1 to 16): each agent holds a connection to every one, so any replica routes
+    /// any request (ARCHITECTURE.md, "Gateway replicas").
     pub replicas: u32,
     /// Image.
     pub image: Image,
@@ -241,13 +242,13 @@ impl Values {
         Values::load(&root.join("k3d/values.yaml"))
     }
 
-    /// Checks what the types cannot: one gateway replica, a valid planeID, distinct ports, and a
+    /// Checks what the types cannot: 1 to 16 gateway replicas, a valid planeID, distinct ports, and a
     /// server URL that goes through the published host port.
     pub fn check(&self) -> Result<(), K3dError> {
         let mut problems = Vec::new();
-        if self.cluster_gateway.replicas != 1 {
+        if !(1..=16).contains(&self.cluster_gateway.replicas) {
             problems.push(format!(
-                "clusterGateway.replicas is {}; it must be 1 (agent connections live in one process)",
+                "clusterGateway.replicas is {}; it must be 1 to 16 (each agent holds a connection to every replica)",
                 self.cluster_gateway.replicas
             ));
         }
@@ -335,8 +336,8 @@ mod tests {
     fn rejects_values_the_layout_cannot_run() {
         let cases = [
             (
-                "replicas: 1\n  image:\n    repository: buildplane/cluster-gateway",
-                "replicas: 2\n  image:\n    repository: buildplane/cluster-gateway",
+                "replicas: 3\n  image:\n    repository: buildplane/cluster-gateway",
+                "replicas: 17\n  image:\n    repository: buildplane/cluster-gateway",
                 "clusterGateway.replicas",
             ),
             (
