@@ -26,7 +26,7 @@ fn is_deployment(resource: &Resource) -> bool {
 }
 
 /// A label selector in its string form, requirements sorted by key (`app=web,tier in (a,b)`).
-fn selector_string(selector: &Value) -> Option<String> {
+pub fn selector_string(selector: &Value) -> Option<String> {
     let mut requirements: Vec<(String, String)> = Vec::new();
     for (key, value) in selector["matchLabels"].as_object().into_iter().flatten() {
         requirements.push((

@@ -107,9 +107,63 @@ fn human_duration(seconds: i64) -> String {
         } else {
             format!("{}d{rest}h", hours / 24)
         }
-    } else {
+    } else if hours < 24 * 365 * 2 {
         format!("{}d", hours / 24)
+    } else if hours < 24 * 365 * 8 {
+        let (years, days) = (hours / 24 / 365, (hours / 24) % 365);
+        if days == 0 {
+            format!("{years}y")
+        } else {
+            format!("{years}y{days}d")
+        }
+    } else {
+        format!("{}y", hours / 24 / 365)
     }
+}
+
+/// A column `kubectl get -o wide` adds.
+fn wide(mut column: Column) -> Column {
+    column.priority = 1;
+    column
+}
+
+/// The names or images of a pod template's containers, comma-separated.
+fn container_cells(object: &Value, field: &str) -> Value {
+    let cells: Vec<&str> = object["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c[field].as_str().unwrap_or(""))
+        .collect();
+    json!(cells.join(","))
+}
+
+/// A Job's status column: from its True conditions, or Terminating, or Running.
+fn job_status(object: &Value) -> Value {
+    let has = |kind: &str| {
+        object["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == kind)
+            .is_some_and(|c| c["status"] == "True")
+    };
+    let status = if has("Complete") {
+        "Complete"
+    } else if has("Failed") {
+        "Failed"
+    } else if object["metadata"]["deletionTimestamp"].is_string() {
+        "Terminating"
+    } else if has("Suspended") {
+        "Suspended"
+    } else if has("FailureTarget") {
+        "FailureTarget"
+    } else if has("SuccessCriteriaMet") {
+        "SuccessCriteriaMet"
+    } else {
+        "Running"
+    };
+    json!(status)
 }
 
 fn builtin_columns(resource: &Resource) -> Vec<Column> {
@@ -177,6 +231,44 @@ fn builtin_columns(resource: &Resource) -> Vec<Column> {
                 )
             }),
             column("Condition", "string", csr_condition),
+        ],
+        ("batch", "jobs") => vec![
+            name(),
+            column("Status", "string", job_status),
+            column("Completions", "string", |o| {
+                let succeeded = o["status"]["succeeded"].as_i64().unwrap_or(0);
+                let parallelism = o["spec"]["parallelism"].as_i64().unwrap_or(0);
+                json!(match o["spec"]["completions"].as_i64() {
+                    Some(completions) => format!("{succeeded}/{completions}"),
+                    None if parallelism > 1 => format!("{succeeded}/1 of {parallelism}"),
+                    None => format!("{succeeded}/1"),
+                })
+            }),
+            column("Duration", "string", |o| {
+                let time = |field: &str| {
+                    o["status"][field]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                };
+                json!(match (time("startTime"), time("completionTime")) {
+                    (None, _) => String::new(),
+                    (Some(start), None) => human_duration(
+                        (chrono::Utc::now() - start.with_timezone(&chrono::Utc)).num_seconds()
+                    ),
+                    (Some(start), Some(end)) => human_duration((end - start).num_seconds()),
+                })
+            }),
+            age_column(),
+            wide(column("Containers", "string", |o| {
+                container_cells(o, "name")
+            })),
+            wide(column("Images", "string", |o| container_cells(o, "image"))),
+            wide(column("Selector", "string", |o| {
+                json!(
+                    crate::scale::selector_string(&o["spec"]["selector"])
+                        .unwrap_or_else(|| "<none>".into())
+                )
+            })),
         ],
         ("coordination.k8s.io", "leases") => vec![
             name(),
@@ -313,12 +405,7 @@ fn age(created: Option<&str>) -> String {
     let seconds = (chrono::Utc::now() - created.with_timezone(&chrono::Utc))
         .num_seconds()
         .max(0);
-    match seconds {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7_200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3_600),
-        s => format!("{}d", s / 86_400),
-    }
+    human_duration(seconds)
 }
 
 /// Evaluates the JSONPath subset printer columns use: `.a.b`, `.a[0]`, `.a[?(@.k=="v")].b`.

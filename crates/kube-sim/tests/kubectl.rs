@@ -850,3 +850,70 @@ spec:
     assert_eq!(scale["status"]["selector"], "app=web,tier=front");
     server.shutdown().await;
 }
+
+/// `kubectl get jobs` prints the real server's columns (and `-o wide` the containers, images and
+/// the generated selector). The Job is suspended, so the real cluster's job controller starts
+/// nothing and its completions stay 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_lists_jobs_with_the_servers_columns() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    let job = "apiVersion: batch/v1
+kind: Job
+metadata: {name: batch, namespace: default}
+spec:
+  suspend: true
+  completions: 3
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: work, image: 'busybox:1.36', command: ['true']}, {name: side, image: busybox}]
+";
+    kubectl.ok_with(&["apply", "-f", "-"], Some(job)).await;
+    let table = kubectl.ok(&["get", "jobs"]).await;
+    assert_eq!(
+        header(&table),
+        ["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"]
+    );
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.first(), Some(&"batch"), "{table}");
+    assert!(row.contains(&"0/3"), "{table}");
+    let uid = kubectl
+        .ok(&["get", "job", "batch", "-o", "jsonpath={.metadata.uid}"])
+        .await;
+    let wide = kubectl.ok(&["get", "jobs", "-o", "wide"]).await;
+    assert_eq!(
+        header(&wide),
+        [
+            "NAME",
+            "STATUS",
+            "COMPLETIONS",
+            "DURATION",
+            "AGE",
+            "CONTAINERS",
+            "IMAGES",
+            "SELECTOR"
+        ]
+    );
+    let row: Vec<&str> = wide
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[row.len() - 3..],
+        [
+            "work,side",
+            "busybox:1.36,busybox",
+            format!("batch.kubernetes.io/controller-uid={uid}").as_str()
+        ],
+        "{wide}"
+    );
+    server.shutdown().await;
+}
