@@ -245,7 +245,7 @@ fn admit(
         admit_crd(resource, object, name, old)?;
     }
     if kinds::is_job(resource) {
-        kinds::admit_job(resource, object, name)?;
+        kinds::admit_job(resource, object, name, old)?;
     }
     if kinds::is_csr(resource) && old.is_none() {
         let user = options.user.clone().unwrap_or_else(kinds::admin_user);

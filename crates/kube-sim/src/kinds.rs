@@ -81,39 +81,149 @@ fn pull_policy(image: &str) -> &'static str {
     }
 }
 
-/// The Job defaults of `SetDefaults_Job` and its pod template's, and the validation of the
-/// template's `restartPolicy` (a Job's pods must not restart forever).
-pub fn admit_job(resource: &Resource, object: &mut Value, name: &str) -> Result<(), ApiError> {
+/// A value as Go's `json.Marshal` writes it in field errors: object keys sorted.
+fn go_json(value: &Value) -> String {
+    fn sorted(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), sorted(&map[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(value).to_string()
+}
+
+/// Whether a `matchLabels` selector selects these labels.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(key, value)| labels.get(key) == Some(value))
+}
+
+/// The Job validation of kube-apiserver that kube-sim repeats: the template's restart policy and
+/// containers, non-negative counts, and on updates the fields a Job cannot change (`completions`
+/// of a NonIndexed Job, `completionMode`, `selector`, and the pod template except the scheduling
+/// fields and labels of a suspended Job).
+fn validate_job(object: &Value, old: Option<&Value>) -> Vec<(String, String)> {
+    let spec = &object["spec"];
+    let mut causes: Vec<(String, String)> = Vec::new();
+    for field in ["parallelism", "completions", "backoffLimit"] {
+        if let Some(n) = spec[field].as_i64()
+            && n < 0
+        {
+            causes.push((
+                format!("spec.{field}"),
+                format!("Invalid value: {n}: must be greater than or equal to 0"),
+            ));
+        }
+    }
+    let pod = &spec["template"]["spec"];
+    if pod["containers"].as_array().is_none_or(Vec::is_empty) {
+        causes.push((
+            "spec.template.spec.containers".into(),
+            "Required value".into(),
+        ));
+    }
+    if !matches!(pod["restartPolicy"].as_str(), Some("OnFailure" | "Never")) {
+        causes.push((
+            "spec.template.spec.restartPolicy".into(),
+            "Required value: valid values: \"OnFailure\", \"Never\"".into(),
+        ));
+    }
+    let Some(old) = old else {
+        return causes;
+    };
+    let was = &old["spec"];
+    if spec["completions"] != was["completions"] && was["completionMode"] != "Indexed" {
+        causes.push((
+            "spec.completions".into(),
+            format!("Invalid value: {}: field is immutable", spec["completions"]),
+        ));
+    }
+    if spec["completionMode"] != was["completionMode"] {
+        causes.push((
+            "spec.completionMode".into(),
+            format!(
+                "Invalid value: {}: field is immutable",
+                spec["completionMode"]
+            ),
+        ));
+    }
+    if spec["selector"] != was["selector"] {
+        let labels = &spec["template"]["metadata"]["labels"];
+        if !selects(&spec["selector"], labels) {
+            causes.push((
+                "spec.template.metadata.labels".into(),
+                format!(
+                    "Invalid value: {}: `selector` does not match template `labels`",
+                    go_json(labels)
+                ),
+            ));
+        }
+        causes.push((
+            "spec.selector".into(),
+            format!(
+                "Invalid value: {}: field is immutable",
+                go_json(&spec["selector"])
+            ),
+        ));
+    }
+    // A suspended Job that never started may change its pods' scheduling and labels.
+    let mutable = was["suspend"] == true && old["status"]["startTime"].is_null();
+    let strip = |template: &Value| {
+        let mut template = template.clone();
+        if mutable {
+            for (part, fields) in [
+                ("metadata", &["labels", "annotations"][..]),
+                (
+                    "spec",
+                    &["nodeSelector", "affinity", "tolerations", "schedulingGates"][..],
+                ),
+            ] {
+                if let Some(map) = template[part].as_object_mut() {
+                    for field in fields {
+                        map.remove(*field);
+                    }
+                }
+            }
+        }
+        template
+    };
+    let (new_template, old_template) = (strip(&spec["template"]), strip(&was["template"]));
+    if new_template != old_template {
+        let (field, value) = if mutable {
+            ("spec.template.spec", &spec["template"]["spec"])
+        } else {
+            ("spec.template", &spec["template"])
+        };
+        causes.push((
+            field.into(),
+            format!("Invalid value: {}: field is immutable", go_json(value)),
+        ));
+    }
+    causes
+}
+
+/// The Job defaults of `SetDefaults_Job` and its pod template's, and the Job validation
+/// ([`validate_job`]).
+pub fn admit_job(
+    resource: &Resource,
+    object: &mut Value,
+    name: &str,
+    old: Option<&Value>,
+) -> Result<(), ApiError> {
     if !object["spec"].is_object() {
         object["spec"] = json!({});
-    }
-    let given_restart = object["spec"]["template"]["spec"]["restartPolicy"]
-        .as_str()
-        .map(str::to_owned);
-    match given_restart.as_deref() {
-        Some("OnFailure" | "Never") => {}
-        Some(other) => {
-            return Err(ApiError::invalid(
-                &resource.qualified_kind(),
-                name,
-                &[(
-                    "spec.template.spec.restartPolicy".into(),
-                    format!(
-                        "Unsupported value: {other:?}: supported values: \"OnFailure\", \"Never\""
-                    ),
-                )],
-            ));
-        }
-        None => {
-            return Err(ApiError::invalid(
-                &resource.qualified_kind(),
-                name,
-                &[(
-                    "spec.template.spec.restartPolicy".into(),
-                    "Required value: valid values: \"OnFailure\", \"Never\"".into(),
-                )],
-            ));
-        }
     }
     let spec = &mut object["spec"];
     if spec.get("completions").is_none_or(Value::is_null)
@@ -133,7 +243,12 @@ pub fn admit_job(resource: &Resource, object: &mut Value, name: &str) -> Result<
     default(spec, "podReplacementPolicy", json!(replacement));
     default(spec, "manualSelector", json!(false));
     default_pod_spec(&mut spec["template"]["spec"]);
-    Ok(())
+    let causes = validate_job(object, old);
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&resource.qualified_kind(), name, &causes))
+    }
 }
 
 /// What a Job's creation adds once its uid is known: the selector on
@@ -210,25 +325,61 @@ pub fn admit_new_csr(
             "CertificateSigningRequest in version \"v1\" cannot be handled as a CertificateSigningRequest: illegal base64 data at input byte {at}"
         )));
     };
-    if object["spec"]["signerName"]
-        .as_str()
-        .is_none_or(str::is_empty)
-    {
-        return Err(ApiError::invalid(
-            &resource.qualified_kind(),
-            name,
-            &[("spec.signerName".into(), "Required value".into())],
+    let mut causes: Vec<(String, String)> = Vec::new();
+    if !has_pem_block(&bytes, "CERTIFICATE REQUEST") {
+        causes.push((
+            "spec.request".into(),
+            format!("Invalid value: {request:?}: PEM block type must be CERTIFICATE REQUEST"),
         ));
     }
-    if !has_pem_block(&bytes, "CERTIFICATE REQUEST") {
-        return Err(ApiError::invalid(
-            &resource.qualified_kind(),
-            name,
-            &[(
-                "spec.request".into(),
-                format!("Invalid value: {request:?}: PEM block type must be CERTIFICATE REQUEST"),
-            )],
+    match object["spec"]["signerName"].as_str().unwrap_or("") {
+        "" => causes.push(("spec.signerName".into(), "Required value".into())),
+        signer
+            if !signer
+                .split_once('/')
+                .is_some_and(|(domain, path)| domain.contains('.') && !path.is_empty()) =>
+        {
+            causes.push((
+                "spec.signerName".into(),
+                format!("Invalid value: {signer:?}: must be a fully qualified domain and path of the form 'example.com/signer-name'"),
+            ));
+        }
+        _ => {}
+    }
+    match object["spec"]["usages"]
+        .as_array()
+        .filter(|u| !u.is_empty())
+    {
+        None => causes.push(("spec.usages".into(), "Required value".into())),
+        Some(usages) => {
+            for (i, usage) in usages.iter().enumerate() {
+                let usage = usage.as_str().unwrap_or("");
+                if !KEY_USAGES.contains(&usage) {
+                    let supported: Vec<String> =
+                        KEY_USAGES.iter().map(|u| format!("{u:?}")).collect();
+                    causes.push((
+                        format!("spec.usages[{i}]"),
+                        format!(
+                            "Unsupported value: {usage:?}: supported values: {}",
+                            supported.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(seconds) = object["spec"]["expirationSeconds"].as_i64()
+        && seconds < 600
+    {
+        causes.push((
+            "spec.expirationSeconds".into(),
+            format!(
+                "Invalid value: {seconds}: may not specify a duration less than 600 seconds (10 minutes)"
+            ),
         ));
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(&resource.qualified_kind(), name, &causes));
     }
     let spec = &mut object["spec"];
     for field in ["username", "uid", "groups", "extra"] {
@@ -243,6 +394,33 @@ pub fn admit_new_csr(
 }
 
 const APPROVAL_TYPES: [&str; 2] = ["Approved", "Denied"];
+
+/// The key usages a CertificateSigningRequest may ask for, as the real server lists them.
+const KEY_USAGES: [&str; 23] = [
+    "any",
+    "cert sign",
+    "client auth",
+    "code signing",
+    "content commitment",
+    "crl sign",
+    "data encipherment",
+    "decipher only",
+    "digital signature",
+    "email protection",
+    "encipher only",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "key agreement",
+    "key encipherment",
+    "microsoft sgc",
+    "netscape sgc",
+    "ocsp signing",
+    "s/mime",
+    "server auth",
+    "signing",
+    "timestamping",
+];
 
 /// An update of a CertificateSigningRequest: the spec never changes (a change is ignored, as on
 /// the real server); through `status` and `approval`, conditions get their timestamps and are

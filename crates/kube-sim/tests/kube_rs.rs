@@ -1072,6 +1072,75 @@ async fn jobs_are_stored_with_the_servers_defaults() {
 
     let fetched = jobs.get("plain").await.expect("get");
     assert_eq!(fetched.spec, created.spec);
+
+    // What a Job may not be, and what it may not change.
+    let pod = |policy: &str, containers: serde_json::Value| json!({"spec": {"restartPolicy": policy, "containers": containers}});
+    let busybox = json!([{"name": "c", "image": "busybox"}]);
+    for (spec, message) in [
+        (
+            json!({"parallelism": -1, "template": pod("Never", busybox.clone())}),
+            "spec.parallelism: Invalid value: -1: must be greater than or equal to 0",
+        ),
+        (
+            json!({"template": pod("Never", json!([]))}),
+            "spec.template.spec.containers: Required value",
+        ),
+        (
+            json!({"template": pod("Always", busybox.clone())}),
+            "spec.template.spec.restartPolicy: Required value: valid values: \"OnFailure\", \"Never\"",
+        ),
+    ] {
+        let err = jobs
+            .create(&PostParams::default(), &job("refused", spec))
+            .await
+            .expect_err(message);
+        assert_eq!(
+            api_error(&err).2,
+            format!("Job.batch \"refused\" is invalid: {message}")
+        );
+    }
+    let merge = |patch: serde_json::Value| Patch::Merge(patch);
+    let pp = PatchParams::default();
+    let scaled = jobs
+        .patch("plain", &pp, &merge(json!({"spec": {"parallelism": 3}})))
+        .await
+        .expect("parallelism may change");
+    assert_eq!(scaled.spec.as_ref().and_then(|s| s.parallelism), Some(3));
+    assert_eq!(scaled.metadata.generation, Some(2));
+    for (patch, message) in [
+        (
+            json!({"spec": {"completions": 2}}),
+            "spec.completions: Invalid value: 2: field is immutable",
+        ),
+        (
+            json!({"spec": {"completionMode": "Indexed"}}),
+            "spec.completionMode: Invalid value: \"Indexed\": field is immutable",
+        ),
+    ] {
+        let err = jobs
+            .patch("plain", &pp, &merge(patch))
+            .await
+            .expect_err(message);
+        assert_eq!(
+            api_error(&err).2,
+            format!("Job.batch \"plain\" is invalid: {message}")
+        );
+    }
+    let err = jobs
+        .patch(
+            "plain",
+            &pp,
+            &merge(json!({"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "busybox:2"}, {"name": "d", "image": "busybox:1.36"}]}}}})),
+        )
+        .await
+        .expect_err("the pods of a running Job stay as they are");
+    let (code, _, message) = api_error(&err);
+    assert_eq!(code, 422);
+    assert!(
+        message.starts_with("Job.batch \"plain\" is invalid: spec.template")
+            && message.ends_with("field is immutable"),
+        "{message}"
+    );
     let listed = jobs
         .list(&ListParams::default().labels("job-name=plain"))
         .await
@@ -1176,6 +1245,40 @@ async fn certificate_signing_requests_are_approved_through_approval() {
         api_error(&err).2,
         "CertificateSigningRequest.certificates.k8s.io \"nosigner\" is invalid: spec.signerName: Required value"
     );
+
+    let valid = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(csr_pem("x"))
+    };
+    for (spec, message) in [
+        (
+            json!({"signerName": "example.com/signer"}),
+            "spec.usages: Required value".to_owned(),
+        ),
+        (
+            json!({"signerName": "nodomain", "usages": ["client auth"]}),
+            "spec.signerName: Invalid value: \"nodomain\": must be a fully qualified domain and path of the form 'example.com/signer-name'".to_owned(),
+        ),
+        (
+            json!({"signerName": "example.com/signer", "usages": ["client auth"], "expirationSeconds": 60}),
+            "spec.expirationSeconds: Invalid value: 60: may not specify a duration less than 600 seconds (10 minutes)".to_owned(),
+        ),
+        (
+            json!({"signerName": "example.com/signer", "usages": ["frobnicate"]}),
+            "spec.usages[0]: Unsupported value: \"frobnicate\": supported values: \"any\", \"cert sign\", \"client auth\", \"code signing\", \"content commitment\", \"crl sign\", \"data encipherment\", \"decipher only\", \"digital signature\", \"email protection\", \"encipher only\", \"ipsec end system\", \"ipsec tunnel\", \"ipsec user\", \"key agreement\", \"key encipherment\", \"microsoft sgc\", \"netscape sgc\", \"ocsp signing\", \"s/mime\", \"server auth\", \"signing\", \"timestamping\"".to_owned(),
+        ),
+    ] {
+        let mut spec = spec;
+        spec["request"] = json!(valid);
+        let refused: Csr = serde_json::from_value(json!({"apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest", "metadata": {"name": "refused"}, "spec": spec}))
+        .expect("a CSR");
+        let err = csrs.create(&pp, &refused).await.expect_err(&message);
+        assert_eq!(
+            api_error(&err).2,
+            format!("CertificateSigningRequest.certificates.k8s.io \"refused\" is invalid: {message}")
+        );
+    }
 
     let created = csrs
         .create(
