@@ -249,7 +249,7 @@ impl Server {
             token: identity.token.clone(),
             faults: Mutex::new(Faults::default()),
             close_watches,
-            tokens: tokens::Tokens::default(),
+            tokens: tokens::Tokens::new(&identity.token),
         });
         let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
         let task_shared = shared.clone();

@@ -2,14 +2,12 @@
 //! the bearer-token check and `authentication.k8s.io/v1` TokenReview accept them (and the
 //! server's own token) until they expire or their ServiceAccount is gone.
 //!
-//! A token is shaped like the real server's (a JWT with the same claims) but is checked by
-//! lookup in memory, not by signature: tokens are forgotten when the process ends.
-
-use std::collections::HashMap;
+//! A token is a JWT with the real server's claims, signed with HMAC-SHA256 (`HS256`) under a key
+//! derived from the server's own token, so it stays valid across restarts with a data directory
+//! (which keeps that token) and nothing needs to be remembered per token.
 
 use base64::Engine as _;
-use chrono::{DateTime, Duration, Utc};
-use parking_lot::Mutex;
+use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 
 use crate::{
@@ -27,25 +25,36 @@ const MIN_SECONDS: i64 = 600;
 const MAX_SECONDS: i64 = 1 << 32;
 const DEFAULT_SECONDS: i64 = 3600;
 
-/// One issued token.
+/// What a valid token says.
 #[derive(Debug, Clone)]
-struct Issued {
+struct Claims {
     namespace: String,
     name: String,
     uid: String,
     audiences: Vec<String>,
-    expires: DateTime<Utc>,
     jti: String,
 }
 
-/// The tokens issued by this server.
-#[derive(Debug, Default)]
+/// Issues and checks this server's ServiceAccount tokens.
 pub struct Tokens {
-    issued: Mutex<HashMap<String, Issued>>,
+    key: rustls::crypto::tls13::OkmBlock,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens")
+    }
 }
 
 fn encode(value: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+}
+
+fn decode(part: &str) -> Option<Value> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// A Go `%q` of a string list: `["a" "b"]`.
@@ -63,6 +72,64 @@ fn invalid(field: &str, message: String) -> ApiError {
 }
 
 impl Tokens {
+    /// Tokens signed under a key derived from the server's own token.
+    pub fn new(server_token: &str) -> Self {
+        let bytes = server_token.as_bytes();
+        let key = rustls::crypto::tls13::OkmBlock::new(&bytes[..bytes.len().min(64)]);
+        Self { key }
+    }
+
+    /// HMAC-SHA256 of a token's signed part.
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        match suite.tls13() {
+            Some(suite) => suite
+                .hkdf_provider
+                .hmac_sign(&self.key, message)
+                .as_ref()
+                .to_vec(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The claims of a token this server signed that has not expired.
+    fn verify(&self, token: &str) -> Option<Claims> {
+        let (signed, signature) = token.rsplit_once('.')?;
+        let (_, payload) = signed.split_once('.')?;
+        let expected = self.sign(signed.as_bytes());
+        let given = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(signature)
+            .ok()?;
+        if expected.is_empty() || given.len() != expected.len() {
+            return None;
+        }
+        // Compared without an early exit.
+        if given
+            .iter()
+            .zip(&expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            != 0
+        {
+            return None;
+        }
+        let claims = decode(payload)?;
+        if claims["exp"].as_i64()? <= Utc::now().timestamp() {
+            return None;
+        }
+        let account = &claims["kubernetes.io"];
+        Some(Claims {
+            namespace: account["namespace"].as_str()?.to_owned(),
+            name: account["serviceaccount"]["name"].as_str()?.to_owned(),
+            uid: account["serviceaccount"]["uid"].as_str()?.to_owned(),
+            audiences: claims["aud"]
+                .as_array()?
+                .iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect(),
+            jti: claims["jti"].as_str()?.to_owned(),
+        })
+    }
+
     /// Answers a TokenRequest for ServiceAccount `namespace/name`.
     pub fn issue(
         &self,
@@ -130,28 +197,14 @@ impl Tokens {
             "nbf": now.timestamp(),
             "sub": format!("system:serviceaccount:{namespace}:{name}"),
         });
-        let signature: Vec<u8> = (0..64).map(|_| rand::random::<u8>()).collect();
-        let token = format!(
-            "{}.{}.{}",
-            encode(&json!({"alg": "ES256", "kid": "kube-sim"})),
-            encode(&claims),
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature)
+        let signed = format!(
+            "{}.{}",
+            encode(&json!({"alg": "HS256", "kid": "kube-sim"})),
+            encode(&claims)
         );
-        {
-            let mut issued = self.issued.lock();
-            issued.retain(|_, t| t.expires > now);
-            issued.insert(
-                token.clone(),
-                Issued {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                    uid: uid.clone(),
-                    audiences: audiences.clone(),
-                    expires,
-                    jti,
-                },
-            );
-        }
+        let signature =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.sign(signed.as_bytes()));
+        let token = format!("{signed}.{signature}");
         Ok(json!({
             "kind": "TokenRequest",
             "apiVersion": "authentication.k8s.io/v1",
@@ -188,8 +241,7 @@ impl Tokens {
             }
             return Ok((kinds::admin_user(), vec![DEFAULT_AUDIENCE.into()]));
         }
-        let issued = self.issued.lock().get(token).cloned();
-        let Some(issued) = issued.filter(|t| t.expires > Utc::now()) else {
+        let Some(issued) = self.verify(token) else {
             return Err("invalid bearer token".into());
         };
         let accepted: Vec<String> = targets

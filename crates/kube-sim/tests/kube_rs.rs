@@ -1910,3 +1910,97 @@ async fn custom_resources_scale_through_the_scale_subresource() {
     assert_eq!(object.metadata.generation, Some(3));
     server.shutdown().await;
 }
+
+/// kube-sim's ServiceAccount tokens are signed, not remembered: one issued before a restart with
+/// a data directory still authenticates after it, and a token whose claims were edited, or one
+/// signed by another kube-sim, does not. (kube-sim only: the data directory is its own.)
+#[tokio::test]
+async fn service_account_tokens_survive_a_restart_and_cannot_be_forged() {
+    use k8s_openapi::api::{
+        authentication::v1::{SelfSubjectReview, TokenRequest},
+        core::v1::ServiceAccount,
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = Config {
+        data_dir: Some(dir.path().to_owned()),
+        ..Config::default()
+    };
+    let issue = |server: TestServer| async move {
+        let client = server.client().await.expect("client");
+        let accounts: Api<ServiceAccount> = Api::namespaced(client, "default");
+        if accounts.get_opt("robot").await.expect("get").is_none() {
+            accounts
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": "robot"}}))
+                        .expect("account"),
+                )
+                .await
+                .expect("created");
+        }
+        let request: TokenRequest = serde_json::from_value(json!({"spec": {}})).expect("request");
+        let issued: TokenRequest = accounts
+            .create_subresource("token", "robot", &PostParams::default(), &request)
+            .await
+            .expect("issued");
+        (server, issued.status.expect("status").token)
+    };
+    let whoami = |server: &TestServer, token: String| {
+        let server_kubeconfig = server.kubeconfig_yaml();
+        async move {
+            let kubeconfig =
+                kube::config::Kubeconfig::from_yaml(&server_kubeconfig).expect("kubeconfig");
+            let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .expect("config");
+            config.auth_info = kube::config::AuthInfo {
+                token: Some(token.into()),
+                ..Default::default()
+            };
+            let reviews: Api<SelfSubjectReview> =
+                Api::all(kube::Client::try_from(config).expect("client"));
+            let review: SelfSubjectReview = serde_json::from_value(
+                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}),
+            )
+            .expect("review");
+            reviews
+                .create(&PostParams::default(), &review)
+                .await
+                .map(|r| r.status.and_then(|s| s.user_info).and_then(|u| u.username))
+        }
+    };
+    let server = TestServer::Sim(Server::start(config.clone()).await.expect("starts"));
+    let (server, token) = issue(server).await;
+    server.shutdown().await;
+    let restarted = TestServer::Sim(Server::start(config).await.expect("restarts"));
+    assert_eq!(
+        whoami(&restarted, token.clone())
+            .await
+            .expect("still valid"),
+        Some("system:serviceaccount:default:robot".to_owned())
+    );
+
+    // Claims edited (a longer life), signature kept.
+    let parts: Vec<&str> = token.split('.').collect();
+    let claims = {
+        use base64::Engine as _;
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&engine.decode(parts[1]).expect("base64")).expect("json");
+        // Still the same account, audience and a future expiry: only the signature is wrong.
+        let exp = claims["exp"].as_i64().expect("exp");
+        claims["exp"] = json!(exp + 3600);
+        engine.encode(claims.to_string())
+    };
+    let forged = format!("{}.{claims}.{}", parts[0], parts[2]);
+    let err = whoami(&restarted, forged).await.expect_err("forged");
+    assert_eq!(api_error(&err).0, 401);
+
+    // Another kube-sim (another key) issues a token for the same name; this one refuses it.
+    let other = TestServer::Sim(start_sim().await);
+    let (other, foreign) = issue(other).await;
+    let err = whoami(&restarted, foreign).await.expect_err("foreign");
+    assert_eq!(api_error(&err).0, 401);
+    other.shutdown().await;
+    restarted.shutdown().await;
+}
