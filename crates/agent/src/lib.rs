@@ -31,6 +31,12 @@ use tokio::sync::{Notify, Semaphore};
 /// Connections an agent holds at most, whatever replica count a gateway tells.
 pub const MAX_GATEWAY_REPLICAS: usize = 16;
 
+/// Backoff between dials that reached a gateway replica the agent holds already (409): full
+/// jitter from this base, doubling up to [`CONFLICT_BACKOFF_CAP`].
+pub const CONFLICT_BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// See [`CONFLICT_BACKOFF_BASE`].
+pub const CONFLICT_BACKOFF_CAP: Duration = Duration::from_secs(2);
+
 /// The gateway replicas an agent is connected to, by connection slot, and how many the
 /// gateways say there are.
 #[derive(Debug, Default)]
@@ -313,6 +319,11 @@ impl Agent {
     /// until the replica count falls below it.
     async fn supervise_slot(self: Arc<Self>, slot: usize, shutdown: CancellationToken) {
         let mut backoff = self.config.backoff.clone();
+        // Reaching a replica another slot holds (409) is no sign of trouble: the next dial
+        // may reach a free one. It backs off on its own short scale, not the failure backoff
+        // (which would grow to its cap over a few unlucky draws and leave a replica without
+        // this agent for minutes after a storm).
+        let mut conflicts = Backoff::new(CONFLICT_BACKOFF_BASE, CONFLICT_BACKOFF_CAP);
         let mut renewals = self.renewed.subscribe();
         loop {
             if self.slot_retired(slot) {
@@ -324,8 +335,13 @@ impl Agent {
                 () = shutdown.cancelled() => return,
             };
             let delay = match attempt {
+                Err(Ended::Refused { status: 409, .. }) => {
+                    tracing::debug!(plane_id = %self.config.plane_id, slot, "reached a gateway replica held already");
+                    conflicts.next_delay()
+                }
                 Err(ended) => self.delay_after(&mut backoff, ended),
                 Ok(session) => {
+                    conflicts.reset();
                     renewals.mark_unchanged();
                     let mut current = session.spawn(self.clone());
                     // Whether the current connection's drain (the gateway's GoAway) was handled.
@@ -421,12 +437,7 @@ impl Agent {
                 retry_after,
                 body,
             } => {
-                if status == 409 {
-                    // A replica this agent holds already; the balancer picks another next time.
-                    tracing::debug!(plane_id = %self.config.plane_id, %body, "reached a gateway replica held already");
-                } else {
-                    warn!(plane_id = %self.config.plane_id, status, %body, "the gateway refused the connection");
-                }
+                warn!(plane_id = %self.config.plane_id, status, %body, "the gateway refused the connection");
                 backoff.after_refusal(status, retry_after)
             }
             Ended::OfferIgnored => backoff.next_delay(),

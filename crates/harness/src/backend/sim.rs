@@ -323,9 +323,9 @@ fn component_env() -> BTreeMap<String, String> {
     ])
 }
 
-/// Open files a swarm of `agents` costs this process: the fault proxy holds two sockets per
-/// agent (the agent's and the gateway's), plus room for clients, logs and watches. The
-/// components inherit the same limit and need at most one per agent.
+/// Open files a swarm of `agents` connections costs this process: the fault proxy holds two
+/// sockets per connection (the agent's and the gateway's), plus room for clients, logs and
+/// watches. The components inherit the same limit and need at most one per connection.
 fn open_files_needed(agents: u64) -> u64 {
     agents.saturating_mul(2).saturating_add(512)
 }
@@ -944,7 +944,11 @@ impl Environment for SimEnv {
 
     fn start_swarm(&self, spec: SwarmSpec) -> BoxFuture<'_, Result<Vec<SwarmPlane>>> {
         Box::pin(async move {
-            open_files_suffice(spec.count)?;
+            // Each agent holds a connection per gateway replica, and with several replicas
+            // each also crosses the balancer (two more sockets here).
+            let replicas = self.gateways.ports.len() as u64;
+            let sockets_per_agent = if replicas > 1 { 2 * replicas } else { 1 };
+            open_files_suffice(spec.count.saturating_mul(sockets_per_agent))?;
             let link = self.link(&spec.name).await?;
             let n_processes = spec.processes.max(1) as u64;
             let mut names = Vec::new();
