@@ -144,26 +144,46 @@ fn all_replicas() -> Vec<String> {
     (0..REPLICAS).map(|i| format!("gateway-{i}")).collect()
 }
 
-/// The agent ends up with one connection on every replica (never two on one), and a request
-/// at any replica reaches it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_holds_one_connection_per_replica_and_any_replica_routes() {
+/// Three replicas behind a balancer, a BuildPlane `org-a/bp` with planeID `p`, and an agent
+/// of it connected to every replica.
+struct Replicated {
+    env: Env,
+    others: Vec<RunningGateway>,
+    balancer: Balancer,
+    agent: Arc<cluster_agent::Agent>,
+}
+
+async fn replicated(pick: Pick) -> Replicated {
     let mut env = Env::start().await;
     let others = replicas(&mut env).await;
     let mut agent_addrs = vec![env.agent_addr];
     agent_addrs.extend(others.iter().map(|g| g.agent_addr));
-    let balancer = Balancer::start(agent_addrs, Pick::Runs(4)).await;
+    let balancer = Balancer::start(agent_addrs, pick).await;
     let ca = Ca::generate("agent-ca", DAY).unwrap();
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     let leaf = ca.issue_client("p", DAY).unwrap();
     let server_ca = env.server_ca.cert_pem().to_owned();
     let url = format!("wss://127.0.0.1:{}/ws", balancer.addr.port());
     let agent = env.agent_to(&url, &server_ca, &leaf, "p", "buildplane", 2);
-
     env.eventually("a connection on every replica", WAIT, || async {
         sorted(agent.held_replicas()) == all_replicas()
     })
     .await;
+    Replicated {
+        env,
+        others,
+        balancer,
+        agent,
+    }
+}
+
+/// The agent ends up with one connection on every replica (never two on one), and a request
+/// at any replica reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_holds_one_connection_per_replica_and_any_replica_routes() {
+    let Replicated {
+        env, others, agent, ..
+    } = replicated(Pick::Runs(4)).await;
     let mut bases = vec![env.base.clone()];
     bases.extend(others.iter().map(base_of));
     let shared: Vec<_> = std::iter::once(env.shared().clone())
@@ -202,21 +222,12 @@ async fn an_agent_holds_one_connection_per_replica_and_any_replica_routes() {
 /// once it is back the agent holds a connection on it again and it routes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restarted_under_load_fails_no_request_at_the_others() {
-    let mut env = Env::start().await;
-    let others = replicas(&mut env).await;
-    let mut agent_addrs = vec![env.agent_addr];
-    agent_addrs.extend(others.iter().map(|g| g.agent_addr));
-    let balancer = Balancer::start(agent_addrs, Pick::Random).await;
-    let ca = Ca::generate("agent-ca", DAY).unwrap();
-    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
-    let leaf = ca.issue_client("p", DAY).unwrap();
-    let server_ca = env.server_ca.cert_pem().to_owned();
-    let url = format!("wss://127.0.0.1:{}/ws", balancer.addr.port());
-    let agent = env.agent_to(&url, &server_ca, &leaf, "p", "buildplane", 2);
-    env.eventually("a connection on every replica", WAIT, || async {
-        sorted(agent.held_replicas()) == all_replicas()
-    })
-    .await;
+    let Replicated {
+        env,
+        others,
+        balancer,
+        agent,
+    } = replicated(Pick::Random).await;
 
     // Steady load on replicas 1 and 2 while replica 0 restarts.
     let bases: Vec<String> = others.iter().map(base_of).collect();

@@ -304,6 +304,14 @@ impl GatewayReplicas {
         (0..self.ports.len()).find(|&i| self.name(i) == name)
     }
 
+    /// The index of the replica named `name`, or an error naming it.
+    fn replica(&self, name: &str) -> Result<usize> {
+        self.index_of(name).ok_or_else(|| BackendError::Unknown {
+            what: "gateway replica",
+            name: name.to_string(),
+        })
+    }
+
     fn set_in_rotation(&self, index: usize, in_rotation: bool) {
         for balancer in &self.balancers {
             balancer.set_in_rotation(index, in_rotation);
@@ -827,12 +835,7 @@ impl SimEnv {
         let names = match target.kind {
             ComponentKind::Gateway => match &target.name {
                 Some(name) => {
-                    self.gateways
-                        .index_of(name)
-                        .ok_or_else(|| BackendError::Unknown {
-                            what: "gateway replica",
-                            name: name.clone(),
-                        })?;
+                    self.gateways.replica(name)?;
                     vec![name.clone()]
                 }
                 None => (0..self.gateways.ports.len())
@@ -875,14 +878,7 @@ impl SimEnv {
         match target.kind {
             ComponentKind::Gateway => {
                 let index = match &target.name {
-                    Some(name) => {
-                        self.gateways
-                            .index_of(name)
-                            .ok_or_else(|| BackendError::Unknown {
-                                what: "gateway replica",
-                                name: name.clone(),
-                            })?
-                    }
+                    Some(name) => self.gateways.replica(name)?,
                     None => 0,
                 };
                 Ok(self.gateways.ports[index].health)
@@ -1018,13 +1014,7 @@ impl Environment for SimEnv {
             match target.kind {
                 ComponentKind::Gateway => match &target.name {
                     Some(name) => {
-                        let index =
-                            self.gateways
-                                .index_of(name)
-                                .ok_or_else(|| BackendError::Unknown {
-                                    what: "gateway replica",
-                                    name: name.clone(),
-                                })?;
+                        let index = self.gateways.replica(name)?;
                         self.start_gateway_replica(index).await
                     }
                     None => self.start_gateway().await,
