@@ -87,16 +87,14 @@ impl Pki {
             "{}{}",
             self.internal_client.cert_pem, self.internal_client.key_pem
         );
-        Ok(reqwest::Client::builder()
-            .use_rustls_tls()
-            .http1_only()
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(1024)
-            .add_root_certificate(reqwest::Certificate::from_pem(
-                self.server_ca.cert_pem().as_bytes(),
-            )?)
-            .identity(reqwest::Identity::from_pem(identity.as_bytes())?)
-            .build()?)
+        Ok(buildplane_runtime::internal_api_client(
+            self.server_ca.cert_pem().as_bytes(),
+            identity.as_bytes(),
+        )?
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1024)
+        .build()?)
     }
 
     /// Writes the files a gateway process reads: (`tls.crt`, `tls.key`, `internal-ca.crt`,

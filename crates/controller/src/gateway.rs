@@ -82,22 +82,17 @@ impl GatewayClient {
         ca_pem: &[u8],
     ) -> Result<Self, GatewayError> {
         let config_error = |err: reqwest::Error| GatewayError::Config(err.to_string());
-        let identity = reqwest::Identity::from_pem(identity_pem).map_err(config_error)?;
-        let ca = reqwest::Certificate::from_pem(ca_pem).map_err(config_error)?;
         let builder = || {
-            reqwest::Client::builder()
-                .use_rustls_tls()
-                .tls_built_in_root_certs(false)
-                .add_root_certificate(ca.clone())
-                .identity(identity.clone())
-                .connect_timeout(Duration::from_secs(5))
+            buildplane_runtime::internal_api_client(ca_pem, identity_pem)
+                .map(|builder| builder.connect_timeout(Duration::from_secs(5)))
+                .map_err(|err| GatewayError::Config(err.to_string()))
         };
         Ok(Self {
-            http: builder()
+            http: builder()?
                 .timeout(Duration::from_secs(10))
                 .build()
                 .map_err(config_error)?,
-            streaming: builder().build().map_err(config_error)?,
+            streaming: builder()?.build().map_err(config_error)?,
             base_url: base_url.trim_end_matches('/').to_owned(),
         })
     }

@@ -284,17 +284,16 @@ async fn unauthenticated_callers_get_a_generic_401() {
 
 /// An internal-API client whose certificate comes from `ca`, trusting the gateway's serving CA.
 fn internal_client(env: &Env, leaf: &buildplane_pki::Leaf) -> reqwest::Client {
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(env.server_ca.cert_pem().as_bytes()).unwrap(),
-        )
-        .identity(
-            reqwest::Identity::from_pem(format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes())
-                .unwrap(),
-        )
-        .build()
-        .expect("internal API client")
+    buildplane_runtime::internal_api_client(
+        env.server_ca.cert_pem().as_bytes(),
+        format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes(),
+    )
+    .and_then(|builder| {
+        builder
+            .build()
+            .map_err(buildplane_runtime::InternalClientError::from)
+    })
+    .expect("internal API client")
 }
 
 async fn status_of(client: &reqwest::Client, env: &Env) -> Result<u16, String> {

@@ -1,11 +1,12 @@
 //! What every buildplane binary needs around its logic: duration flags, the open-files limit,
 //! the Kubernetes client from a kubeconfig, the shutdown signals, supervision of long-lived
-//! tasks, NDJSON line splitting.
+//! tasks, NDJSON line splitting, the mTLS client of the gateway's internal API.
 //!
 //! Each lived as a copy in the gateway, agent, controller and kube-sim mains; the copies had
 //! drifted (the gateway's duration parser lacked `d`, one shutdown signal ignored SIGTERM).
 
 pub mod duration;
+pub mod internal_api;
 pub mod kubeconfig;
 pub mod limits;
 pub mod ndjson;
@@ -14,6 +15,7 @@ pub mod tasks;
 
 pub use crate::{
     duration::{DurationError, MAX_DURATION, parse_duration, parse_positive_duration},
+    internal_api::{InternalClientError, internal_api_client},
     kubeconfig::{KubeconfigError, kube_client, kube_config},
     limits::raise_open_files_limit,
     ndjson::LineBuffer,

@@ -124,18 +124,11 @@ impl Env {
         config.heartbeat_timeout = Duration::from_secs(6);
         config.shutdown_stagger = Duration::from_millis(100);
         let client = || {
-            reqwest::Client::builder()
-                .use_rustls_tls()
-                .add_root_certificate(
-                    reqwest::Certificate::from_pem(server_ca.cert_pem().as_bytes()).unwrap(),
-                )
-                .identity(
-                    reqwest::Identity::from_pem(
-                        format!("{}{}", internal_client.cert_pem, internal_client.key_pem)
-                            .as_bytes(),
-                    )
-                    .unwrap(),
-                )
+            buildplane_runtime::internal_api_client(
+                server_ca.cert_pem().as_bytes(),
+                format!("{}{}", internal_client.cert_pem, internal_client.key_pem).as_bytes(),
+            )
+            .expect("internal API client")
         };
         let http = client().build().expect("internal API client");
         let internal_client_files = (
