@@ -392,6 +392,12 @@ impl Agent {
                         }
                     };
                     self.release(slot);
+                    if handed_over {
+                        // The gateway drained this connection (a restart, a rebalance): an
+                        // orderly goodbye, not a flapping connection, so the next dial starts
+                        // from the first backoff step whatever came before.
+                        backoff.reset();
+                    }
                     self.delay_after(&mut backoff, ended)
                 }
             };
