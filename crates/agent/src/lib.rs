@@ -27,6 +27,14 @@ use buildplane_api::served::ServedCrs;
 use buildplane_pki::ReloadableCert;
 use buildplane_runtime::Tasks;
 use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use crate::cluster::BuildCluster;
+use crate::{
+    backoff::Backoff,
+    session::{Ended, SessionHandle, connect},
+};
 
 /// Connections an agent holds at most, whatever replica count a gateway tells.
 pub const MAX_GATEWAY_REPLICAS: usize = 16;
@@ -44,14 +52,14 @@ struct Replicas {
     held: std::collections::BTreeMap<usize, String>,
     count: usize,
 }
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
 
-pub use crate::cluster::BuildCluster;
-use crate::{
-    backoff::Backoff,
-    session::{Ended, SessionHandle, connect},
-};
+impl Replicas {
+    /// The connection slots wanted: one per replica, at least one, at most
+    /// [`MAX_GATEWAY_REPLICAS`].
+    fn wanted(&self) -> usize {
+        self.count.clamp(1, MAX_GATEWAY_REPLICAS)
+    }
+}
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -251,7 +259,7 @@ impl Agent {
         loop {
             tokio::select! {
                 () = self.replica_count_changed.notified() => {
-                    let wanted = self.replicas.lock().count.clamp(1, MAX_GATEWAY_REPLICAS);
+                    let wanted = self.replicas.lock().wanted();
                     while slots.len() < wanted {
                         let slot = slots.len();
                         info!(plane_id = %self.config.plane_id, slot, wanted, "opening a connection to another gateway replica");
@@ -272,8 +280,7 @@ impl Agent {
 
     /// Whether `slot` is above the replica count (slot 0 always stays).
     fn slot_retired(&self, slot: usize) -> bool {
-        let replicas = self.replicas.lock();
-        slot > 0 && slot >= replicas.count.clamp(1, MAX_GATEWAY_REPLICAS)
+        slot > 0 && slot >= self.replicas.lock().wanted()
     }
 
     /// Records what a connection's 101 said: the slot holds that replica, and the count.
@@ -346,7 +353,7 @@ impl Agent {
                     let mut current = session.spawn(self.clone());
                     // Whether the current connection's drain (the gateway's GoAway) was handled.
                     let mut handed_over = false;
-                    // A renewal whose new connection could not be made yet is tried again.
+                    // When to connect with the renewed certificate (again, after a failed try).
                     let mut retry_renewal: Option<tokio::time::Instant> = None;
                     let ended = loop {
                         let retry_at = retry_renewal;
@@ -372,14 +379,9 @@ impl Agent {
                                 if changed.is_err() {
                                     continue;
                                 }
-                                // New before old: the old connection only drains once the
-                                // renewed one is up, so requests keep flowing.
-                                retry_renewal = None;
-                                if self.hand_over(slot, &mut current, "connected with the renewed certificate").await {
-                                    handed_over = false;
-                                } else {
-                                    retry_renewal = Some(tokio::time::Instant::now() + Duration::from_secs(5));
-                                }
+                                // New before old (below, at once): the old connection only
+                                // drains once the renewed one is up, so requests keep flowing.
+                                retry_renewal = Some(tokio::time::Instant::now());
                             }
                             () = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
                                 retry_renewal = None;
