@@ -88,13 +88,12 @@ async fn plane_status(
         .map(|name| CrKey::from_url_segments(q.namespace.as_deref().unwrap_or(""), &name));
     // A replica of several that has just started tells what it knows once the plane's agents
     // had their chance to reach it (they reconnect within their backoff), not before.
-    let warm_until =
-        (shared.started + crate::WARM_UP).min(tokio::time::Instant::now() + Duration::from_secs(5));
-    while shared.warming_up()
-        && shared.registry.count(&plane_id, cr.as_ref()).0 == 0
-        && tokio::time::Instant::now() < warm_until
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if let Some(until) = shared.warm_up_deadline(Duration::from_secs(5)) {
+        while shared.registry.count(&plane_id, cr.as_ref()).0 == 0
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     Json(status_of(&shared, plane_type, &plane_id, cr.as_ref())).into_response()
 }

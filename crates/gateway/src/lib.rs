@@ -654,10 +654,13 @@ impl Shared {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Whether this replica (one of several) started less than [`WARM_UP`] ago, so an agent
-    /// missing here may still be on its way.
-    pub fn warming_up(&self) -> bool {
-        self.config.replica.count > 1 && self.started.elapsed() < WARM_UP
+    /// While this replica (one of several) is younger than [`WARM_UP`]: how long a request
+    /// may wait, at most `within`, for a plane's agent to reach it (its agents are
+    /// reconnecting). `None` for a single replica or one past its warm-up.
+    pub fn warm_up_deadline(&self, within: Duration) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let warm_until = self.started + WARM_UP;
+        (self.config.replica.count > 1 && now < warm_until).then(|| warm_until.min(now + within))
     }
 }
 

@@ -475,14 +475,13 @@ async fn pick(
     call: &Call,
 ) -> Result<Arc<crate::registry::Connection>, Unavailable> {
     let deadline = tokio::time::Instant::now() + RECONNECT_WAIT;
-    let warm_until = shared.started + crate::WARM_UP;
+    let warm_until = shared.warm_up_deadline(RECONNECT_WAIT);
     loop {
         let now = tokio::time::Instant::now();
         match shared.registry.pick(&call.plane_id, &call.cr) {
             Err(Unavailable::Draining) if now < deadline => {}
             // A replica that has just started: the plane's agents are reconnecting to it.
-            Err(Unavailable::NoAgentConnected)
-                if shared.warming_up() && now < deadline.min(warm_until) => {}
+            Err(Unavailable::NoAgentConnected) if warm_until.is_some_and(|until| now < until) => {}
             other => return other,
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

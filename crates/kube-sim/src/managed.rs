@@ -361,11 +361,29 @@ pub fn read_entries(object: &Value) -> Vec<Entry> {
         .collect()
 }
 
-/// Writes `metadata.managedFields` (entries owning nothing are dropped).
+/// Writes `metadata.managedFields` (entries owning nothing are dropped), in the real server's
+/// order: by operation (`Apply` before `Update`), then time to the second, manager, apiVersion
+/// and subresource (`sortEncodedManagedFields` in k8s.io/apiserver's fieldmanager).
 pub fn write_entries(object: &mut Value, entries: &[Entry]) {
-    let rendered: Vec<Value> = entries
-        .iter()
-        .filter(|e| !e.fields.is_empty())
+    let mut kept: Vec<&Entry> = entries.iter().filter(|e| !e.fields.is_empty()).collect();
+    kept.sort_by(|p, q| {
+        (
+            &p.operation,
+            &p.time,
+            &p.manager,
+            &p.api_version,
+            &p.subresource,
+        )
+            .cmp(&(
+                &q.operation,
+                &q.time,
+                &q.manager,
+                &q.api_version,
+                &q.subresource,
+            ))
+    });
+    let rendered: Vec<Value> = kept
+        .into_iter()
         .map(|e| {
             let mut entry = json!({"manager": e.manager, "operation": e.operation, "apiVersion": e.api_version,
                 "time": e.time, "fieldsType": "FieldsV1", "fieldsV1": to_fields_v1(&e.fields)});
@@ -714,5 +732,36 @@ mod tests {
             .map(|e| e.manager)
             .collect();
         assert_eq!(owners, vec!["m".to_owned()], "force moved ownership");
+    }
+
+    /// Entries come out as the real server orders them: Apply before Update, older before
+    /// newer (to the second), then by manager; the order they were recorded in does not count.
+    #[test]
+    fn entries_are_written_in_the_servers_order() {
+        let entry = |manager: &str, operation: &str, time: &str| Entry {
+            manager: manager.into(),
+            operation: operation.into(),
+            api_version: "v1".into(),
+            time: time.into(),
+            subresource: String::new(),
+            fields: [vec!["f:data".to_owned(), format!("f:{manager}")]]
+                .into_iter()
+                .collect(),
+        };
+        let mut object = json!({"metadata": {}});
+        write_entries(
+            &mut object,
+            &[
+                entry("kubectl", "Update", "2026-01-01T00:00:00Z"),
+                entry("alice", "Apply", "2026-01-01T00:00:09Z"),
+                entry("carol", "Apply", "2026-01-01T00:00:01Z"),
+                entry("bob", "Apply", "2026-01-01T00:00:01Z"),
+            ],
+        );
+        let order: Vec<String> = read_entries(&object)
+            .into_iter()
+            .map(|e| e.manager)
+            .collect();
+        assert_eq!(order, ["bob", "carol", "alice", "kubectl"]);
     }
 }

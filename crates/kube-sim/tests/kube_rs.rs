@@ -369,11 +369,21 @@ async fn server_side_apply_tracks_field_managers() {
         ["a", "c"],
         "b removed, bob's c kept"
     );
-    let managers: Vec<String> = cm
+    // The real server orders entries by operation, then time to the second, then manager:
+    // alice's second apply is newer than bob's unless both fall in the same second.
+    let entries: Vec<(String, String)> = cm
         .managed_fields()
         .iter()
-        .filter_map(|m| m.manager.clone())
+        .map(|m| {
+            let time = m.time.as_ref().map(|t| t.0.as_second()).unwrap_or(0);
+            (format!("{time:020}"), m.manager.clone().unwrap_or_default())
+        })
         .collect();
+    let mut sorted = entries.clone();
+    sorted.sort();
+    assert_eq!(entries, sorted, "managedFields in the server's order");
+    let mut managers: Vec<&str> = entries.iter().map(|(_, m)| m.as_str()).collect();
+    managers.sort();
     assert_eq!(managers, ["alice", "bob"]);
     let err = api
         .patch(
