@@ -11,6 +11,7 @@ use buildplane_harness::backend::Backend;
 use buildplane_harness::backend::k3d::{K3dBackend, K3dBackendOptions, Setup};
 use buildplane_harness::backend::kubeconfig::KubeconfigBackend;
 use buildplane_harness::backend::sim::{ApiServers, SimBackend};
+use buildplane_harness::pass_rate::{self, pass_rates};
 use buildplane_harness::runner::{RunOptions, run_suite, summary_table};
 use buildplane_harness::{build, lint, report, scenario};
 use clap::{Args, Subcommand, ValueEnum};
@@ -31,9 +32,15 @@ pub(crate) struct E2eFlags {
     /// Skip scenarios with this label (repeatable).
     #[arg(long = "skip-label")]
     skip_labels: Vec<String>,
-    /// Run every selected scenario N times.
-    #[arg(long, default_value_t = 1)]
+    /// Run every selected scenario N times; the summary gives each one's pass rate with a 95 %
+    /// (Wilson) interval.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     repeat: u32,
+    /// Pass when every scenario's pass rate over its runs reaches this share (0 to 1; `0.66`
+    /// lets one run in three fail), instead of failing on any failed run. Flaky scenarios are
+    /// reported in the summary and as JUnit `flakyFailure`s either way.
+    #[arg(long, value_parser = parse_rate)]
+    min_pass_rate: Option<f64>,
     /// Keep the objects and files of failed scenarios for inspection.
     #[arg(long)]
     keep_on_failure: bool,
@@ -258,11 +265,46 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
         progress(format!("report: {}", path.display()));
     }
     println!("{}", summary_table(&suite));
+    let rates = pass_rates(&suite.scenarios);
+    print!("{}", pass_rate::table(&rates, flags.min_pass_rate));
     if suite.scenarios.is_empty() {
         bail!("no scenario selected");
     }
-    if suite.failed() > 0 {
+    let passes = match flags.min_pass_rate {
+        Some(min) => {
+            let below: Vec<&str> = rates
+                .iter()
+                .filter(|r| !r.meets(min))
+                .map(|r| r.scenario.as_str())
+                .collect();
+            if below.is_empty() {
+                println!(
+                    "every scenario's pass rate reaches {}",
+                    pass_rate::percent(min)
+                );
+            } else {
+                println!(
+                    "below --min-pass-rate {}: {}",
+                    pass_rate::percent(min),
+                    below.join(", ")
+                );
+            }
+            below.is_empty()
+        }
+        None => suite.failed() == 0,
+    };
+    if !passes {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// A share in `[0, 1]`.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!(
+            "`{text}` is not a rate between 0 and 1 (e.g. 0.66)"
+        )),
+    }
 }

@@ -17,6 +17,7 @@ pub mod k3d;
 pub mod kube_ops;
 pub mod lint;
 pub mod matcher;
+pub mod pass_rate;
 pub mod pki;
 pub mod process;
 pub mod proxy;

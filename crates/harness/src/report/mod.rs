@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::pass_rate::{PassRate, pass_rates, percent};
 use crate::result::{ScenarioResult, Status, SuiteResult};
 
 mod svg;
@@ -12,10 +13,7 @@ pub fn write_all(suite: &SuiteResult, dir: &Path) -> std::io::Result<Vec<PathBuf
     std::fs::create_dir_all(dir)?;
     let files = [
         (dir.join("junit.xml"), junit(suite)),
-        (
-            dir.join("report.json"),
-            serde_json::to_string_pretty(suite).unwrap_or_default(),
-        ),
+        (dir.join("report.json"), json(suite)),
         (dir.join("report.html"), html(suite)),
     ];
     let mut paths = Vec::new();
@@ -24,6 +22,21 @@ pub fn write_all(suite: &SuiteResult, dir: &Path) -> std::io::Result<Vec<PathBuf
         paths.push(path);
     }
     Ok(paths)
+}
+
+/// The suite with each scenario's pass rate (`pass_rates`, by name).
+pub fn json(suite: &SuiteResult) -> String {
+    #[derive(serde::Serialize)]
+    struct Report<'a> {
+        #[serde(flatten)]
+        suite: &'a SuiteResult,
+        pass_rates: Vec<PassRate>,
+    }
+    serde_json::to_string_pretty(&Report {
+        suite,
+        pass_rates: pass_rates(&suite.scenarios),
+    })
+    .unwrap_or_default()
 }
 
 /// Escapes text for XML and HTML.
@@ -70,62 +83,110 @@ fn scenario_text(result: &ScenarioResult) -> String {
     out
 }
 
-/// JUnit XML: one testsuite, one testcase per scenario (steps in system-out).
+/// JUnit XML: one testsuite, one testcase per scenario (steps in system-out). Repeated runs
+/// (`--repeat`) are one testcase, as Maven Surefire writes reruns: a scenario that failed in some
+/// runs and passed in others passes with a `flakyFailure` per failed run; one that failed in
+/// every run has a `failure` and a `rerunFailure` per further run.
 pub fn junit(suite: &SuiteResult) -> String {
+    let mut cases: Vec<(&str, Vec<&ScenarioResult>)> = Vec::new();
+    for result in &suite.scenarios {
+        match cases.iter_mut().find(|(name, _)| *name == result.name) {
+            Some((_, runs)) => runs.push(result),
+            None => cases.push((&result.name, vec![result])),
+        }
+    }
+    for (_, runs) in &mut cases {
+        runs.sort_by_key(|r| r.attempt);
+    }
+    let broken = cases
+        .iter()
+        .filter(|(_, runs)| {
+            runs.iter().any(|r| r.status == Status::Failed)
+                && runs.iter().all(|r| r.status != Status::Passed)
+        })
+        .count();
+    let skipped = cases
+        .iter()
+        .filter(|(_, runs)| runs.iter().all(|r| r.status == Status::Skipped))
+        .count();
+    let time: f64 = suite.duration.as_secs_f64();
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
         out,
-        "<testsuites name=\"buildplane-e2e\" tests=\"{}\" failures=\"{}\" time=\"{:.3}\">",
-        suite.scenarios.len(),
-        suite.failed(),
-        suite.duration.as_secs_f64()
+        "<testsuites name=\"buildplane-e2e\" tests=\"{}\" failures=\"{broken}\" skipped=\"{skipped}\" time=\"{time:.3}\">",
+        cases.len(),
     );
     let _ = writeln!(
         out,
-        "  <testsuite name=\"e2e-{}-{}\" tests=\"{}\" failures=\"{}\" time=\"{:.3}\" timestamp=\"{}\">",
+        "  <testsuite name=\"e2e-{}-{}\" tests=\"{}\" failures=\"{broken}\" skipped=\"{skipped}\" time=\"{time:.3}\" timestamp=\"{}\">",
         escape(&suite.backend),
         escape(&suite.profile),
-        suite.scenarios.len(),
-        suite.failed(),
-        suite.duration.as_secs_f64(),
+        cases.len(),
         escape(&suite.started)
     );
-    for result in &suite.scenarios {
-        let name = if result.attempt > 0 {
-            format!("{} #{}", result.name, result.attempt + 1)
+    for (name, runs) in &cases {
+        junit_case(&mut out, name, runs);
+    }
+    out.push_str("  </testsuite>\n</testsuites>\n");
+    out
+}
+
+/// One scenario's testcase over its runs.
+fn junit_case(out: &mut String, name: &str, runs: &[&ScenarioResult]) {
+    let time: f64 = runs.iter().map(|r| r.duration.as_secs_f64()).sum();
+    let _ = write!(
+        out,
+        "    <testcase classname=\"scenarios\" name=\"{}\" time=\"{time:.3}\">",
+        escape(name),
+    );
+    let failed: Vec<&ScenarioResult> = runs
+        .iter()
+        .copied()
+        .filter(|r| r.status == Status::Failed)
+        .collect();
+    let any_passed = runs.iter().any(|r| r.status == Status::Passed);
+    let message = |r: &ScenarioResult| {
+        let first = r.failure.as_ref().map(|f| f.message.as_str()).unwrap_or("");
+        if runs.len() > 1 {
+            format!("run {}: {first}", r.attempt + 1)
         } else {
-            result.name.clone()
+            first.to_owned()
+        }
+    };
+    for (index, result) in failed.iter().enumerate() {
+        let element = match (any_passed, index) {
+            (true, _) => "flakyFailure",
+            (false, 0) => "failure",
+            (false, _) => "rerunFailure",
         };
+        if element == "failure" {
+            let _ = write!(
+                out,
+                "\n      <failure message=\"{}\" type=\"ScenarioFailure\">{}</failure>",
+                escape(&message(result)),
+                escape(&scenario_text(result))
+            );
+        } else {
+            let _ = write!(
+                out,
+                "\n      <{element} message=\"{}\" type=\"ScenarioFailure\"><stackTrace>{}</stackTrace></{element}>",
+                escape(&message(result)),
+                escape(&scenario_text(result))
+            );
+        }
+    }
+    if runs.iter().all(|r| r.status == Status::Skipped) {
         let _ = write!(
             out,
-            "    <testcase classname=\"scenarios\" name=\"{}\" time=\"{:.3}\">",
-            escape(&name),
-            result.duration.as_secs_f64()
+            "\n      <skipped message=\"{}\"/>",
+            escape(runs[0].skipped.as_deref().unwrap_or_default())
         );
-        match result.status {
-            Status::Failed => {
-                let message = result
-                    .failure
-                    .as_ref()
-                    .map(|f| f.message.clone())
-                    .unwrap_or_default();
-                let _ = write!(
-                    out,
-                    "\n      <failure message=\"{}\">{}</failure>",
-                    escape(&message),
-                    escape(&scenario_text(result))
-                );
-            }
-            Status::Skipped => {
-                let _ = write!(
-                    out,
-                    "\n      <skipped message=\"{}\"/>",
-                    escape(result.skipped.as_deref().unwrap_or_default())
-                );
-            }
-            Status::Passed => {}
+    }
+    let mut steps = String::new();
+    for result in runs {
+        if runs.len() > 1 {
+            let _ = writeln!(steps, "run {} [{:?}]", result.attempt + 1, result.status);
         }
-        let mut steps = String::new();
         for step in &result.steps {
             let _ = writeln!(
                 steps,
@@ -146,14 +207,12 @@ pub fn junit(suite: &SuiteResult) -> String {
                 );
             }
         }
-        let _ = write!(
-            out,
-            "\n      <system-out>{}</system-out>\n    </testcase>\n",
-            escape(&steps)
-        );
     }
-    out.push_str("  </testsuite>\n</testsuites>\n");
-    out
+    let _ = write!(
+        out,
+        "\n      <system-out>{}</system-out>\n    </testcase>\n",
+        escape(&steps)
+    );
 }
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
@@ -188,6 +247,10 @@ pub fn html(suite: &SuiteResult) -> String {
         suite.passed(),
         suite.failed()
     );
+    let rates = pass_rates(&suite.scenarios);
+    if rates.iter().any(|r| r.runs + r.skipped > 1) {
+        html_pass_rates(&mut out, &rates);
+    }
     out.push_str(
         "<table><tr><th>scenario</th><th>result</th><th>duration</th><th>first failure</th></tr>",
     );
@@ -280,6 +343,41 @@ pub fn html(suite: &SuiteResult) -> String {
     out
 }
 
+/// Pass rates with their 95 % intervals drawn as bars on a 0–100 % scale.
+fn html_pass_rates(out: &mut String, rates: &[PassRate]) {
+    out.push_str(
+        "<h2>pass rates</h2><table><tr><th>scenario</th><th>passed</th><th>rate</th>\
+         <th>95 % interval (Wilson)</th><th></th><th>verdict</th></tr>",
+    );
+    for rate in rates {
+        let (low, high) = (rate.interval.low * 200.0, rate.interval.high * 200.0);
+        let colour = match rate.verdict {
+            crate::pass_rate::Verdict::Stable => "#1a7f37",
+            crate::pass_rate::Verdict::Flaky => "#bf8700",
+            crate::pass_rate::Verdict::Broken => "#cf222e",
+            crate::pass_rate::Verdict::Skipped => "#888",
+        };
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}/{}</td><td>{}</td><td>{}..{}</td>\
+             <td><svg width=\"204\" height=\"14\"><line x1=\"2\" y1=\"7\" x2=\"202\" y2=\"7\" stroke=\"#ddd\"/>\
+             <rect x=\"{:.1}\" y=\"3\" width=\"{:.1}\" height=\"8\" fill=\"{colour}\" opacity=\"0.5\"/>\
+             <circle cx=\"{:.1}\" cy=\"7\" r=\"3\" fill=\"{colour}\"/></svg></td><td>{:?}</td></tr>",
+            escape(&rate.scenario),
+            rate.passed,
+            rate.runs,
+            percent(rate.rate),
+            percent(rate.interval.low),
+            percent(rate.interval.high),
+            2.0 + low,
+            (high - low).max(1.0),
+            2.0 + rate.rate * 200.0,
+            rate.verdict
+        );
+    }
+    out.push_str("</table>");
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -344,6 +442,44 @@ mod tests {
         assert!(xml.contains("tests=\"2\" failures=\"1\""), "{xml}");
         assert!(xml.contains("did not match &lt;in time&gt;"), "{xml}");
         assert!(xml.contains("+ False"), "{xml}");
+    }
+
+    /// Repeated runs are one testcase each: flaky ones pass with a `flakyFailure` per failed
+    /// run, broken ones carry a `failure` and a `rerunFailure`; JSON and HTML carry the rates.
+    #[test]
+    fn repeated_runs_are_one_testcase_with_flaky_and_rerun_failures() {
+        let mut suite = suite();
+        let mut again = suite.scenarios.clone();
+        for run in &mut again {
+            run.attempt = 1;
+        }
+        again[0].status = Status::Failed;
+        again[0].failure = suite.scenarios[1].failure.clone();
+        suite.scenarios.extend(again);
+        let xml = junit(&suite);
+        assert!(xml.contains("tests=\"2\" failures=\"1\""), "{xml}");
+        assert_eq!(xml.matches("<testcase").count(), 2, "{xml}");
+        let case_a = &xml[xml.find("name=\"a\"").expect("a")..xml.find("name=\"b\"").expect("b")];
+        assert!(
+            case_a.contains("<flakyFailure message=\"run 2: "),
+            "{case_a}"
+        );
+        assert!(!case_a.contains("<failure"), "{case_a}");
+        let case_b = &xml[xml.find("name=\"b\"").expect("b")..];
+        assert!(case_b.contains("<failure message=\"run 1: "), "{case_b}");
+        assert!(
+            case_b.contains("<rerunFailure message=\"run 2: "),
+            "{case_b}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&json(&suite)).expect("json");
+        assert_eq!(json["pass_rates"][0]["verdict"], "flaky");
+        assert_eq!(json["pass_rates"][1]["verdict"], "broken");
+        assert_eq!(json["scenarios"].as_array().map(Vec::len), Some(4));
+        let page = html(&suite);
+        assert!(
+            page.contains("pass rates") && page.contains("Flaky"),
+            "{page}"
+        );
     }
 
     /// The HTML page has plots and no external resources.
