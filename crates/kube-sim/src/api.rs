@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::{
     error::ApiError,
-    kinds,
+    events, kinds,
     managed::{self, Scope},
     schema,
     selector::{FieldSelector, LabelSelector},
@@ -95,6 +95,9 @@ pub struct WriteOptions {
     pub warnings: Vec<String>,
     /// Who asks (`username`, `uid`, `groups`, `extra`); kube-sim's own token when `None`.
     pub user: Option<Value>,
+    /// The write came through `events.k8s.io/v1` to the core events storage (stricter
+    /// validation, managedFields in that version).
+    pub events_api: bool,
 }
 
 /// Options of a delete (query string and `DeleteOptions` body).
@@ -250,6 +253,12 @@ fn admit(
     if kinds::is_csr(resource) && old.is_none() {
         let user = options.user.clone().unwrap_or_else(kinds::admin_user);
         kinds::admit_new_csr(resource, object, name, &user)?;
+    }
+    if events::is_core(resource) {
+        let causes = events::validate(object, old, options.events_api);
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(&resource.qualified_kind(), name, &causes));
+        }
     }
     if let Some(schema) = &resource.schema {
         let admission = schema::admit(schema, object, old);
@@ -583,16 +592,10 @@ fn create_with(
         }
     }
     if op == Op::Update && !options.manager.is_empty() {
-        managed::record_update(
-            None,
-            &mut object,
-            resource.schema.as_ref(),
-            scope_of(resource, Part::Main),
-            &options.manager,
-            &resource.api_version(),
-            "",
-            &now_rfc3339(),
-        );
+        record_update(resource, None, &mut object, Part::Main, options);
+    }
+    if events::is_core(resource) {
+        events::shape_core(&mut object);
     }
     let mut object = store.stamp_new(object);
     if kinds::is_job(resource) {
@@ -838,6 +841,36 @@ pub fn patch(
     write(store, resource, key, old, new, part, options, Op::Update)
 }
 
+/// Records an "Update" write in `managedFields`; Events in the version they were written in.
+fn record_update(
+    resource: &Resource,
+    old: Option<&Value>,
+    new: &mut Value,
+    part: Part,
+    options: &WriteOptions,
+) {
+    if events::is_core(resource) {
+        events::record_update(
+            old,
+            new,
+            &options.manager,
+            options.events_api,
+            &now_rfc3339(),
+        );
+        return;
+    }
+    managed::record_update(
+        old,
+        new,
+        resource.schema.as_ref(),
+        scope_of(resource, part),
+        &options.manager,
+        &resource.api_version(),
+        subresource_of(part),
+        &now_rfc3339(),
+    );
+}
+
 /// Server-side apply.
 #[allow(clippy::too_many_arguments)]
 fn apply(
@@ -1076,16 +1109,7 @@ fn write(
             if let Some(previous) = old["metadata"].get("managedFields") {
                 new["metadata"]["managedFields"] = previous.clone();
             }
-            managed::record_update(
-                Some(&old),
-                &mut new,
-                resource.schema.as_ref(),
-                scope_of(resource, part),
-                &options.manager,
-                &resource.api_version(),
-                subresource_of(part),
-                &now_rfc3339(),
-            );
+            record_update(resource, Some(&old), &mut new, part, options);
         } else if given.is_some_and(|g| {
             g.as_array()
                 .is_some_and(|a| a.iter().all(|e| e.as_object().is_none_or(|m| m.is_empty())))
@@ -1095,6 +1119,9 @@ fn write(
                 meta.remove("managedFields");
             }
         }
+    }
+    if events::is_core(resource) {
+        events::shape_core(&mut new);
     }
     let comparable = |object: &Value| {
         let mut object = object.clone();

@@ -46,6 +46,10 @@ const UNMANAGED_METADATA: &[&str] = &[
     "generateName",
 ];
 
+/// Top-level fields of built-in kinds that are atomic structs (`ObjectReference` of Events), owned
+/// as one field.
+const ATOMIC_TOP_LEVEL: &[&str] = &["involvedObject", "regarding", "related"];
+
 /// The list strategy of a field: from the CRD schema when there is one, else the built-in table.
 fn strategy_for(
     field: &str,
@@ -140,8 +144,10 @@ fn walk(
     path: &mut FieldPath,
     set: &mut FieldSet,
 ) {
+    let atomic =
+        schema.is_none() && !in_metadata && path.len() == 1 && ATOMIC_TOP_LEVEL.contains(&field);
     match value {
-        Value::Object(map) if !map.is_empty() => {
+        Value::Object(map) if !map.is_empty() && !atomic => {
             for (key, child) in map {
                 path.push(format!("f:{key}"));
                 walk(

@@ -329,6 +329,7 @@ fn write_options(
         force: query.get("force").is_some_and(|f| f == "true"),
         warnings: Vec::new(),
         user: None,
+        events_api: false,
     })
 }
 
@@ -594,212 +595,226 @@ async fn route(
         .unwrap_or("Metadata")
         .to_owned();
 
-    match (&method, &target.name) {
-        (&Method::GET, Some(name)) => {
-            let store = shared.store.lock();
-            let object = view(api::get(&store, &storage, &namespace, name)?);
-            if wants_table(&accept) {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &table::to_table(
-                        &resource,
-                        &[&object],
-                        json!({"resourceVersion": store.rv().to_string()}),
-                        &include_object,
-                        true,
-                    ),
-                ));
-            }
-            if wants_metadata(&accept) {
-                return Ok(json_response(StatusCode::OK, &partial(&object)));
-            }
-            Ok(json_response(StatusCode::OK, &object))
-        }
-        (&Method::GET, None) => {
-            let options = list_options(&query, &resource)?;
-            if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
-                let representation = Representation::of(&accept, &include_object);
-                return watch(
-                    shared.clone(),
-                    resource,
-                    storage.key(),
-                    bridged,
-                    target.namespace.clone(),
-                    options,
-                    &query,
-                    representation,
-                );
-            }
-            let store = shared.store.lock();
-            let list = list_view(
-                &store,
-                &resource,
-                &storage,
-                bridged,
-                target.namespace.as_deref(),
-                options,
-            )?;
-            if wants_table(&accept) {
-                let items: Vec<&Value> = list["items"].as_array().into_iter().flatten().collect();
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &table::to_table(
-                        &resource,
-                        &items,
-                        list["metadata"].clone(),
-                        &include_object,
-                        true,
-                    ),
-                ));
-            }
-            if wants_metadata(&accept) {
-                let items: Vec<Value> = list["items"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(partial)
-                    .collect();
-                let list = json!({
-                    "kind": "PartialObjectMetadataList",
-                    "apiVersion": "meta.k8s.io/v1",
-                    "metadata": list["metadata"].clone(),
-                    "items": items,
-                });
-                return Ok(json_response(StatusCode::OK, &list));
-            }
-            Ok(json_response(StatusCode::OK, &list))
-        }
-        (&Method::POST, None) => {
-            let mut options = write_options(&query, &user_agent)?;
-            options.user = user.clone();
-            let body = read_body(req).await?;
-            let object = stored(parse_object(&body, &content_type)?);
-            let created = api::create(
-                &mut shared.store.lock(),
-                &storage,
-                &namespace,
-                object,
-                &mut options,
-            )?;
-            Ok(with_warnings(
-                json_response(StatusCode::CREATED, &view(created)),
-                &options.warnings,
-            ))
-        }
-        (&Method::PUT, Some(name)) => {
-            let mut options = write_options(&query, &user_agent)?;
-            options.user = user.clone();
-            let body = read_body(req).await?;
-            let object = stored(parse_object(&body, &content_type)?);
-            let updated = api::update(
-                &mut shared.store.lock(),
-                &storage,
-                &namespace,
-                name,
-                object,
-                part,
-                &mut options,
-            )?;
-            Ok(with_warnings(
-                json_response(StatusCode::OK, &view(updated)),
-                &options.warnings,
-            ))
-        }
-        (&Method::PATCH, Some(name)) => {
-            let kind = PatchKind::from_content_type(&content_type).ok_or_else(|| {
-                ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"))
-            })?;
-            let mut options = write_options(&query, &user_agent)?;
-            options.user = user.clone();
-            let body = read_body(req).await?;
-            let (patched, created) = {
-                let mut store = shared.store.lock();
-                let before = store.rv();
-                let existed = api::get(&store, &storage, &namespace, name).is_ok();
-                let patched = if bridged {
-                    events::patch(
-                        &mut store,
-                        &storage,
-                        &namespace,
-                        name,
-                        kind,
-                        &body,
-                        &mut options,
-                    )?
-                } else {
-                    api::patch(
-                        &mut store,
-                        &storage,
-                        &namespace,
-                        name,
-                        kind,
-                        &body,
-                        part,
-                        &mut options,
-                    )?
-                };
-                (patched, !existed && store.rv() > before)
-            };
-            let code = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok(with_warnings(
-                json_response(code, &patched),
-                &options.warnings,
-            ))
-        }
-        (&Method::DELETE, Some(name)) => {
-            let body = read_body(req).await?;
-            let options = DeleteOptions::from_body(&body, is_dry_run(&query)?)?;
-            let mut store = shared.store.lock();
-            let (object, gone) = api::delete(&mut store, &storage, &namespace, name, &options)?;
-            if gone && !resource.is_namespace() {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &api::deleted_status(&resource, name, &object["metadata"]["uid"]),
-                ));
-            }
-            Ok(json_response(StatusCode::OK, &view(object)))
-        }
-        (&Method::DELETE, None) => {
-            let body = read_body(req).await?;
-            let delete_options = DeleteOptions::from_body(&body, is_dry_run(&query)?)?;
-            let options = ListOptions {
-                limit: None,
-                continue_from: None,
-                ..list_options(&query, &resource)?
-            };
-            let mut store = shared.store.lock();
-            let list = list_view(
-                &store,
-                &resource,
-                &storage,
-                bridged,
-                target.namespace.as_deref(),
-                options,
-            )?;
-            for item in list["items"].as_array().into_iter().flatten() {
-                let ns = item["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned();
-                let name = item["metadata"]["name"].as_str().unwrap_or("").to_owned();
-                match api::delete(&mut store, &storage, &ns, &name, &delete_options) {
-                    Ok(_) => {}
-                    Err(err) if err.code == 404 => {}
-                    Err(err) => return Err(err),
+    let answer: Result<Response<Body>, ApiError> = async {
+        match (&method, &target.name) {
+            (&Method::GET, Some(name)) => {
+                let store = shared.store.lock();
+                let object = view(api::get(&store, &storage, &namespace, name)?);
+                if wants_table(&accept) {
+                    return Ok(json_response(
+                        StatusCode::OK,
+                        &table::to_table(
+                            &resource,
+                            &[&object],
+                            json!({"resourceVersion": store.rv().to_string()}),
+                            &include_object,
+                            true,
+                        ),
+                    ));
                 }
+                if wants_metadata(&accept) {
+                    return Ok(json_response(StatusCode::OK, &partial(&object)));
+                }
+                Ok(json_response(StatusCode::OK, &object))
             }
-            Ok(json_response(StatusCode::OK, &list))
+            (&Method::GET, None) => {
+                let options = list_options(&query, &resource)?;
+                if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+                    let representation = Representation::of(&accept, &include_object);
+                    return watch(
+                        shared.clone(),
+                        resource.clone(),
+                        storage.key(),
+                        bridged,
+                        target.namespace.clone(),
+                        options,
+                        &query,
+                        representation,
+                    );
+                }
+                let store = shared.store.lock();
+                let list = list_view(
+                    &store,
+                    &resource,
+                    &storage,
+                    bridged,
+                    target.namespace.as_deref(),
+                    options,
+                )?;
+                if wants_table(&accept) {
+                    let items: Vec<&Value> = list["items"].as_array().into_iter().flatten().collect();
+                    return Ok(json_response(
+                        StatusCode::OK,
+                        &table::to_table(
+                            &resource,
+                            &items,
+                            list["metadata"].clone(),
+                            &include_object,
+                            true,
+                        ),
+                    ));
+                }
+                if wants_metadata(&accept) {
+                    let items: Vec<Value> = list["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(partial)
+                        .collect();
+                    let list = json!({
+                        "kind": "PartialObjectMetadataList",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": list["metadata"].clone(),
+                        "items": items,
+                    });
+                    return Ok(json_response(StatusCode::OK, &list));
+                }
+                Ok(json_response(StatusCode::OK, &list))
+            }
+            (&Method::POST, None) => {
+                let mut options = write_options(&query, &user_agent)?;
+                options.user = user.clone();
+                options.events_api = bridged;
+                let body = read_body(req).await?;
+                let object = stored(parse_object(&body, &content_type)?);
+                let created = api::create(
+                    &mut shared.store.lock(),
+                    &storage,
+                    &namespace,
+                    object,
+                    &mut options,
+                )?;
+                Ok(with_warnings(
+                    json_response(StatusCode::CREATED, &view(created)),
+                    &options.warnings,
+                ))
+            }
+            (&Method::PUT, Some(name)) => {
+                let mut options = write_options(&query, &user_agent)?;
+                options.user = user.clone();
+                options.events_api = bridged;
+                let body = read_body(req).await?;
+                let object = stored(parse_object(&body, &content_type)?);
+                let updated = api::update(
+                    &mut shared.store.lock(),
+                    &storage,
+                    &namespace,
+                    name,
+                    object,
+                    part,
+                    &mut options,
+                )?;
+                Ok(with_warnings(
+                    json_response(StatusCode::OK, &view(updated)),
+                    &options.warnings,
+                ))
+            }
+            (&Method::PATCH, Some(name)) => {
+                let kind = PatchKind::from_content_type(&content_type).ok_or_else(|| {
+                    ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"))
+                })?;
+                let mut options = write_options(&query, &user_agent)?;
+                options.user = user.clone();
+                options.events_api = bridged;
+                let body = read_body(req).await?;
+                let (patched, created) = {
+                    let mut store = shared.store.lock();
+                    let before = store.rv();
+                    let existed = api::get(&store, &storage, &namespace, name).is_ok();
+                    let patched = if bridged {
+                        events::patch(
+                            &mut store,
+                            &storage,
+                            &namespace,
+                            name,
+                            kind,
+                            &body,
+                            &mut options,
+                        )?
+                    } else {
+                        api::patch(
+                            &mut store,
+                            &storage,
+                            &namespace,
+                            name,
+                            kind,
+                            &body,
+                            part,
+                            &mut options,
+                        )?
+                    };
+                    (patched, !existed && store.rv() > before)
+                };
+                let code = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                Ok(with_warnings(
+                    json_response(code, &patched),
+                    &options.warnings,
+                ))
+            }
+            (&Method::DELETE, Some(name)) => {
+                let body = read_body(req).await?;
+                let options = DeleteOptions::from_body(&body, is_dry_run(&query)?)?;
+                let mut store = shared.store.lock();
+                let (object, gone) = api::delete(&mut store, &storage, &namespace, name, &options)?;
+                if gone && !resource.is_namespace() {
+                    return Ok(json_response(
+                        StatusCode::OK,
+                        &api::deleted_status(&resource, name, &object["metadata"]["uid"]),
+                    ));
+                }
+                Ok(json_response(StatusCode::OK, &view(object)))
+            }
+            (&Method::DELETE, None) => {
+                let body = read_body(req).await?;
+                let delete_options = DeleteOptions::from_body(&body, is_dry_run(&query)?)?;
+                let options = ListOptions {
+                    limit: None,
+                    continue_from: None,
+                    ..list_options(&query, &resource)?
+                };
+                let mut store = shared.store.lock();
+                let list = list_view(
+                    &store,
+                    &resource,
+                    &storage,
+                    bridged,
+                    target.namespace.as_deref(),
+                    options,
+                )?;
+                for item in list["items"].as_array().into_iter().flatten() {
+                    let ns = item["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned();
+                    let name = item["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                    match api::delete(&mut store, &storage, &ns, &name, &delete_options) {
+                        Ok(_) => {}
+                        Err(err) if err.code == 404 => {}
+                        Err(err) => return Err(err),
+                    }
+                }
+                Ok(json_response(StatusCode::OK, &list))
+            }
+            _ => Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!("the server does not allow this method on the requested resource ({method})"),
+            )),
         }
-        _ => Err(ApiError::new(
-            405,
-            "MethodNotAllowed",
-            format!("the server does not allow this method on the requested resource ({method})"),
-        )),
     }
+    .await;
+    // Errors name the resource asked for, as the real server's do.
+    answer.map_err(|err| {
+        if bridged {
+            events::reword(err, &resource)
+        } else {
+            err
+        }
+    })
 }
 
 /// Lists a resource, or the `events.k8s.io` view of the core events (field selectors then

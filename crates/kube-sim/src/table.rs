@@ -121,6 +121,82 @@ fn human_duration(seconds: i64) -> String {
     }
 }
 
+/// The Event printer of kube-apiserver (`printEvent`), for core and `events.k8s.io` Events
+/// alike (the latter converted to the core form first): last and first seen from the legacy
+/// timestamps, else `eventTime`, else the series; the count from the series, else `count`, else 1.
+fn event_columns(view: bool) -> Vec<Column> {
+    let core = move |object: &Value| {
+        if view {
+            crate::events::to_core(object)
+        } else {
+            object.clone()
+        }
+    };
+    let time = |value: &Value| value.as_str().filter(|t| !t.is_empty()).map(str::to_owned);
+    let first_seen = move |o: &Value| {
+        age(time(&o["firstTimestamp"])
+            .or(time(&o["eventTime"]))
+            .as_deref())
+    };
+    let last_seen = move |o: &Value| {
+        if o["series"].is_object() {
+            age(time(&o["series"]["lastObservedTime"]).as_deref())
+        } else if let Some(last) = time(&o["lastTimestamp"]) {
+            age(Some(&last))
+        } else {
+            first_seen(o)
+        }
+    };
+    let text = |o: &Value, field: &str| o[field].as_str().unwrap_or("").to_owned();
+    vec![
+        column("Last Seen", "string", move |o| json!(last_seen(&core(o)))),
+        column("Type", "string", move |o| json!(text(&core(o), "type"))),
+        column("Reason", "string", move |o| json!(text(&core(o), "reason"))),
+        column("Object", "string", move |o| {
+            let involved = &core(o)["involvedObject"];
+            let kind = text(involved, "kind").to_lowercase();
+            let name = text(involved, "name");
+            json!(if name.is_empty() {
+                kind
+            } else {
+                format!("{kind}/{name}")
+            })
+        }),
+        wide(column("Subobject", "string", move |o| {
+            json!(text(&core(o)["involvedObject"], "fieldPath"))
+        })),
+        wide(column("Source", "string", move |o| {
+            let o = core(o);
+            let first = |a: String, b: String| if a.is_empty() { b } else { a };
+            let component = first(
+                text(&o["source"], "component"),
+                text(&o, "reportingComponent"),
+            );
+            let instance = first(text(&o["source"], "host"), text(&o, "reportingInstance"));
+            json!(if instance.is_empty() {
+                component
+            } else {
+                format!("{component}, {instance}")
+            })
+        })),
+        column("Message", "string", move |o| {
+            json!(text(&core(o), "message").trim())
+        }),
+        wide(column("First Seen", "string", move |o| {
+            json!(first_seen(&core(o)))
+        })),
+        wide(column("Count", "string", move |o| {
+            let o = core(o);
+            let count = match o["series"]["count"].as_i64() {
+                Some(count) => count,
+                None => o["count"].as_i64().filter(|c| *c != 0).unwrap_or(1),
+            };
+            json!(count)
+        })),
+        wide(column("Name", "string", |o| o["metadata"]["name"].clone())),
+    ]
+}
+
 /// A column `kubectl get -o wide` adds.
 fn wide(mut column: Column) -> Column {
     column.priority = 1;
@@ -281,47 +357,8 @@ fn builtin_columns(resource: &Resource) -> Vec<Column> {
                 o["metadata"]["creationTimestamp"].clone()
             }),
         ],
-        ("", "events") => vec![
-            column("Last Seen", "string", |o| {
-                let when = o["lastTimestamp"]
-                    .as_str()
-                    .or(o["eventTime"].as_str())
-                    .or(o["metadata"]["creationTimestamp"].as_str());
-                json!(age(when))
-            }),
-            column("Type", "string", path_cell(".type")),
-            column("Reason", "string", path_cell(".reason")),
-            column("Object", "string", |o| {
-                json!(format!(
-                    "{}/{}",
-                    o["involvedObject"]["kind"]
-                        .as_str()
-                        .unwrap_or("")
-                        .to_lowercase(),
-                    o["involvedObject"]["name"].as_str().unwrap_or("")
-                ))
-            }),
-            column("Message", "string", path_cell(".message")),
-        ],
-        ("events.k8s.io", "events") => vec![
-            column("Last Seen", "string", |o| {
-                let when = o["deprecatedLastTimestamp"]
-                    .as_str()
-                    .or(o["eventTime"].as_str())
-                    .or(o["metadata"]["creationTimestamp"].as_str());
-                json!(age(when))
-            }),
-            column("Type", "string", path_cell(".type")),
-            column("Reason", "string", path_cell(".reason")),
-            column("Object", "string", |o| {
-                json!(format!(
-                    "{}/{}",
-                    o["regarding"]["kind"].as_str().unwrap_or("").to_lowercase(),
-                    o["regarding"]["name"].as_str().unwrap_or("")
-                ))
-            }),
-            column("Message", "string", path_cell(".note")),
-        ],
+        ("", "events") => event_columns(false),
+        ("events.k8s.io", "events") => event_columns(true),
         _ => vec![name(), age_column()],
     }
 }
@@ -369,7 +406,7 @@ pub fn to_table(
         columns
             .iter()
             .map(|c| {
-                let format = if c.name == "Name" && c.priority == 0 { "name" } else { "" };
+                let format = if c.name == "Name" { "name" } else { "" };
                 json!({"name": c.name, "type": c.kind, "format": format, "description": c.name, "priority": c.priority})
             })
             .collect()

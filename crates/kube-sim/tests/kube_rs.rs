@@ -795,6 +795,253 @@ async fn recorder_events_show_as_core_events() {
     server.shutdown().await;
 }
 
+/// `events.k8s.io/v1` and core `v1` Events are one storage: an event written through one API
+/// reads through the other with the fields converted (`note`/`message`, `regarding`/
+/// `involvedObject`, `deprecatedCount`/`count`, ...) and the Go structs' empty fields written
+/// out; events.k8s.io validates strictly (creation needs `eventTime`, the reporting fields,
+/// `action` and `reason`; most fields are immutable afterwards) while core validates only
+/// events that carry an `eventTime`; managedFields keep the version of the write.
+#[tokio::test]
+async fn events_are_one_storage_in_two_versions() {
+    use kube::api::{ApiResource, GroupVersionKind};
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    create_namespace(&client, "org").await;
+    let new_api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "org",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("events.k8s.io", "v1", "Event"),
+            "events",
+        ),
+    );
+    let core_api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "org",
+        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Event"), "events"),
+    );
+    let event = |name: &str, data: serde_json::Value| {
+        let mut object: DynamicObject = serde_json::from_value(data).expect("event");
+        object.metadata.name = Some(name.into());
+        object
+    };
+    let pp = PostParams {
+        field_manager: Some("tester".into()),
+        ..PostParams::default()
+    };
+    // events.k8s.io → core.
+    new_api
+        .create(
+            &pp,
+            &event(
+                "new",
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {},
+                "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "example.com/ctl",
+                "reportingInstance": "ctl-0", "action": "Reconcile", "reason": "Started",
+                "type": "Normal", "note": "hello",
+                "regarding": {"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "namespace": "org"},
+                "related": {"apiVersion": "v1", "kind": "Secret", "name": "s", "namespace": "org"},
+                "series": {"count": 2, "lastObservedTime": "2026-01-01T00:00:05.000000Z"}}),
+            ),
+        )
+        .await
+        .expect("created through events.k8s.io");
+    let core = core_api.get("new").await.expect("read through core");
+    assert_eq!(core.data["message"], "hello");
+    assert_eq!(core.data["involvedObject"]["name"], "c");
+    assert_eq!(core.data["related"]["name"], "s");
+    assert_eq!(core.data["reportingComponent"], "example.com/ctl");
+    assert_eq!(core.data["reportingInstance"], "ctl-0");
+    assert_eq!(core.data["action"], "Reconcile");
+    assert_eq!(core.data["series"]["count"], 2);
+    assert_eq!(core.data["eventTime"], "2026-01-01T00:00:00.000000Z");
+    // The core struct's fields without omitempty.
+    assert_eq!(core.data["source"], json!({}));
+    assert_eq!(core.data.get("firstTimestamp"), Some(&json!(null)));
+    assert_eq!(core.data.get("lastTimestamp"), Some(&json!(null)));
+    assert!(core.data.get("count").is_none(), "{:?}", core.data);
+    let fields = core.metadata.managed_fields.clone().unwrap_or_default();
+    assert_eq!(fields.len(), 1, "{fields:?}");
+    assert_eq!(fields[0].api_version.as_deref(), Some("events.k8s.io/v1"));
+    let owned = fields[0]
+        .fields_v1
+        .as_ref()
+        .map(|f| f.0.clone())
+        .unwrap_or_default();
+    assert!(owned.get("f:note").is_some(), "{owned}");
+    assert_eq!(
+        owned["f:regarding"],
+        json!({}),
+        "an atomic reference: {owned}"
+    );
+    // core → events.k8s.io.
+    core_api
+        .create(
+            &pp,
+            &event(
+                "old",
+                json!({"apiVersion": "v1", "kind": "Event", "metadata": {},
+                "involvedObject": {"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "namespace": "org", "fieldPath": "data"},
+                "reason": "Pulled", "message": "pulled it", "type": "Normal", "count": 3,
+                "source": {"component": "kubelet", "host": "node-1"},
+                "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:01:00Z"}),
+            ),
+        )
+        .await
+        .expect("created through core");
+    let new = new_api
+        .get("old")
+        .await
+        .expect("read through events.k8s.io");
+    assert_eq!(new.data["note"], "pulled it");
+    assert_eq!(new.data["regarding"]["fieldPath"], "data");
+    assert_eq!(new.data["deprecatedCount"], 3);
+    assert_eq!(new.data["deprecatedSource"]["host"], "node-1");
+    assert_eq!(new.data["deprecatedFirstTimestamp"], "2026-01-01T00:00:00Z");
+    assert_eq!(new.data["deprecatedLastTimestamp"], "2026-01-01T00:01:00Z");
+    assert_eq!(new.data.get("eventTime"), Some(&json!(null)));
+    for absent in [
+        "reportingController",
+        "reportingInstance",
+        "message",
+        "count",
+    ] {
+        assert!(new.data.get(absent).is_none(), "{absent}: {:?}", new.data);
+    }
+    let listed = new_api
+        .list(&ListParams::default().fields("regarding.name=c"))
+        .await
+        .expect("list");
+    assert_eq!(listed.items.len(), 2);
+    // events.k8s.io validates creation strictly, with the internal field names.
+    let err = new_api
+        .create(
+            &pp,
+            &event(
+                "bad",
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {},
+                "type": "Odd", "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "a b",
+                "series": {"count": 1}, "deprecatedCount": 2}),
+            ),
+        )
+        .await
+        .expect_err("invalid");
+    let (code, reason, message) = api_error(&err);
+    assert_eq!((code, reason.as_str()), (422, "Invalid"), "{message}");
+    assert_eq!(
+        message,
+        "Event \"bad\" is invalid: [involvedObject.namespace: Invalid value: \"\": does not match event.namespace, reportingController: Invalid value: \"a b\": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]'), reportingInstance: Required value, action: Required value, reason: Required value, series.count: Invalid value: \"\": should be at least 2, series.lastObservedTime: Required value, type: Invalid value: \"\": has invalid value: Odd, count: Invalid value: \"\": needs to be unset]"
+    );
+    let err = new_api
+        .create(
+            &pp,
+            &event(
+                "bad",
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {}}),
+            ),
+        )
+        .await
+        .expect_err("invalid");
+    assert_eq!(
+        api_error(&err).2,
+        "Event \"bad\" is invalid: [involvedObject.namespace: Invalid value: \"\": does not match event.namespace, eventTime: Required value, type: Invalid value: \"\": has invalid value: ]"
+    );
+    // Core validates an event with an eventTime (naming reportingComponent), not one without.
+    let err = core_api
+        .create(
+            &pp,
+            &event(
+                "bad",
+                json!({"apiVersion": "v1", "kind": "Event", "metadata": {},
+                "eventTime": "2026-01-01T00:00:00.000000Z", "reason": "R", "action": "A",
+                "reportingInstance": "i"}),
+            ),
+        )
+        .await
+        .expect_err("invalid");
+    assert_eq!(
+        api_error(&err).2,
+        "Event \"bad\" is invalid: [involvedObject.namespace: Invalid value: \"\": does not match event.namespace, reportingComponent: Required value, reportingComponent: Invalid value: \"\": name part must be non-empty, reportingComponent: Invalid value: \"\": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')]"
+    );
+    let err = core_api
+        .create(
+            &pp,
+            &event(
+                "bad",
+                json!({"apiVersion": "v1", "kind": "Event", "metadata": {},
+                "involvedObject": {"kind": "ConfigMap", "name": "c", "namespace": "other"}}),
+            ),
+        )
+        .await
+        .expect_err("invalid");
+    assert_eq!(
+        api_error(&err).2,
+        "Event \"bad\" is invalid: involvedObject.namespace: Invalid value: \"other\": does not match event.namespace"
+    );
+    core_api
+        .create(
+            &pp,
+            &event(
+                "loose",
+                json!({"apiVersion": "v1", "kind": "Event", "metadata": {},
+                "involvedObject": {"kind": "ConfigMap", "name": "c", "namespace": "org"}}),
+            ),
+        )
+        .await
+        .expect("core accepts an event without eventTime loosely");
+    // Through events.k8s.io, an event's content is immutable; its series may change.
+    let err = new_api
+        .patch(
+            "old",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"note": "changed", "action": "X"})),
+        )
+        .await
+        .expect_err("immutable");
+    assert_eq!(
+        api_error(&err).2,
+        "Event \"old\" is invalid: [message: Invalid value: \"changed\": field is immutable, action: Invalid value: \"X\": field is immutable]"
+    );
+    let patched = new_api
+        .patch(
+            "new",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"series": {"count": 3, "lastObservedTime": "2026-01-01T00:00:09.000000Z"}}),
+            ),
+        )
+        .await
+        .expect("the series changes");
+    assert_eq!(patched.data["series"]["count"], 3);
+    // Through core anything may change; the entries of the other version are dropped.
+    let patched = core_api
+        .patch(
+            "new",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"message": "changed through core", "count": 7})),
+        )
+        .await
+        .expect("core changes anything");
+    assert_eq!(patched.data["message"], "changed through core");
+    let fields = patched.metadata.managed_fields.clone().unwrap_or_default();
+    let versions: Vec<_> = fields.iter().map(|f| f.api_version.clone()).collect();
+    assert_eq!(versions, vec![Some("v1".to_string())], "{fields:?}");
+    let new = new_api.get("new").await.expect("get");
+    assert_eq!(new.data["note"], "changed through core");
+    assert_eq!(new.data["deprecatedCount"], 7);
+    // Errors name the resource asked for.
+    let err = new_api.get("nope").await.expect_err("absent");
+    assert_eq!(
+        api_error(&err),
+        (
+            404,
+            "NotFound".to_string(),
+            "events.events.k8s.io \"nope\" not found".to_string()
+        )
+    );
+    server.shutdown().await;
+}
+
 /// A new cluster holds what kube-apiserver creates at start: the four namespaces, the
 /// `default/kubernetes` Service, `cluster-admin` bound to `system:masters`, the two system
 /// PriorityClasses.

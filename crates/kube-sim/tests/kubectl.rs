@@ -213,6 +213,71 @@ async fn kubectl_registration_workflow() {
     );
     let events = kubectl.ok(&["get", "events", "-n", "my-org"]).await;
     assert!(events.contains("buildplane/my-buildplane"), "{events}");
+    // Both versions print with the real server's one Event printer (wide columns too).
+    for resource in ["events", "events.events.k8s.io"] {
+        let wide = kubectl
+            .ok(&["get", resource, "-n", "my-org", "-o", "wide"])
+            .await;
+        assert_eq!(
+            header(&wide),
+            [
+                "LAST",
+                "SEEN",
+                "TYPE",
+                "REASON",
+                "OBJECT",
+                "SUBOBJECT",
+                "SOURCE",
+                "MESSAGE",
+                "FIRST",
+                "SEEN",
+                "COUNT",
+                "NAME"
+            ],
+            "{wide}"
+        );
+        let row: Vec<&str> = wide
+            .lines()
+            .find(|l| l.contains("my-buildplane.1"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(row.len(), 12, "{wide}");
+        assert_eq!(
+            [&row[1..9], &row[10..]].concat(),
+            [
+                "Normal",
+                "AgentsConnected",
+                "buildplane/my-buildplane",
+                "buildplane-controller,",
+                "c-0",
+                "2",
+                "agents",
+                "connected",
+                "1",
+                "my-buildplane.1"
+            ],
+            "{wide}"
+        );
+    }
+    let listed = kubectl
+        .ok(&[
+            "events",
+            "-n",
+            "my-org",
+            "--for",
+            "buildplane/my-buildplane",
+        ])
+        .await;
+    assert_eq!(
+        header(&listed),
+        ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+        "{listed}"
+    );
+    assert!(
+        listed.contains("AgentsConnected   BuildPlane/my-buildplane   2 agents connected"),
+        "{listed}"
+    );
     assert_eq!(
         kubectl
             .ok(&["auth", "can-i", "create", "buildplanes"])
