@@ -88,6 +88,8 @@ pub struct Link {
     origin: Instant,
     wake_writer: Notify,
     accepts_streams: AtomicBool,
+    /// The session's liveness: true from [`Event::Silent`] to [`Event::Heard`].
+    silent: tokio::sync::watch::Sender<bool>,
     last_heard_ms: AtomicU64,
     closed: CancellationToken,
     going_away: CancellationToken,
@@ -132,6 +134,7 @@ impl Link {
         let version = session.config().version;
         let link = Arc::new(Link {
             accepts_streams: AtomicBool::new(session.accepts_streams()),
+            silent: tokio::sync::watch::Sender::new(false),
             inner: Mutex::new(Inner {
                 session,
                 readers: HashMap::new(),
@@ -194,6 +197,14 @@ impl Link {
                     debug!(%reason, "the peer is draining this connection");
                     self.going_away.cancel();
                 }
+                Event::Silent => {
+                    warn!("the peer has not answered a probe: silent connection");
+                    self.silent.send_replace(true);
+                }
+                Event::Heard => {
+                    debug!("the silent peer was heard again");
+                    self.silent.send_replace(false);
+                }
                 Event::Ignored(what) => {
                     // OpenChoreo logs these and carries on; so do we, and count them.
                     warn!(%what, "ignored a tunnel message");
@@ -236,6 +247,21 @@ impl Link {
     /// Whether new streams can be opened here (open, not draining).
     pub fn accepts_streams(&self) -> bool {
         self.accepts_streams.load(Ordering::Relaxed)
+    }
+
+    /// Whether the peer has gone silent: a probe went unanswered past the session's liveness
+    /// timeout and nothing has arrived since (see [`Config::liveness_timeout`]).
+    pub fn is_silent(&self) -> bool {
+        *self.silent.borrow()
+    }
+
+    /// Resolves when the peer is silent (at once if it is now) or the session has ended.
+    pub async fn silent(&self) {
+        let mut silent = self.silent.subscribe();
+        tokio::select! {
+            _ = silent.wait_for(|silent| *silent) => {}
+            () = self.closed.cancelled() => {}
+        }
     }
 
     /// Whether the session has ended.

@@ -92,6 +92,15 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// A peer silent this long is gone: the session closes.
     pub idle_timeout: Duration,
+    /// A gateway stream waiting for its response head on a connection that has received
+    /// nothing for this long sends a probe: a ping the peer answers at once (v2 `Ping`, v1 a
+    /// WebSocket ping).
+    pub probe_after: Duration,
+    /// A probe that nothing answers for this long (no message at all arrives) makes the session
+    /// silent ([`Session::is_silent`], [`Event::Silent`]) until the peer is heard again
+    /// ([`Event::Heard`]): a partition shows in seconds, not at the idle timeout. `None`: no
+    /// probes (the agent's end).
+    pub liveness_timeout: Option<Duration>,
     /// A stream whose body makes no progress this long is reset.
     pub stall_timeout: Duration,
     /// Streams in flight when a drain starts get this long to finish.
@@ -115,6 +124,8 @@ impl Config {
             max_v1_message: crate::MAX_MESSAGE,
             heartbeat_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            probe_after: Duration::from_secs(1),
+            liveness_timeout: None,
             stall_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             v1_request_prefix: String::new(),
@@ -187,6 +198,11 @@ pub enum Event {
     Ignored(String),
     /// A stream has something to read.
     Readable(StreamId),
+    /// A probe went unanswered for [`Config::liveness_timeout`]: the peer (or the path to it) is
+    /// silent; open no new stream here until [`Event::Heard`].
+    Silent,
+    /// The peer of a silent session was heard again.
+    Heard,
     /// A stream may take more body bytes (or can no longer: the write fails).
     Writable(StreamId),
 }
@@ -377,6 +393,10 @@ pub struct Session {
     ping_due: bool,
     next_ping: Moment,
     last_received: Moment,
+    /// When the probe nothing has answered yet was sent.
+    probe_sent: Option<Moment>,
+    /// A probe went unanswered past the liveness timeout, and nothing was heard since.
+    silent: bool,
     next_stall_check: Moment,
     credit_due: VecDeque<StreamId>,
     reset_due: VecDeque<(StreamId, u16, String)>,
@@ -419,6 +439,8 @@ impl Session {
             ping_due: false,
             next_ping: now.after(config.heartbeat_interval),
             last_received: now,
+            probe_sent: None,
+            silent: false,
             next_stall_check: now.after(stall_check_period(&config)),
             credit_due: VecDeque::new(),
             reset_due: VecDeque::new(),
@@ -464,6 +486,12 @@ impl Session {
     /// Whether a drain has started (either side said `GoAway`): no new streams.
     pub fn is_draining(&self) -> bool {
         self.go_away_sent.is_some() || self.go_away_due.is_some() || self.peer_going_away
+    }
+
+    /// Whether a probe went unanswered past [`Config::liveness_timeout`] and nothing has been
+    /// heard from the peer since: streams opened here would wait on a path that carries nothing.
+    pub fn is_silent(&self) -> bool {
+        self.silent
     }
 
     /// Whether new streams can be opened here now.
@@ -866,6 +894,7 @@ impl Session {
             self.ping_due = true;
             self.next_ping = now.after(self.config.heartbeat_interval);
         }
+        self.check_liveness(now);
         if now >= self.next_stall_check {
             self.next_stall_check = now.after(stall_check_period(&self.config));
             self.reset_stalled(now);
@@ -892,6 +921,9 @@ impl Session {
             .next_ping
             .min(self.last_received.after(self.config.idle_timeout))
             .min(self.next_stall_check);
+        if let Some(due) = self.liveness_due() {
+            next = next.min(due);
+        }
         if let Some(sent) = self.go_away_sent {
             next = next.min(sent.after(self.config.drain_timeout));
             // The grace is a deadline only until it has passed: once past, streams ending
@@ -986,6 +1018,50 @@ impl Session {
     fn touch(&mut self, now: Moment) {
         self.now = self.now.max(now);
         self.last_received = self.now;
+        self.probe_sent = None;
+        if std::mem::take(&mut self.silent) {
+            self.events.push_back(Event::Heard);
+        }
+    }
+
+    /// Whether a gateway stream waits for its response head (what a probe is sent for).
+    fn awaits_head(&self) -> bool {
+        self.config.role == Role::Gateway
+            && self.streams.values().any(|s| !s.head_seen && !s.recv_done)
+    }
+
+    /// When the liveness check is next due: the unanswered probe's deadline, or the moment a
+    /// stream waiting for its head on a quiet connection calls for a probe.
+    fn liveness_due(&self) -> Option<Moment> {
+        let timeout = self.config.liveness_timeout?;
+        if let Some(sent) = self.probe_sent {
+            return (!self.silent).then(|| sent.after(timeout));
+        }
+        self.awaits_head()
+            .then(|| self.last_received.after(self.config.probe_after))
+    }
+
+    /// Sends a probe when a stream waits for its head and nothing has arrived for
+    /// [`Config::probe_after`]; declares the session silent when a probe has gone unanswered for
+    /// [`Config::liveness_timeout`].
+    fn check_liveness(&mut self, now: Moment) {
+        let Some(timeout) = self.config.liveness_timeout else {
+            return;
+        };
+        match self.probe_sent {
+            Some(sent) if !self.silent && now >= sent.after(timeout) => {
+                self.silent = true;
+                self.events.push_back(Event::Silent);
+            }
+            Some(_) => {}
+            None if now >= self.last_received.after(self.config.probe_after)
+                && self.awaits_head() =>
+            {
+                self.probe_sent = Some(now);
+                self.ping_due = true;
+            }
+            None => {}
+        }
     }
 
     fn ignore(&mut self, what: String) {

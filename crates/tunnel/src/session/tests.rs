@@ -532,6 +532,98 @@ fn a_silent_peer_closes_the_session_after_the_idle_timeout() {
     assert_eq!(gateway.open_streams(), 0);
 }
 
+fn liveness_config(role: Role, version: u16) -> Config {
+    Config {
+        probe_after: Duration::from_secs(1),
+        liveness_timeout: Some(Duration::from_secs(3)),
+        ..config(role, version)
+    }
+}
+
+fn liveness_events(session: &mut Session) -> Vec<Event> {
+    std::iter::from_fn(|| session.poll_event())
+        .filter(|e| matches!(e, Event::Silent | Event::Heard))
+        .collect()
+}
+
+/// A stream waiting for its head on a connection quiet for `probe_after` sends a probe; an
+/// answered probe keeps the session live; one that nothing answers for the liveness timeout
+/// makes it silent (once), and the peer heard again makes it live.
+#[test]
+fn an_unanswered_probe_makes_the_session_silent_until_the_peer_is_heard() {
+    let mut pair = Pair::with(
+        liveness_config(Role::Gateway, version::V2),
+        config(Role::Agent, version::V2),
+    );
+    pair.pump();
+    pair.advance(Duration::from_millis(1500));
+    assert_eq!(
+        pair.gateway.poll_transmit(),
+        None,
+        "no probe without a waiting stream"
+    );
+    // The agent answers the probe: live.
+    let a = pair.gateway.open(get("/a"), true).unwrap();
+    pair.advance(MS);
+    pair.pump();
+    assert_eq!(accepted(&mut pair.agent), [a]);
+    drain_reads(&mut pair.agent, a);
+    pair.agent
+        .respond(a, ResponseHead::default(), true)
+        .unwrap();
+    pair.pump();
+    drain_reads(&mut pair.gateway, a);
+    pair.advance(Duration::from_secs(4));
+    assert!(!pair.gateway.is_silent(), "the probe was answered");
+    // A partition: nothing crosses any more.
+    pair.gateway.open(get("/b"), true).unwrap();
+    pair.advance(Duration::from_millis(1100));
+    assert!(
+        pair.gateway.poll_timeout().unwrap() <= pair.now.after(Duration::from_secs(3)),
+        "the probe's deadline is a timer"
+    );
+    pair.flush();
+    pair.to_agent.clear();
+    pair.advance(Duration::from_millis(2900));
+    assert!(!pair.gateway.is_silent(), "not before the liveness timeout");
+    pair.advance(Duration::from_millis(200));
+    assert!(pair.gateway.is_silent());
+    assert_eq!(liveness_events(&mut pair.gateway), [Event::Silent]);
+    assert!(
+        pair.gateway.poll_timeout().unwrap() > pair.now,
+        "no timer in the past once silent"
+    );
+    pair.advance(Duration::from_secs(1));
+    assert_eq!(liveness_events(&mut pair.gateway), [], "silent once");
+    assert_eq!(pair.gateway.close_reason(), None, "silent is not closed");
+    // Healed: the agent's next message makes the session live again.
+    pair.agent
+        .handle_timeout(pair.now.after(Duration::from_secs(5)));
+    pair.pump();
+    assert!(!pair.gateway.is_silent());
+    assert_eq!(liveness_events(&mut pair.gateway), [Event::Heard]);
+}
+
+/// v1 probes with a WebSocket ping (the peer's WebSocket answers it with a pong).
+#[test]
+fn v1_probes_with_a_websocket_ping() {
+    let mut gateway = Session::new(
+        liveness_config(Role::Gateway, version::V1),
+        Moment::default(),
+    );
+    gateway.open(get("/"), true).unwrap();
+    while gateway.poll_transmit().is_some() {}
+    gateway.handle_timeout(Moment(Duration::from_millis(1100)));
+    assert_eq!(gateway.poll_transmit(), Some(Transmit::Ping));
+    gateway.handle_keepalive(Moment(Duration::from_millis(1200)));
+    gateway.handle_timeout(Moment(Duration::from_secs(5)));
+    assert!(!gateway.is_silent());
+    gateway.handle_timeout(Moment(Duration::from_millis(6300)));
+    assert_eq!(gateway.poll_transmit(), Some(Transmit::Ping));
+    gateway.handle_timeout(Moment(Duration::from_millis(9400)));
+    assert!(gateway.is_silent());
+}
+
 /// v1: one message each way per request, bodies whole; an answer too large for one v1
 /// message fails its own request and the connection goes on; unknown text is ignored.
 #[test]
@@ -925,7 +1017,11 @@ impl App {
 }
 
 fn run(ops: &[Op], version: u16) -> Result<(), TestCaseError> {
-    let mut pair = Pair::new(version);
+    // The gateway probes as cluster-gateway does: silence never ends a stream by itself.
+    let mut pair = Pair::with(
+        liveness_config(Role::Gateway, version),
+        config(Role::Agent, version),
+    );
     let mut gateway_app = App::default();
     let mut agent_app = App::default();
     let step_agent = |pair: &mut Pair, agent_app: &mut App| -> Result<(), TestCaseError> {
