@@ -13,6 +13,7 @@
 //! ```
 
 pub mod api;
+pub mod client_certs;
 pub mod discovery;
 pub mod error;
 pub mod events;
@@ -78,6 +79,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the durable log, certificates and token; in memory when `None`.
     pub data_dir: Option<PathBuf>,
+    /// How the written kubeconfig's user authenticates (the bearer token unless asked).
+    pub kubeconfig_auth: KubeconfigAuth,
 }
 
 impl Default for Config {
@@ -86,16 +89,30 @@ impl Default for Config {
             name: "kube-sim".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: None,
+            kubeconfig_auth: KubeconfigAuth::Token,
         }
     }
 }
 
-/// The server's identity: CA, serving certificate and token (persisted in the data directory).
+/// The credential of the admin kubeconfig kube-sim writes. Both are always accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KubeconfigAuth {
+    /// kube-sim's bearer token (user `kube-sim:admin`).
+    #[default]
+    Token,
+    /// The admin client certificate (`CN=kubernetes-admin`, `O=system:masters`, as kubeadm, kind
+    /// and k3d write it), issued by kube-sim's client CA.
+    ClientCertificate,
+}
+
+/// The server's identity: CA, serving certificate, token, and the client CA with the admin's
+/// client certificate (persisted in the data directory).
 struct Identity {
     ca_pem: String,
     cert_pem: String,
     key_pem: String,
     token: String,
+    clients: client_certs::ClientCa,
 }
 
 impl Identity {
@@ -111,10 +128,11 @@ impl Identity {
                     cert_pem: read(&files[1])?,
                     key_pem: read(&files[2])?,
                     token: read(&files[3])?.trim().to_owned(),
+                    clients: client_certs::ClientCa::load_or_generate(Some(dir))?,
                 });
             }
         }
-        let identity = Self::generate()?;
+        let identity = Self::generate(data_dir)?;
         if let Some(dir) = data_dir {
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
             for (file, text) in [
@@ -129,7 +147,7 @@ impl Identity {
         Ok(identity)
     }
 
-    fn generate() -> Result<Self, Error> {
+    fn generate(data_dir: Option<&Path>) -> Result<Self, Error> {
         let tls = |e: rcgen::Error| Error::Tls(e.to_string());
         let ca_key = rcgen::KeyPair::generate().map_err(tls)?;
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
@@ -163,10 +181,14 @@ impl Identity {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             token,
+            clients: client_certs::ClientCa::load_or_generate(data_dir)?,
         })
     }
 
-    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
+    fn server_config(
+        &self,
+        clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    ) -> Result<Arc<rustls::ServerConfig>, Error> {
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
                 .collect::<Result<_, _>>()
@@ -177,7 +199,7 @@ impl Identity {
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Tls(e.to_string()))?
-            .with_no_client_auth()
+            .with_client_cert_verifier(clients)
             .with_single_cert(certs, key)
             .map_err(|e| Error::Tls(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -242,7 +264,10 @@ impl Server {
             std::fs::write(dir.join(LISTEN_FILE), addr.to_string())
                 .map_err(io("writing the listen address"))?;
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
+        let verifier = identity.clients.verifier()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            identity.server_config(Arc::new(client_certs::AnyClientCert::new(verifier.clone())))?,
+        );
         let (close_watches, _) = broadcast::channel(4);
         let shared = Arc::new(Shared {
             store: Mutex::new(store),
@@ -269,6 +294,7 @@ impl Server {
                     _ = shutdown_rx.changed() => return,
                 };
                 let acceptor = acceptor.clone();
+                let verifier = verifier.clone();
                 let shared = task_shared.clone();
                 let mut shutdown_rx = shutdown_rx.clone();
                 tokio::spawn(async move {
@@ -279,8 +305,17 @@ impl Server {
                             return;
                         }
                     };
-                    let service =
-                        hyper::service::service_fn(move |req| server::handle(shared.clone(), req));
+                    // The user of a client certificate chained to the client CA, once per
+                    // connection; an untrusted one counts as none (a token may still do).
+                    let client = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| client_certs::user_of(verifier.as_ref(), chain))
+                        .map(Arc::new);
+                    let service = hyper::service::service_fn(move |req| {
+                        server::handle(shared.clone(), req, client.clone())
+                    });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection(TokioIo::new(tls), service);
@@ -295,6 +330,7 @@ impl Server {
         Ok(RunningServer {
             addr,
             name: config.name,
+            kubeconfig_auth: config.kubeconfig_auth,
             identity,
             shared,
             shutdown: shutdown_tx,
@@ -307,6 +343,7 @@ impl Server {
 pub struct RunningServer {
     addr: SocketAddr,
     name: String,
+    kubeconfig_auth: KubeconfigAuth,
     identity: Identity,
     shared: Arc<Shared>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -334,14 +371,43 @@ impl RunningServer {
         &self.identity.token
     }
 
-    /// A kubeconfig selecting this server (cluster, context and user named after the server).
+    /// The client CA (PEM) that client certificates must chain to.
+    pub fn client_ca_pem(&self) -> &str {
+        &self.identity.clients.ca_pem
+    }
+
+    /// The admin client certificate (PEM): `CN=kubernetes-admin`, `O=system:masters`.
+    pub fn admin_certificate_pem(&self) -> &str {
+        &self.identity.clients.admin_cert_pem
+    }
+
+    /// The admin client certificate's private key (PEM).
+    pub fn admin_key_pem(&self) -> &str {
+        &self.identity.clients.admin_key_pem
+    }
+
+    /// A kubeconfig selecting this server (cluster, context and user named after the server),
+    /// with the credential chosen in [`Config::kubeconfig_auth`].
     pub fn kubeconfig_yaml(&self) -> String {
-        let ca = base64::engine::general_purpose::STANDARD.encode(&self.identity.ca_pem);
+        self.kubeconfig_yaml_with(self.kubeconfig_auth)
+    }
+
+    /// A kubeconfig selecting this server with the given credential.
+    pub fn kubeconfig_yaml_with(&self, auth: KubeconfigAuth) -> String {
+        let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        let ca = b64(&self.identity.ca_pem);
         let name = &self.name;
+        let user = match auth {
+            KubeconfigAuth::Token => format!("    token: {}\n", self.identity.token),
+            KubeconfigAuth::ClientCertificate => format!(
+                "    client-certificate-data: {}\n    client-key-data: {}\n",
+                b64(&self.identity.clients.admin_cert_pem),
+                b64(&self.identity.clients.admin_key_pem)
+            ),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n    namespace: default\ncurrent-context: {name}\nusers:\n- name: {name}\n  user:\n    token: {token}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n    namespace: default\ncurrent-context: {name}\nusers:\n- name: {name}\n  user:\n{user}",
             url = self.url(),
-            token = self.identity.token,
         )
     }
 

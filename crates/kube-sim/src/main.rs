@@ -30,7 +30,19 @@ enum Command {
         /// Cluster, context and user name in the kubeconfig.
         #[arg(long, default_value = "kube-sim")]
         name: String,
+        /// The kubeconfig user's credential: kube-sim's bearer token, or the admin client
+        /// certificate (`CN=kubernetes-admin`, `O=system:masters`, as kind and k3d write it).
+        /// The server accepts both either way.
+        #[arg(long, value_enum, default_value = "token")]
+        kubeconfig_auth: KubeconfigAuth,
     },
+}
+
+/// `--kubeconfig-auth`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KubeconfigAuth {
+    Token,
+    ClientCertificate,
 }
 
 #[tokio::main]
@@ -48,11 +60,16 @@ async fn main() -> anyhow::Result<()> {
         kubeconfig_out,
         data_dir,
         name,
+        kubeconfig_auth,
     } = Flags::parse().command;
     let server = kube_sim::Server::start(kube_sim::Config {
         name,
         listen,
         data_dir,
+        kubeconfig_auth: match kubeconfig_auth {
+            KubeconfigAuth::Token => kube_sim::KubeconfigAuth::Token,
+            KubeconfigAuth::ClientCertificate => kube_sim::KubeconfigAuth::ClientCertificate,
+        },
     })
     .await?;
     server.write_kubeconfig(&kubeconfig_out)?;

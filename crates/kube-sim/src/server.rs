@@ -121,6 +121,7 @@ fn percent_decode(text: &str) -> Option<String> {
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
+    client: Option<Arc<Value>>,
 ) -> Result<Response<Body>, Infallible> {
     let bearer = req
         .headers()
@@ -129,7 +130,10 @@ pub async fn handle(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_owned());
     // The server's own token is the admin (`None`); a ServiceAccount token is its account.
+    // A trusted client certificate is tried first, as the real server does; its user is
+    // recorded as it is (`kubernetes-admin` in `system:masters` for the admin certificate).
     let user = match bearer {
+        _ if client.is_some() => Some(client.as_deref().cloned()),
         Some(token) if token == shared.token => Some(None),
         Some(token) => shared
             .tokens
@@ -146,8 +150,13 @@ pub async fn handle(
         )));
     };
     let path = req.uri().path().to_owned();
+    let is_admin = user.as_ref().is_none_or(|u| {
+        u["groups"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g == "system:masters"))
+    });
     if let Some(admin) = path.strip_prefix("/_sim/")
-        && user.is_none()
+        && is_admin
     {
         return Ok(admin_request(&shared, admin, req).await);
     }

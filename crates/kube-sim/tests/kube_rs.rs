@@ -1717,6 +1717,205 @@ async fn client_with_token(server: &TestServer, token: &str) -> kube::Client {
     kube::Client::try_from(config).expect("client")
 }
 
+/// A client with this kubeconfig's cluster and the given credentials (PEM certificate and key,
+/// bearer token).
+async fn client_with_credentials(
+    server: &TestServer,
+    identity: Option<(&str, &str)>,
+    token: Option<&str>,
+) -> kube::Client {
+    use base64::Engine as _;
+    let kubeconfig =
+        kube::config::Kubeconfig::from_yaml(&server.kubeconfig_yaml()).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    config.auth_info = kube::config::AuthInfo {
+        token: token.map(|t| t.to_owned().into()),
+        client_certificate_data: identity.map(|(cert, _)| b64(cert)),
+        client_key_data: identity.map(|(_, key)| b64(key).into()),
+        ..Default::default()
+    };
+    kube::Client::try_from(config).expect("client")
+}
+
+/// Who the server says the client is (SelfSubjectReview).
+async fn whoami(
+    client: &kube::Client,
+) -> Result<k8s_openapi::api::authentication::v1::UserInfo, kube::Error> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let reviews: Api<SelfSubjectReview> = Api::all(client.clone());
+    let review = reviews
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1",
+                "kind": "SelfSubjectReview"}))
+            .expect("a review"),
+        )
+        .await?;
+    Ok(review.status.and_then(|s| s.user_info).expect("user info"))
+}
+
+/// The admin kubeconfig with a client certificate (as kubeadm, kind and k3d write it)
+/// authenticates as `kubernetes-admin` in `system:masters`, with the certificate's SHA-256 as
+/// credential id, and is the requester of a CertificateSigningRequest; a certificate from
+/// another CA authenticates nobody (401), though a valid token beside it does; a trusted
+/// certificate wins over a token.
+#[tokio::test]
+async fn client_certificates_authenticate_the_admin() {
+    use base64::Engine as _;
+    use k8s_openapi::api::{
+        authentication::v1::TokenRequest, certificates::v1::CertificateSigningRequest as Csr,
+        core::v1::ServiceAccount,
+    };
+    let server = start().await;
+    let kubeconfig =
+        kube::config::Kubeconfig::from_yaml(&server.cert_kubeconfig_yaml()).expect("kubeconfig");
+    let user = kubeconfig.auth_infos[0].auth_info.clone().expect("a user");
+    assert!(user.token.is_none(), "no token: {user:?}");
+    let decode = |data: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .expect("base64"),
+        )
+        .expect("PEM")
+    };
+    let cert_pem = decode(
+        user.client_certificate_data
+            .as_deref()
+            .expect("a certificate"),
+    );
+    let key_pem = {
+        let yaml: serde_yaml::Value =
+            serde_yaml::from_str(&server.cert_kubeconfig_yaml()).expect("YAML");
+        decode(
+            yaml["users"][0]["user"]["client-key-data"]
+                .as_str()
+                .expect("a key"),
+        )
+    };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    let client = kube::Client::try_from(config).expect("client");
+    let admin = whoami(&client)
+        .await
+        .expect("the certificate authenticates");
+    assert_eq!(admin.username.as_deref(), Some("kubernetes-admin"));
+    assert_eq!(
+        admin.groups.clone().unwrap_or_default(),
+        ["system:masters", "system:authenticated"]
+    );
+    let der = {
+        use rustls::pki_types::pem::PemObject as _;
+        rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("DER")
+    };
+    let digest = {
+        let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .expect("TLS 1.3 suite");
+        let hash = suite.common.hash_provider.hash(der.as_ref());
+        hash.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(
+        admin
+            .extra
+            .clone()
+            .unwrap_or_default()
+            .get("authentication.kubernetes.io/credential-id"),
+        Some(&vec![format!("X509SHA256={digest}")])
+    );
+    // The requester of a CertificateSigningRequest.
+    let csrs: Api<Csr> = Api::all(client.clone());
+    let created = csrs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"apiVersion": "certificates.k8s.io/v1",
+                "kind": "CertificateSigningRequest", "metadata": {"name": "by-admin"},
+                "spec": {"request": base64::engine::general_purpose::STANDARD.encode(csr_pem("x")),
+                    "signerName": "example.com/signer", "usages": ["client auth"]}}))
+            .expect("a CSR"),
+        )
+        .await
+        .expect("created");
+    assert_eq!(created.spec.username.as_deref(), Some("kubernetes-admin"));
+    assert_eq!(
+        created.spec.groups.clone().unwrap_or_default(),
+        ["system:masters", "system:authenticated"]
+    );
+    assert_eq!(created.spec.extra, admin.extra);
+    // A certificate from another CA.
+    let (other_cert, other_key) = {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.self_signed(&ca_key).expect("CA");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "system:masters");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "intruder");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).expect("signed");
+        (cert.pem(), key.serialize_pem())
+    };
+    let intruder = client_with_credentials(&server, Some((&other_cert, &other_key)), None).await;
+    let err = whoami(&intruder)
+        .await
+        .expect_err("an untrusted certificate");
+    assert_eq!(api_error(&err).0, 401);
+    create_namespace(&client, "org").await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "org");
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "robot"}})).expect("account"),
+        )
+        .await
+        .expect("created");
+    let token = accounts
+        .create_subresource::<_, TokenRequest>(
+            "token",
+            "robot",
+            &PostParams::default(),
+            &serde_json::from_value::<TokenRequest>(
+                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}),
+            )
+            .expect("a request"),
+        )
+        .await
+        .expect("a token")
+        .status
+        .expect("status")
+        .token;
+    let both =
+        client_with_credentials(&server, Some((&other_cert, &other_key)), Some(&token)).await;
+    assert_eq!(
+        whoami(&both).await.expect("the token").username.as_deref(),
+        Some("system:serviceaccount:org:robot")
+    );
+    let admin_and_token =
+        client_with_credentials(&server, Some((&cert_pem, &key_pem)), Some(&token)).await;
+    assert_eq!(
+        whoami(&admin_and_token)
+            .await
+            .expect("the certificate")
+            .username
+            .as_deref(),
+        Some("kubernetes-admin")
+    );
+    server.shutdown().await;
+}
+
 /// ServiceAccount tokens: `serviceaccounts/token` (TokenRequest) issues one for the lifetime
 /// asked (default 1 h, at least 10 min) and the API server's audience; the server accepts it
 /// as a bearer token (a SelfSubjectReview names the account), TokenReview answers for it, and

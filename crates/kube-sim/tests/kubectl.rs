@@ -699,6 +699,54 @@ fn csr_request(name: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(pem)
 }
 
+/// kubectl with the admin kubeconfig that authenticates with a client certificate (as kubeadm,
+/// kind and k3d write it): `kubectl auth whoami` names `kubernetes-admin` in `system:masters`
+/// with the certificate's credential id, and `kubectl get csr` shows it as the requester.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_authenticates_with_a_client_certificate() {
+    let server = start().await;
+    let yaml = server.cert_kubeconfig_yaml();
+    assert!(
+        yaml.contains("client-certificate-data") && !yaml.contains("token"),
+        "{yaml}"
+    );
+    let kubectl = Kubectl::with_kubeconfig(&yaml);
+    let whoami = kubectl.ok(&["auth", "whoami"]).await;
+    let rows: Vec<Vec<&str>> = whoami
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["ATTRIBUTE", "VALUE"], "{whoami}");
+    assert_eq!(rows[1], ["Username", "kubernetes-admin"], "{whoami}");
+    assert_eq!(
+        rows[2],
+        ["Groups", "[system:masters", "system:authenticated]"],
+        "{whoami}"
+    );
+    assert_eq!(
+        rows[3][..2],
+        ["Extra:", "authentication.kubernetes.io/credential-id"],
+        "{whoami}"
+    );
+    assert!(rows[3][2].starts_with("[X509SHA256="), "{whoami}");
+    let manifest = format!(
+        "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: by-admin\nspec:\n  request: {}\n  signerName: example.com/signer\n  usages: [client auth]\n",
+        csr_request("by-admin")
+    );
+    kubectl
+        .ok_with(&["create", "-f", "-"], Some(&manifest))
+        .await;
+    let table = kubectl.ok(&["get", "csr", "by-admin"]).await;
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[3], "kubernetes-admin", "{table}");
+    server.shutdown().await;
+}
+
 /// `kubectl certificate approve|deny` put an Approved or Denied condition through the
 /// `approval` subresource (kubectl sends it as protobuf), and `kubectl get csr` shows it in the
 /// real server's columns. The signer is a custom one, so no controller issues a certificate.

@@ -22,6 +22,16 @@ struct Proc {
 
 /// Starts `kube-sim serve` and waits for its `listening on` line.
 async fn serve(kubeconfig: &Path, data_dir: Option<&Path>, name: &str) -> Proc {
+    serve_with(kubeconfig, data_dir, name, &[]).await
+}
+
+/// The same with more flags.
+async fn serve_with(
+    kubeconfig: &Path,
+    data_dir: Option<&Path>,
+    name: &str,
+    flags: &[&str],
+) -> Proc {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kube-sim"));
     command
         .args([
@@ -33,6 +43,7 @@ async fn serve(kubeconfig: &Path, data_dir: Option<&Path>, name: &str) -> Proc {
             "--kubeconfig-out",
         ])
         .arg(kubeconfig)
+        .args(flags)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
@@ -246,4 +257,42 @@ async fn instances_run_side_by_side() {
     };
     assert_eq!(get("control").await.trim(), "configmap/only-in-control");
     assert_eq!(get("build").await.trim(), "");
+}
+
+/// `--kubeconfig-auth client-certificate` writes a kubeconfig whose user is the admin client
+/// certificate (no token); kubectl is `kubernetes-admin` with it, and with `--data-dir` the same
+/// certificate works after a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kubeconfig_can_carry_the_admin_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let data = dir.path().join("data");
+    let flags = ["--kubeconfig-auth", "client-certificate"];
+    let mut first = serve_with(&kubeconfig, Some(&data), "control", &flags).await;
+    let written = std::fs::read_to_string(&kubeconfig).expect("read");
+    assert!(
+        written.contains("client-certificate-data") && !written.contains("token"),
+        "{written}"
+    );
+    let kubectl = common::Kubectl::with_kubeconfig(&written);
+    let whoami = || async {
+        kubectl
+            .ok(&[
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ])
+            .await
+    };
+    assert_eq!(whoami().await, "kubernetes-admin");
+    first.child.start_kill().expect("SIGKILL");
+    first.child.wait().await.expect("reaped");
+    let _second = serve_with(&kubeconfig, Some(&data), "control", &flags).await;
+    assert_eq!(
+        std::fs::read_to_string(&kubeconfig).expect("read"),
+        written,
+        "the same certificate"
+    );
+    assert_eq!(whoami().await, "kubernetes-admin");
 }

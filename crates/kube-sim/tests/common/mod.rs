@@ -96,6 +96,17 @@ impl TestServer {
         }
     }
 
+    /// The admin kubeconfig whose user authenticates with a client certificate (the real
+    /// cluster's own, as kubeadm writes `admin.conf`; kube-sim's with its admin certificate).
+    pub fn cert_kubeconfig_yaml(&self) -> String {
+        match self {
+            TestServer::Sim(server) => {
+                server.kubeconfig_yaml_with(kube_sim::KubeconfigAuth::ClientCertificate)
+            }
+            TestServer::Real(cluster) => cluster.kubeconfig_yaml(),
+        }
+    }
+
     /// Whether this is the real server.
     pub fn is_real(&self) -> bool {
         matches!(self, TestServer::Real(_))
@@ -194,6 +205,13 @@ impl Kubectl {
         server
             .write_kubeconfig(&dir.path().join("kubeconfig"))
             .expect("kubeconfig written");
+        Self { dir }
+    }
+
+    /// Writes the given kubeconfig into a fresh directory.
+    pub fn with_kubeconfig(yaml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("kubeconfig"), yaml).expect("kubeconfig written");
         Self { dir }
     }
 
