@@ -390,6 +390,9 @@ fn session_config(config: &GatewayConfig, version: u16) -> SessionConfig {
         idle_timeout: config.heartbeat_timeout,
         stall_timeout: config.stream_stall_timeout,
         drain_timeout: config.drain_timeout,
+        // A request waiting on a connection quiet for a second probes it; no answer within
+        // the liveness timeout marks it silent and the proxy stops using it (a partition).
+        liveness_timeout: Some(config.liveness_timeout),
         // v1 agents echo the request id; a random prefix keeps ids unique across connections.
         v1_request_prefix: format!("{:016x}-", rand::random::<u64>()),
         ..SessionConfig::new(Role::Gateway, version)

@@ -11,6 +11,7 @@ pub mod events;
 pub mod hello;
 pub mod internal;
 pub mod metrics;
+pub mod peers;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
@@ -59,6 +60,11 @@ pub struct GatewayConfig {
     pub heartbeat_interval: Duration,
     /// An agent silent for this long is disconnected.
     pub heartbeat_timeout: Duration,
+    /// A connection that leaves a probe unanswered this long is silent: the proxy sends no
+    /// request there, and stops waiting there, until the agent is heard again.
+    pub liveness_timeout: Duration,
+    /// The sibling replicas to forward a request to when no connection here can take it.
+    pub peers: Option<peers::PeersConfig>,
     /// Concurrent TLS handshakes on the agent listener.
     pub max_concurrent_handshakes: usize,
     /// Live connections per agent key, planeID and clientCA (excess upgrades get 429).
@@ -119,6 +125,8 @@ impl GatewayConfig {
             internal_client_ca,
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(90),
+            liveness_timeout: Duration::from_secs(3),
+            peers: None,
             max_concurrent_handshakes: 256,
             connection_caps: caps::ConnectionCaps::default(),
             hello_timeout: Duration::from_secs(3),
@@ -160,6 +168,8 @@ pub struct Shared {
     pub started: tokio::time::Instant,
     /// Cancelled when the gateway stops: every listener and connection task ends.
     pub shutdown: CancellationToken,
+    /// The sibling replicas (`--peer-service`), when configured.
+    pub peers: Option<Arc<peers::Peers>>,
 }
 
 /// Spawns `fut`, ending it when `token` is cancelled.
@@ -453,6 +463,25 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         internal_tls.clone(),
         config.cert_reload_interval,
     );
+    let peers = match &config.peers {
+        Some(peers) => {
+            let cert = load_cert(&peers.client_cert)?;
+            watch_cert(
+                &mut tasks,
+                peers.client_cert.clone(),
+                cert.clone(),
+                config.cert_reload_interval,
+            );
+            let peers = Arc::new(peers::Peers::new(
+                peers.clone(),
+                config.replica.id.clone(),
+                cert,
+            )?);
+            peers.watch(client.clone(), &mut tasks);
+            Some(peers)
+        }
+        None => None,
+    };
     let (changed_tx, mut changed_rx) = tokio::sync::mpsc::unbounded_channel();
     let trust =
         Trust::start(client, changed_tx, &mut tasks).with_verdict_cache(config.verdict_cache_size);
@@ -472,6 +501,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         drain_started: CancellationToken::new(),
         started: tokio::time::Instant::now(),
         shutdown: shutdown.clone(),
+        peers,
     });
 
     // Trust changes: re-verify the connections of the planes they affect, coalescing bursts,

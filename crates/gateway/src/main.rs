@@ -42,6 +42,31 @@ struct Flags {
     /// Silence after which an agent is disconnected.
     #[arg(long, default_value = "90s", value_parser = parse_positive_duration)]
     heartbeat_timeout: Duration,
+    /// A connection whose agent leaves a probe unanswered this long is silent: no request goes
+    /// there, and requests waiting there stop waiting, until the agent is heard again (a probe
+    /// goes out when a request waits on a connection quiet for a second).
+    #[arg(long, default_value = "3s", value_parser = parse_positive_duration)]
+    liveness_timeout: Duration,
+    /// The gateway's Service, `<namespace>/<name>`: its EndpointSlices list the sibling
+    /// replicas, to which a request goes (once) when no connection of this replica can take it.
+    #[arg(long, requires_all = ["peer_client_cert", "peer_client_key", "peer_ca"])]
+    peer_service: Option<String>,
+    /// The name of the internal API's port in the Service's EndpointSlices.
+    #[arg(long, default_value = "internal")]
+    peer_port_name: String,
+    /// The name the siblings' internal certificate is checked against (default
+    /// `<name>.<namespace>.svc` of `--peer-service`).
+    #[arg(long)]
+    peer_server_name: Option<String>,
+    /// Client certificate (of `--internal-client-ca`) presented to sibling replicas.
+    #[arg(long)]
+    peer_client_cert: Option<PathBuf>,
+    /// Key of `--peer-client-cert`.
+    #[arg(long)]
+    peer_client_key: Option<PathBuf>,
+    /// CA that signed the sibling replicas' internal API certificate.
+    #[arg(long)]
+    peer_ca: Option<PathBuf>,
     /// Concurrent TLS handshakes on the agent listener; further connections wait in the kernel's
     /// accept queue until one finishes.
     #[arg(long, default_value_t = 256)]
@@ -133,6 +158,22 @@ async fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("--internal-server-cert and --internal-server-key go together"),
     };
     let proxy_policy = cluster_gateway::policy::ProxyPolicy::from_flags(&flags.proxy_deny)?;
+    let peers = match (
+        &flags.peer_service,
+        flags.peer_client_cert,
+        flags.peer_client_key,
+        flags.peer_ca,
+    ) {
+        (Some(service), Some(cert), Some(key), Some(ca)) => {
+            let mut peers = cluster_gateway::peers::PeersConfig::new(service, (cert, key), ca)?;
+            peers.port_name = flags.peer_port_name;
+            if let Some(name) = flags.peer_server_name {
+                peers.server_name = name;
+            }
+            Some(peers)
+        }
+        _ => None,
+    };
     let mut gateway = cluster_gateway::start(cluster_gateway::GatewayConfig {
         kubeconfig: flags.kubeconfig,
         agent_listen: agent_listen(flags.agent_listen)?,
@@ -143,6 +184,8 @@ async fn main() -> anyhow::Result<()> {
         internal_client_ca: flags.internal_client_ca,
         heartbeat_interval: flags.heartbeat_interval,
         heartbeat_timeout: flags.heartbeat_timeout,
+        liveness_timeout: flags.liveness_timeout,
+        peers,
         max_concurrent_handshakes: flags.max_concurrent_handshakes,
         connection_caps: cluster_gateway::caps::ConnectionCaps {
             per_identity: flags.max_connections_per_identity,
@@ -215,5 +258,33 @@ mod tests {
         assert!(err.to_string().contains("too long"), "{err}");
         let flags = parse("--shutdown-stagger", "1d").expect("days");
         assert_eq!(flags.shutdown_stagger, Duration::from_secs(86_400));
+    }
+
+    /// Forwarding to siblings needs the client identity and the siblings' CA with the Service;
+    /// the liveness timeout is a duration like the others.
+    #[test]
+    fn peer_flags_go_together() {
+        let err = Flags::try_parse_from(["cluster-gateway", "--peer-service", "ns/gw"])
+            .expect_err("no client identity");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let flags = Flags::try_parse_from([
+            "cluster-gateway",
+            "--peer-service",
+            "ns/gw",
+            "--peer-client-cert",
+            "c",
+            "--peer-client-key",
+            "k",
+            "--peer-ca",
+            "ca",
+            "--liveness-timeout",
+            "500ms",
+        ])
+        .expect("all given");
+        assert_eq!(flags.liveness_timeout, Duration::from_millis(500));
+        assert_eq!(flags.peer_port_name, "internal");
+        let err = Flags::try_parse_from(["cluster-gateway", "--liveness-timeout", "0s"])
+            .expect_err("zero");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
     }
 }

@@ -43,6 +43,9 @@ pub struct Metrics {
     request_seconds: Histogram,
     pending: Gauge,
     connections: Family<Labels, Gauge>,
+    silent_connections: Family<Labels, Gauge>,
+    forwarded: Family<Labels, Counter>,
+    peers: Gauge,
     cached_secrets: Gauge,
     replaced: Counter,
     replaced_seen: Arc<AtomicU64>,
@@ -105,6 +108,24 @@ impl Default for Metrics {
             "Live agent connections by planeID",
             connections.clone(),
         );
+        let silent_connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "silent_connections",
+            "Agent connections by planeID that left a probe unanswered past the liveness timeout (no request goes there until the agent is heard again)",
+            silent_connections.clone(),
+        );
+        let forwarded = Family::<Labels, Counter>::default();
+        registry.register(
+            "forwarded_requests",
+            "Proxied requests this replica forwarded to a sibling replica because none of its own connections could take them, by outcome",
+            forwarded.clone(),
+        );
+        let peers = Gauge::default();
+        registry.register(
+            "peers",
+            "Sibling replicas known from the gateway Service's EndpointSlices",
+            peers.clone(),
+        );
         let cached_secrets = Gauge::default();
         registry.register(
             "cached_secrets",
@@ -157,6 +178,9 @@ impl Default for Metrics {
             request_seconds,
             pending,
             connections,
+            silent_connections,
+            forwarded,
+            peers,
             cached_secrets,
             replaced,
             replaced_seen: Arc::default(),
@@ -220,6 +244,14 @@ impl Metrics {
             .inc();
     }
 
+    /// A request was forwarded to a sibling replica (`outcome`: `answered`, `unreachable`,
+    /// `no_sibling`).
+    pub fn forwarded(&self, outcome: &'static str) {
+        self.forwarded
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .inc();
+    }
+
     /// Counts a request as pending until the guard drops.
     pub fn pending_guard(&self) -> PendingGuard {
         self.pending.inc();
@@ -234,6 +266,14 @@ impl Metrics {
                 .get_or_create(&vec![("plane_id".into(), plane)])
                 .set(n as i64);
         }
+        self.silent_connections.clear();
+        for (plane, n) in shared.registry.silent_by_plane() {
+            self.silent_connections
+                .get_or_create(&vec![("plane_id".into(), plane)])
+                .set(n as i64);
+        }
+        self.peers
+            .set(shared.peers.as_ref().map_or(0, |p| p.len()) as i64);
         self.cached_secrets
             .set(shared.trust.cached_secrets() as i64);
         let total = shared.registry.replaced_total();

@@ -5,6 +5,13 @@
 //! stream's answer into the HTTP response, its body read under flow-control credits as the
 //! caller consumes it. Dropping the response (the caller went away) resets the stream, so the
 //! agent stops too: a watch ends on the build cluster.
+//!
+//! A connection whose agent has gone silent (a probe unanswered past the liveness timeout: a
+//! partition between this replica and the agents) takes no request, and a request waiting
+//! there for its head stops waiting: a GET or HEAD goes elsewhere, any other method gets 504
+//! `AgentUnresponsive` (it may have run). When no connection of this replica can take a request
+//! that was never sent (or may be sent again), [`forward`] sends it once to a sibling replica
+//! (`peers`), marked `x-buildplane-forwarded-by`, which never forwards it again.
 
 use std::{sync::Arc, time::Duration};
 
@@ -23,7 +30,11 @@ use http_body_util::BodyExt as _;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Shared, registry::Unavailable};
+use crate::{
+    Shared,
+    peers::{Peer, Peers},
+    registry::Unavailable,
+};
 
 /// Largest proxied request body (OpenChoreo's limit).
 pub const MAX_REQUEST_BODY: usize = 10 * 1024 * 1024;
@@ -33,6 +44,14 @@ pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const RECONNECT_WAIT: Duration = Duration::from_secs(5);
 /// Connections a GET or HEAD is tried on when each closes before its agent answers.
 const ATTEMPTS: usize = 3;
+/// Marks a request a sibling replica forwarded (its value: that replica's id); such a request
+/// is never forwarded again.
+pub const FORWARDED_BY: &str = "x-buildplane-forwarded-by";
+/// Names the sibling replica that answered a forwarded request (on the response).
+pub const FORWARDED_TO: &str = "x-buildplane-forwarded-to";
+/// How long a forwarded request waits for the sibling's response head: the sibling's own wait
+/// for its agent, and a margin.
+const FORWARD_HEAD_TIMEOUT: Duration = Duration::from_secs(35);
 
 /// The proxy route's path segments.
 #[derive(Debug, Deserialize)]
@@ -66,11 +85,18 @@ pub async fn proxy(
             shared.metrics.proxied(started.elapsed());
             relay(head, stream)
         }
-        Err(failure) => {
+        Err(Unserved { failure, upload }) => {
             if let Some(label) = failure.metric() {
                 shared.metrics.proxy_failed(label);
             }
-            failure.into_response()
+            match (upload, &shared.peers) {
+                (Some(upload), Some(peers))
+                    if failure.forwardable() && call.forwarded_by.is_none() =>
+                {
+                    forward(&shared, peers, &call, upload, failure).await
+                }
+                _ => failure.into_response(),
+            }
         }
     }
 }
@@ -89,6 +115,11 @@ struct Call {
     streaming: bool,
     /// The request declares no body.
     bodiless: bool,
+    /// The path and query as the caller sent them (what a sibling replica is asked).
+    uri: String,
+    /// The sibling replica that forwarded this request (`x-buildplane-forwarded-by`): it is
+    /// not forwarded again.
+    forwarded_by: Option<String>,
 }
 
 impl Call {
@@ -168,6 +199,14 @@ impl Call {
             .split('&')
             .any(|p| p == "watch=true" || p == "watch=1" || p == "follow=true");
         let bodiless = declares_no_body(req.headers());
+        let uri = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+        let forwarded_by = req
+            .headers()
+            .get(FORWARDED_BY)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let (parts, body) = req.into_parts();
         let head = RequestHead {
             method: method.to_string(),
@@ -184,6 +223,8 @@ impl Call {
             retriable: matches!(method, Method::GET | Method::HEAD),
             streaming,
             bodiless,
+            uri,
+            forwarded_by,
         };
         Ok((call, body))
     }
@@ -206,7 +247,12 @@ fn forwarded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
         .filter(|(name, _)| {
             !matches!(
                 name.as_str(),
-                "authorization" | "host" | "connection" | "content-length" | "transfer-encoding"
+                "authorization"
+                    | "host"
+                    | "connection"
+                    | "content-length"
+                    | "transfer-encoding"
+                    | FORWARDED_BY
             )
         })
         // A value with bytes past ASCII (UTF-8 text, as OpenChoreo forwards it) goes through;
@@ -289,6 +335,12 @@ enum Failure {
     Unavailable(Unavailable, String, CrKey, PlaneType),
     /// The connection closed before the agent answered (the request may have run).
     Lost(u64),
+    /// The connection went silent before the agent answered a request that is not sent again
+    /// (it may have run).
+    Silent {
+        id: u64,
+        method: String,
+    },
     /// The stream could not be opened (connection closed or at its stream limit).
     Open(StreamError),
     /// The agent reset the stream before its head.
@@ -303,10 +355,60 @@ enum Failure {
     Protocol(&'static str),
 }
 
+/// A request no connection of this replica answered, and its body when it may still be sent
+/// elsewhere (it was never sent, or it is a GET or HEAD that may be sent again).
+struct Unserved {
+    failure: Failure,
+    upload: Option<Upload>,
+}
+
+impl From<Failure> for Unserved {
+    fn from(failure: Failure) -> Self {
+        Unserved {
+            failure,
+            upload: None,
+        }
+    }
+}
+
+/// An error answer: status, code, message, and whether it says when to retry.
+struct Answer {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_later: bool,
+}
+
+impl Answer {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Answer {
+        Answer {
+            status,
+            code,
+            message: message.into(),
+            retry_later: false,
+        }
+    }
+
+    fn retry_later(mut self) -> Answer {
+        self.retry_later = true;
+        self
+    }
+
+    fn into_response(self) -> Response {
+        let res = error(self.status, self.code, self.message);
+        if self.retry_later {
+            retry_later(res)
+        } else {
+            res
+        }
+    }
+}
+
 impl Failure {
     fn metric(&self) -> Option<&'static str> {
         match self {
             Failure::Lost(_) => Some("connection_closed"),
+            Failure::Silent { .. } => Some("connection_silent"),
             Failure::Refused { .. } => Some("agent_reset"),
             Failure::Timeout => Some("timeout"),
             Failure::Open(_) => Some("open_failed"),
@@ -315,104 +417,157 @@ impl Failure {
         }
     }
 
+    /// Whether a sibling replica may do better: this replica has no connection that can take
+    /// the request now (none, all draining, all silent, or the one it was on closed).
+    fn forwardable(&self) -> bool {
+        matches!(
+            self,
+            Failure::Unavailable(
+                Unavailable::NoAgentConnected | Unavailable::Draining | Unavailable::Silent,
+                ..
+            ) | Failure::Lost(_)
+        )
+    }
+
     fn into_response(self) -> Response {
+        match self {
+            // A refusal carries the agent's own status.
+            Failure::Refused { code, reason } => agent_refused(code, &reason),
+            other => other.answer().into_response(),
+        }
+    }
+
+    fn answer(self) -> Answer {
         match self {
             // OpenChoreo answers 502 `proxy request failed: no agents found for plane <t>/<id>`;
             // we keep 503 (nothing failed upstream; no agent is there yet), and its words, so
             // logs and people searching for them find this (CONTRACTS.md).
-            Failure::Unavailable(Unavailable::NoAgentConnected, plane_id, _, plane_type) => error(
+            Failure::Unavailable(Unavailable::NoAgentConnected, plane_id, _, plane_type) => Answer::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "NoAgentConnected",
                 format!(
                     "proxy request failed: no agents found for plane {plane_type}/{plane_id}: no agent is connected for planeID {plane_id:?}"
                 ),
             ),
-            Failure::Unavailable(Unavailable::NotAuthorized, plane_id, cr, _) => error(
+            Failure::Unavailable(Unavailable::NotAuthorized, plane_id, cr, _) => Answer::new(
                 StatusCode::FORBIDDEN,
                 "NotAuthorized",
                 format!("no connected agent of planeID {plane_id:?} is authorised for {cr}"),
             ),
-            Failure::Unavailable(Unavailable::Draining, plane_id, _, _) => retry_later(error(
+            Failure::Unavailable(Unavailable::Draining, plane_id, _, _) => Answer::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "AgentReconnecting",
                 format!(
                     "every agent connection of planeID {plane_id:?} is draining while its agent reconnects"
                 ),
-            )),
-            Failure::Lost(id) => error(
+            )
+            .retry_later(),
+            Failure::Unavailable(Unavailable::Silent, plane_id, cr, _) => Answer::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "AgentUnresponsive",
+                format!(
+                    "every agent connection of planeID {plane_id:?} authorised for {cr} has gone silent at this gateway replica (a probe went unanswered past the liveness timeout): the agents cannot be reached from here now"
+                ),
+            )
+            .retry_later(),
+            Failure::Lost(id) => Answer::new(
                 StatusCode::BAD_GATEWAY,
                 "AgentConnectionClosed",
                 format!(
                     "the agent connection (id {id}) closed before the agent answered; the request may or may not have run"
                 ),
             ),
-            Failure::Open(StreamError::Limit(n)) => retry_later(error(
+            Failure::Silent { id, method } => Answer::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "AgentUnresponsive",
+                format!(
+                    "the agent connection (id {id}) went silent before the agent answered (a probe went unanswered past the liveness timeout); the request may or may not have run, and a {method} is not sent again"
+                ),
+            ),
+            Failure::Open(StreamError::Limit(n)) => Answer::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "AgentBusy",
                 format!("the agent connection has {n} requests in flight; retry later"),
-            )),
-            Failure::Open(StreamError::Head(reason)) => error(
+            )
+            .retry_later(),
+            Failure::Open(StreamError::Head(reason)) => Answer::new(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "RequestHeadTooLarge",
                 format!("the request head cannot cross the tunnel: {reason}"),
             ),
-            Failure::Open(err) => error(
+            Failure::Open(err) => Answer::new(
                 StatusCode::BAD_GATEWAY,
                 "AgentConnectionClosed",
                 format!("the request could not be sent: {err}"),
             ),
-            Failure::Refused { code, reason } => agent_refused(code, &reason),
-            Failure::Timeout => error(
+            Failure::Refused { code, reason } => Answer::new(
+                StatusCode::BAD_GATEWAY,
+                "AgentError",
+                format!("the agent failed the request ({code}): {reason}"),
+            ),
+            Failure::Timeout => Answer::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "AgentTimeout",
                 "the agent did not answer in time",
             ),
-            Failure::StreamingUnsupported => error(
+            Failure::StreamingUnsupported => Answer::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "StreamingNotSupported",
                 "the agent speaks tunnel v1 (OpenChoreo JSON), which cannot stream watch or follow responses",
             ),
-            Failure::RequestTooLarge => error(
+            Failure::RequestTooLarge => Answer::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestTooLarge",
                 format!("request bodies are limited to {MAX_REQUEST_BODY} bytes"),
             ),
-            Failure::CallerBody(reason) => error(
+            Failure::CallerBody(reason) => Answer::new(
                 StatusCode::BAD_REQUEST,
                 "RequestBodyFailed",
                 format!("reading the request body failed: {reason}"),
             ),
-            Failure::Protocol(what) => error(StatusCode::BAD_GATEWAY, "ProtocolError", what),
+            Failure::Protocol(what) => {
+                Answer::new(StatusCode::BAD_GATEWAY, "ProtocolError", what)
+            }
         }
     }
 }
 
 /// Chooses a connection, opens a stream, sends the body and waits for the response head. A GET
-/// or HEAD whose connection closed before its agent answered (a renewal or CA rotation handing
-/// over) goes to another authorised connection; other methods get 502, as they may have run.
+/// or HEAD whose connection closed or went silent before its agent answered (a renewal or CA
+/// rotation handing over, a partition) goes to another authorised connection; other methods get
+/// 502 or 504, as they may have run. When no connection can take it, the body comes back with
+/// the failure if it may still be sent elsewhere (never sent, or a GET or HEAD).
 async fn exchange(
     shared: &Shared,
     call: &Call,
     upload: Upload,
-) -> Result<(ResponseHead, StreamHandle), Failure> {
+) -> Result<(ResponseHead, StreamHandle), Unserved> {
     let mut upload = Some(upload);
     let mut lost_on: Option<u64> = None;
     for attempt in 1..=ATTEMPTS {
         let conn = match pick(shared, call).await {
             Ok(conn) => conn,
             // Nothing to retry on: the caller learns the connection it was on closed.
-            Err(_) if let Some(id) = lost_on => return Err(Failure::Lost(id)),
+            Err(_) if let Some(id) = lost_on => {
+                return Err(Unserved {
+                    failure: Failure::Lost(id),
+                    upload,
+                });
+            }
             Err(why) => {
-                return Err(Failure::Unavailable(
-                    why,
-                    call.plane_id.clone(),
-                    call.cr.clone(),
-                    call.plane_type,
-                ));
+                return Err(Unserved {
+                    failure: Failure::Unavailable(
+                        why,
+                        call.plane_id.clone(),
+                        call.cr.clone(),
+                        call.plane_type,
+                    ),
+                    upload,
+                });
             }
         };
         if call.streaming && conn.version() < 2 {
-            return Err(Failure::StreamingUnsupported);
+            return Err(Failure::StreamingUnsupported.into());
         }
         let this = upload.take().ok_or(Failure::Lost(conn.id))?;
         let again = this.again();
@@ -424,22 +579,38 @@ async fn exchange(
                 upload = Some(this);
                 continue;
             }
-            Err(err) => return Err(Failure::Open(err)),
+            Err(err) => return Err(Failure::Open(err).into()),
         };
-        let answer =
-            tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, send_and_await_head(&stream, this))
-                .await
-                .map_err(|_| Failure::Timeout)??;
+        let answer = tokio::select! {
+            biased;
+            answer = send_and_await_head(&stream, this) => answer?,
+            // A partition: the agent will not answer here (or not in time to matter).
+            () = conn.silent() => {
+                stream.reset(504, "the gateway stopped waiting: the connection went silent");
+                if call.retriable && again.is_some() {
+                    shared.metrics.proxy_failed("connection_silent_retried");
+                    lost_on = Some(conn.id);
+                    upload = again;
+                    continue;
+                }
+                return Err(Failure::Silent {
+                    id: conn.id,
+                    method: call.head.method.clone(),
+                }
+                .into());
+            }
+            () = tokio::time::sleep(RESPONSE_HEAD_TIMEOUT) => return Err(Failure::Timeout.into()),
+        };
         match answer {
             Read::Response(head) => return Ok((head, stream)),
             Read::Lost {
                 before_head: true, ..
-            } if call.retriable && attempt < ATTEMPTS && again.is_some() => {
+            } if call.retriable && again.is_some() => {
                 shared.metrics.proxy_failed("connection_closed_retried");
                 lost_on = Some(conn.id);
                 upload = again;
             }
-            Read::Lost { .. } => return Err(Failure::Lost(conn.id)),
+            Read::Lost { .. } => return Err(Failure::Lost(conn.id).into()),
             // Refused before any work by an agent draining this connection: any method may go
             // to another connection.
             Read::Reset {
@@ -453,17 +624,134 @@ async fn exchange(
                 code: RESET_DRAINING,
                 reason,
             } => {
-                return Err(Failure::Refused { code: 503, reason });
+                return Err(Failure::Refused { code: 503, reason }.into());
             }
-            Read::Reset { code, reason } => return Err(Failure::Refused { code, reason }),
+            Read::Reset { code, reason } => return Err(Failure::Refused { code, reason }.into()),
             Read::Data(_) | Read::End | Read::Request(_) => {
-                return Err(Failure::Protocol(
-                    "the agent sent a body before a response head",
-                ));
+                return Err(
+                    Failure::Protocol("the agent sent a body before a response head").into(),
+                );
             }
         }
     }
-    Err(Failure::Lost(lost_on.unwrap_or_default()))
+    Err(Unserved {
+        failure: Failure::Lost(lost_on.unwrap_or_default()),
+        upload,
+    })
+}
+
+/// Sends a request no connection of this replica could take to a sibling replica, once (the
+/// sibling does not forward it again), trying the next sibling while one cannot be reached
+/// and the body can still be sent. The sibling's answer, whatever it is, is the caller's; when
+/// no sibling answers, the caller gets this replica's own failure, saying so.
+async fn forward(
+    shared: &Shared,
+    peers: &Peers,
+    call: &Call,
+    upload: Upload,
+    local: Failure,
+) -> Response {
+    let siblings = peers.rotation();
+    if siblings.is_empty() {
+        shared.metrics.forwarded("no_sibling");
+        return local.into_response();
+    }
+    let method = match Method::from_bytes(call.head.method.as_bytes()) {
+        Ok(method) => method,
+        Err(_) => return local.into_response(),
+    };
+    let mut headers = HeaderMap::new();
+    for (name, value) in &call.head.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    if let Ok(own) = HeaderValue::from_str(peers.own_id()) {
+        headers.insert(FORWARDED_BY, own);
+    }
+    let mut tried = Vec::new();
+    let mut upload = Some(upload);
+    for peer in siblings {
+        let Some(this) = upload.take() else {
+            break;
+        };
+        let again = this.again();
+        let client = match peers.client(&peer) {
+            Ok(client) => client,
+            Err(err) => {
+                tried.push(format!("{}: {err}", peer.id));
+                upload = Some(this);
+                continue;
+            }
+        };
+        let request = client
+            .request(method.clone(), peers.url(&peer, &call.uri))
+            .headers(headers.clone());
+        let request = match this {
+            Upload::Empty => request,
+            Upload::Whole(bytes) => request.body(bytes),
+            Upload::Streamed(body) => {
+                request.body(reqwest::Body::wrap_stream(body.into_data_stream()))
+            }
+        };
+        match tokio::time::timeout(FORWARD_HEAD_TIMEOUT, request.send()).await {
+            Ok(Ok(res)) => {
+                shared.metrics.forwarded("answered");
+                tracing::debug!(peer = %peer.id, status = res.status().as_u16(), "forwarded a request to a sibling replica");
+                return forwarded_response(res, &peer);
+            }
+            // Not reached: nothing was sent, the next sibling may take it.
+            Ok(Err(err)) if err.is_connect() => {
+                tried.push(format!("{} ({}): {err}", peer.id, peer.addr));
+                upload = again;
+            }
+            Ok(Err(err)) => {
+                tried.push(format!("{} ({}): {err}", peer.id, peer.addr));
+                if call.retriable {
+                    upload = again;
+                }
+            }
+            Err(_) => {
+                tried.push(format!("{} ({}): no answer in time", peer.id, peer.addr));
+                if call.retriable {
+                    upload = again;
+                }
+            }
+        }
+    }
+    shared.metrics.forwarded("unreachable");
+    tracing::warn!(tried = ?tried, "no sibling replica answered a forwarded request");
+    let mut answer = local.answer();
+    answer.message = format!(
+        "{}; no sibling gateway replica answered either ({})",
+        answer.message,
+        tried.join("; ")
+    );
+    answer.into_response()
+}
+
+/// A sibling's answer as the caller gets it: status, headers (without the framing ones) and
+/// the body as it streams, with [`FORWARDED_TO`] naming the sibling.
+fn forwarded_response(res: reqwest::Response, peer: &Peer) -> Response {
+    let mut headers = res.headers().clone();
+    for name in [
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::CONNECTION,
+    ] {
+        headers.remove(name);
+    }
+    if let Ok(id) = HeaderValue::from_str(&peer.id) {
+        headers.insert(FORWARDED_TO, id);
+    }
+    let status = res.status();
+    let mut out = Response::new(Body::from_stream(res.bytes_stream()));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
 }
 
 /// Picks a connection for the call. When every authorised connection is draining (their agents

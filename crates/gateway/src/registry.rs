@@ -144,6 +144,17 @@ impl Connection {
         self.link.is_closed()
     }
 
+    /// Whether the agent has gone silent: a probe went unanswered past the liveness timeout and
+    /// nothing has arrived since (a partition, most likely). No request is sent here then.
+    pub fn is_silent(&self) -> bool {
+        self.link.is_silent()
+    }
+
+    /// Resolves when the agent goes silent (at once if it is).
+    pub async fn silent(&self) {
+        self.link.silent().await
+    }
+
     /// Starts a drain: `GoAway`, streams in flight finish, then it closes.
     pub fn go_away(&self, reason: &str) {
         self.link.go_away(reason);
@@ -219,6 +230,9 @@ pub enum Unavailable {
     /// moments ago: their agents are reconnecting (503 with `Retry-After` once the proxy has
     /// waited for them).
     Draining,
+    /// The authorised connections that take streams have all gone silent (a probe unanswered
+    /// past the liveness timeout): this replica cannot reach the agents now.
+    Silent,
 }
 
 /// Every live connection, grouped by planeID: admission, routing and the connection events look
@@ -436,7 +450,8 @@ impl Registry {
         self.table.read().iter().cloned().collect()
     }
 
-    /// Picks a connection authorised for `cr` on `plane_id` that takes new streams, round-robin.
+    /// Picks a connection authorised for `cr` on `plane_id` that takes new streams and has not
+    /// gone silent, round-robin.
     pub fn pick(&self, plane_id: &str, cr: &CrKey) -> Result<Arc<Connection>, Unavailable> {
         let table = self.table.read();
         let Some(plane) = table.by_plane.get(plane_id).filter(|p| !p.is_empty()) else {
@@ -461,8 +476,12 @@ impl Registry {
         if open.is_empty() {
             return Err(Unavailable::Draining);
         }
-        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % open.len();
-        Ok(open[i].clone())
+        let live: Vec<&Arc<Connection>> = open.into_iter().filter(|c| !c.is_silent()).collect();
+        if live.is_empty() {
+            return Err(Unavailable::Silent);
+        }
+        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % live.len();
+        Ok(live[i].clone())
     }
 
     /// Connections of a plane authorised for `cr` (or all of the plane when `cr` is `None`),
@@ -487,6 +506,21 @@ impl Registry {
             .by_plane
             .iter()
             .map(|(plane, conns)| (plane.clone(), conns.len()))
+            .collect()
+    }
+
+    /// Silent connections per planeID (every plane with a connection).
+    pub fn silent_by_plane(&self) -> BTreeMap<String, usize> {
+        self.table
+            .read()
+            .by_plane
+            .iter()
+            .map(|(plane, conns)| {
+                (
+                    plane.clone(),
+                    conns.iter().filter(|c| c.is_silent()).count(),
+                )
+            })
             .collect()
     }
 
@@ -560,6 +594,7 @@ impl Registry {
                     "crs": c.crs.read().iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "connectedAt": c.connected_at,
                     "pendingStreams": c.pending_count(),
+                    "silent": c.is_silent(),
                 })
             })
             .collect();

@@ -311,3 +311,507 @@ async fn a_replica_restarted_under_load_fails_no_request_at_the_others() {
         gateway.shutdown(Duration::from_millis(50)).await.unwrap();
     }
 }
+
+// ---- A partition between one replica and the agents ----
+
+/// A TCP relay to one backend that can be held, as a network partition holds a path: while
+/// held nothing crosses either way (bytes wait in the kernel's buffers, a new connection waits
+/// before it reaches the backend) and nothing is closed; released, everything flows again.
+struct Relay {
+    addr: SocketAddr,
+    hold: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Relay {
+    async fn start(backend: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("relay");
+        let addr = listener.local_addr().expect("relay address");
+        let hold = Arc::new(tokio::sync::watch::Sender::new(false));
+        let held = hold.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut held = held.subscribe();
+                tokio::spawn(async move {
+                    if held.wait_for(|h| !*h).await.is_err() {
+                        return;
+                    }
+                    let Ok(outbound) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let (ar, aw) = inbound.into_split();
+                    let (br, bw) = outbound.into_split();
+                    tokio::join!(copy_held(ar, bw, held.clone()), copy_held(br, aw, held));
+                });
+            }
+        });
+        Relay { addr, hold }
+    }
+
+    fn partition(&self, held: bool) {
+        self.hold.send_replace(held);
+    }
+
+    fn url(&self) -> String {
+        format!("wss://127.0.0.1:{}/ws", self.addr.port())
+    }
+}
+
+async fn copy_held(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if held.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Read just before the partition: it crosses after the heal.
+        if held.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Silence is detected within a second of probe plus this.
+const LIVENESS: Duration = Duration::from_secs(1);
+/// A request that waited on a connection gone silent is answered within this.
+const FAILS_OVER_WITHIN: Duration = Duration::from_secs(5);
+
+/// One gateway replica set for partition tests: heartbeats far longer than the test (silence,
+/// not the heartbeat timeout, must do the work) and a short liveness timeout.
+fn partition_config(config: &mut GatewayConfig) {
+    config.heartbeat_interval = Duration::from_secs(30);
+    config.heartbeat_timeout = Duration::from_secs(90);
+    config.liveness_timeout = LIVENESS;
+}
+
+/// An agent of `leaf` dialling `url`, with the default heartbeats (a silent gateway is not
+/// given up within the test) and a fast backoff.
+fn slow_heartbeat_agent(
+    env: &mut Env,
+    url: &str,
+    leaf: &buildplane_pki::Leaf,
+    plane: &str,
+) -> Arc<cluster_agent::Agent> {
+    let mut config = cluster_agent::AgentConfig::new(url, plane);
+    config.backoff = cluster_agent::backoff::Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_millis(800),
+    );
+    let server_ca = env.server_ca.cert_pem().to_owned();
+    env.agent_as_configured(config, &server_ca, leaf)
+}
+
+/// (status, body, elapsed) of one request at `base`.
+async fn timed(
+    env: &Env,
+    method: reqwest::Method,
+    base: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String, Duration, Option<String>) {
+    let started = tokio::time::Instant::now();
+    let url = format!("{base}/api/proxy/buildplane/p/org-a/bp/k8s{path}");
+    let mut request = env.http.request(method, url);
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+    }
+    match request.send().await {
+        Ok(res) => {
+            let status = res.status().as_u16();
+            let to = res
+                .headers()
+                .get("x-buildplane-forwarded-to")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = res.text().await.unwrap_or_default();
+            (status, body, started.elapsed(), to)
+        }
+        Err(err) => (0, err.to_string(), started.elapsed(), None),
+    }
+}
+
+/// A BuildPlane `org-a/bp` for planeID `p` and two agents of it (same certificate, two
+/// instances): one through `relay` (to be partitioned), one straight to the gateway.
+async fn two_agents(
+    env: &mut Env,
+    relay: &Relay,
+) -> (Arc<cluster_agent::Agent>, Arc<cluster_agent::Agent>) {
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    let cut = slow_heartbeat_agent(env, &relay.url(), &leaf, "p");
+    let direct_url = env.agent_url();
+    let direct = slow_heartbeat_agent(env, &direct_url, &leaf, "p");
+    env.eventually("both agents are connected", WAIT, || async {
+        env.shared().registry.on_plane("p").len() == 2
+    })
+    .await;
+    (cut, direct)
+}
+
+/// One agent's connection is partitioned (its packets held, nothing closed) while the other's
+/// serves: GETs that were waiting on the silent connection go to the other one within
+/// seconds (not at the 90 s heartbeat timeout), the connection shows as silent, later GETs
+/// never wait on it, and once healed it serves again.
+/// Seen to fail without the fix: the GETs on the held connection waited the whole 30 s head
+/// timeout and got 504 `AgentTimeout` (with no probe, nothing noticed the silence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_detected_and_its_requests_fail_over() {
+    let mut env = Env::start().await;
+    partition_config(&mut env.config);
+    env.stop_gateway().await;
+    env.start_gateway().await;
+    let relay = Relay::start(env.agent_addr).await;
+    let _agents = two_agents(&mut env, &relay).await;
+    let base = env.base.clone();
+    let (status, body, ..) = timed(
+        &env,
+        reqwest::Method::GET,
+        &base,
+        "/api/v1/namespaces",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    relay.partition(true);
+    let answers = futures::future::join_all((0..6).map(|_| {
+        timed(
+            &env,
+            reqwest::Method::GET,
+            &base,
+            "/api/v1/namespaces",
+            None,
+        )
+    }))
+    .await;
+    for (status, body, elapsed, _) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert!(
+            *elapsed < FAILS_OVER_WITHIN,
+            "a GET on the silent connection was answered after {elapsed:?}"
+        );
+    }
+    let silent: Vec<u64> = env
+        .shared()
+        .registry
+        .on_plane("p")
+        .iter()
+        .filter(|c| c.is_silent())
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(
+        silent.len(),
+        1,
+        "the partitioned connection shows as silent"
+    );
+    assert!(
+        env.metrics()
+            .await
+            .contains("cluster_gateway_silent_connections{plane_id=\"p\"} 1")
+    );
+    for _ in 0..4 {
+        let (status, body, elapsed, _) = timed(
+            &env,
+            reqwest::Method::GET,
+            &base,
+            "/api/v1/namespaces",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "a later GET waited {elapsed:?}"
+        );
+    }
+
+    relay.partition(false);
+    env.eventually("the healed connection is heard again", WAIT, || async {
+        env.shared()
+            .registry
+            .on_plane("p")
+            .iter()
+            .all(|c| !c.is_silent())
+    })
+    .await;
+    assert_eq!(
+        env.shared().registry.on_plane("p").len(),
+        2,
+        "nothing was closed"
+    );
+}
+
+/// A request other than GET or HEAD that was sent on a connection that then went silent is
+/// not sent again (it may have run): it fails within seconds with 504 `AgentUnresponsive`,
+/// and its twin on the live connection ran once.
+/// Seen to fail without the fix: the POST on the held connection hung for the 30 s head
+/// timeout and got 504 `AgentTimeout` only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_sent_to_a_silent_connection_is_not_sent_again() {
+    let mut env = Env::start().await;
+    partition_config(&mut env.config);
+    env.stop_gateway().await;
+    env.start_gateway().await;
+    let relay = Relay::start(env.agent_addr).await;
+    let _agents = two_agents(&mut env, &relay).await;
+    let base = env.base.clone();
+    relay.partition(true);
+    // Round robin: of two POSTs at once, one goes on each connection.
+    let configmap = |name: &str| {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}","namespace":"default"}}}}"#
+        )
+    };
+    let (one, two) = (configmap("one"), configmap("two"));
+    let path = "/api/v1/namespaces/default/configmaps";
+    let (a, b) = tokio::join!(
+        timed(&env, reqwest::Method::POST, &base, path, Some(&one)),
+        timed(&env, reqwest::Method::POST, &base, path, Some(&two)),
+    );
+    let mut statuses = vec![a.0, b.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 504], "{a:?} {b:?}");
+    let refused = if a.0 == 504 { &a } else { &b };
+    assert!(refused.1.contains("AgentUnresponsive"), "{}", refused.1);
+    assert!(refused.1.contains("not sent again"), "{}", refused.1);
+    assert!(
+        refused.2 < FAILS_OVER_WITHIN,
+        "answered after {:?}",
+        refused.2
+    );
+    // The one on the silent connection was not re-sent on the live one.
+    let (status, body, ..) = timed(&env, reqwest::Method::GET, &base, path, None).await;
+    assert_eq!(status, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "{body}");
+}
+
+/// Two replicas on the control cluster, told of each other by EndpointSlices of a Service
+/// (`org-c/cluster-gateway`) as Kubernetes would list them.
+async fn peered_replicas(env: &mut Env) -> RunningGateway {
+    partition_config(&mut env.config);
+    let (cert, key, ca) = env.internal_client_files.clone();
+    let mut peers =
+        cluster_gateway::peers::PeersConfig::new("org-c/cluster-gateway", (cert, key), ca).unwrap();
+    peers.server_name = "localhost".into();
+    env.config.peers = Some(peers);
+    env.config.replica = Replica {
+        id: "gateway-0".into(),
+        count: 1,
+    };
+    env.stop_gateway().await;
+    env.start_gateway().await;
+    let mut config: GatewayConfig = env.config.clone();
+    let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.agent_listen = localhost;
+    config.internal_listen = localhost;
+    config.health_listen = localhost;
+    config.replica.id = "gateway-1".into();
+    let other = cluster_gateway::start(config).await.expect("replica");
+    let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        kube::Api::namespaced(env.control_client.clone(), "org-c");
+    for (id, port) in [
+        (
+            "gateway-0",
+            env.gateway.as_ref().unwrap().internal_addr.port(),
+        ),
+        ("gateway-1", other.internal_addr.port()),
+    ] {
+        let slice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": format!("cluster-gateway-{id}"), "labels": {"kubernetes.io/service-name": "cluster-gateway"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "internal", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": id, "namespace": "org-c"}}],
+        }))
+        .unwrap();
+        slices
+            .create(&kube::api::PostParams::default(), &slice)
+            .await
+            .expect("EndpointSlice created");
+    }
+    let shared = [env.shared().clone(), other.shared.clone()];
+    env.eventually("each replica knows the other", WAIT, || async {
+        shared
+            .iter()
+            .all(|s| s.peers.as_ref().is_some_and(|p| p.len() == 1))
+    })
+    .await;
+    other
+}
+
+/// A replica partitioned from the agent (callers still reach it) forwards requests to its
+/// sibling, which holds the agent: a GET that was waiting on the silent connection, and every
+/// request after it, GET or POST, is answered by the sibling within seconds.
+/// Seen to fail without the fix: the GET at the partitioned replica waited 30 s and got 504
+/// `AgentTimeout`; with only detection (no forwarding), 503 `AgentUnresponsive`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_replica_forwards_to_a_sibling() {
+    let mut env = Env::start().await;
+    let other = peered_replicas(&mut env).await;
+    let relay = Relay::start(env.agent_addr).await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    let _cut = slow_heartbeat_agent(&mut env, &relay.url(), &leaf, "p");
+    let other_url = format!("wss://127.0.0.1:{}/ws", other.agent_addr.port());
+    let _direct = slow_heartbeat_agent(&mut env, &other_url, &leaf, "p");
+    env.eventually("the agent is on both replicas", WAIT, || async {
+        env.shared().registry.on_plane("p").len() == 1
+            && other.shared.registry.on_plane("p").len() == 1
+    })
+    .await;
+    let base = env.base.clone();
+    let (status, body, _, to) = timed(
+        &env,
+        reqwest::Method::GET,
+        &base,
+        "/api/v1/namespaces",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, to),
+        (200, None),
+        "served here while reachable: {body}"
+    );
+
+    relay.partition(true);
+    let (status, body, elapsed, to) = timed(
+        &env,
+        reqwest::Method::GET,
+        &base,
+        "/api/v1/namespaces",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(to.as_deref(), Some("gateway-1"));
+    assert!(elapsed < FAILS_OVER_WITHIN, "answered after {elapsed:?}");
+    let cm =
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"fwd","namespace":"default"}}"#;
+    let (status, body, elapsed, to) = timed(
+        &env,
+        reqwest::Method::POST,
+        &base,
+        "/api/v1/namespaces/default/configmaps",
+        Some(cm),
+    )
+    .await;
+    assert_eq!(
+        status, 201,
+        "a POST never sent to an agent may be forwarded: {body}"
+    );
+    assert_eq!(to.as_deref(), Some("gateway-1"));
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "forwarded at once: {elapsed:?}"
+    );
+    assert!(
+        env.metrics()
+            .await
+            .contains("cluster_gateway_forwarded_requests_total{outcome=\"answered\"} 2")
+    );
+    relay.partition(false);
+    env.eventually(
+        "the healed replica serves on its own again",
+        WAIT,
+        || async {
+            let (status, _, _, to) = timed(
+                &env,
+                reqwest::Method::GET,
+                &base,
+                "/api/v1/namespaces",
+                None,
+            )
+            .await;
+            status == 200 && to.is_none()
+        },
+    )
+    .await;
+    other.shutdown(Duration::from_millis(50)).await.unwrap();
+}
+
+/// A request a sibling forwarded is never forwarded again: with no agent anywhere, a request
+/// at one replica goes to the other once and comes back with its 503 at once, not bouncing
+/// between them.
+/// Seen to fail without the loop guard (the `x-buildplane-forwarded-by` check): the request
+/// bounced between the replicas until the client gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_is_never_forwarded_again() {
+    let mut env = Env::start().await;
+    let other = peered_replicas(&mut env).await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let base = env.base.clone();
+    let started = tokio::time::Instant::now();
+    let url = format!("{base}/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces");
+    let res = env
+        .http
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("an answer, not a timeout");
+    assert_eq!(res.status().as_u16(), 503);
+    assert_eq!(
+        res.headers()
+            .get("x-buildplane-forwarded-to")
+            .and_then(|v| v.to_str().ok()),
+        Some("gateway-1")
+    );
+    let body = res.text().await.unwrap();
+    assert!(body.contains("NoAgentConnected"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let forwarded = |metrics: &str, outcome: &str| {
+        metrics.contains(&format!(
+            "cluster_gateway_forwarded_requests_total{{outcome=\"{outcome}\"}} 1"
+        ))
+    };
+    assert!(forwarded(&env.metrics().await, "answered"));
+    let other_metrics = reqwest::get(format!("http://{}/metrics", other.health_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !other_metrics.contains("cluster_gateway_forwarded_requests_total{"),
+        "the sibling forwarded nothing: {other_metrics}"
+    );
+    // A caller's own forwarded-by header also keeps the request here.
+    let res = env
+        .http
+        .get(&url)
+        .header("x-buildplane-forwarded-by", "someone")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 503);
+    assert!(res.headers().get("x-buildplane-forwarded-to").is_none());
+    other.shutdown(Duration::from_millis(50)).await.unwrap();
+}

@@ -387,6 +387,16 @@ impl Env {
         config.backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
         config.ping_interval = Duration::from_secs(1);
         config.read_deadline = Duration::from_secs(5);
+        self.agent_as_configured(config, server_ca_pem, leaf)
+    }
+
+    /// Starts an in-process agent with `config` exactly as given.
+    pub fn agent_as_configured(
+        &mut self,
+        config: AgentConfig,
+        server_ca_pem: &str,
+        leaf: &Leaf,
+    ) -> Arc<Agent> {
         let cert = ReloadableCert::from_pem(&leaf.cert_pem, &leaf.key_pem).expect("cert");
         let agent = Agent::new(
             config,
