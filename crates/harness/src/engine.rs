@@ -1095,7 +1095,17 @@ impl Engine {
             | Operation::Kill(o)
             | Operation::Restart(o) => Self::target(o).map(|t| t.to_string()).unwrap_or_default(),
             Operation::Fault(o) => format!("link {}", o.link),
-            Operation::Heal(o) => format!("link {}", o.link),
+            Operation::Heal(o) => match (&o.link, o.component, &o.name) {
+                (Some(link), ..) => format!("link {link}"),
+                (None, Some(component), Some(name)) => format!("{} {name}", component.as_str()),
+                _ => String::new(),
+            },
+            Operation::Partition(o) => format!(
+                "{} {} from {}",
+                o.component.as_str(),
+                o.name,
+                o.from.as_str()
+            ),
             Operation::Request(o) => format!("{} {}", o.method.as_deref().unwrap_or("GET"), o.path),
             Operation::Load(o) => format!("{} req/s on {}", o.rate, o.paths.join(", ")),
             Operation::Await(o) => o.name.clone(),
@@ -1181,9 +1191,20 @@ impl Engine {
                 .env
                 .set_faults(&self.text(&o.link)?, Self::toxics(o))
                 .map_err(|e| fail(e.to_string())),
-            Operation::Heal(o) => self
+            Operation::Heal(o) => match (&o.link, &o.name) {
+                (Some(link), _) => self
+                    .env
+                    .set_faults(&self.text(link)?, Toxics::default())
+                    .map_err(|e| fail(e.to_string())),
+                (None, Some(name)) => self
+                    .env
+                    .partition(&self.text(name)?, None)
+                    .map_err(|e| fail(e.to_string())),
+                (None, None) => Err(fail("heal needs `link`, or `component` and `name`")),
+            },
+            Operation::Partition(o) => self
                 .env
-                .set_faults(&self.text(&o.link)?, Toxics::default())
+                .partition(&self.text(&o.name)?, Some(o.from))
                 .map_err(|e| fail(e.to_string())),
             Operation::Kill(o) => self.component(o, "kill").await,
             Operation::Restart(o) => self.component(o, "restart").await,
@@ -1976,13 +1997,14 @@ async fn run_load(
         let client = gateway.client.clone();
         let samples = samples.clone();
         let ok_statuses = ok_statuses.clone();
+        let new_connection = op.new_connections;
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let res = client
-                .get(&url)
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await;
+            let mut request = client.get(&url).timeout(Duration::from_secs(10));
+            if new_connection {
+                request = request.header(reqwest::header::CONNECTION, "close");
+            }
+            let res = request.send().await;
             let error = match res {
                 Ok(res) => {
                     let status = res.status().as_u16();

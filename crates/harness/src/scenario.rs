@@ -71,6 +71,9 @@ pub enum Capability {
     ApiServerLifecycle,
     /// Several gateway replicas behind one address (`gatewayReplicas` above 1).
     GatewayReplicas,
+    /// Cutting one gateway replica off from the agents while callers still reach it
+    /// (`partition`, and `heal` of a replica): its paths held, nothing closed.
+    ReplicaPartitions,
 }
 
 impl Capability {
@@ -80,6 +83,7 @@ impl Capability {
             Self::LinkFaults => "linkFaults",
             Self::ApiServerLifecycle => "apiServerLifecycle",
             Self::GatewayReplicas => "gatewayReplicas",
+            Self::ReplicaPartitions => "replicaPartitions",
         }
     }
 }
@@ -332,7 +336,7 @@ pub enum Operation {
     GenerateCa(GenerateCaOp),
     /// Inject a fault on a link (agent → gateway).
     Fault(FaultOp),
-    /// Remove every fault from a link.
+    /// Remove every fault from a link, or heal a partitioned gateway replica.
     Heal(HealOp),
     /// Kill a component (SIGKILL, no graceful shutdown).
     Kill(ComponentOp),
@@ -342,6 +346,8 @@ pub enum Operation {
     Load(LoadOp),
     /// Wait until a Prometheus metric of a component satisfies a comparison.
     Metric(MetricOp),
+    /// Cut a gateway replica off from the agents (callers still reach it) until `heal`.
+    Partition(PartitionOp),
     /// Merge-patch existing objects (not deleted at cleanup).
     Patch(ApplyOp),
     /// Sample a value over time into a named series (plotted in the HTML report).
@@ -370,6 +376,8 @@ impl Operation {
     /// The capability this operation needs from the backend, if any.
     pub fn needs(&self) -> Option<Capability> {
         match self {
+            Operation::Partition(_) => Some(Capability::ReplicaPartitions),
+            Operation::Heal(op) if op.component.is_some() => Some(Capability::ReplicaPartitions),
             Operation::Fault(_) | Operation::Heal(_) => Some(Capability::LinkFaults),
             Operation::Kill(op)
             | Operation::Restart(op)
@@ -402,6 +410,7 @@ impl Operation {
             Operation::Kubectl(_) => "kubectl",
             Operation::Load(_) => "load",
             Operation::Metric(_) => "metric",
+            Operation::Partition(_) => "partition",
             Operation::Patch(_) => "patch",
             Operation::Record(_) => "record",
             Operation::RenewLeaf(_) => "renewLeaf",
@@ -431,6 +440,8 @@ impl Operation {
             Operation::Watch(op) => &op.description,
             Operation::Metric(op) => &op.description,
             Operation::Fault(op) => &op.description,
+            Operation::Heal(op) => &op.description,
+            Operation::Partition(op) => &op.description,
             Operation::Kill(op)
             | Operation::Restart(op)
             | Operation::Start(op)
@@ -541,6 +552,7 @@ operation_keys! {
     "kubectl" => Kubectl(KubectlOp),
     "load" => Load(LoadOp),
     "metric" => Metric(MetricOp),
+    "partition" => Partition(PartitionOp),
     "patch" => Patch(ApplyOp),
     "record" => Record(RecordOp),
     "renewLeaf" => RenewLeaf(AgentCommandOp),
@@ -853,12 +865,54 @@ pub struct FaultOp {
     pub direction: Direction,
 }
 
-/// Remove all faults from a link.
-#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+/// Remove all faults from a link (`link`), or heal a gateway replica's partition
+/// (`component: gateway` and `name`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HealOp {
+    /// Human description shown in reports.
+    pub description: Option<String>,
     /// The link (agent or swarm name, or `*`).
-    pub link: String,
+    pub link: Option<String>,
+    /// `gateway`, to heal a replica's partition (with `name`).
+    pub component: Option<ComponentKind>,
+    /// The partitioned replica (`gateway-1`).
+    pub name: Option<String>,
+}
+
+/// Whom a gateway replica is cut off from.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum PartitionFrom {
+    /// The agents: their connections to the replica, live and new, carry nothing either way
+    /// and nothing closes them; callers (the internal API) and the control cluster still
+    /// reach it.
+    #[default]
+    Agents,
+}
+
+impl PartitionFrom {
+    /// The name as written in scenario files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agents => "agents",
+        }
+    }
+}
+
+/// Cut one gateway replica off (until `heal` with the same `component` and `name`).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PartitionOp {
+    /// Human description shown in reports.
+    pub description: Option<String>,
+    /// `gateway`.
+    pub component: ComponentKind,
+    /// The replica (`gateway-1`).
+    pub name: String,
+    /// Whom it is cut off from.
+    #[serde(default)]
+    pub from: PartitionFrom,
 }
 
 /// Expected answer of a request.
@@ -942,6 +996,11 @@ pub struct LoadOp {
     pub ok_statuses: Vec<u16>,
     /// Run in the background under this name.
     pub background: Option<String>,
+    /// Each request on a new connection (`Connection: close`), so a balancer in front of
+    /// several gateway replicas spreads the requests over them as it would many callers'
+    /// (otherwise the few pooled connections each stay on one replica).
+    #[serde(default)]
+    pub new_connections: bool,
     /// Limits checked at the end.
     #[serde(default)]
     pub expect: LoadExpect,

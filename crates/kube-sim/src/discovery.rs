@@ -101,6 +101,8 @@ fn groups(store: &Store) -> Vec<(String, Vec<String>)> {
             None => groups.push((r.group.clone(), vec![r.version.clone()])),
         }
     }
+    // As the aggregator orders them: its own group, then by APIService priority and name.
+    groups.sort_by_key(|(group, _)| crate::apiservices::group_order(group));
     groups
 }
 

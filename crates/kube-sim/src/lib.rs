@@ -13,6 +13,7 @@
 //! ```
 
 pub mod api;
+pub mod apiservices;
 pub mod client_certs;
 pub mod discovery;
 pub mod error;

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::error::ApiError;
+use crate::{apiservices, error::ApiError};
 
 /// How many events the history keeps for resuming watches.
 pub const HISTORY_LIMIT: usize = 20_000;
@@ -261,7 +261,61 @@ impl Store {
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
             }
         }
+        store
+            .sync_api_services()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(store)
+    }
+
+    /// Keeps the aggregator's APIServices in step with the served group-versions: one for each
+    /// (added when a CRD starts serving a version), none for a group-version no longer served.
+    fn sync_api_services(&mut self) -> Result<(), ApiError> {
+        let resource = ResourceKey {
+            group: apiservices::GROUP.into(),
+            plural: "apiservices".into(),
+        };
+        let now = now_rfc3339();
+        let desired = apiservices::desired(&self.resources, &now);
+        let stale: Vec<ObjectKey> = self
+            .objects
+            .iter()
+            .filter(|(key, object)| {
+                key.resource == resource
+                    && object["metadata"]["labels"][apiservices::AUTOMANAGED].is_string()
+                    && !desired.iter().any(|(name, _)| *name == key.name)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            self.remove(&key)?;
+        }
+        for (name, object) in desired {
+            let key = ObjectKey {
+                resource: resource.clone(),
+                namespace: String::new(),
+                name,
+            };
+            if self.objects.contains_key(&key) {
+                continue;
+            }
+            let mut object = self.stamp_new(object);
+            if let Some(meta) = object["metadata"].as_object_mut() {
+                meta.remove("generation");
+            }
+            let mut spec_fields =
+                json!({"f:groupPriorityMinimum": {}, "f:version": {}, "f:versionPriority": {}});
+            if object["spec"]["group"].is_string() {
+                spec_fields["f:group"] = json!({});
+            }
+            object["metadata"]["managedFields"] = json!([{
+                "manager": "kube-apiserver", "operation": "Update",
+                "apiVersion": "apiregistration.k8s.io/v1", "time": now, "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:metadata": {"f:labels": {".": {}, format!("f:{}", apiservices::AUTOMANAGED): {}}},
+                    "f:spec": spec_fields},
+            }]);
+            self.put(key, object, "ADDED")?;
+        }
+        Ok(())
     }
 
     /// Replays the log; returns the number of records read.
@@ -527,7 +581,8 @@ impl Store {
             snapshot: false,
         })?;
         self.rv = rv;
-        if key.resource.plural == "customresourcedefinitions" {
+        let is_crd = key.resource.plural == "customresourcedefinitions";
+        if is_crd {
             self.register_crd(&object);
         }
         self.objects.insert(key.clone(), object.clone());
@@ -537,6 +592,9 @@ impl Store {
             key,
             object: Arc::new(object.clone()),
         });
+        if is_crd {
+            self.sync_api_services()?;
+        }
         Ok(object)
     }
 
@@ -554,7 +612,8 @@ impl Store {
         })?;
         self.rv = rv;
         self.objects.remove(key);
-        if key.resource.plural == "customresourcedefinitions" {
+        let is_crd = key.resource.plural == "customresourcedefinitions";
+        if is_crd {
             self.unregister_crd(&key.name);
         }
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -564,6 +623,9 @@ impl Store {
             key: key.clone(),
             object: Arc::new(object.clone()),
         });
+        if is_crd {
+            self.sync_api_services()?;
+        }
         Ok(Some(object))
     }
 
@@ -771,6 +833,12 @@ pub fn builtin_resources() -> Vec<Resource> {
         ) {
             resource.categories = vec!["all".into()];
         }
+        if matches!(
+            resource.plural.as_str(),
+            "apiservices" | "customresourcedefinitions"
+        ) {
+            resource.categories = vec!["api-extensions".into()];
+        }
     }
     let mut csrs = builtin(
         "certificates.k8s.io",
@@ -949,6 +1017,15 @@ fn stored_builtins() -> Vec<Resource> {
             false,
             true,
             &["crd", "crds"],
+        ),
+        builtin(
+            apiservices::GROUP,
+            "v1",
+            "APIService",
+            "apiservices",
+            false,
+            true,
+            &[],
         ),
     ]
 }

@@ -357,6 +357,16 @@ fn builtin_columns(resource: &Resource) -> Vec<Column> {
                 o["metadata"]["creationTimestamp"].clone()
             }),
         ],
+        ("apiregistration.k8s.io", "apiservices") => vec![
+            name(),
+            column("Service", "string", |o| {
+                json!(crate::apiservices::service_and_availability(o).0)
+            }),
+            column("Available", "string", |o| {
+                json!(crate::apiservices::service_and_availability(o).1)
+            }),
+            age_column(),
+        ],
         ("", "events") => event_columns(false),
         ("events.k8s.io", "events") => event_columns(true),
         _ => vec![name(), age_column()],

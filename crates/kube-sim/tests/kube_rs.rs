@@ -1042,6 +1042,175 @@ async fn events_are_one_storage_in_two_versions() {
     server.shutdown().await;
 }
 
+/// `apiregistration.k8s.io/v1` APIServices: one per served group-version (none for
+/// apiregistration itself), `Local` and `Available`, with the aggregator's priorities and label
+/// (`onstart` for built-ins, `true` and 1000/100 for a CRD's versions, removed with the CRD);
+/// `/apis` lists the groups in the order of those priorities.
+#[tokio::test]
+async fn api_services_list_every_served_group_version() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ApiResource, GroupVersionKind};
+    let server = start().await;
+    let client = with_crds(&server).await;
+    let registration = client
+        .list_api_group_resources("apiregistration.k8s.io/v1")
+        .await
+        .expect("discovered");
+    let names: Vec<(&str, Vec<String>)> = registration
+        .resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.verbs.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (
+                "apiservices",
+                [
+                    "create",
+                    "delete",
+                    "deletecollection",
+                    "get",
+                    "list",
+                    "patch",
+                    "update",
+                    "watch"
+                ]
+                .map(String::from)
+                .to_vec()
+            ),
+            (
+                "apiservices/status",
+                ["get", "patch", "update"].map(String::from).to_vec()
+            )
+        ]
+    );
+    assert_eq!(
+        registration.resources[0]
+            .categories
+            .clone()
+            .unwrap_or_default(),
+        ["api-extensions"]
+    );
+    let groups = client.list_api_groups().await.expect("groups");
+    let mut served: Vec<String> = vec!["v1.".to_owned()];
+    for group in &groups.groups {
+        for version in &group.versions {
+            if group.name != "apiregistration.k8s.io" {
+                served.push(format!("{}.{}", version.version, group.name));
+            }
+        }
+    }
+    served.sort();
+    let api = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("apiregistration.k8s.io", "v1", "APIService"),
+        "apiservices",
+    );
+    let services: Api<DynamicObject> = Api::all_with(client.clone(), &api);
+    let listed = services.list(&ListParams::default()).await.expect("list");
+    let mut names: Vec<String> = listed.items.iter().map(|s| s.name_any()).collect();
+    names.sort();
+    assert_eq!(names, served, "one APIService per served group-version");
+    for item in &listed.items {
+        let conditions = &item.data["status"]["conditions"];
+        assert_eq!(
+            (
+                &conditions[0]["type"],
+                &conditions[0]["status"],
+                &conditions[0]["reason"],
+                &conditions[0]["message"]
+            ),
+            (
+                &json!("Available"),
+                &json!("True"),
+                &json!("Local"),
+                &json!("Local APIServices are always available")
+            ),
+            "{}",
+            item.name_any()
+        );
+        assert!(item.data["spec"].get("service").is_none());
+    }
+    for (name, spec, label) in [
+        (
+            "v1.",
+            json!({"groupPriorityMinimum": 18000, "version": "v1", "versionPriority": 1}),
+            "onstart",
+        ),
+        (
+            "v1.apps",
+            json!({"group": "apps", "groupPriorityMinimum": 17800, "version": "v1", "versionPriority": 15}),
+            "onstart",
+        ),
+        (
+            "v1.events.k8s.io",
+            json!({"group": "events.k8s.io", "groupPriorityMinimum": 17750, "version": "v1", "versionPriority": 15}),
+            "onstart",
+        ),
+        (
+            "v1alpha1.openchoreo.dev",
+            json!({"group": "openchoreo.dev", "groupPriorityMinimum": 1000, "version": "v1alpha1", "versionPriority": 100}),
+            "true",
+        ),
+    ] {
+        let service = services.get(name).await.expect(name);
+        assert_eq!(service.data["spec"], spec, "{name}");
+        assert_eq!(
+            service
+                .labels()
+                .get("kube-aggregator.kubernetes.io/automanaged"),
+            Some(&label.to_owned()),
+            "{name}"
+        );
+    }
+    // The groups both servers serve, in the real server's order.
+    let order = [
+        "apiregistration.k8s.io",
+        "apps",
+        "events.k8s.io",
+        "authentication.k8s.io",
+        "authorization.k8s.io",
+        "batch",
+        "certificates.k8s.io",
+        "rbac.authorization.k8s.io",
+        "apiextensions.k8s.io",
+        "scheduling.k8s.io",
+        "coordination.k8s.io",
+        "discovery.k8s.io",
+        "openchoreo.dev",
+    ];
+    let listed_order: Vec<&str> = groups
+        .groups
+        .iter()
+        .map(|g| g.name.as_str())
+        .filter(|g| order.contains(g))
+        .collect();
+    assert_eq!(listed_order, order);
+    // A CRD's APIService goes with the last CRD of its group.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in common::crds() {
+        crds.delete(
+            crd.metadata.name.as_deref().unwrap_or_default(),
+            &DeleteParams::default(),
+        )
+        .await
+        .expect("deleted");
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while services
+            .get_opt("v1alpha1.openchoreo.dev")
+            .await
+            .expect("get")
+            .is_some()
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the APIService goes with the CRDs");
+    server.shutdown().await;
+}
+
 /// A new cluster holds what kube-apiserver creates at start: the four namespaces, the
 /// `default/kubernetes` Service, `cluster-admin` bound to `system:masters`, the two system
 /// PriorityClasses.

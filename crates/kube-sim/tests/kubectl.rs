@@ -1030,3 +1030,65 @@ spec:
     );
     server.shutdown().await;
 }
+
+/// `kubectl get apiservices` prints the real server's columns (SERVICE `Local`, AVAILABLE `True`)
+/// for the built-in group-versions and a CRD's, and `kubectl api-resources` finds them in the
+/// `api-extensions` category.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_lists_api_services() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    kubectl.ok(&["apply", "-f", crd_dir()]).await;
+    kubectl
+        .ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/buildplanes.openchoreo.dev",
+        ])
+        .await;
+    let table = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let table = kubectl.ok(&["get", "apiservices"]).await;
+            if table.contains("v1alpha1.openchoreo.dev") {
+                return table;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the CRD's APIService appears");
+    assert_eq!(
+        header(&table),
+        ["NAME", "SERVICE", "AVAILABLE", "AGE"],
+        "{table}"
+    );
+    for name in [
+        "v1.",
+        "v1.apps",
+        "v1.events.k8s.io",
+        "v1alpha1.openchoreo.dev",
+    ] {
+        let row: Vec<&str> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cells| cells.first() == Some(&name))
+            .unwrap_or_else(|| panic!("{name}: {table}"));
+        assert_eq!(&row[1..3], ["Local", "True"], "{table}");
+    }
+    let extensions = kubectl
+        .ok(&[
+            "api-resources",
+            "--categories",
+            "api-extensions",
+            "-o",
+            "name",
+        ])
+        .await;
+    assert!(
+        extensions
+            .lines()
+            .any(|l| l == "apiservices.apiregistration.k8s.io"),
+        "{extensions}"
+    );
+    server.shutdown().await;
+}
