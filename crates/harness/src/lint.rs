@@ -262,9 +262,41 @@ struct Linter<'a> {
     backgrounds: BTreeSet<String>,
     series: BTreeSet<String>,
     agents: BTreeSet<String>,
+    /// Gateway replicas of the scenario (`gatewayReplicas`).
+    replicas: u32,
+    /// Replicas a `partition` cut off so far (a replica's `heal` needs one).
+    partitioned: BTreeSet<String>,
 }
 
 impl Linter<'_> {
+    /// A gateway replica named in `partition` or `heal`: `gateway` and `gateway-<n>` of the
+    /// scenario's replicas.
+    fn replica(&mut self, path: &[Seg], component: Option<ComponentKind>, name: &str) {
+        if component != Some(ComponentKind::Gateway) {
+            self.error(
+                &with(path, "component"),
+                "only a gateway replica is partitioned (`component: gateway`)",
+            );
+        }
+        let index = name
+            .strip_prefix("gateway-")
+            .and_then(|n| n.parse::<u32>().ok());
+        if self.replicas <= 1 {
+            self.error(
+                path,
+                "partitioning a replica needs `gatewayReplicas` above 1 (a single gateway is cut off with `fault: {link: ..., partition: true}`)",
+            );
+        } else if index.is_none_or(|i| i >= self.replicas) {
+            self.error(
+                &with(path, "name"),
+                format!(
+                    "`{name}` is not a replica of this scenario (gateway-0 .. gateway-{})",
+                    self.replicas - 1
+                ),
+            );
+        }
+    }
+
     fn error(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push(LintError {
             file: self.file.to_path_buf(),
@@ -499,7 +531,27 @@ impl Linter<'_> {
                     self.error(&with(&path, "jitter"), "`jitter` needs `latency`");
                 }
             }
-            Operation::Heal(_) | Operation::Sleep(_) => {}
+            Operation::Heal(op) => match (&op.link, op.component, &op.name) {
+                (Some(_), None, None) => {}
+                (None, component, Some(name)) => {
+                    self.replica(&path, component, name);
+                    if !self.partitioned.contains(name) {
+                        self.error(
+                            &with(&path, "name"),
+                            format!("no earlier `partition` of `{name}` to heal"),
+                        );
+                    }
+                }
+                _ => self.error(
+                    &path,
+                    "give `link` (a link's faults), or `component: gateway` and `name` (a replica's partition)",
+                ),
+            },
+            Operation::Partition(op) => {
+                self.replica(&path, Some(op.component), &op.name);
+                self.partitioned.insert(op.name.clone());
+            }
+            Operation::Sleep(_) => {}
             Operation::GenerateCa(op) => {
                 self.known.insert(op.output.clone());
             }
@@ -622,6 +674,8 @@ pub fn lint(file: &Path, text: &str, scenario: &Scenario) -> Vec<LintError> {
         backgrounds: BTreeSet::new(),
         series: BTreeSet::new(),
         agents: BTreeSet::new(),
+        replicas: scenario.gateway_replicas,
+        partitioned: BTreeSet::new(),
     };
     let stem = file
         .file_stem()
@@ -848,6 +902,60 @@ steps:
             errors[0]
                 .message
                 .contains("no operation needs apiServerLifecycle")
+        );
+    }
+
+    /// A partition names a replica of the scenario and needs `replicaPartitions`; a replica's
+    /// heal needs an earlier partition of it; a heal is a link's or a replica's, not both.
+    #[test]
+    fn partitions_name_replicas_and_heal_them() {
+        let replicated = GOOD.replace(
+            "labels: [fast]",
+            "labels: [fast]\ngatewayReplicas: 3\nrequires: [gatewayReplicas, replicaPartitions]",
+        );
+        let ops =
+            |ops: &str| replicated.replace("      - assert:", &format!("{ops}      - assert:"));
+        let good = ops(
+            "      - partition: {component: gateway, name: gateway-1, from: agents}\n      - heal: {component: gateway, name: gateway-1}\n",
+        );
+        assert_eq!(lint_text(&good), vec![]);
+        let undeclared = good.replace(", replicaPartitions]", "]");
+        let errors = lint_text(&undeclared);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].message.contains("replicaPartitions"),
+            "{}",
+            errors[0]
+        );
+        let errors = lint_text(&ops(
+            "      - partition: {component: gateway, name: gateway-3}\n      - heal: {component: gateway, name: gateway-3}\n",
+        ));
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].message.contains("not a replica"), "{}", errors[0]);
+        let errors = lint_text(&ops(
+            "      - heal: {component: gateway, name: gateway-0}\n",
+        ));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.message.contains("no earlier `partition`")),
+            "{errors:?}"
+        );
+        let errors = lint_text(&ops(
+            "      - partition: {component: agent, name: gateway-0}\n",
+        ));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.message.contains("only a gateway replica")),
+            "{errors:?}"
+        );
+        let errors = lint_text(&ops(
+            "      - heal: {link: bp, component: gateway, name: gateway-0}\n",
+        ));
+        assert!(
+            errors.iter().any(|e| e.message.contains("give `link`")),
+            "{errors:?}"
         );
     }
 

@@ -1,5 +1,6 @@
 //! Test PKI for an environment: the gateway's server CA and certificate, and the internal CA
-//! that signs the controller's and the harness's client certificates.
+//! that signs the controller's, the harness's and the gateway replicas' (to forward to each
+//! other) client certificates.
 //!
 //! The harness generates its own certificates with rcgen rather than with `buildplane-pki`, so
 //! the system under test is checked against an independent implementation.
@@ -146,6 +147,10 @@ pub struct EnvPki {
     pub controller_cert: PathBuf,
     /// See `controller_cert`.
     pub controller_key: PathBuf,
+    /// The gateway replicas' client certificate for each other's internal API (forwarding).
+    pub gateway_peer_cert: PathBuf,
+    /// See `gateway_peer_cert`.
+    pub gateway_peer_key: PathBuf,
     /// The harness's client certificate and key (PEM, for its own HTTP client).
     pub harness: Pem,
     /// The server CA (PEM).
@@ -175,6 +180,7 @@ impl EnvPki {
         let internal_ca = TestCa::generate("buildplane-e2e-internal-ca")?;
         let controller = internal_ca.issue_client("buildplane-controller")?;
         let harness = internal_ca.issue_client("buildplane-e2e-harness")?;
+        let gateway_peer = internal_ca.issue_client("cluster-gateway-peer")?;
         Ok(EnvPki {
             server_ca: write(&dir.join("server-ca.crt"), &server_ca.cert_pem)?,
             server_cert: write(&dir.join("server.crt"), &server.cert)?,
@@ -182,6 +188,8 @@ impl EnvPki {
             internal_client_ca: write(&dir.join("internal-ca.crt"), &internal_ca.cert_pem)?,
             controller_cert: write(&dir.join("controller.crt"), &controller.cert)?,
             controller_key: write(&dir.join("controller.key"), &controller.key)?,
+            gateway_peer_cert: write(&dir.join("gateway-peer.crt"), &gateway_peer.cert)?,
+            gateway_peer_key: write(&dir.join("gateway-peer.key"), &gateway_peer.key)?,
             server_ca_pem: server_ca.cert_pem,
             harness,
         })
@@ -232,6 +240,7 @@ mod tests {
             &pki.server_key,
             &pki.internal_client_ca,
             &pki.controller_cert,
+            &pki.gateway_peer_cert,
         ] {
             let text = std::fs::read_to_string(path).unwrap();
             assert!(text.starts_with("-----BEGIN"), "{}", path.display());

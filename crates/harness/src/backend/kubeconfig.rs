@@ -99,6 +99,14 @@ impl Environment for KubeconfigEnv {
         unsupported(format!("faults on link `{link}`"))
     }
 
+    fn partition(
+        &self,
+        replica: &str,
+        _from: Option<crate::scenario::PartitionFrom>,
+    ) -> Result<()> {
+        unsupported(format!("partitioning gateway replica `{replica}`"))
+    }
+
     fn metrics(&self, target: ComponentTarget) -> BoxFuture<'_, Result<String>> {
         Box::pin(async move { unsupported(format!("metrics of {target}")) })
     }

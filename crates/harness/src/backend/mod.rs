@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 
 use crate::proxy::Toxics;
-use crate::scenario::{ClusterName, ComponentKind};
+use crate::scenario::{ClusterName, ComponentKind, PartitionFrom};
 
 pub mod k3d;
 pub mod kubeconfig;
@@ -206,6 +206,10 @@ pub trait Environment: Send + Sync {
 
     /// Sets the faults of a link (`*`: every link).
     fn set_faults(&self, link: &str, toxics: Toxics) -> Result<()>;
+
+    /// Cuts gateway replica `replica` off from `from` (its paths hold their bytes, nothing is
+    /// closed, callers still reach it), or heals every partition of it (`None`).
+    fn partition(&self, replica: &str, from: Option<PartitionFrom>) -> Result<()>;
 
     /// Scrapes a component's Prometheus metrics.
     fn metrics(&self, target: ComponentTarget) -> BoxFuture<'_, Result<String>>;

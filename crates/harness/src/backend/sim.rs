@@ -29,7 +29,7 @@ use buildplane_peers::{ClusterPorts, ClusterPrograms, RealCluster};
 use crate::pki::EnvPki;
 use crate::process::{Proc, free_port, tail};
 use crate::proxy::{FaultProxy, Toxics};
-use crate::scenario::{Capability, ClusterName, ComponentKind};
+use crate::scenario::{Capability, ClusterName, ComponentKind, PartitionFrom};
 
 /// How long a component may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -138,6 +138,7 @@ impl Backend for SimBackend {
             Capability::LinkFaults,
             Capability::ApiServerLifecycle,
             Capability::GatewayReplicas,
+            Capability::ReplicaPartitions,
         ]
     }
 
@@ -236,6 +237,10 @@ struct ReplicaPorts {
     health: u16,
 }
 
+/// The namespace and name of the gateway's Service: its EndpointSlices (one per replica, since
+/// the replicas' ports differ) list the replicas to each other (`--peer-service`).
+const GATEWAY_SERVICE: (&str, &str) = ("openchoreo-control-plane", "cluster-gateway");
+
 /// The gateway replicas of an environment: one `gateway` on the environment's ports, or
 /// `gateway-0`, `gateway-1`, ... on their own ports behind two balancers (agents, callers) on
 /// the environment's ports, as a Kubernetes Service would put them.
@@ -316,6 +321,41 @@ impl GatewayReplicas {
         for balancer in &self.balancers {
             balancer.set_in_rotation(index, in_rotation);
         }
+    }
+
+    /// Cuts replica `index` off from `from` (`None`: heals it): the agents' balancer (the
+    /// first) holds that replica's relays; the callers' balancer is left alone.
+    fn set_partitioned(&self, index: usize, from: Option<PartitionFrom>) {
+        if let Some(agents) = self.balancers.first() {
+            agents.set_partitioned(index, from == Some(PartitionFrom::Agents));
+        }
+    }
+
+    /// The EndpointSlice Kubernetes would keep for replica `index` of the gateway's Service:
+    /// its internal API's address and port, its name as the endpoint's `targetRef`, ready or
+    /// not.
+    fn endpoint_slice(&self, index: usize, ready: bool) -> serde_json::Value {
+        let (namespace, service) = GATEWAY_SERVICE;
+        let name = self.name(index);
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{service}-{name}"),
+                "namespace": namespace,
+                "labels": {
+                    "kubernetes.io/service-name": service,
+                    "endpointslice.kubernetes.io/managed-by": "buildplane-e2e-harness",
+                },
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "internal", "port": self.ports[index].internal, "protocol": "TCP"}],
+            "endpoints": [{
+                "addresses": ["127.0.0.1"],
+                "conditions": {"ready": ready, "serving": ready, "terminating": !ready},
+                "targetRef": {"kind": "Pod", "name": name, "namespace": namespace},
+            }],
+        })
     }
 }
 
@@ -727,6 +767,19 @@ impl SimEnv {
             "--replicas".into(),
             self.gateways.ports.len().to_string(),
         ];
+        if self.gateways.ports.len() > 1 {
+            let (namespace, service) = GATEWAY_SERVICE;
+            args.extend([
+                "--peer-service".into(),
+                format!("{namespace}/{service}"),
+                "--peer-client-cert".into(),
+                pki.gateway_peer_cert.display().to_string(),
+                "--peer-client-key".into(),
+                pki.gateway_peer_key.display().to_string(),
+                "--peer-ca".into(),
+                pki.server_ca.display().to_string(),
+            ]);
+        }
         args.extend(self.extra_args(ComponentKind::Gateway).await);
         self.spawn(&name, "cluster-gateway", args).await?;
         self.wait_http_ok(&name, ports.health, "/readyz").await?;
@@ -740,7 +793,27 @@ impl SimEnv {
             .await?;
         }
         self.gateways.set_in_rotation(index, true);
-        Ok(())
+        self.publish_endpoint(index, true).await
+    }
+
+    /// Writes replica `index`'s EndpointSlice into the control cluster, as Kubernetes keeps
+    /// the Service's endpoints (with several replicas only: one needs no sibling).
+    async fn publish_endpoint(&self, index: usize, ready: bool) -> Result<()> {
+        if self.gateways.ports.len() <= 1 {
+            return Ok(());
+        }
+        let client = crate::kube_ops::client(&self.cluster(ClusterName::Control))
+            .await
+            .map_err(|e| BackendError::Other(e.to_string()))?;
+        crate::kube_ops::create_or_update(&client, &self.gateways.endpoint_slice(index, ready))
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                unavailable(
+                    &self.gateways.name(index),
+                    format!("writing its EndpointSlice: {e}"),
+                )
+            })
     }
 
     async fn start_controller(&self) -> Result<()> {
@@ -1053,6 +1126,16 @@ impl Environment for SimEnv {
                     }
                 }
             }
+            // And its endpoint is no longer ready: its siblings stop forwarding to it. Best
+            // effort: with the control cluster down, a stopped replica refuses connections and
+            // its siblings try the next one.
+            if target.kind == ComponentKind::Gateway {
+                for name in &names {
+                    if let Some(index) = self.gateways.index_of(name) {
+                        let _ = self.publish_endpoint(index, false).await;
+                    }
+                }
+            }
             let mut procs = Vec::new();
             {
                 let mut state = self.state.lock().await;
@@ -1074,6 +1157,20 @@ impl Environment for SimEnv {
             .await;
             Ok(())
         })
+    }
+
+    fn partition(&self, replica: &str, from: Option<PartitionFrom>) -> Result<()> {
+        let index = self.gateways.replica(replica)?;
+        if self.gateways.balancers.is_empty() {
+            return Err(BackendError::Unsupported {
+                backend: "sim",
+                what: format!(
+                    "partitioning `{replica}`: a single gateway is reached through each agent's own link (use `fault: {{link: ..., partition: true}}`), or set gatewayReplicas above 1"
+                ),
+            });
+        }
+        self.gateways.set_partitioned(index, from);
+        Ok(())
     }
 
     fn set_faults(&self, link: &str, toxics: Toxics) -> Result<()> {

@@ -824,6 +824,16 @@ impl Environment for K3dEnv {
         ))
     }
 
+    fn partition(
+        &self,
+        replica: &str,
+        _from: Option<crate::scenario::PartitionFrom>,
+    ) -> Result<()> {
+        unsupported(format!(
+            "partitioning gateway replica `{replica}` from the agents (the agents reach the replicas through k3s's service load balancer, which cannot hold one pod's connections while callers still reach it); use --backend sim"
+        ))
+    }
+
     fn metrics(&self, target: ComponentTarget) -> BoxFuture<'_, Result<String>> {
         Box::pin(async move {
             let (role, namespace, deployments) = self.deployments(&target)?;
@@ -1111,6 +1121,16 @@ mod tests {
         .unwrap();
         let faults = env.set_faults("agent_1", Toxics::default()).unwrap_err();
         assert!(faults.to_string().contains("--backend sim"), "{faults}");
+        let partition = env
+            .partition(
+                "cluster-gateway-0",
+                Some(crate::scenario::PartitionFrom::Agents),
+            )
+            .unwrap_err();
+        assert!(
+            partition.to_string().contains("--backend sim"),
+            "{partition}"
+        );
         let apiserver = env
             .stop(target(ComponentKind::Apiserver, None), StopMode::Graceful)
             .await
