@@ -2,8 +2,8 @@
 //! redeploy keeps the agents' trust and the harness keeps its client certificate.
 //!
 //! The gateway CA signs the serving certificate (both listeners; its DNS names come from
-//! `clusterGateway.tls.dnsNames`); the internal CA signs the controller's and the harness's
-//! client certificates. The CA keys are not written: nothing re-issues from them.
+//! `clusterGateway.tls.dnsNames`); the internal CA signs the controller's, the harness's and
+//! the gateway replicas' (for each other) client certificates. The CA keys are not written: nothing re-issues from them.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,7 @@ pub struct K3dPki {
 }
 
 /// Every file, in the order they are written.
-pub const FILES: [&str; 9] = [
+pub const FILES: [&str; 11] = [
     "server-ca.crt",
     "server.crt",
     "server.key",
@@ -27,6 +27,8 @@ pub const FILES: [&str; 9] = [
     "controller.key",
     "harness.crt",
     "harness.key",
+    "gateway-peer.crt",
+    "gateway-peer.key",
     "dns-names.txt",
 ];
 
@@ -60,6 +62,9 @@ impl K3dPki {
         let harness = internal_ca
             .issue_client("buildplane-e2e-harness")
             .map_err(pki_err)?;
+        let gateway_peer = internal_ca
+            .issue_client("cluster-gateway-peer")
+            .map_err(pki_err)?;
         let contents = [
             server_ca.cert_pem.as_str(),
             &server.cert,
@@ -69,6 +74,8 @@ impl K3dPki {
             &controller.key,
             &harness.cert,
             &harness.key,
+            &gateway_peer.cert,
+            &gateway_peer.key,
             &names,
         ];
         for (file, text) in FILES.iter().zip(contents) {

@@ -667,6 +667,25 @@ pub fn manifests(layout: &Layout) -> Plan {
                 true,
             ),
         ),
+        Step::new(
+            format!(
+                "the gateway replicas' client certificate for each other's internal API (Secret {})",
+                values.cluster_gateway.internal_tls.peer_client_secret_name
+            ),
+            StepKind::Kubectl,
+            secret_pipe(
+                layout,
+                control,
+                CONTROL_NAMESPACE,
+                &values.cluster_gateway.internal_tls.peer_client_secret_name,
+                &[
+                    ("tls.crt", "gateway-peer.crt"),
+                    ("tls.key", "gateway-peer.key"),
+                    ("ca.crt", "server-ca.crt"),
+                ],
+                true,
+            ),
+        ),
         Step::run(
             "apply the control cluster's manifests (RBAC, gateway, controller)",
             StepKind::Kubectl,

@@ -254,6 +254,25 @@ fn control_rbac() -> Vec<Value> {
             GATEWAY_NAME,
             (GATEWAY_NAME, ns),
         ),
+        // Its sibling replicas are the endpoints of its own Service (`--peer-service`): read
+        // in its namespace only.
+        role(
+            &format!("{GATEWAY_NAME}-peers"),
+            ns,
+            GATEWAY_NAME,
+            vec![rule(
+                &["discovery.k8s.io"],
+                &["endpointslices"],
+                &["list", "watch"],
+            )],
+        ),
+        binding(
+            "RoleBinding",
+            &format!("{GATEWAY_NAME}-peers"),
+            Some(ns),
+            GATEWAY_NAME,
+            (GATEWAY_NAME, ns),
+        ),
         service_account(CONTROLLER_NAME, ns),
         cluster_role(
             CONTROLLER_NAME,
@@ -329,6 +348,12 @@ pub fn gateway(values: &Values, extra_args: &[String]) -> Vec<Value> {
         ),
         // Out of the Service's endpoints before the drain begins.
         "--shutdown-delay=5s".to_string(),
+        // A request no connection of a replica can take (a partition between it and the
+        // agents) goes to a sibling, found in the Service's EndpointSlices.
+        format!("--peer-service={CONTROL_NAMESPACE}/{GATEWAY_NAME}"),
+        "--peer-client-cert=/peer-client/tls.crt".to_string(),
+        "--peer-client-key=/peer-client/tls.key".to_string(),
+        "--peer-ca=/peer-client/ca.crt".to_string(),
     ];
     args.extend(extra_args.iter().cloned());
     let container = container(ContainerSpec {
@@ -349,11 +374,16 @@ pub fn gateway(values: &Values, extra_args: &[String]) -> Vec<Value> {
             port("health", gw.health_port),
         ],
         health_port: gw.health_port,
-        mounts: vec![mount("tls", "/certs"), mount("internal-ca", "/internal-ca")],
+        mounts: vec![
+            mount("tls", "/certs"),
+            mount("internal-ca", "/internal-ca"),
+            mount("peer-client", "/peer-client"),
+        ],
     });
     let volumes = vec![
         json!({"name": "tls", "secret": {"secretName": gw.tls.secret_name}}),
         json!({"name": "internal-ca", "secret": {"secretName": gw.internal_tls.client_ca_secret_name}}),
+        json!({"name": "peer-client", "secret": {"secretName": gw.internal_tls.peer_client_secret_name}}),
     ];
     // One replica at a time, never more than `replicas` (the count the agents are told): the
     // agents of the replaced pod reach the new one while the others serve.

@@ -138,6 +138,9 @@ pub struct InternalTls {
     /// Secret with `ca.crt`.
     #[serde(rename = "clientCASecretName")]
     pub client_ca_secret_name: String,
+    /// Secret with the replicas' client certificate for each other's internal API
+    /// (`tls.crt`, `tls.key`, signed by the internal client CA) and the gateway's CA (`ca.crt`).
+    pub peer_client_secret_name: String,
 }
 
 /// The BuildPlane controller.
