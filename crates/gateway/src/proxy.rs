@@ -674,7 +674,8 @@ async fn forward(
     }
     let mut tried = Vec::new();
     let mut upload = Some(upload);
-    for peer in siblings {
+    let last = siblings.len().saturating_sub(1);
+    for (k, peer) in siblings.into_iter().enumerate() {
         let Some(this) = upload.take() else {
             break;
         };
@@ -698,6 +699,26 @@ async fn forward(
             }
         };
         match tokio::time::timeout(FORWARD_HEAD_TIMEOUT, request.send()).await {
+            // The sibling could not serve it either and sent it to no agent (it has no live
+            // connection of the plane): the next sibling may have one (an OpenChoreo agent
+            // holds one connection, to one replica). The last sibling's answer is the caller's.
+            Ok(Ok(res))
+                if res.status() == StatusCode::SERVICE_UNAVAILABLE
+                    && k < last
+                    && again.is_some() =>
+            {
+                let (answer, unserved) = buffered(res, &peer).await;
+                match unserved {
+                    Some(code) => {
+                        tried.push(format!("{}: {code}", peer.id));
+                        upload = again;
+                    }
+                    None => {
+                        shared.metrics.forwarded("answered");
+                        return answer;
+                    }
+                }
+            }
             Ok(Ok(res)) => {
                 shared.metrics.forwarded("answered");
                 tracing::debug!(peer = %peer.id, status = res.status().as_u16(), "forwarded a request to a sibling replica");
@@ -731,6 +752,38 @@ async fn forward(
         tried.join("; ")
     );
     answer.into_response()
+}
+
+/// A sibling's 503, read whole (an error body is small), and its error code when it says the
+/// sibling had no connection to send the request on (`NoAgentConnected`, `AgentUnresponsive`,
+/// `AgentReconnecting`): nothing ran there.
+async fn buffered(res: reqwest::Response, peer: &Peer) -> (Response, Option<&'static str>) {
+    let status = res.status();
+    let mut headers = res.headers().clone();
+    let bytes = res.bytes().await.unwrap_or_default();
+    let code = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned));
+    let unserved = match code.as_deref() {
+        Some("NoAgentConnected") => Some("NoAgentConnected"),
+        Some("AgentUnresponsive") => Some("AgentUnresponsive"),
+        Some("AgentReconnecting") => Some("AgentReconnecting"),
+        _ => None,
+    };
+    for name in [
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::CONNECTION,
+    ] {
+        headers.remove(name);
+    }
+    if let Ok(id) = HeaderValue::from_str(&peer.id) {
+        headers.insert(FORWARDED_TO, id);
+    }
+    let mut out = Response::new(Body::from(bytes));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    (out, unserved)
 }
 
 /// A sibling's answer as the caller gets it: status, headers (without the framing ones) and

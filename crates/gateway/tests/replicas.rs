@@ -605,9 +605,9 @@ async fn a_post_sent_to_a_silent_connection_is_not_sent_again() {
     assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "{body}");
 }
 
-/// Two replicas on the control cluster, told of each other by EndpointSlices of a Service
-/// (`org-c/cluster-gateway`) as Kubernetes would list them.
-async fn peered_replicas(env: &mut Env) -> RunningGateway {
+/// `n` replicas on the control cluster (`env`'s gateway is `gateway-0`), told of each other
+/// by EndpointSlices of a Service (`org-c/cluster-gateway`) as Kubernetes would list them.
+async fn peered_replicas(env: &mut Env, n: usize) -> Vec<RunningGateway> {
     partition_config(&mut env.config);
     let (cert, key, ca) = env.internal_client_files.clone();
     let mut peers =
@@ -620,22 +620,22 @@ async fn peered_replicas(env: &mut Env) -> RunningGateway {
     };
     env.stop_gateway().await;
     env.start_gateway().await;
-    let mut config: GatewayConfig = env.config.clone();
-    let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.agent_listen = localhost;
-    config.internal_listen = localhost;
-    config.health_listen = localhost;
-    config.replica.id = "gateway-1".into();
-    let other = cluster_gateway::start(config).await.expect("replica");
+    let mut others = Vec::new();
+    for i in 1..n {
+        let mut config: GatewayConfig = env.config.clone();
+        let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.agent_listen = localhost;
+        config.internal_listen = localhost;
+        config.health_listen = localhost;
+        config.replica.id = format!("gateway-{i}");
+        others.push(cluster_gateway::start(config).await.expect("replica"));
+    }
     let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
         kube::Api::namespaced(env.control_client.clone(), "org-c");
-    for (id, port) in [
-        (
-            "gateway-0",
-            env.gateway.as_ref().unwrap().internal_addr.port(),
-        ),
-        ("gateway-1", other.internal_addr.port()),
-    ] {
+    let ports = std::iter::once(env.gateway.as_ref().unwrap().internal_addr.port())
+        .chain(others.iter().map(|g| g.internal_addr.port()));
+    for (i, port) in ports.enumerate() {
+        let id = format!("gateway-{i}");
         let slice = serde_json::from_value(serde_json::json!({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -650,14 +650,16 @@ async fn peered_replicas(env: &mut Env) -> RunningGateway {
             .await
             .expect("EndpointSlice created");
     }
-    let shared = [env.shared().clone(), other.shared.clone()];
-    env.eventually("each replica knows the other", WAIT, || async {
+    let shared: Vec<_> = std::iter::once(env.shared().clone())
+        .chain(others.iter().map(|g| g.shared.clone()))
+        .collect();
+    env.eventually("each replica knows the others", WAIT, || async {
         shared
             .iter()
-            .all(|s| s.peers.as_ref().is_some_and(|p| p.len() == 1))
+            .all(|s| s.peers.as_ref().is_some_and(|p| p.len() == n - 1))
     })
     .await;
-    other
+    others
 }
 
 /// A replica partitioned from the agent (callers still reach it) forwards requests to its
@@ -668,7 +670,7 @@ async fn peered_replicas(env: &mut Env) -> RunningGateway {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_replica_forwards_to_a_sibling() {
     let mut env = Env::start().await;
-    let other = peered_replicas(&mut env).await;
+    let other = peered_replicas(&mut env, 2).await.remove(0);
     let relay = Relay::start(env.agent_addr).await;
     let ca = Ca::generate("agent-ca", DAY).unwrap();
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
@@ -760,7 +762,7 @@ async fn a_partitioned_replica_forwards_to_a_sibling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_request_is_never_forwarded_again() {
     let mut env = Env::start().await;
-    let other = peered_replicas(&mut env).await;
+    let other = peered_replicas(&mut env, 2).await.remove(0);
     let ca = Ca::generate("agent-ca", DAY).unwrap();
     env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
     let base = env.base.clone();
@@ -814,4 +816,42 @@ async fn a_forwarded_request_is_never_forwarded_again() {
     assert_eq!(res.status().as_u16(), 503);
     assert!(res.headers().get("x-buildplane-forwarded-to").is_none());
     other.shutdown(Duration::from_millis(50)).await.unwrap();
+}
+
+/// A replica without the agent's connection (an agent that holds one connection, as
+/// OpenChoreo's do, to one replica of three) forwards to the sibling that holds it: a sibling
+/// that has no connection of the plane either answers 503 without sending the request
+/// anywhere, so the next one is asked.
+/// Seen to fail when the first sibling's answer was final: half the requests got the other
+/// sibling's 503 `NoAgentConnected`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_finds_the_sibling_that_holds_the_agent() {
+    let mut env = Env::start().await;
+    let others = peered_replicas(&mut env, 3).await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    let url = format!("wss://127.0.0.1:{}/ws", others[1].agent_addr.port());
+    let _agent = slow_heartbeat_agent(&mut env, &url, &leaf, "p");
+    env.eventually("the agent is on gateway-2", WAIT, || async {
+        others[1].shared.registry.on_plane("p").len() == 1
+    })
+    .await;
+    let base = env.base.clone();
+    for _ in 0..4 {
+        let (status, body, elapsed, to) = timed(
+            &env,
+            reqwest::Method::GET,
+            &base,
+            "/api/v1/namespaces",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(to.as_deref(), Some("gateway-2"));
+        assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    }
+    for gateway in others {
+        gateway.shutdown(Duration::from_millis(50)).await.unwrap();
+    }
 }
