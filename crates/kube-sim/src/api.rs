@@ -50,6 +50,8 @@ pub enum Part {
     Status,
     /// The `/approval` subresource of CertificateSigningRequests (only `status.conditions`).
     Approval,
+    /// The `/ephemeralcontainers` subresource of Pods (only `spec.ephemeralContainers`).
+    EphemeralContainers,
 }
 
 /// `fieldValidation`: what to do with unknown fields.
@@ -161,8 +163,8 @@ fn rv_of(object: &Value) -> Option<&str> {
 fn scope_of(resource: &Resource, part: Part) -> Scope {
     match part {
         Part::Status | Part::Approval => Scope::Status,
-        Part::Main if resource.status_subresource => Scope::Main,
-        Part::Main => Scope::All,
+        Part::Main | Part::EphemeralContainers if resource.status_subresource => Scope::Main,
+        Part::Main | Part::EphemeralContainers => Scope::All,
     }
 }
 
@@ -171,6 +173,7 @@ fn subresource_of(part: Part) -> &'static str {
         Part::Main => "",
         Part::Status => "status",
         Part::Approval => "approval",
+        Part::EphemeralContainers => "ephemeralcontainers",
     }
 }
 
@@ -253,6 +256,9 @@ fn admit(
     if kinds::is_csr(resource) && old.is_none() {
         let user = options.user.clone().unwrap_or_else(kinds::admin_user);
         kinds::admit_new_csr(resource, object, name, &user)?;
+    }
+    if kinds::is_pod(resource) && old.is_none() {
+        kinds::admit_new_pod(resource, object, name)?;
     }
     if events::is_core(resource) {
         let causes = events::validate(object, old, options.events_api);
@@ -605,6 +611,9 @@ fn create_with(
     }
     if kinds::is_csr(resource) {
         object["status"] = json!({});
+    }
+    if kinds::is_pod(resource) {
+        object["status"] = kinds::new_pod_status(&object);
     }
     if !tracks_generation(resource)
         && let Some(meta) = object["metadata"].as_object_mut()
@@ -1009,7 +1018,9 @@ fn write(
     if !new.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
-    if part == Part::Approval {
+    if part == Part::EphemeralContainers {
+        kinds::write_ephemeral_containers(resource, &old, &mut new, &name)?;
+    } else if part == Part::Approval {
         let conditions = new["status"].get("conditions").cloned();
         new = old.clone();
         match conditions {

@@ -5,7 +5,7 @@
 //! Only what kube-apiserver itself does is here; the controllers of kube-controller-manager
 //! (the job controller, the CSR signers) do not run in kube-sim.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::{
     api::Part,
@@ -550,6 +550,223 @@ pub fn update_csr(
             &causes,
         ))
     }
+}
+
+/// Whether this is the core `pods` resource.
+pub fn is_pod(resource: &Resource) -> bool {
+    resource.group.is_empty() && resource.plural == "pods"
+}
+
+/// A new Pod as the real server stores it: the Go defaults of its spec and containers
+/// (`SetDefaults_Pod`, `SetDefaults_PodSpec`, `SetDefaults_Container`) and the status it starts
+/// with (`Pending`, the QoS class). Ephemeral containers cannot be set on creation.
+pub fn admit_new_pod(resource: &Resource, object: &mut Value, name: &str) -> Result<(), ApiError> {
+    if object["spec"]["ephemeralContainers"]
+        .as_array()
+        .is_some_and(|list| !list.is_empty())
+    {
+        return Err(ApiError::invalid(
+            &resource.qualified_kind(),
+            name,
+            &[(
+                "spec.ephemeralContainers".into(),
+                "Forbidden: cannot be set on create".into(),
+            )],
+        ));
+    }
+    let spec = &mut object["spec"];
+    if spec.is_object() {
+        default_pod_spec(spec);
+        default(spec, "enableServiceLinks", json!(true));
+    }
+    Ok(())
+}
+
+/// The status a new Pod starts with: `Pending` and its QoS class (`BestEffort` without requests
+/// or limits, `Guaranteed` when every container limits CPU and memory and requests what it
+/// limits, `Burstable` otherwise).
+pub fn new_pod_status(object: &Value) -> Value {
+    let containers: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|list| object["spec"][*list].as_array().into_iter().flatten())
+        .collect();
+    let resources = |c: &Value, kind: &str| -> Map<String, Value> {
+        c["resources"][kind]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let best_effort = containers
+        .iter()
+        .all(|c| resources(c, "requests").is_empty() && resources(c, "limits").is_empty());
+    let guaranteed = !containers.is_empty()
+        && containers.iter().all(|c| {
+            let limits = resources(c, "limits");
+            let requests = resources(c, "requests");
+            ["cpu", "memory"].iter().all(|r| limits.contains_key(*r))
+                && requests
+                    .iter()
+                    .all(|(name, value)| limits.get(name) == Some(value))
+        });
+    let class = if best_effort {
+        "BestEffort"
+    } else if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    };
+    json!({"phase": "Pending", "qosClass": class})
+}
+
+/// The fields an ephemeral container may not set (`allowedEphemeralContainerFields` of the real
+/// server's validation), in the order it reports them.
+const EPHEMERAL_FORBIDDEN: &[&str] = &[
+    "ports",
+    "resources",
+    "resizePolicy",
+    "restartPolicy",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+    "lifecycle",
+];
+
+/// `IsDNS1123Label`'s complaints about a container name.
+fn dns_label_errors(name: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    if name.len() > 63 {
+        errors.push("must be no more than 63 characters".to_owned());
+    }
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    if !ok {
+        errors.push("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')".to_owned());
+    }
+    errors
+}
+
+/// A write to `pods/NAME/ephemeralcontainers`: only `spec.ephemeralContainers` of `new` is
+/// kept (the rest of the pod is the stored one, as on the real server); new ephemeral
+/// containers get the container defaults; existing ones may be neither removed nor changed (the
+/// message ends with a newline, where the real server goes on with a diff of its Go structs for a
+/// change); the others are checked as the real server checks them.
+pub fn write_ephemeral_containers(
+    resource: &Resource,
+    old: &Value,
+    new: &mut Value,
+    name: &str,
+) -> Result<(), ApiError> {
+    let mut ephemeral: Vec<Value> = new["spec"]["ephemeralContainers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let metadata = new["metadata"].clone();
+    *new = old.clone();
+    if let Some(rv) = metadata.get("resourceVersion") {
+        new["metadata"]["resourceVersion"] = rv.clone();
+    }
+    for container in &mut ephemeral {
+        default_container(container);
+    }
+    let existing: Vec<Value> = old["spec"]["ephemeralContainers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let name_of = |c: &Value| c["name"].as_str().unwrap_or("").to_owned();
+    let mut causes: Vec<(String, String)> = Vec::new();
+    for before in &existing {
+        match ephemeral.iter().find(|c| name_of(c) == name_of(before)) {
+            None => causes.push((
+                "spec.ephemeralContainers".into(),
+                format!(
+                    "Forbidden: existing ephemeral containers {:?} may not be removed\n",
+                    name_of(before)
+                ),
+            )),
+            Some(after) if after != before => causes.push((
+                "spec.ephemeralContainers".into(),
+                format!(
+                    "Forbidden: existing ephemeral containers {:?} may not be changed\n",
+                    name_of(before)
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    if causes.is_empty() {
+        let regular: Vec<String> = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|list| old["spec"][*list].as_array().into_iter().flatten())
+            .map(name_of)
+            .collect();
+        let mut seen = regular.clone();
+        for (index, container) in ephemeral.iter().enumerate() {
+            let path = format!("spec.ephemeralContainers[{index}]");
+            let container_name = name_of(container);
+            // As the real server checks them: conflicts and the target first, then the
+            // container's own fields.
+            if !container_name.is_empty() && seen.contains(&container_name) {
+                causes.push((
+                    format!("{path}.name"),
+                    format!("Duplicate value: {container_name:?}"),
+                ));
+            }
+            if let Some(target) = container["targetContainerName"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                && !regular.iter().any(|r| r == target)
+            {
+                causes.push((
+                    format!("{path}.targetContainerName"),
+                    format!("Not found: {target:?}"),
+                ));
+            }
+            if container_name.is_empty() {
+                causes.push((format!("{path}.name"), "Required value".into()));
+            } else {
+                for error in dns_label_errors(&container_name) {
+                    causes.push((
+                        format!("{path}.name"),
+                        format!("Invalid value: {container_name:?}: {error}"),
+                    ));
+                }
+            }
+            seen.push(container_name);
+            if container["image"].as_str().is_none_or(str::is_empty) {
+                causes.push((format!("{path}.image"), "Required value".into()));
+            }
+            for field in EPHEMERAL_FORBIDDEN {
+                let set = match container.get(*field) {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Object(map)) => !map.is_empty(),
+                    Some(Value::Array(list)) => !list.is_empty(),
+                    Some(_) => true,
+                };
+                if set {
+                    causes.push((
+                        format!("{path}.{field}"),
+                        "Forbidden: cannot be set for an Ephemeral Container".into(),
+                    ));
+                }
+            }
+        }
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(&resource.qualified_kind(), name, &causes));
+    }
+    if ephemeral.is_empty() {
+        if let Some(spec) = new["spec"].as_object_mut() {
+            spec.remove("ephemeralContainers");
+        }
+    } else {
+        new["spec"]["ephemeralContainers"] = Value::Array(ephemeral);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -505,6 +505,7 @@ async fn route(
         None => Part::Main,
         Some("status") if resource.status_subresource => Part::Status,
         Some("approval") if kinds::is_csr(&resource) => Part::Approval,
+        Some("ephemeralcontainers") if kinds::is_pod(&resource) => Part::EphemeralContainers,
         Some("scale") if resource.scale.is_some() => {
             let name = target.name.clone().unwrap_or_default();
             let mut options = write_options(&query, &user_agent)?;

@@ -872,6 +872,18 @@ pub fn builtin_resources() -> Vec<Resource> {
             json!({"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"}),
         );
     }
+    if let Some(pods) = resources
+        .iter_mut()
+        .find(|r| r.group.is_empty() && r.plural == "pods")
+    {
+        pods.subresources.push(Subresource {
+            name: "ephemeralcontainers".into(),
+            group: String::new(),
+            version: "v1".into(),
+            kind: "Pod".into(),
+            verbs: vec!["get", "patch", "update"],
+        });
+    }
     if let Some(accounts) = resources
         .iter_mut()
         .find(|r| r.group.is_empty() && r.plural == "serviceaccounts")

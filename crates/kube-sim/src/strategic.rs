@@ -170,15 +170,13 @@ fn merge_list(field: &str, original: &[Value], patch: &[Value]) -> Result<Vec<Va
     match list_strategy(field, &all) {
         ListStrategy::Replace => Ok(patch.iter().map(strip_directives).collect()),
         ListStrategy::PrimitiveSet => {
-            // The patch's items first, then the original's others, as the real server orders
-            // a merged set (kube-apiserver 1.37: ["a"] patched with ["b"] is ["b", "a"]).
-            let mut merged: Vec<Value> = Vec::with_capacity(original.len() + patch.len());
-            for item in patch.iter().chain(original) {
+            let mut merged: Vec<Value> = original.to_vec();
+            for item in patch {
                 if !merged.contains(item) {
                     merged.push(item.clone());
                 }
             }
-            Ok(merged)
+            Ok(enforce_order(merged, original, patch, |a, b| a == b))
         }
         ListStrategy::MergeKey(merge_key) => {
             let mut merged = original.to_vec();
@@ -206,7 +204,51 @@ fn merge_list(field: &str, original: &[Value], patch: &[Value]) -> Result<Vec<Va
                     (None, _) => merged.push(strip_directives(item)),
                 }
             }
-            Ok(merged)
+            Ok(enforce_order(merged, original, patch, |a, b| {
+                a.get(merge_key).is_some() && a.get(merge_key) == b.get(merge_key)
+            }))
+        }
+    }
+}
+
+/// The order the real server gives a merged list (`normalizeElementOrder` and
+/// `mergeSortedSlice` of k8s.io/apimachinery's strategic merge patch): the items the patch
+/// names in the patch's order, the others in the original's order, interleaved where both are
+/// in the original, otherwise the patch's first. So `[a, b]` patched with `[c]` is `[c, a, b]`,
+/// and with `[b', c]` it is `[a, b', c]`.
+fn enforce_order(
+    merged: Vec<Value>,
+    original: &[Value],
+    patch: &[Value],
+    same: impl Fn(&Value, &Value) -> bool,
+) -> Vec<Value> {
+    let index_in = |list: &[Value], item: &Value| list.iter().position(|other| same(other, item));
+    let (mut named, server_only): (Vec<Value>, Vec<Value>) = merged
+        .into_iter()
+        .partition(|item| index_in(patch, item).is_some());
+    named.sort_by_key(|item| index_in(patch, item));
+    let mut out = Vec::with_capacity(named.len() + server_only.len());
+    let (mut left, mut right) = (
+        server_only.into_iter().peekable(),
+        named.into_iter().peekable(),
+    );
+    loop {
+        match (left.peek(), right.peek()) {
+            (Some(l), Some(r)) => {
+                let first_left = match (index_in(original, l), index_in(original, r)) {
+                    (Some(li), Some(ri)) => li < ri,
+                    _ => false,
+                };
+                let next = if first_left {
+                    left.next()
+                } else {
+                    right.next()
+                };
+                out.extend(next);
+            }
+            (Some(_), None) => out.extend(left.next()),
+            (None, Some(_)) => out.extend(right.next()),
+            (None, None) => return out,
         }
     }
 }
@@ -233,7 +275,8 @@ mod tests {
 
     use super::*;
 
-    /// Containers merge by name, env by name, finalizers as a set; null deletes a key.
+    /// Containers merge by name, env by name (a new variable first, as kube-apiserver 1.37 orders
+    /// a Deployment's `env` patched with a new one), finalizers as a set; null deletes a key.
     #[test]
     fn lists_merge_by_key_and_null_deletes() {
         let original = json!({"metadata": {"finalizers": ["a"], "labels": {"x": "1", "y": "2"}},
@@ -245,8 +288,39 @@ mod tests {
         assert_eq!(result["metadata"]["labels"], json!({"x": "1"}));
         assert_eq!(
             result["spec"]["containers"],
-            json!([{"name": "c1", "image": "i1", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}])
+            json!([{"name": "c1", "image": "i1", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "1"}]}])
         );
+    }
+
+    /// Merged lists take the real server's order: new items before the original's others,
+    /// items named in the patch where the original had them.
+    #[test]
+    fn merged_lists_take_the_servers_order() {
+        let original = json!({"spec": {"ephemeralContainers": [{"name": "a"}, {"name": "b"}]}});
+        let added = apply(
+            &original,
+            &json!({"spec": {"ephemeralContainers": [{"name": "c"}]}}),
+        )
+        .expect("applies");
+        assert_eq!(
+            added["spec"]["ephemeralContainers"],
+            json!([{"name": "c"}, {"name": "a"}, {"name": "b"}])
+        );
+        let changed = apply(
+            &original,
+            &json!({"spec": {"ephemeralContainers": [{"name": "b", "image": "x"}, {"name": "c"}]}}),
+        )
+        .expect("applies");
+        assert_eq!(
+            changed["spec"]["ephemeralContainers"],
+            json!([{"name": "a"}, {"name": "b", "image": "x"}, {"name": "c"}])
+        );
+        let set = apply(
+            &json!({"metadata": {"finalizers": ["a", "b"]}}),
+            &json!({"metadata": {"finalizers": ["b"]}}),
+        )
+        .expect("applies");
+        assert_eq!(set["metadata"]["finalizers"], json!(["a", "b"]));
     }
 
     /// The directives kubectl's three-way patches carry are honoured, never stored.

@@ -1211,6 +1211,223 @@ async fn api_services_list_every_served_group_version() {
     server.shutdown().await;
 }
 
+/// `pods/ephemeralcontainers` (what `kubectl debug` patches): discovered with get, patch and
+/// update; a write there changes `spec.ephemeralContainers` only (with the container defaults;
+/// a new pod generation), existing ephemeral containers may be neither removed nor changed, and
+/// new ones are validated with the real server's messages. Pods get the spec defaults and the
+/// `Pending` status on creation, and cannot be created with ephemeral containers.
+#[tokio::test]
+async fn pods_take_ephemeral_containers_through_their_subresource() {
+    use k8s_openapi::api::core::v1::Pod;
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    let core = client
+        .list_core_api_resources("v1")
+        .await
+        .expect("discovered");
+    let entry = core
+        .resources
+        .iter()
+        .find(|r| r.name == "pods/ephemeralcontainers")
+        .expect("pods/ephemeralcontainers listed");
+    assert_eq!(
+        (entry.kind.as_str(), entry.verbs.clone()),
+        ("Pod", ["get", "patch", "update"].map(String::from).to_vec())
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "nginx:1.27"}]}}))
+    .expect("a pod");
+    // The real server's ServiceAccount admission needs the namespace's `default` account,
+    // which its controller creates a moment after start.
+    let created = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match pods.create(&PostParams::default(), &pod).await {
+                Ok(created) => return created,
+                Err(err) if api_error(&err).0 == 403 => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(err) => panic!("create: {err}"),
+            }
+        }
+    })
+    .await
+    .expect("the pod is created");
+    let with_ephemeral: Pod = serde_json::from_value(json!({"metadata": {"name": "early"},
+        "spec": {"containers": [{"name": "c", "image": "nginx:1.27"}],
+            "ephemeralContainers": [{"name": "e", "image": "busybox"}]}}))
+    .expect("a pod");
+    let err = pods
+        .create(&PostParams::default(), &with_ephemeral)
+        .await
+        .expect_err("no ephemeral containers on create");
+    assert_eq!(
+        api_error(&err).2,
+        "Pod \"early\" is invalid: spec.ephemeralContainers: Forbidden: cannot be set on create"
+    );
+    let spec = created.spec.clone().expect("spec");
+    assert_eq!(spec.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirst"));
+    assert_eq!(spec.enable_service_links, Some(true));
+    assert_eq!(spec.termination_grace_period_seconds, Some(30));
+    assert!(spec.security_context.is_some());
+    assert_eq!(
+        spec.containers[0].termination_message_policy.as_deref(),
+        Some("File")
+    );
+    assert_eq!(
+        spec.containers[0].image_pull_policy.as_deref(),
+        Some("IfNotPresent")
+    );
+    let status = created.status.clone().expect("status");
+    assert_eq!(
+        (status.phase.as_deref(), status.qos_class.as_deref()),
+        (Some("Pending"), Some("BestEffort"))
+    );
+    let generation = created.metadata.generation.expect("generation");
+
+    let pp = PatchParams::default();
+    // Only the ephemeral containers change, with the container defaults.
+    let patched = pods
+        .patch_subresource(
+            "ephemeralcontainers",
+            "p",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"labels": {"ignored": "yes"}},
+                "spec": {"containers": [{"name": "c", "image": "changed"}],
+                    "ephemeralContainers": [{"name": "debugger", "image": "busybox:1.36",
+                        "targetContainerName": "c"}]}})),
+        )
+        .await
+        .expect("an ephemeral container is added");
+    assert!(patched.metadata.labels.is_none(), "{:?}", patched.metadata);
+    let spec = patched.spec.clone().expect("spec");
+    assert_eq!(spec.containers[0].image.as_deref(), Some("nginx:1.27"));
+    let ephemeral =
+        serde_json::to_value(spec.ephemeral_containers.clone().unwrap_or_default()).expect("JSON");
+    assert_eq!(
+        ephemeral,
+        json!([{"name": "debugger", "image": "busybox:1.36", "targetContainerName": "c",
+            "imagePullPolicy": "IfNotPresent", "resources": {},
+            "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File"}])
+    );
+    assert_eq!(patched.metadata.generation, Some(generation + 1));
+    let read = pods
+        .get_subresource("ephemeralcontainers", "p")
+        .await
+        .expect("read through the subresource");
+    assert_eq!(
+        read.metadata.resource_version,
+        patched.metadata.resource_version
+    );
+    // A strategic patch without an order puts the new container first.
+    let patched = pods
+        .patch_subresource(
+            "ephemeralcontainers",
+            "p",
+            &pp,
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "second", "image": "busybox"}]}}),
+            ),
+        )
+        .await
+        .expect("a second one");
+    let names: Vec<String> = patched
+        .spec
+        .and_then(|s| s.ephemeral_containers)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["second", "debugger"]);
+
+    for (patch, message) in [
+        (
+            json!({"spec": {"ephemeralContainers": [{"name": "c", "image": "busybox"}]}}),
+            "Pod \"p\" is invalid: spec.ephemeralContainers[0].name: Duplicate value: \"c\"",
+        ),
+        (
+            json!({"spec": {"ephemeralContainers": [{"name": "noimage"}]}}),
+            "Pod \"p\" is invalid: spec.ephemeralContainers[0].image: Required value",
+        ),
+        (
+            json!({"spec": {"ephemeralContainers": [{"name": "e3", "image": "busybox",
+                "ports": [{"containerPort": 80}], "targetContainerName": "nope",
+                "readinessProbe": {"exec": {"command": ["x"]}},
+                "resources": {"limits": {"cpu": "1"}}}]}}),
+            "Pod \"p\" is invalid: [spec.ephemeralContainers[0].targetContainerName: Not found: \"nope\", spec.ephemeralContainers[0].ports: Forbidden: cannot be set for an Ephemeral Container, spec.ephemeralContainers[0].resources: Forbidden: cannot be set for an Ephemeral Container, spec.ephemeralContainers[0].readinessProbe: Forbidden: cannot be set for an Ephemeral Container]",
+        ),
+        (
+            json!({"spec": {"ephemeralContainers": [{"name": "Bad_Name", "image": "busybox"}]}}),
+            "Pod \"p\" is invalid: spec.ephemeralContainers[0].name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')",
+        ),
+    ] {
+        let err = pods
+            .patch_subresource("ephemeralcontainers", "p", &pp, &Patch::Strategic(patch))
+            .await
+            .expect_err(message);
+        assert_eq!(api_error(&err).2, message);
+    }
+    let err = pods
+        .patch_subresource(
+            "ephemeralcontainers",
+            "p",
+            &pp,
+            &Patch::Json::<()>(
+                serde_json::from_value(
+                    json!([{"op": "remove", "path": "/spec/ephemeralContainers/1"}]),
+                )
+                .expect("a JSON patch"),
+            ),
+        )
+        .await
+        .expect_err("not removed");
+    assert_eq!(
+        api_error(&err).2,
+        "Pod \"p\" is invalid: spec.ephemeralContainers: Forbidden: existing ephemeral containers \"debugger\" may not be removed\n"
+    );
+    let err = pods
+        .patch_subresource(
+            "ephemeralcontainers",
+            "p",
+            &pp,
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{"op": "replace", "path": "/spec/ephemeralContainers/1/image", "value": "alpine"}]))
+                    .expect("a JSON patch"),
+            ),
+        )
+        .await
+        .expect_err("not changed");
+    // The real server goes on with a diff of the Go structs.
+    assert!(
+        api_error(&err).2.starts_with(
+            "Pod \"p\" is invalid: spec.ephemeralContainers: Forbidden: existing ephemeral containers \"debugger\" may not be changed"
+        ),
+        "{err}"
+    );
+    // PUT replaces the list through the subresource too.
+    let mut current = pods.get("p").await.expect("get");
+    if let Some(spec) = current.spec.as_mut() {
+        let mut list = spec.ephemeral_containers.clone().unwrap_or_default();
+        list.push(
+            serde_json::from_value(json!({"name": "third", "image": "busybox"})).expect("one"),
+        );
+        spec.ephemeral_containers = Some(list);
+    }
+    let replaced = pods
+        .replace_subresource("ephemeralcontainers", "p", &PostParams::default(), &current)
+        .await
+        .expect("replaced");
+    assert_eq!(
+        replaced
+            .spec
+            .and_then(|s| s.ephemeral_containers)
+            .map(|l| l.len()),
+        Some(3)
+    );
+    server.shutdown().await;
+}
+
 /// A new cluster holds what kube-apiserver creates at start: the four namespaces, the
 /// `default/kubernetes` Service, `cluster-admin` bound to `system:masters`, the two system
 /// PriorityClasses.

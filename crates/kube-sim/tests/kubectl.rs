@@ -1092,3 +1092,70 @@ async fn kubectl_lists_api_services() {
     );
     server.shutdown().await;
 }
+
+/// `kubectl debug` adds an ephemeral container through `pods/ephemeralcontainers` (nothing
+/// runs it without a kubelet); a second one keeps the first; a duplicate name is refused with
+/// the real server's message.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_debug_adds_ephemeral_containers() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: default}\nspec:\n  containers:\n  - {name: c, image: nginx:1.27}\n";
+    // The real server's ServiceAccount admission waits for the `default` account.
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while !kubectl
+            .run(&["create", "-f", "-"], Some(pod))
+            .await
+            .status
+            .success()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the pod is created");
+    for name in ["dbg", "dbg2"] {
+        let out = kubectl
+            .ok(&[
+                "debug",
+                "pod/p",
+                "--image=busybox:1.36",
+                "--target=c",
+                "--profile=general",
+                "-c",
+                name,
+            ])
+            .await;
+        assert!(out.contains("Targeting container \"c\""), "{out}");
+    }
+    let names = kubectl
+        .ok(&[
+            "get",
+            "pod",
+            "p",
+            "-o",
+            "jsonpath={.spec.ephemeralContainers[*].name} {.spec.ephemeralContainers[0].targetContainerName} {.status.phase}",
+        ])
+        .await;
+    assert_eq!(names, "dbg dbg2 c Pending");
+    let refused = kubectl
+        .fails(
+            &[
+                "debug",
+                "pod/p",
+                "--image=busybox:1.36",
+                "--profile=general",
+                "-c",
+                "c",
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        refused.contains(
+            "Pod \"p\" is invalid: spec.ephemeralContainers[2].name: Duplicate value: \"c\""
+        ),
+        "{refused}"
+    );
+    server.shutdown().await;
+}
