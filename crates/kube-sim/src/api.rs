@@ -425,6 +425,9 @@ fn admit_crd(
     if !causes.is_empty() {
         return Err(ApiError::invalid(&resource.qualified_kind(), name, &causes));
     }
+    if object["spec"]["conversion"].is_null() {
+        object["spec"]["conversion"] = json!({"strategy": "None"});
+    }
     let names = &mut object["spec"]["names"];
     if names["singular"].as_str().is_none_or(str::is_empty) {
         names["singular"] = json!(kind.to_lowercase());
@@ -599,6 +602,9 @@ fn create_with(
     }
     if op == Op::Update && !options.manager.is_empty() {
         record_update(resource, None, &mut object, Part::Main, options);
+    }
+    if resource.is_crd() {
+        record_crd_status(None, &mut object);
     }
     if events::is_core(resource) {
         events::shape_core(&mut object);
@@ -848,6 +854,44 @@ pub fn patch(
     };
     new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
     write(store, resource, key, old, new, part, options, Op::Update)
+}
+
+/// The real server's CRD controllers write a CRD's status through `status` as `kube-apiserver`,
+/// owning the accepted names and the two conditions (not `storedVersions`): kube-sim writes the
+/// status itself and records that entry, anew whenever the status changes.
+fn record_crd_status(old: Option<&Value>, new: &mut Value) {
+    let same_status = old.is_some_and(|old| old["status"] == new["status"]);
+    let mut entries = managed::read_entries(new);
+    let existing = entries
+        .iter()
+        .position(|e| e.same_owner("kube-apiserver", "Update", "status"));
+    if same_status && existing.is_some() {
+        return;
+    }
+    let mut accepted = serde_json::Map::new();
+    for name in new["status"]["acceptedNames"]
+        .as_object()
+        .into_iter()
+        .flat_map(|names| names.keys())
+    {
+        accepted.insert(format!("f:{name}"), json!({}));
+    }
+    let condition = json!({".": {}, "f:lastTransitionTime": {}, "f:message": {}, "f:reason": {}, "f:status": {}, "f:type": {}});
+    let fields = json!({"f:status": {"f:acceptedNames": accepted, "f:conditions": {
+        "k:{\"type\":\"Established\"}": condition, "k:{\"type\":\"NamesAccepted\"}": condition}}});
+    let entry = managed::Entry {
+        manager: "kube-apiserver".into(),
+        operation: "Update".into(),
+        api_version: "apiextensions.k8s.io/v1".into(),
+        time: now_rfc3339(),
+        subresource: "status".into(),
+        fields: managed::from_fields_v1(&fields),
+    };
+    match existing {
+        Some(index) => entries[index] = entry,
+        None => entries.push(entry),
+    }
+    managed::write_entries(new, &entries);
 }
 
 /// Records an "Update" write in `managedFields`; Events in the version they were written in.
@@ -1133,6 +1177,9 @@ fn write(
     }
     if events::is_core(resource) {
         events::shape_core(&mut new);
+    }
+    if resource.is_crd() {
+        record_crd_status(Some(&old), &mut new);
     }
     let comparable = |object: &Value| {
         let mut object = object.clone();

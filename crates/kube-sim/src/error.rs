@@ -86,14 +86,28 @@ impl ApiError {
 
     /// 409 Conflict of a server-side apply, worded like the real server.
     pub fn apply_conflicts(conflicts: &[crate::managed::Conflict]) -> Self {
+        // As the real server prints a manager (`printManager`): an applier by name, an updater
+        // with the version it wrote, either with its subresource.
+        let owner_of = |conflict: &crate::managed::Conflict| {
+            let mut owner = format!("{:?}", conflict.manager);
+            if !conflict.subresource.is_empty() {
+                owner.push_str(&format!(" with subresource {:?}", conflict.subresource));
+            }
+            if conflict.operation == "Update" {
+                owner.push_str(&format!(" using {}", conflict.api_version));
+            }
+            owner
+        };
         let mut by_manager: Vec<(String, Vec<String>)> = Vec::new();
         for conflict in conflicts {
-            let owner = format!("{:?} using {}", conflict.manager, conflict.api_version);
+            let owner = owner_of(conflict);
             match by_manager.iter_mut().find(|(o, _)| *o == owner) {
                 Some((_, fields)) => fields.push(conflict.field.clone()),
                 None => by_manager.push((owner, vec![conflict.field.clone()])),
             }
         }
+        // The real server prints the managers sorted.
+        by_manager.sort_by(|a, b| a.0.cmp(&b.0));
         let count = conflicts.len();
         let message = match by_manager.as_slice() {
             [(owner, fields)] if fields.len() == 1 => {
@@ -114,7 +128,7 @@ impl ApiError {
         };
         let causes: Vec<Value> = conflicts
             .iter()
-            .map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with {:?} using {}", c.manager, c.api_version), "field": c.field}))
+            .map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with {}", owner_of(c)), "field": c.field}))
             .collect();
         Self {
             code: 409,

@@ -343,7 +343,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn same_owner(&self, manager: &str, operation: &str, subresource: &str) -> bool {
+    /// Whether this entry is the given manager's, for this operation and subresource.
+    pub fn same_owner(&self, manager: &str, operation: &str, subresource: &str) -> bool {
         self.manager == manager && self.operation == operation && self.subresource == subresource
     }
 }
@@ -472,10 +473,32 @@ pub fn record_update(
 pub struct Conflict {
     /// The other manager.
     pub manager: String,
+    /// Its operation (`Apply` or `Update`).
+    pub operation: String,
+    /// Its subresource (`""` for the main resource).
+    pub subresource: String,
     /// Its apiVersion.
     pub api_version: String,
     /// The field, as `.spec.planeID`.
     pub field: String,
+}
+
+/// The order of structured-merge-diff's `Set.Iterate`: a node's members (paths ending there)
+/// before its children, each sorted by segment.
+fn iteration_order(p: &[Segment], q: &[Segment]) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    for (i, (a, b)) in p.iter().zip(q).enumerate() {
+        let (p_ends, q_ends) = (i + 1 == p.len(), i + 1 == q.len());
+        match (p_ends, q_ends) {
+            (true, false) => return Ordering::Less,
+            (false, true) => return Ordering::Greater,
+            _ => match a.cmp(b) {
+                Ordering::Equal => {}
+                other => return other,
+            },
+        }
+    }
+    p.len().cmp(&q.len())
 }
 
 fn display_path(path: &[Segment]) -> String {
@@ -521,16 +544,24 @@ pub fn apply(
                     continue;
                 }
                 conflicting.insert(path.clone());
-                conflicts.push(Conflict {
-                    manager: entry.manager.clone(),
-                    api_version: entry.api_version.clone(),
-                    field: display_path(path),
-                });
+                conflicts.push((
+                    path.clone(),
+                    Conflict {
+                        manager: entry.manager.clone(),
+                        operation: entry.operation.clone(),
+                        subresource: entry.subresource.clone(),
+                        api_version: entry.api_version.clone(),
+                        field: display_path(path),
+                    },
+                ));
             }
         }
     }
     if !conflicts.is_empty() && !force {
-        return Err(conflicts);
+        // In the order the real server's field sets iterate: at each level the fields that end
+        // there before those that go deeper, each by name.
+        conflicts.sort_by(|(p, _), (q, _)| iteration_order(p, q));
+        return Err(conflicts.into_iter().map(|(_, c)| c).collect());
     }
 
     // Fields this manager applied before and no longer applies are removed, unless shared.
@@ -716,6 +747,8 @@ mod tests {
             conflicts,
             vec![Conflict {
                 manager: "other".into(),
+                operation: "Update".into(),
+                subresource: String::new(),
                 api_version: "v1".into(),
                 field: ".spec.a".into()
             }]

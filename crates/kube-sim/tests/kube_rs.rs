@@ -1428,6 +1428,189 @@ async fn pods_take_ephemeral_containers_through_their_subresource() {
     server.shutdown().await;
 }
 
+/// Server-side apply of a CustomResourceDefinition itself: created with the applier's field
+/// set (lists of versions atomic) and the `kube-apiserver` status entry, re-applied without a
+/// new resourceVersion, changed with a new generation and accepted names, a conflict with
+/// another applier worded as the real server words it (appliers by name, leaves before nested
+/// fields), and `force` moving the field.
+#[tokio::test]
+async fn custom_resource_definitions_are_server_side_applied() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = |short: &[&str], minimum: i64| {
+        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "widgets.example.com"},
+            "spec": {"group": "example.com", "scope": "Namespaced",
+                "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "shortNames": short},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                        "spec": {"type": "object", "properties": {"size": {"type": "integer", "minimum": minimum}}}}}}}]}})
+    };
+    let apply = |manager: &str, force: bool| {
+        let mut params = PatchParams::apply(manager);
+        params.force = force;
+        params
+    };
+    let established = || {
+        let crds = crds.clone();
+        async move {
+            let condition = kube::runtime::wait::await_condition(
+                crds,
+                "widgets.example.com",
+                kube::runtime::wait::conditions::is_crd_established(),
+            );
+            tokio::time::timeout(Duration::from_secs(30), condition)
+                .await
+                .expect("established in time")
+                .expect("watch")
+                .expect("the CRD")
+        }
+    };
+    let applied = crds
+        .patch(
+            "widgets.example.com",
+            &apply("tester", false),
+            &Patch::Apply(crd(&["wd"], 1)),
+        )
+        .await
+        .expect("applied");
+    assert_eq!(applied.metadata.generation, Some(1));
+    assert_eq!(
+        serde_json::to_value(&applied.spec.conversion).expect("JSON"),
+        json!({"strategy": "None"})
+    );
+    let current = established().await;
+    let fields = current.metadata.managed_fields.clone().unwrap_or_default();
+    let entries: Vec<(String, String, Option<String>, serde_json::Value)> = fields
+        .iter()
+        .map(|f| {
+            (
+                f.manager.clone().unwrap_or_default(),
+                f.operation.clone().unwrap_or_default(),
+                f.subresource.clone(),
+                f.fields_v1
+                    .as_ref()
+                    .map(|v| v.0.clone())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let condition = json!({".": {}, "f:lastTransitionTime": {}, "f:message": {}, "f:reason": {}, "f:status": {}, "f:type": {}});
+    assert_eq!(
+        entries,
+        vec![
+            (
+                "tester".to_owned(),
+                "Apply".to_owned(),
+                None,
+                json!({"f:spec": {"f:group": {}, "f:names": {"f:kind": {}, "f:plural": {}, "f:shortNames": {}, "f:singular": {}}, "f:scope": {}, "f:versions": {}}})
+            ),
+            (
+                "kube-apiserver".to_owned(),
+                "Update".to_owned(),
+                Some("status".to_owned()),
+                json!({"f:status": {"f:acceptedNames": {"f:kind": {}, "f:listKind": {}, "f:plural": {}, "f:shortNames": {}, "f:singular": {}},
+                    "f:conditions": {"k:{\"type\":\"Established\"}": condition, "k:{\"type\":\"NamesAccepted\"}": condition}}})
+            ),
+        ]
+    );
+    // The same configuration again changes nothing.
+    let again = crds
+        .patch(
+            "widgets.example.com",
+            &apply("tester", false),
+            &Patch::Apply(crd(&["wd"], 1)),
+        )
+        .await
+        .expect("re-applied");
+    assert_eq!(
+        again.metadata.resource_version,
+        current.metadata.resource_version
+    );
+    assert_eq!(again.metadata.generation, Some(1));
+    // A change is a new generation, and the names are accepted.
+    let changed = crds
+        .patch(
+            "widgets.example.com",
+            &apply("tester", false),
+            &Patch::Apply(crd(&["wd", "wdg"], 2)),
+        )
+        .await
+        .expect("changed");
+    assert_eq!(changed.metadata.generation, Some(2));
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let crd = crds.get("widgets.example.com").await.expect("get");
+            let accepted = crd
+                .status
+                .and_then(|s| s.accepted_names)
+                .and_then(|n| n.short_names)
+                .unwrap_or_default();
+            if accepted == ["wd", "wdg"] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the new short names are accepted");
+    // Another applier conflicts on the fields it would change.
+    let err = crds
+        .patch(
+            "widgets.example.com",
+            &apply("other", false),
+            &Patch::Apply(crd(&["other"], 3)),
+        )
+        .await
+        .expect_err("a conflict");
+    assert_eq!(
+        api_error(&err),
+        (
+            409,
+            "Conflict".to_owned(),
+            "Apply failed with 2 conflicts: conflicts with \"tester\":\n- .spec.versions\n- .spec.names.shortNames".to_owned()
+        )
+    );
+    let forced = crds
+        .patch(
+            "widgets.example.com",
+            &apply("other", true),
+            &Patch::Apply(crd(&["other"], 3)),
+        )
+        .await
+        .expect("forced");
+    assert_eq!(
+        forced.spec.names.short_names.clone().unwrap_or_default(),
+        ["other"]
+    );
+    let owners: Vec<(String, bool)> = forced
+        .metadata
+        .managed_fields
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .filter(|f| f.operation.as_deref() == Some("Apply"))
+        .map(|f| {
+            let fields = f
+                .fields_v1
+                .as_ref()
+                .map(|v| v.0.clone())
+                .unwrap_or_default();
+            (
+                f.manager.clone().unwrap_or_default(),
+                fields["f:spec"]["f:names"].get("f:shortNames").is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        owners,
+        [("other".to_owned(), true), ("tester".to_owned(), false)]
+    );
+    server.shutdown().await;
+}
+
 /// A new cluster holds what kube-apiserver creates at start: the four namespaces, the
 /// `default/kubernetes` Service, `cluster-admin` bound to `system:masters`, the two system
 /// PriorityClasses.

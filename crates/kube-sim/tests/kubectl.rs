@@ -1159,3 +1159,83 @@ async fn kubectl_debug_adds_ephemeral_containers() {
     );
     server.shutdown().await;
 }
+
+/// `kubectl apply --server-side` of a CRD: applied, re-applied without a change, owned by
+/// `kubectl` (spec) and `kube-apiserver` (status), and a conflicting applier is refused with the
+/// real server's message.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_server_side_applies_crds() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    let crd = |minimum: u32, short: &str| {
+        format!(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.example.com\nspec:\n  group: example.com\n  scope: Namespaced\n  names: {{plural: widgets, singular: widget, kind: Widget, shortNames: [{short}]}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        properties:\n          spec:\n            type: object\n            properties:\n              size: {{type: integer, minimum: {minimum}}}\n"
+        )
+    };
+    let version = || async {
+        kubectl
+            .ok(&[
+                "get",
+                "crd",
+                "widgets.example.com",
+                "-o",
+                "jsonpath={.metadata.resourceVersion} {.metadata.generation}",
+            ])
+            .await
+    };
+    let out = kubectl
+        .ok_with(&["apply", "--server-side", "-f", "-"], Some(&crd(1, "wd")))
+        .await;
+    assert_eq!(
+        out.trim(),
+        "customresourcedefinition.apiextensions.k8s.io/widgets.example.com serverside-applied"
+    );
+    kubectl
+        .ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/widgets.example.com",
+        ])
+        .await;
+    // The real server's controllers write the status a moment later.
+    let managers = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let managers = kubectl
+                .ok(&[
+                    "get",
+                    "crd",
+                    "widgets.example.com",
+                    "--show-managed-fields",
+                    "-o",
+                    "jsonpath={.metadata.managedFields[*].manager}",
+                ])
+                .await;
+            if managers.contains("kube-apiserver") {
+                return managers;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the status entry");
+    assert_eq!(managers, "kubectl kube-apiserver");
+    let before = version().await;
+    kubectl
+        .ok_with(&["apply", "--server-side", "-f", "-"], Some(&crd(1, "wd")))
+        .await;
+    assert_eq!(version().await, before, "re-applying changes nothing");
+    assert!(before.ends_with(" 1"), "{before}");
+    let refused = kubectl
+        .fails(
+            &["apply", "--server-side", "--field-manager=other", "-f", "-"],
+            Some(&crd(3, "other")),
+        )
+        .await;
+    assert!(
+        refused.contains(
+            "Apply failed with 2 conflicts: conflicts with \"kubectl\":\n- .spec.versions\n- .spec.names.shortNames"
+        ),
+        "{refused}"
+    );
+    server.shutdown().await;
+}
