@@ -20,6 +20,8 @@ const VERBS: [&str; 8] = [
 fn verbs(resource: &Resource) -> Vec<&'static str> {
     if resource.create_only {
         vec!["create"]
+    } else if resource.read_only {
+        vec!["get", "list"]
     } else {
         VERBS.to_vec()
     }

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod apiservices;
 pub mod client_certs;
+pub mod component_status;
 pub mod discovery;
 pub mod error;
 pub mod events;

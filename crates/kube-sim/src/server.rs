@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::{
     api::{self, DeleteOptions, FieldValidation, ListOptions, Part, PatchKind, WriteOptions},
-    discovery,
+    component_status, discovery,
     error::ApiError,
     events, kinds, scale,
     selector::{FieldSelector, LabelSelector},
@@ -549,6 +549,9 @@ async fn route(
             ));
         }
     };
+    if resource.read_only {
+        return component_statuses(&method, target.name.as_deref(), &query, &accept).await;
+    }
     if resource.create_only {
         if method != Method::POST || target.name.is_some() {
             return Err(ApiError::new(
@@ -825,6 +828,61 @@ async fn route(
             err
         }
     })
+}
+
+/// ComponentStatus: get and list, computed on each request, with the deprecation warning (also
+/// on a 404 or a refused watch, as on the real server).
+async fn component_statuses(
+    method: &Method,
+    name: Option<&str>,
+    query: &HashMap<String, String>,
+    accept: &str,
+) -> Result<Response<Body>, ApiError> {
+    let resource = crate::store::builtin_resources()
+        .into_iter()
+        .find(|r| r.read_only)
+        .ok_or_else(|| ApiError::internal("the componentstatuses resource is missing"))?;
+    let warnings = [component_status::WARNING.to_owned()];
+    if *method != Method::GET {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
+    }
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let answer = match name {
+        _ if watch => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "watch is not supported on resources of kind \"componentstatuses\"",
+        )),
+        Some(name) => component_status::one(name)
+            .await
+            .ok_or_else(|| ApiError::not_found("componentstatus", name)),
+        None => Ok(component_status::list(component_status::all().await)),
+    };
+    let body = match answer {
+        Ok(body) => body,
+        Err(err) => return Ok(with_warnings(error_response(&err), &warnings)),
+    };
+    if wants_table(accept) {
+        let items: Vec<&Value> = match body["items"].as_array() {
+            Some(items) => items.iter().collect(),
+            None => vec![&body],
+        };
+        return Ok(with_warnings(
+            json_response(
+                StatusCode::OK,
+                &table::to_table(&resource, &items, json!({}), "Metadata", true),
+            ),
+            &warnings,
+        ));
+    }
+    Ok(with_warnings(
+        json_response(StatusCode::OK, &body),
+        &warnings,
+    ))
 }
 
 /// Lists a resource, or the `events.k8s.io` view of the core events (field selectors then

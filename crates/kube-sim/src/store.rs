@@ -47,6 +47,8 @@ pub struct Resource {
     pub categories: Vec<String>,
     /// Create-only virtual resources (access and identity reviews): answered, never stored.
     pub create_only: bool,
+    /// Read-only virtual resources computed on request (ComponentStatus): get and list only.
+    pub read_only: bool,
     /// Whether `/status` is a subresource (status writes through the main resource are ignored).
     pub status_subresource: bool,
     /// Subresources besides `status` (`approval`, `token`, `scale`), as discovery lists them.
@@ -695,6 +697,7 @@ impl Store {
                 short_names: strings(&names["shortNames"]),
                 categories: strings(&names["categories"]),
                 create_only: false,
+                read_only: false,
                 status_subresource: version["subresources"]["status"].is_object(),
                 subresources: if version["subresources"]["scale"].is_object() {
                     vec![Subresource {
@@ -815,6 +818,7 @@ fn builtin(
         short_names: short.iter().map(|s| (*s).to_owned()).collect(),
         categories: Vec::new(),
         create_only: false,
+        read_only: false,
         status_subresource: status,
         subresources: Vec::new(),
         scale: None,
@@ -918,6 +922,17 @@ pub fn builtin_resources() -> Vec<Resource> {
         review.create_only = true;
         resources.push(review);
     }
+    let mut statuses = builtin(
+        "",
+        "v1",
+        "ComponentStatus",
+        "componentstatuses",
+        false,
+        false,
+        &["cs"],
+    );
+    statuses.read_only = true;
+    resources.push(statuses);
     resources
 }
 

@@ -367,6 +367,34 @@ fn builtin_columns(resource: &Resource) -> Vec<Column> {
             }),
             age_column(),
         ],
+        ("", "componentstatuses") => {
+            let healthy = |o: &Value| -> Value {
+                o["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["type"] == "Healthy")
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            };
+            vec![
+                name(),
+                column("Status", "string", move |o| {
+                    let condition = healthy(o);
+                    json!(match condition["status"].as_str() {
+                        None => "Unknown",
+                        Some("True") => "Healthy",
+                        Some(_) => "Unhealthy",
+                    })
+                }),
+                column("Message", "string", move |o| {
+                    json!(healthy(o)["message"].as_str().unwrap_or(""))
+                }),
+                column("Error", "string", move |o| {
+                    json!(healthy(o)["error"].as_str().unwrap_or(""))
+                }),
+            ]
+        }
         ("", "events") => event_columns(false),
         ("events.k8s.io", "events") => event_columns(true),
         _ => vec![name(), age_column()],

@@ -1611,6 +1611,100 @@ async fn custom_resource_definitions_are_server_side_applied() {
     server.shutdown().await;
 }
 
+/// ComponentStatus (deprecated, still served): get and list only, computed on request: the
+/// controller manager and scheduler probed on 127.0.0.1:10257 and :10259 (nothing listens there
+/// in either test cluster, so both are unhealthy with the dial error) and the storage healthy;
+/// an unknown name is a 404 worded with the singular, a watch a 405.
+#[tokio::test]
+async fn component_statuses_report_the_control_plane() {
+    use k8s_openapi::api::core::v1::ComponentStatus;
+    let server = start().await;
+    let client = server.client().await.expect("client");
+    let core = client
+        .list_core_api_resources("v1")
+        .await
+        .expect("discovered");
+    let entry = core
+        .resources
+        .iter()
+        .find(|r| r.name == "componentstatuses")
+        .expect("componentstatuses listed");
+    assert_eq!(
+        (
+            entry.kind.as_str(),
+            entry.namespaced,
+            entry.verbs.clone(),
+            entry.short_names.clone().unwrap_or_default()
+        ),
+        (
+            "ComponentStatus",
+            false,
+            vec!["get".to_owned(), "list".to_owned()],
+            vec!["cs".to_owned()]
+        )
+    );
+    let statuses: Api<ComponentStatus> = Api::all(client.clone());
+    let listed = statuses.list(&ListParams::default()).await.expect("list");
+    let mut seen: Vec<(String, String, String)> = listed
+        .items
+        .iter()
+        .map(|s| {
+            let condition = s.conditions.clone().unwrap_or_default().remove(0);
+            (
+                s.name_any(),
+                condition.status,
+                condition.message.unwrap_or_default(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let refused = |port: u16| {
+        format!(
+            "Get \"https://127.0.0.1:{port}/healthz\": dial tcp 127.0.0.1:{port}: connect: connection refused"
+        )
+    };
+    assert_eq!(
+        seen,
+        [
+            (
+                "controller-manager".to_owned(),
+                "False".to_owned(),
+                refused(10257)
+            ),
+            ("etcd-0".to_owned(), "True".to_owned(), "ok".to_owned()),
+            ("scheduler".to_owned(), "False".to_owned(), refused(10259)),
+        ]
+    );
+    let etcd = statuses.get("etcd-0").await.expect("get");
+    assert_eq!(
+        serde_json::to_value(etcd.conditions).expect("JSON"),
+        json!([{"type": "Healthy", "status": "True", "message": "ok"}])
+    );
+    let err = statuses.get("nope").await.expect_err("absent");
+    assert_eq!(
+        api_error(&err),
+        (
+            404,
+            "NotFound".to_owned(),
+            "componentstatus \"nope\" not found".to_owned()
+        )
+    );
+    let err = statuses
+        .watch(&kube::api::WatchParams::default(), "0")
+        .await
+        .map(|_| ())
+        .expect_err("no watch");
+    assert_eq!(
+        api_error(&err),
+        (
+            405,
+            "MethodNotAllowed".to_owned(),
+            "watch is not supported on resources of kind \"componentstatuses\"".to_owned()
+        )
+    );
+    server.shutdown().await;
+}
+
 /// A new cluster holds what kube-apiserver creates at start: the four namespaces, the
 /// `default/kubernetes` Service, `cluster-admin` bound to `system:masters`, the two system
 /// PriorityClasses.

@@ -1239,3 +1239,39 @@ async fn kubectl_server_side_applies_crds() {
     );
     server.shutdown().await;
 }
+
+/// `kubectl get componentstatuses` (deprecated): the real server's columns and warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_gets_component_statuses() {
+    let server = start().await;
+    let kubectl = Kubectl::new(&server);
+    let output = kubectl.run(&["get", "cs"], None).await;
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    let warnings = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        warnings.contains("Warning: v1 ComponentStatus is deprecated in v1.19+"),
+        "{warnings}"
+    );
+    assert_eq!(
+        header(&table),
+        ["NAME", "STATUS", "MESSAGE", "ERROR"],
+        "{table}"
+    );
+    let mut rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().take(3).collect())
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            vec!["controller-manager", "Unhealthy", "Get"],
+            vec!["etcd-0", "Healthy", "ok"],
+            vec!["scheduler", "Unhealthy", "Get"],
+        ],
+        "{table}"
+    );
+    server.shutdown().await;
+}
