@@ -2,6 +2,7 @@
 //! real peers).
 
 mod bench;
+mod chaos;
 mod codegen;
 mod e2e;
 mod k3d;
@@ -31,6 +32,9 @@ enum Command {
     Tidy,
     /// Run the end-to-end scenarios (see crates/harness/README.md).
     E2e(Box<e2e::E2eFlags>),
+    /// Random fault schedules with steady load over two tenants; invariants checked; a failing
+    /// schedule shrunk to a scenario file (crates/harness/README.md, "Chaos").
+    Chaos(Box<chaos::ChaosFlags>),
     /// Create, deploy, inspect or delete the k3d clusters; render k3d/ from k3d/values.yaml.
     K3d(k3d::K3dFlags),
     /// Run the benchmarks and write BENCHMARKS.md (see the README's Benchmarks section).
@@ -46,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Codegen { check } => codegen::run(check),
         Command::Tidy => tidy::run(),
         Command::E2e(flags) => e2e::run(*flags),
+        Command::Chaos(flags) => chaos::run(*flags),
         Command::K3d(flags) => k3d::run(flags),
         Command::Bench(flags) => bench::run(flags),
         Command::Peers(flags) => peers::run(flags),

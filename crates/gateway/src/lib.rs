@@ -228,6 +228,10 @@ fn revalidate_connections(
 ) -> (usize, usize) {
     let (mut granted, mut revoked) = (0, 0);
     for conn in connections {
+        if cfg!(feature = "chaos-defect-skip-revocation") {
+            // The deliberate defect of the chaos harness's self-test: nothing is re-verified.
+            continue;
+        }
         shared.metrics.reverified();
         let admission = index.admit(&conn.plane_id, &conn.chain, &conn.served);
         if admission.granted.is_empty() {

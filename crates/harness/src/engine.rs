@@ -1389,6 +1389,7 @@ impl Engine {
                             phase: "bindings",
                             kind: "bindings".into(),
                             summary: name.clone(),
+                            at: self.started.elapsed().as_secs_f64(),
                             status: Status::Failed,
                             duration: Duration::ZERO,
                             failure: Some(failure),
@@ -1435,6 +1436,7 @@ impl Engine {
             phase,
             kind: op.kind().into(),
             summary: self.summary(op),
+            at: self.started.elapsed().as_secs_f64(),
             status: Status::Skipped,
             duration: Duration::ZERO,
             failure: None,
@@ -1450,12 +1452,14 @@ impl Engine {
         let summary = self.summary(op);
         (self.progress)(format!("  {} {summary}", op.kind()));
         let started = Instant::now();
+        let at = self.started.elapsed().as_secs_f64();
         let res = self.run_op(op, timeouts).await;
         let res = if op.continue_on_error() { Ok(()) } else { res };
         OpResult {
             phase,
             kind: op.kind().into(),
             summary,
+            at,
             status: if res.is_ok() {
                 Status::Passed
             } else {
@@ -1790,14 +1794,20 @@ async fn request_once(
             ..Failure::default()
         });
     }
-    let wanted_status = op.expect.status.unwrap_or(200);
-    if status != wanted_status {
+    let wanted: Vec<u16> = match (&op.expect.status, op.expect.status_in.is_empty()) {
+        (Some(one), _) => vec![*one],
+        (None, false) => op.expect.status_in.clone(),
+        (None, true) => vec![200],
+    };
+    if !wanted.contains(&status) {
+        let wanted = wanted
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" or ");
         return Err(Failure {
-            message: format!(
-                "{method} {}: status {status}, expected {wanted_status}",
-                op.path
-            ),
-            awaited: Some(format!("status {wanted_status}")),
+            message: format!("{method} {}: status {status}, expected {wanted}", op.path),
+            awaited: Some(format!("status {wanted}")),
             last_seen: Some(seen()),
             diff: None,
         });
@@ -2095,6 +2105,25 @@ fn check_load(report: &LoadReport, op: &LoadOp) -> OpResultT {
             && value > limit.0.as_secs_f64() * 1000.0
         {
             problems.push(format!("{label} {value:.1}ms > {limit}"));
+        }
+    }
+    if let Some(limit) = op.expect.max_failure_latency {
+        let limit_ms = limit.0.as_secs_f64() * 1000.0;
+        let slow: Vec<&LoadSample> = report
+            .samples
+            .iter()
+            .filter(|s| !s.ok && s.latency_ms > limit_ms)
+            .collect();
+        if let Some(slowest) = slow
+            .iter()
+            .max_by(|a, b| a.latency_ms.total_cmp(&b.latency_ms))
+        {
+            problems.push(format!(
+                "{} failed request(s) took longer than {limit} (the slowest {:.0}ms, sent at {:.1}s)",
+                slow.len(),
+                slowest.latency_ms,
+                slowest.t
+            ));
         }
     }
     if problems.is_empty() {

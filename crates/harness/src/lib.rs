@@ -11,6 +11,7 @@ pub mod backend;
 pub mod balancer;
 pub mod bindings;
 pub mod build;
+pub mod chaos;
 pub mod duration;
 pub mod engine;
 pub mod k3d;

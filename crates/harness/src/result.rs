@@ -78,6 +78,9 @@ pub struct OpResult {
     pub kind: String,
     /// A one-line summary of what it did.
     pub summary: String,
+    /// When it started, in seconds since the scenario's first step (the time axis of series and
+    /// load samples).
+    pub at: f64,
     /// Outcome.
     pub status: Status,
     /// How long it took.

@@ -265,6 +265,11 @@ pub async fn run_scenario(
         }
         steps.push(result);
     }
+    // Every scenario also holds this: no component panicked, whatever its steps checked (a
+    // panicking task may leave a process up and looking healthy).
+    if failure.is_none() {
+        failure = panicked(env.as_ref());
+    }
     let evidence = if failure.is_some() {
         Some(engine.evidence().await)
     } else {
@@ -319,6 +324,30 @@ pub async fn run_scenario(
         kept,
         skipped: None,
     }
+}
+
+/// The marker Rust's panic hook prints.
+const PANIC_MARKER: &str = "panicked at";
+
+/// A failure naming every component whose log shows a panic, with the panic's line.
+fn panicked(env: &dyn Environment) -> Option<Failure> {
+    let found = panics_in(&env.logs(usize::MAX));
+    (!found.is_empty()).then(|| Failure {
+        message: format!("a component panicked: {}", found.join("; ")),
+        awaited: Some("no `panicked at` in any component's log".into()),
+        ..Failure::default()
+    })
+}
+
+/// `component: line` for each log line with a panic.
+fn panics_in(logs: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    logs.iter()
+        .flat_map(|(component, text)| {
+            text.lines()
+                .filter(|line| line.contains(PANIC_MARKER))
+                .map(move |line| format!("{component}: {}", line.trim()))
+        })
+        .collect()
 }
 
 /// Runs the selected scenarios: non-concurrent ones first, alone; then the rest `jobs` at a time.
@@ -622,6 +651,27 @@ mod tests {
     }
 
     /// Generated names are valid DNS labels.
+    /// A panic anywhere in a component's log is found with its component; other lines are not.
+    #[test]
+    fn finds_panics_in_component_logs() {
+        let logs: std::collections::BTreeMap<String, String> = [
+            (
+                "gateway-0".to_owned(),
+                "INFO started\nthread 'tokio-runtime-worker' panicked at crates/gateway/src/proxy.rs:10:5:\nboom\n".to_owned(),
+            ),
+            ("agent-a".to_owned(), "WARN reconnecting after a panic-free error\n".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            panics_in(&logs),
+            [
+                "gateway-0: thread 'tokio-runtime-worker' panicked at crates/gateway/src/proxy.rs:10:5:"
+            ]
+        );
+        assert!(panics_in(&std::collections::BTreeMap::new()).is_empty());
+    }
+
     #[test]
     fn makes_dns_labels() {
         assert_eq!(dns_label("CA_rotation.v2--", 63), "ca-rotation-v2");

@@ -921,6 +921,10 @@ pub struct PartitionOp {
 pub struct RequestExpect {
     /// Expected HTTP status.
     pub status: Option<u16>,
+    /// Any of these statuses (when `status` is unset), e.g. `[403, 503]` for "refused, either
+    /// as not authorised or as no agent".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status_in: Vec<u16>,
     /// Partial match on the JSON body.
     pub body: Option<Value>,
     /// Text the body must contain.
@@ -974,6 +978,9 @@ pub struct LoadExpect {
     pub p90: Option<Dur>,
     /// Upper bound on the 99th percentile.
     pub p99: Option<Dur>,
+    /// Upper bound on the time any failed request took: a failure must come fast (a request
+    /// that hangs until the client gives up breaks it).
+    pub max_failure_latency: Option<Dur>,
 }
 
 /// Request load through the gateway.

@@ -309,6 +309,14 @@ pub fn html(suite: &SuiteResult) -> String {
                 load.p90_ms,
                 load.p99_ms
             );
+            let marks = fault_marks(result);
+            if !marks.is_empty() {
+                out.push_str(&svg::timeline(
+                    &format!("{}: every request against the faults", load.name),
+                    &load.samples,
+                    &marks,
+                ));
+            }
             let latencies: Vec<f64> = load.samples.iter().map(|s| s.latency_ms).collect();
             out.push_str(&svg::histogram(
                 &format!("{} latency distribution", load.name),
@@ -341,6 +349,29 @@ pub fn html(suite: &SuiteResult) -> String {
     }
     out.push_str("</body></html>\n");
     out
+}
+
+/// The operations of a scenario that break or mend something (kills, stops, starts, link
+/// faults and heals, partitions, CA changes, deletes), as marks on the time axis.
+fn fault_marks(result: &ScenarioResult) -> Vec<svg::Mark> {
+    result
+        .steps
+        .iter()
+        .flat_map(|step| &step.operations)
+        .filter(|op| op.status != Status::Skipped)
+        .filter_map(|op| {
+            let breaks = match op.kind.as_str() {
+                "kill" | "stop" | "fault" | "partition" | "delete" | "rotateCa" | "restart" => true,
+                "start" | "heal" => false,
+                _ => return None,
+            };
+            Some(svg::Mark {
+                at: op.at,
+                label: format!("{} {}", op.kind, op.summary),
+                breaks,
+            })
+        })
+        .collect()
 }
 
 /// Pass rates with their 95 % intervals drawn as bars on a 0–100 % scale.
@@ -398,7 +429,20 @@ mod tests {
                 last_seen: Some("status: False".into()),
                 diff: Some("- True\n+ False".into()),
             }),
-            steps: Vec::new(),
+            steps: vec![crate::result::StepResult {
+                name: "faults".into(),
+                status: Status::Passed,
+                duration: Duration::from_millis(200),
+                operations: vec![crate::result::OpResult {
+                    phase: "try",
+                    kind: "kill".into(),
+                    summary: "gateway".into(),
+                    at: 0.3,
+                    status: Status::Passed,
+                    duration: Duration::from_millis(100),
+                    failure: None,
+                }],
+            }],
             cleanup_error: None,
             evidence: None,
             series: vec![Series {
@@ -490,6 +534,10 @@ mod tests {
         assert!(page.contains("connected over time"));
         assert!(page.contains("latency distribution"));
         assert!(page.contains("error rate over time"));
+        assert!(
+            page.contains("every request against the faults") && page.contains("kill gateway"),
+            "the faults are drawn on the load's time axis"
+        );
         assert!(
             !page.contains("<script src") && !page.contains("<link"),
             "no external resources"

@@ -142,3 +142,58 @@ pub(crate) fn error_rate(samples: &[LoadSample]) -> Vec<(f64, f64)> {
         .map(|(t, (n, failed))| (t as f64, failed as f64 / n as f64))
         .collect()
 }
+
+/// A fault or recovery on the time axis: when, a short label, and whether it breaks (red) or
+/// heals (green) something.
+pub(crate) struct Mark {
+    /// Seconds on the scenario's axis.
+    pub at: f64,
+    /// Shown on hover and abbreviated beside the line.
+    pub label: String,
+    /// Injects a fault (true) or recovers (false).
+    pub breaks: bool,
+}
+
+/// Every request of a load as a dot (latency against the time it was sent; failed ones red),
+/// with the scenario's faults and recoveries as vertical lines on the same axis.
+pub(crate) fn timeline(title: &str, samples: &[LoadSample], marks: &[Mark]) -> String {
+    if samples.is_empty() {
+        return format!("<p>{}: no samples</p>", escape(title));
+    }
+    let end = samples
+        .iter()
+        .map(|s| s.t + s.latency_ms / 1000.0)
+        .chain(marks.iter().map(|m| m.at))
+        .fold(0.0, f64::max);
+    let x_max = nice_max(end);
+    let y_max = nice_max(samples.iter().map(|s| s.latency_ms).fold(0.0, f64::max));
+    let sx = |x: f64| LEFT + x / x_max * (WIDTH - LEFT - RIGHT);
+    let sy = |y: f64| HEIGHT - BOTTOM - y / y_max * (HEIGHT - BOTTOM - TOP);
+    let mut body = String::new();
+    for (i, mark) in marks.iter().enumerate() {
+        let x = sx(mark.at);
+        let colour = if mark.breaks { "#cf222e" } else { "#1a7f37" };
+        let short: String = mark.label.chars().take(18).collect();
+        let _ = write!(
+            body,
+            "<line x1=\"{x:.1}\" y1=\"{TOP}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-dasharray=\"3,2\"><title>{:.1}s {}</title></line>\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"8\" fill=\"{colour}\" font-family=\"sans-serif\">{}</text>",
+            HEIGHT - BOTTOM,
+            mark.at,
+            escape(&mark.label),
+            x + 2.0,
+            TOP + 9.0 + (i % 6) as f64 * 9.0,
+            escape(&short)
+        );
+    }
+    for sample in samples {
+        let _ = write!(
+            body,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"1.6\" fill=\"{}\"/>",
+            sx(sample.t),
+            sy(sample.latency_ms),
+            if sample.ok { "#0969da" } else { "#cf222e" }
+        );
+    }
+    frame(title, &body, "s (ms: latency)", x_max, y_max)
+}
