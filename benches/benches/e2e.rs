@@ -3,6 +3,10 @@
 //! the raw TLS byte relay (`relay`), through the gateway and an agent (`v1`, `v2`), and through
 //! rathole with its TLS transport (`rathole`, a peer a user could pick instead; skipped with the
 //! reason when `BUILDPLANE_RATHOLE` names no binary, see `buildplane_benches::rathole`).
+//! At 1 KiB and c64 also v2 through gateway replicas behind a round-robin balancer (callers to
+//! the replicas' internal API and the agent to the replicas' agent listener both cross it):
+//! one replica (`v2_lb1`, what the balancer alone costs) and three (`v2_lb3`, the agent holding
+//! one connection to each), against `v2`, one gateway and no balancer.
 //!
 //! One iteration is one round of `concurrency` concurrent requests; throughput counts body bytes.
 //! 16 MiB runs at concurrency 1 and 64 only (a round at 256 moves 4 GiB), and not over v1, whose
@@ -10,7 +14,7 @@
 
 use std::time::Duration;
 
-use buildplane_benches::{Backend, KIB, MIB, Peer, Pki, Rathole, Relay, Tunnel, round};
+use buildplane_benches::{Backend, KIB, MIB, Peer, Pki, Rathole, Relay, Replicas, Tunnel, round};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 
 fn cases() -> Vec<(usize, usize)> {
@@ -45,10 +49,17 @@ fn e2e(c: &mut Criterion) {
         .build()
         .expect("tokio runtime");
     let pki = Pki::generate().expect("PKI");
-    let (backend, relay, tunnel, rathole) = rt.block_on(async {
+    let (backend, relay, tunnel, replicas, rathole) = rt.block_on(async {
         let backend = Backend::start().await.expect("backend");
         let relay = Relay::start(&pki, backend.addr).await.expect("relay");
         let tunnel = Tunnel::start(&pki, &backend).await.expect("tunnel");
+        let mut replicas = Vec::new();
+        for n in [1, 3] {
+            let set = Replicas::start(&pki, &backend, n)
+                .await
+                .unwrap_or_else(|err| panic!("{n} replicas: {err:#}"));
+            replicas.push((format!("v2_lb{n}"), set));
+        }
         // A binary that is there but does not work is a failure, not a skip.
         let rathole = match Rathole::from_env(&pki, backend.addr)
             .await
@@ -60,7 +71,7 @@ fn e2e(c: &mut Criterion) {
                 None
             }
         };
-        (backend, relay, tunnel, rathole)
+        (backend, relay, tunnel, replicas, rathole)
     });
     let client = pki.http_client().expect("HTTP client");
     let quick = buildplane_benches::quick();
@@ -90,6 +101,11 @@ fn e2e(c: &mut Criterion) {
             paths.push(("v1", tunnel.url(1, size)));
         }
         paths.push(("v2", tunnel.url(2, size)));
+        if (size, concurrency) == (KIB, 64) {
+            for (name, set) in &replicas {
+                paths.push((name.as_str(), set.url(size)));
+            }
+        }
         if let Some(rathole) = &rathole {
             paths.push(("rathole", rathole.url(size)));
         }
@@ -105,6 +121,7 @@ fn e2e(c: &mut Criterion) {
         group.finish();
     }
     drop(tunnel);
+    drop(replicas);
     drop(rathole);
 }
 

@@ -390,6 +390,153 @@ impl Drop for Tunnel {
     }
 }
 
+/// planeID and BuildPlane name of the agent of [`Replicas`].
+const REPLICAS_PLANE: &str = "bench-replicas";
+
+/// N gateway replicas behind balancers, as a Kubernetes Service puts them, with one v2 agent
+/// holding a connection to each (it learns N from the 101s and dials through the agents'
+/// balancer until it holds every replica); a control-cluster kube-sim of its own, everything
+/// in this process. Callers reach the replicas' internal API through a second balancer, so
+/// their connections spread over the replicas and each replica routes over its own
+/// connection to the agent. Compared with [`Tunnel`], a request crosses two more relays (one
+/// before the gateway, one between gateway and agent), whatever N is.
+pub struct Replicas {
+    /// The control cluster.
+    pub control: RunningServer,
+    /// The replicas, `gateway-0..`.
+    pub gateways: Vec<RunningGateway>,
+    /// In front of the replicas' agent listeners.
+    pub agent_balancer: crate::Balancer,
+    /// In front of the replicas' internal APIs.
+    pub internal_balancer: crate::Balancer,
+    agents: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Replicas {
+    /// Starts `n` replicas and the agent; waits until the agent holds every replica and each
+    /// replica answers through it.
+    pub async fn start(pki: &Pki, backend: &Backend, n: u32) -> anyhow::Result<Replicas> {
+        anyhow::ensure!(n >= 1, "at least one replica");
+        let control = Server::start(kube_sim::Config {
+            name: format!("bench-replicas-{n}"),
+            ..kube_sim::Config::default()
+        })
+        .await?;
+        let client = control.client().await?;
+        install_crds(&client).await?;
+        create_namespace(&client, NAMESPACE).await?;
+        apply_build_plane(
+            &client,
+            NAMESPACE,
+            REPLICAS_PLANE,
+            REPLICAS_PLANE,
+            pki.agent_ca.cert_pem(),
+        )
+        .await?;
+        let dir = tempfile::tempdir()?;
+        let files = pki.write(dir.path())?;
+        let kubeconfig = dir.path().join("control.kubeconfig");
+        control.write_kubeconfig(&kubeconfig)?;
+        let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut gateways = Vec::new();
+        for i in 0..n {
+            let mut config = GatewayConfig::new(
+                Some(kubeconfig.clone()),
+                (files.server_cert.clone(), files.server_key.clone()),
+                files.internal_ca.clone(),
+            );
+            config.agent_listen = localhost;
+            config.internal_listen = localhost;
+            config.health_listen = localhost;
+            // As the single gateway of `Tunnel`.
+            config.verdict_cache_size = 0;
+            config.replica = cluster_gateway::Replica {
+                id: format!("gateway-{i}"),
+                count: n,
+            };
+            gateways.push(cluster_gateway::start(config).await?);
+        }
+        let agent_balancer =
+            crate::Balancer::start(localhost, gateways.iter().map(|g| g.agent_addr).collect())
+                .await?;
+        let internal_balancer = crate::Balancer::start(
+            localhost,
+            gateways.iter().map(|g| g.internal_addr).collect(),
+        )
+        .await?;
+        let agents = CancellationToken::new();
+        let backend_cluster = cluster_agent::BuildCluster::from_config(kube::Config::new(
+            format!("http://{}", backend.addr).parse()?,
+        ))?;
+        let mut config = AgentConfig::new(
+            format!("wss://127.0.0.1:{}/ws", agent_balancer.addr.port()),
+            REPLICAS_PLANE,
+        );
+        config.protocol = 2;
+        let agent = Agent::new(
+            config,
+            backend_cluster,
+            pki.server_ca.cert_pem().as_bytes(),
+            pki.agent_cert()?,
+        )?;
+        tokio::spawn(agent.clone().supervise(agents.clone()));
+        let replicas = Replicas {
+            control,
+            gateways,
+            agent_balancer,
+            internal_balancer,
+            agents,
+            _dir: dir,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while agent.held_replicas().len() < n as usize {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the agent holds {:?}, not all {n} replicas, after 60 s",
+                agent.held_replicas()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Each replica routes to the agent over its own connection.
+        let http = pki.http_client()?;
+        for gateway in &replicas.gateways {
+            let url = replicas.url_at(gateway.internal_addr, 16);
+            loop {
+                match crate::fetch(&http, &url).await {
+                    Ok(16) => break,
+                    res if tokio::time::Instant::now() > deadline => {
+                        anyhow::bail!("{url} never answered through the agent: {res:?}")
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        Ok(replicas)
+    }
+
+    /// The proxy URL of an `n`-byte response, through the internal API's balancer.
+    pub fn url(&self, n: usize) -> String {
+        self.url_at(self.internal_balancer.addr, n)
+    }
+
+    fn url_at(&self, internal: SocketAddr, n: usize) -> String {
+        format!(
+            "https://127.0.0.1:{}/api/proxy/buildplane/{REPLICAS_PLANE}/{NAMESPACE}/{REPLICAS_PLANE}/k8s/size/{n}",
+            internal.port()
+        )
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        self.agents.cancel();
+        for gateway in &self.gateways {
+            gateway.shared.shutdown.cancel();
+        }
+    }
+}
+
 /// planeID, BuildPlane name of the agent speaking `protocol`.
 pub fn plane(protocol: u16) -> String {
     format!("bench-v{protocol}")

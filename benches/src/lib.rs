@@ -7,14 +7,18 @@
 //! - relay: client → relay 1 (mTLS, internal CA) → TLS → relay 2 → backend; bytes are copied,
 //!   nothing is parsed.
 //! - tunnel: client → gateway internal API (mTLS) → WebSocket over TLS → agent → backend.
+//! - replicas: client → balancer → one of N gateway replicas' internal API → balancer → agent
+//!   (which holds one connection to every replica) → backend; N = 1 and 3.
 //! - rathole, a peer: client → rathole server (TCP) → TLS → rathole client → backend, two
 //!   processes of the binary `cargo xtask bench` builds (skipped, with the reason, without it).
 
+pub mod balancer;
 pub mod fixture;
 pub mod load;
 pub mod rathole;
 
-pub use fixture::{Backend, Pki, Relay, Tunnel};
+pub use balancer::Balancer;
+pub use fixture::{Backend, Pki, Relay, Replicas, Tunnel};
 pub use load::{fetch, round};
 pub use rathole::{Peer, Rathole};
 

@@ -6,7 +6,9 @@
 //!   names its binary).
 //! - `fleet`: a gateway process and N agents in `cluster-agent swarm` processes: gateway RSS per
 //!   idle agent, and with `--storm` the gateway killed (SIGKILL) and restarted: time until every
-//!   agent is back, admission rate and reconnect delay percentiles.
+//!   agent is back, admission rate and reconnect delay percentiles; with `--replicas N` the
+//!   gateway is N replicas behind balancers and the storm kills and restarts all of them.
+//! - `balance`: a TCP round-robin balancer in front of gateway replicas, as a process.
 
 mod cpu;
 mod fleet;
@@ -41,6 +43,15 @@ enum Command {
     Fleet(fleet::FleetFlags),
     /// CPU of gateway and agent per 1,000 proxied responses, v1 against v2.
     Cpu(cpu::CpuFlags),
+    /// A TCP round-robin balancer until SIGTERM; then its counts.
+    Balance {
+        /// Where to listen.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// A backend (repeat for each).
+        #[arg(long = "backend", required = true)]
+        backends: Vec<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +68,9 @@ fn main() -> anyhow::Result<()> {
         } => rt.block_on(latency(quick, fraction, &only))?,
         Command::Fleet(flags) => rt.block_on(fleet::run(flags))?,
         Command::Cpu(flags) => rt.block_on(cpu::run(flags))?,
+        Command::Balance { listen, backends } => serde_json::to_value(
+            rt.block_on(buildplane_benches::balancer::serve(listen, backends))?,
+        )?,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

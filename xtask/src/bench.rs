@@ -88,6 +88,9 @@ pub(crate) const BENCH_BINARIES: &[&str] = &[
     "--bins",
 ];
 
+/// Gateway replicas of the high-availability figures (issue #15), against one gateway.
+const REPLICAS: u32 = 3;
+
 /// The rathole version `benches/peers/rathole` pins (a test checks that the two agree).
 const RATHOLE_VERSION: &str = "0.5.0";
 
@@ -242,10 +245,12 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
     let storm_agents = flags
         .storm_agents
         .unwrap_or(if flags.quick { 100 } else { 1000 });
-    // The storm runs on the largest fleet: with 1,000 agents the peak admission window measures
-    // how fast 1,000 agents arrive (at most 1,000/s), not what the gateway can admit.
+    // The single-replica storm figures (`storm.*`) come from the largest fleet: with 1,000
+    // agents the peak admission window measures how fast 1,000 agents arrive (at most
+    // 1,000/s), not what the gateway can admit. Every fleet storms, so that each size has its
+    // single-replica figure beside the three replicas' of the same run.
     let storm_count = storm_agents.to_string();
-    let mut small_args = vec![
+    let small_args = [
         "fleet",
         "--count",
         &storm_count,
@@ -253,13 +258,9 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
         "2",
         "--bin-dir",
         &bin,
+        "--storm",
     ];
-    if flags.quick {
-        eprintln!("== fleet of {storm_agents} agents: idle memory, then a gateway restart storm");
-        small_args.push("--storm");
-    } else {
-        eprintln!("== fleet of {storm_agents} agents: idle memory");
-    }
+    eprintln!("== fleet of {storm_agents} agents: idle memory, then a gateway restart storm");
     let fleet_small = run_json(&bench, &small_args, &[])?;
     let fleet_large = if flags.quick {
         None
@@ -280,12 +281,47 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
             &[],
         )?)
     };
+    // The same fleets with three replicas (issue #15): every agent holds one connection to each
+    // through a balancer beside its swarm process, and the storm kills all three.
+    let replicas = REPLICAS.to_string();
+    let mut replica_fleets = Vec::new();
+    for (count, processes) in [(storm_count.as_str(), "2"), ("10000", "4")] {
+        if flags.quick && count == "10000" {
+            continue;
+        }
+        eprintln!(
+            "== {REPLICAS} gateway replicas behind balancers, {count} agents: restart storm of every replica"
+        );
+        replica_fleets.push(run_json(
+            &bench,
+            &[
+                "fleet",
+                "--count",
+                count,
+                "--processes",
+                processes,
+                "--replicas",
+                &replicas,
+                "--bin-dir",
+                &bin,
+                "--storm",
+            ],
+            &[],
+        )?);
+    }
 
     let mut figures = Figures::default();
     collect_criterion(&estimates, &mut figures);
     collect_latency(&latency, &mut figures);
     collect_cpu(&cpu, &mut figures);
     collect_fleet(&fleet_small, fleet_large.as_ref(), &mut figures);
+    for fleet in [Some(&fleet_small), fleet_large.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(&replica_fleets)
+    {
+        collect_replica_storm(fleet, &mut figures);
+    }
     let rathole_skipped = rathole.as_ref().err().cloned();
     let missing = missing_figures(&figures, flags.quick, rathole_skipped.is_none());
     let targets = targets(&figures, flags.quick, rathole_skipped.as_deref());
@@ -301,7 +337,7 @@ pub(crate) fn run(flags: BenchFlags) -> anyhow::Result<()> {
             Ok(peer) => json!({"version": RATHOLE_VERSION, "binary": peer.binary, "tls": peer.tls}),
             Err(reason) => json!({"version": RATHOLE_VERSION, "skipped": reason}),
         }},
-        "raw": {"latency": latency, "cpu": cpu, "fleet": fleet_small, "fleet_10k": fleet_large},
+        "raw": {"latency": latency, "cpu": cpu, "fleet": fleet_small, "fleet_10k": fleet_large, "fleet_replicas": replica_fleets},
     });
     let json_path = out_dir.join(if flags.quick {
         "bench-quick.json"
@@ -806,6 +842,73 @@ fn collect_fleet(fleet: &Value, fleet_large: Option<&Value>, figures: &mut Figur
     );
 }
 
+/// The restart storm of a fleet as `storm.{agents}.replicas{N}.*`: one gateway (N = 1) and
+/// N replicas behind balancers, each size measured both ways in the same run.
+fn collect_replica_storm(fleet: &Value, figures: &mut Figures) {
+    let storm = &fleet["storm"];
+    let (Some(count), Some(replicas)) = (storm["count"].as_u64(), storm["replicas"].as_u64())
+    else {
+        return;
+    };
+    let name = |figure: &str| format!("storm.{count}.replicas{replicas}.{figure}");
+    for (figure, key, unit, better) in [
+        ("serving", "all_subscribed_secs", "s", Better::Lower),
+        ("one_back", "one_back_secs", "s", Better::Lower),
+        ("all_back", "all_back_secs", "s", Better::Lower),
+        (
+            "admission_rate_mean",
+            "admission_rate_mean",
+            "1/s",
+            Better::Higher,
+        ),
+        (
+            "admission_rate_peak",
+            "admission_rate_peak_1s",
+            "1/s",
+            Better::Higher,
+        ),
+        ("reconnect_p50", "reconnect_p50_secs", "s", Better::Lower),
+        ("reconnect_p99", "reconnect_p99_secs", "s", Better::Lower),
+        (
+            "handshakes_per_agent",
+            "handshakes_per_agent",
+            "handshakes",
+            Better::Lower,
+        ),
+        (
+            "held_refusals_per_agent",
+            "held_refusals_per_agent",
+            "handshakes",
+            Better::Lower,
+        ),
+        ("gateway_cpu", "gateway_cpu_secs", "s", Better::Lower),
+        ("swarm_cpu", "swarm_cpu_secs", "s", Better::Lower),
+        ("balancer_cpu", "balancer_cpu_secs", "s", Better::Lower),
+    ] {
+        figures.put(name(figure), number(&storm[key]), unit, better);
+    }
+}
+
+/// The agents of the largest fleet whose storm was measured both with one gateway and with
+/// [`REPLICAS`] replicas.
+fn replica_storm_agents(figures: &Figures) -> Option<u64> {
+    figures
+        .0
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("storm.")?
+                .strip_suffix(&format!(".replicas{REPLICAS}.all_back"))?
+                .parse::<u64>()
+                .ok()
+        })
+        .filter(|count| {
+            figures
+                .get(&format!("storm.{count}.replicas1.all_back"))
+                .is_some()
+        })
+        .max()
+}
+
 /// Figures every run must produce (a missing one means a bench silently did not run); rathole's
 /// too when it was built.
 fn missing_figures(figures: &Figures, quick: bool, rathole: bool) -> Vec<String> {
@@ -827,8 +930,15 @@ fn missing_figures(figures: &Figures, quick: bool, rathole: bool) -> Vec<String>
     for path in ["direct", "relay", "v2"] {
         expected.push(format!("e2e.16MiB_c{}.{path}", if quick { 1 } else { 64 }));
     }
+    for path in ["v2_lb1", "v2_lb3"] {
+        expected.push(format!("e2e.1KiB_c64.{path}"));
+    }
     if !quick {
         expected.push("memory.per_agent.10000".into());
+        for replicas in [1, REPLICAS] {
+            expected.push(format!("storm.10000.replicas{replicas}.all_back"));
+            expected.push(format!("storm.10000.replicas{replicas}.one_back"));
+        }
     }
     if rathole {
         expected.push("e2e.1KiB_c64.rathole".into());
@@ -838,6 +948,11 @@ fn missing_figures(figures: &Figures, quick: bool, rathole: bool) -> Vec<String>
         expected.push("latency.rathole.failed".into());
     }
     expected.retain(|name| figures.get(name).is_none());
+    if replica_storm_agents(figures).is_none() {
+        expected.push(format!(
+            "storm.AGENTS.replicas{REPLICAS}.all_back beside storm.AGENTS.replicas1.all_back"
+        ));
+    }
     expected
 }
 
@@ -955,6 +1070,46 @@ fn targets(figures: &Figures, quick: bool, rathole_skipped: Option<&str>) -> Vec
             None,
         ),
     ];
+    // Gateway replicas (issue #15), against one gateway in the same run. The storm: all three
+    // replicas restart on the same two cores as the agents, so holding every replica again is
+    // three admissions per agent where one gateway needs one; within 3x means the 409s of a
+    // slot reaching a replica it holds cost no more than that. Holding one connection again
+    // (every agent reachable) should cost hardly more than one gateway's storm.
+    let storm_agents = replica_storm_agents(figures);
+    let storm = |figure: &str, replicas: u32| {
+        storm_agents.map_or(String::new(), |count| {
+            format!("storm.{count}.replicas{replicas}.{figure}")
+        })
+    };
+    let agents = storm_agents.map_or("?".to_owned(), |count| count.to_string());
+    targets.push((
+        format!("storm, {REPLICAS} replicas: all agents hold all {REPLICAS} / 1 replica all back ({agents} agents)"),
+        ratio(&storm("all_back", REPLICAS), &storm("all_back", 1)),
+        "<= 3",
+        3.0,
+        false,
+        None,
+    ));
+    targets.push((
+        format!(
+            "storm, {REPLICAS} replicas: all agents hold one / 1 replica all back ({agents} agents)"
+        ),
+        ratio(&storm("one_back", REPLICAS), &storm("all_back", 1)),
+        "<= 1.5",
+        1.5,
+        false,
+        None,
+    ));
+    // 1 KiB through three replicas behind a balancer against one gateway without it: the
+    // balancer adds a relay before the gateway and one between gateway and agent.
+    targets.push((
+        format!("v2, {REPLICAS} replicas behind a balancer / 1 gateway, 1 KiB, c64"),
+        ratio(&format!("e2e.1KiB_c64.v2_lb{REPLICAS}"), "e2e.1KiB_c64.v2"),
+        ">= 0.8",
+        0.8,
+        true,
+        None,
+    ));
     for size in ["1KiB", "64KiB"] {
         targets.push((
             format!("v2 / rathole, {}, c64", size.replace("KiB", " KiB")),
@@ -1275,6 +1430,7 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     ] {
         let _ = writeln!(md, "| {label} | {} {unit} |", fmt(figures.get(name)));
     }
+    replicas_markdown(&mut md, report, figures);
     let _ = writeln!(md, "\n## Idle memory\n");
     let _ = writeln!(
         md,
@@ -1352,6 +1508,148 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     md
 }
 
+/// The section of the gateway replicas' figures (issue #15): each restart storm with one
+/// gateway and with [`REPLICAS`] replicas, and 1 KiB through replicas behind a balancer.
+fn replicas_markdown(md: &mut String, report: &Value, figures: &Figures) {
+    use std::fmt::Write as _;
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let _ = writeln!(md, "\n## Gateway replicas\n");
+    let _ = writeln!(
+        md,
+        "{REPLICAS} `cluster-gateway` processes (`--replicas {REPLICAS}`) behind a TCP round-robin balancer (a user-space relay that skips a replica refusing connections; one balancer process beside each swarm process), every agent holding one connection to each replica, against one gateway without a balancer, measured in the same run. Everything shares the same cores, so {REPLICAS} replicas do {REPLICAS} times the admissions of one on the same CPU.\n"
+    );
+    let fleets = report["raw"]["fleet_replicas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut counts: Vec<u64> = fleets
+        .iter()
+        .filter_map(|f| f["storm"]["count"].as_u64())
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for count in counts {
+        let get = |replicas: u32, figure: &str| {
+            figures.get(&format!("storm.{count}.replicas{replicas}.{figure}"))
+        };
+        let processes = fleets
+            .iter()
+            .find(|f| f["storm"]["count"].as_u64() == Some(count))
+            .map_or(Value::Null, |f| f["processes"].clone());
+        let _ = writeln!(
+            md,
+            "### Restart storm, {count} agents\n\n{count} agents in {processes} swarm processes; every gateway process killed (SIGKILL) and started again on the same ports. Times from the kill; the admission rate counts every connection admitted (one per agent with one gateway, {REPLICAS} with {REPLICAS} replicas), mean from the first to the last. Handshakes per agent are those the gateways finished after the restart: admissions, 409s (the balancer gave a slot a replica the agent held already) and other refusals.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| figure | 1 gateway | {REPLICAS} replicas | {REPLICAS} / 1 |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|");
+        for (label, one, many, unit) in [
+            (
+                "gateway serving again (the last replica)",
+                "serving",
+                "serving",
+                " s",
+            ),
+            (
+                "every agent holds a connection",
+                "one_back",
+                "one_back",
+                " s",
+            ),
+            (
+                "every agent holds a connection to every replica",
+                "all_back",
+                "all_back",
+                " s",
+            ),
+            (
+                "admission rate, mean first → last",
+                "admission_rate_mean",
+                "admission_rate_mean",
+                " /s",
+            ),
+            (
+                "admission rate, peak 1 s window",
+                "admission_rate_peak",
+                "admission_rate_peak",
+                " /s",
+            ),
+            (
+                "agent back (all its connections), p50",
+                "reconnect_p50",
+                "reconnect_p50",
+                " s",
+            ),
+            (
+                "agent back (all its connections), p99",
+                "reconnect_p99",
+                "reconnect_p99",
+                " s",
+            ),
+            (
+                "handshakes per agent",
+                "handshakes_per_agent",
+                "handshakes_per_agent",
+                "",
+            ),
+            (
+                "of which refused with 409 (replica held)",
+                "held_refusals_per_agent",
+                "held_refusals_per_agent",
+                "",
+            ),
+            (
+                "CPU of the gateways until all back",
+                "gateway_cpu",
+                "gateway_cpu",
+                " s",
+            ),
+            ("CPU of the swarms", "swarm_cpu", "swarm_cpu", " s"),
+            ("CPU of the balancers", "balancer_cpu", "balancer_cpu", " s"),
+        ] {
+            let (a, b) = (get(1, one), get(REPLICAS, many));
+            let with_unit = |v: Option<f64>| match v {
+                Some(_) => format!("{}{unit}", fmt(v)),
+                None => fmt(v),
+            };
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {} |",
+                with_unit(a),
+                with_unit(b),
+                fmt(ratio(b, a))
+            );
+        }
+        let _ = writeln!(md);
+    }
+    let e2e = |path: &str| figures.get(&format!("e2e.1KiB_c64.{path}"));
+    let lb = format!("v2_lb{REPLICAS}");
+    let _ = writeln!(md, "### 1 KiB at c64 through replicas (MiB/s)\n");
+    let _ = writeln!(
+        md,
+        "The end-to-end bench's v2 path with the gateways behind balancers: callers reach the internal API of a replica through one, the agent reaches every replica through another, so a request crosses two more relays than through one gateway, whatever the number of replicas. All in the bench's process, as the other paths.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| 1 gateway | 1 replica behind the balancer | {REPLICAS} replicas behind the balancer | {REPLICAS} replicas / 1 gateway | 1 behind the balancer / 1 gateway |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| {} | {} | {} | {} | {} |\n",
+        fmt(e2e("v2")),
+        fmt(e2e("v2_lb1")),
+        fmt(e2e(&lb)),
+        fmt(ratio(e2e(&lb), e2e("v2"))),
+        fmt(ratio(e2e("v2_lb1"), e2e("v2"))),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1379,6 +1677,66 @@ mod tests {
             .filter(|t| t.name.contains("rathole"))
             .map(|t| &t.verdict)
             .collect()
+    }
+
+    /// The storm of 1 gateway and of 3 replicas, as `buildplane-bench fleet` reports them.
+    fn storm_fleet(count: u64, replicas: u64, one_back: f64, all_back: f64) -> Value {
+        json!({"storm": {
+            "count": count,
+            "replicas": replicas,
+            "one_back_secs": one_back,
+            "all_back_secs": all_back,
+            "admission_rate_mean": count as f64 * replicas as f64 / all_back,
+            "handshakes_per_agent": replicas as f64 + 1.0,
+        }})
+    }
+
+    fn verdict_of<'a>(targets: &'a [Target], contains: &str) -> (&'a Verdict, &'a str) {
+        let target = targets
+            .iter()
+            .find(|t| t.name.contains(contains))
+            .unwrap_or_else(|| panic!("no target {contains}"));
+        (&target.verdict, &target.name)
+    }
+
+    /// The replica targets compare the largest fleet measured both ways; without the pair the
+    /// storm figures are missing and the targets missed, never met.
+    #[test]
+    fn replica_storm_targets_use_the_largest_pair_of_the_run() {
+        let mut figures = Figures::default();
+        for fleet in [
+            storm_fleet(1000, 1, 1.0, 1.0),
+            storm_fleet(1000, 3, 5.0, 9.0),
+            storm_fleet(10_000, 1, 4.0, 4.0),
+            storm_fleet(10_000, 3, 7.0, 11.0),
+        ] {
+            collect_replica_storm(&fleet, &mut figures);
+        }
+        assert_eq!(replica_storm_agents(&figures), Some(10_000));
+        let targets = targets(&figures, false, None);
+        let (verdict, name) = verdict_of(&targets, "hold all 3");
+        assert_eq!(verdict, &Verdict::Met, "11 / 4 <= 3: {name}");
+        assert!(name.contains("10000 agents"), "{name}");
+        let (verdict, _) = verdict_of(&targets, "hold one");
+        assert_eq!(verdict, &Verdict::Missed, "7 / 4 > 1.5");
+    }
+
+    #[test]
+    fn replica_storm_targets_are_missed_without_a_pair() {
+        let mut figures = Figures::default();
+        collect_replica_storm(&storm_fleet(1000, 3, 1.0, 2.0), &mut figures);
+        assert_eq!(replica_storm_agents(&figures), None);
+        let targets = targets(&figures, true, None);
+        assert_eq!(verdict_of(&targets, "hold all 3").0, &Verdict::Missed);
+        assert_eq!(
+            verdict_of(&targets, "behind a balancer").0,
+            &Verdict::Missed
+        );
+        let missing = missing_figures(&figures, true, false);
+        assert!(
+            missing.iter().any(|m| m.contains("replicas3.all_back")),
+            "{missing:?}"
+        );
     }
 
     /// The version xtask names is the one the peer crate pins and its lock file resolves.
