@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::bindings::references;
-use crate::scenario::{
-    ApplyOp, AssertOp, ComponentKind, ComponentOp, Count, Operation, RequestOp, Scenario,
-};
+use crate::scenario::{Operation, Scenario};
 
 /// Bindings every scenario has without declaring them.
 pub const BUILTIN_BINDINGS: [&str; 7] = [
@@ -59,7 +57,7 @@ pub struct LoadedScenario {
 
 /// A field path segment.
 #[derive(Clone, Debug)]
-enum Seg {
+pub(crate) enum Seg {
     Key(String),
     Index(usize),
 }
@@ -254,50 +252,28 @@ pub fn load_dir(dir: &Path) -> (Vec<LoadedScenario>, Vec<LintError>) {
     (scenarios, errors)
 }
 
-struct Linter<'a> {
-    file: &'a Path,
+/// The lint state of one scenario file; each operation's rules are methods in its family's
+/// module of the engine (`engine/objects.rs`, `engine/components.rs`, ...).
+pub(crate) struct Linter<'a> {
+    pub(crate) file: &'a Path,
     text: &'a str,
     errors: Vec<LintError>,
-    known: BTreeSet<String>,
-    backgrounds: BTreeSet<String>,
-    series: BTreeSet<String>,
-    agents: BTreeSet<String>,
+    /// Bindings defined so far.
+    pub(crate) known: BTreeSet<String>,
+    /// Names of background operations started so far.
+    pub(crate) backgrounds: BTreeSet<String>,
+    /// Series recorded so far.
+    pub(crate) series: BTreeSet<String>,
+    /// Agents started so far.
+    pub(crate) agents: BTreeSet<String>,
     /// Gateway replicas of the scenario (`gatewayReplicas`).
-    replicas: u32,
+    pub(crate) replicas: u32,
     /// Replicas a `partition` cut off so far (a replica's `heal` needs one).
-    partitioned: BTreeSet<String>,
+    pub(crate) partitioned: BTreeSet<String>,
 }
 
 impl Linter<'_> {
-    /// A gateway replica named in `partition` or `heal`: `gateway` and `gateway-<n>` of the
-    /// scenario's replicas.
-    fn replica(&mut self, path: &[Seg], component: Option<ComponentKind>, name: &str) {
-        if component != Some(ComponentKind::Gateway) {
-            self.error(
-                &with(path, "component"),
-                "only a gateway replica is partitioned (`component: gateway`)",
-            );
-        }
-        let index = name
-            .strip_prefix("gateway-")
-            .and_then(|n| n.parse::<u32>().ok());
-        if self.replicas <= 1 {
-            self.error(
-                path,
-                "partitioning a replica needs `gatewayReplicas` above 1 (a single gateway is cut off with `fault: {link: ..., partition: true}`)",
-            );
-        } else if index.is_none_or(|i| i >= self.replicas) {
-            self.error(
-                &with(path, "name"),
-                format!(
-                    "`{name}` is not a replica of this scenario (gateway-0 .. gateway-{})",
-                    self.replicas - 1
-                ),
-            );
-        }
-    }
-
-    fn error(&mut self, path: &[Seg], message: impl Into<String>) {
+    pub(crate) fn error(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push(LintError {
             file: self.file.to_path_buf(),
             line: locate(self.text, path),
@@ -306,7 +282,7 @@ impl Linter<'_> {
         });
     }
 
-    fn check_refs_in_value(&mut self, path: &[Seg], value: &Value, extra: &[&str]) {
+    pub(crate) fn check_refs_in_value(&mut self, path: &[Seg], value: &Value, extra: &[&str]) {
         let mut texts = Vec::new();
         collect_strings(value, &mut texts);
         for text in texts {
@@ -314,7 +290,7 @@ impl Linter<'_> {
         }
     }
 
-    fn check_refs(&mut self, path: &[Seg], text: &str, extra: &[&str]) {
+    pub(crate) fn check_refs(&mut self, path: &[Seg], text: &str, extra: &[&str]) {
         for name in references(text) {
             if !self.known.contains(&name) && !extra.contains(&name.as_str()) {
                 let known = self.known.iter().cloned().collect::<Vec<_>>().join(", ");
@@ -326,321 +302,54 @@ impl Linter<'_> {
         }
     }
 
-    fn objects(&mut self, path: &[Seg], object: &Option<Value>, file: &Option<String>) {
-        match (object, file) {
-            (Some(_), Some(_)) => self.error(path, "give either `object` or `file`, not both"),
-            (None, None) => self.error(path, "missing `object` or `file`"),
-            (None, Some(file)) => {
-                let base = self.file.parent().unwrap_or(Path::new("."));
-                if !file.contains("$(") && !base.join(file).exists() {
-                    self.error(
-                        &with(path, "file"),
-                        format!("file `{file}` does not exist (relative to the scenario)"),
-                    );
-                }
-            }
-            (Some(_), None) => {}
-        }
-    }
-
-    fn apply(&mut self, path: &[Seg], op: &ApplyOp) {
-        self.objects(path, &op.object, &op.file);
-        let mut extra = vec![];
-        if op.for_each.is_some() && op.count.is_some() {
-            self.error(path, "give either `forEach` or `count`, not both");
-        }
-        if let Some(for_each) = &op.for_each {
-            self.check_refs(&with(path, "forEach"), for_each, &[]);
-            extra = vec!["item", "index"];
-        }
-        if let Some(count) = &op.count {
-            if let Count::Bound(text) = count {
-                self.check_refs(&with(path, "count"), text, &[]);
-            }
-            extra = vec!["index"];
-        }
-        if let Some(object) = &op.object {
-            self.check_refs_in_value(&with(path, "object"), object, &extra);
-            if object.get("apiVersion").is_none() || object.get("kind").is_none() {
-                self.error(
-                    &with(path, "object"),
-                    "the object needs `apiVersion` and `kind`",
-                );
-            }
-        }
-    }
-
-    fn assert(&mut self, path: &[Seg], op: &AssertOp) {
-        self.objects(path, &op.object, &op.file);
-        if let Some(object) = &op.object {
-            self.check_refs_in_value(&with(path, "object"), object, &[]);
-            if object.get("apiVersion").is_none() || object.get("kind").is_none() {
-                self.error(
-                    &with(path, "object"),
-                    "the expected object needs `apiVersion` and `kind`",
-                );
-            }
-        }
-    }
-
-    fn request(&mut self, path: &[Seg], op: &RequestOp) {
-        self.check_refs(&with(path, "path"), &op.path, &[]);
-        if let Some(body) = &op.body {
-            self.check_refs_in_value(&with(path, "body"), body, &[]);
-        }
-        if let Some(body) = &op.expect.body {
-            self.check_refs_in_value(&with(path, "expect"), body, &[]);
-        }
-        if !op.path.starts_with('/') {
-            self.error(&with(path, "path"), "the path must start with `/`");
-        }
-    }
-
-    fn component(&mut self, path: &[Seg], op: &ComponentOp, starting: bool) {
-        let Some(kind) = op.component else {
-            self.error(
-                path,
-                "missing `component` (agent, apiserver, controller, gateway or swarm)",
-            );
-            return;
-        };
-        if matches!(kind, ComponentKind::Agent | ComponentKind::Swarm) && op.name.is_none() {
-            self.error(path, format!("`{}` needs a `name`", kind.as_str()));
-        }
-        if kind == ComponentKind::Apiserver && op.cluster.is_none() {
-            self.error(path, "`apiserver` needs a `cluster`");
-        }
-        if starting && kind == ComponentKind::Agent {
-            let name = op.name.clone().unwrap_or_default();
-            if op.plane_id.is_some() {
-                self.agents.insert(name);
-            } else if !self.agents.contains(&name) {
-                self.error(path, "starting a new agent needs `planeID` (only a stopped agent restarts without one)");
-            }
-        }
-        if starting
-            && kind == ComponentKind::Swarm
-            && (op.count.is_none() || op.plane_id_prefix.is_none())
-        {
-            self.error(path, "starting a swarm needs `count` and `planeIDPrefix`");
-        }
-        for text in [
-            &op.plane_id,
-            &op.plane_id_prefix,
-            &op.name,
-            &op.identity_namespace,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            self.check_refs(path, text, &[]);
-        }
-        if let Some(Count::Bound(text)) = &op.count {
-            self.check_refs(&with(path, "count"), text, &[]);
-        }
-        for arg in &op.args {
-            self.check_refs(&with(path, "args"), arg, &[]);
-        }
-        if let Some(output) = &op.output {
+    /// An operation's `output` becomes a binding for later operations.
+    pub(crate) fn output(&mut self, output: &Option<String>) {
+        if let Some(output) = output {
             self.known.insert(output.clone());
         }
     }
 
+    /// Dispatches to the rules of the operation's family (in `engine/`).
     fn operation(&mut self, path: &[Seg], op: &Operation) {
         let path = with(path, op.kind());
         match op {
+            // engine/objects.rs
             Operation::Apply(op) | Operation::Create(op) | Operation::Patch(op) => {
                 self.apply(&path, op)
             }
             Operation::Assert(op) | Operation::Error(op) => self.assert(&path, op),
-            Operation::Await(op) => {
-                if !self.backgrounds.contains(&op.name) {
-                    self.error(
-                        &with(&path, "name"),
-                        format!(
-                            "no earlier operation runs in the background as `{}`",
-                            op.name
-                        ),
-                    );
-                }
+            Operation::Delete(op) => self.delete(&path, op),
+            Operation::Exec(op) => self.exec(&path, op),
+            Operation::Kubectl(op) => self.kubectl(&path, op),
+            Operation::Script(op) => self.script(&path, op),
+            // engine/components.rs
+            Operation::Start(op) => self.component(&path, op, true),
+            Operation::Kill(op) | Operation::Stop(op) | Operation::Restart(op) => {
+                self.component(&path, op, false)
             }
-            Operation::CheckSeries(op) => {
-                if !self.series.contains(&op.name) {
-                    self.error(
-                        &with(&path, "name"),
-                        format!("no earlier `record` names the series `{}`", op.name),
-                    );
-                }
-            }
-            Operation::Consistently(op) => {
-                let n_checks = [
-                    op.assert.is_some(),
-                    op.error.is_some(),
-                    op.request.is_some(),
-                    op.metric.is_some(),
-                ]
-                .into_iter()
-                .filter(|set| *set)
-                .count();
-                if n_checks != 1 {
-                    self.error(
-                        &path,
-                        "give exactly one of `assert`, `error`, `request`, `metric`",
-                    );
-                }
-                if let Some(assert) = op.assert.as_ref().or(op.error.as_ref()) {
-                    self.assert(&path, assert);
-                }
-                if let Some(request) = &op.request {
-                    self.request(&with(&path, "request"), request);
-                }
-            }
-            Operation::Delete(op) => {
-                self.objects(&path, &op.object, &op.file);
-                if let Some(object) = &op.object {
-                    self.check_refs_in_value(&with(&path, "object"), object, &[]);
-                }
-            }
-            Operation::Exec(op) => {
-                if op.command.is_empty() {
-                    self.error(&with(&path, "command"), "the command is empty");
-                }
-                for arg in &op.command {
-                    self.check_refs(&with(&path, "command"), arg, &[]);
-                }
-                if let Some(output) = &op.output {
-                    self.known.insert(output.clone());
-                }
-            }
-            Operation::Fault(op) => {
-                let n_faults = [
-                    op.latency.is_some(),
-                    op.bandwidth_kbps.is_some(),
-                    op.blackhole,
-                    op.reset,
-                    op.slicer.is_some(),
-                    op.partition,
-                ]
-                .into_iter()
-                .filter(|set| *set)
-                .count();
-                if n_faults == 0 {
-                    self.error(&path, "a fault needs at least one of latency, bandwidthKbps, blackhole, reset, slicer, partition");
-                }
-                if op.jitter.is_some() && op.latency.is_none() {
-                    self.error(&with(&path, "jitter"), "`jitter` needs `latency`");
-                }
-            }
-            Operation::Heal(op) => match (&op.link, op.component, &op.name) {
-                (Some(_), None, None) => {}
-                (None, component, Some(name)) => {
-                    self.replica(&path, component, name);
-                    if !self.partitioned.contains(name) {
-                        self.error(
-                            &with(&path, "name"),
-                            format!("no earlier `partition` of `{name}` to heal"),
-                        );
-                    }
-                }
-                _ => self.error(
-                    &path,
-                    "give `link` (a link's faults), or `component: gateway` and `name` (a replica's partition)",
-                ),
-            },
-            Operation::Partition(op) => {
-                self.replica(&path, Some(op.component), &op.name);
-                self.partitioned.insert(op.name.clone());
-            }
-            Operation::Sleep(_) => {}
+            Operation::Fault(op) => self.fault(&path, op),
+            Operation::Heal(op) => self.heal(&path, op),
+            Operation::Partition(op) => self.partition(&path, op),
             Operation::GenerateCa(op) => {
                 self.known.insert(op.output.clone());
             }
-            Operation::Kill(op) | Operation::Stop(op) => self.component(&path, op, false),
-            Operation::Restart(op) => self.component(&path, op, false),
-            Operation::Start(op) => self.component(&path, op, true),
-            Operation::Kubectl(op) => {
-                match &op.args {
-                    crate::scenario::Args::Line(line) => {
-                        self.check_refs(&with(&path, "args"), line, &[])
-                    }
-                    crate::scenario::Args::List(list) => {
-                        for arg in list {
-                            self.check_refs(&with(&path, "args"), arg, &[]);
-                        }
-                    }
-                }
-                if let Some(stdin) = &op.stdin {
-                    self.check_refs(&with(&path, "stdin"), stdin, &[]);
-                }
-                if let Some(output) = &op.output {
-                    self.known.insert(output.clone());
-                }
-            }
-            Operation::Load(op) => {
-                if op.paths.is_empty() {
-                    self.error(&with(&path, "paths"), "give at least one path");
-                }
-                for p in &op.paths {
-                    self.check_refs(&with(&path, "paths"), p, &[]);
-                }
-                if op.rate <= 0.0 {
-                    self.error(&with(&path, "rate"), "the rate must be positive");
-                }
-                match &op.background {
-                    Some(name) => {
-                        self.backgrounds.insert(name.clone());
-                    }
-                    None if op.duration.is_none() => {
-                        self.error(&path, "a load in the foreground needs a `duration`")
-                    }
-                    None => {}
-                }
-            }
-            Operation::Metric(op) => {
-                self.check_refs(&with(&path, "value"), &op.value, &[]);
-                if !op.value.contains("$(") && crate::matcher::parse_comparison(&op.value).is_none()
-                {
-                    self.error(
-                        &with(&path, "value"),
-                        format!("`{}` is not a comparison such as `>= 3`", op.value),
-                    );
-                }
-            }
-            Operation::Record(op) => {
-                self.series.insert(op.name.clone());
-            }
-            Operation::RenewLeaf(_) => {}
-            Operation::Request(op) => {
-                self.request(&path, op);
-                if let Some(name) = &op.background {
-                    self.backgrounds.insert(name.clone());
-                }
-                if let Some(output) = &op.output {
-                    self.known.insert(output.clone());
-                }
-            }
-            Operation::RotateCa(op) => {
-                if let Some(output) = &op.output {
-                    self.known.insert(output.clone());
-                }
-            }
-            Operation::Script(op) => {
-                self.check_refs(&with(&path, "content"), &op.content, &[]);
-                if let Some(output) = &op.output {
-                    self.known.insert(output.clone());
-                }
-            }
-            Operation::Watch(op) => {
-                self.check_refs(&with(&path, "path"), &op.path, &[]);
-                if let Some(name) = &op.background {
-                    self.backgrounds.insert(name.clone());
-                }
-            }
+            Operation::RotateCa(op) => self.output(&op.output),
+            Operation::RenewLeaf(_) | Operation::Sleep(_) => {}
+            // engine/http.rs
+            Operation::Request(op) => self.request_op(&path, op),
+            Operation::Load(op) => self.load(&path, op),
+            Operation::Await(op) => self.await_op(&path, op),
+            // engine/watches.rs
+            Operation::Watch(op) => self.watch(&path, op),
+            Operation::Metric(op) => self.metric(&path, op),
+            Operation::Record(op) => self.record(op),
+            Operation::CheckSeries(op) => self.check_series(&path, op),
+            Operation::Consistently(op) => self.consistently(&path, op),
         }
     }
 }
 
-fn with(path: &[Seg], key: &str) -> Vec<Seg> {
+pub(crate) fn with(path: &[Seg], key: &str) -> Vec<Seg> {
     let mut out = path.to_vec();
     out.push(Seg::Key(key.to_string()));
     out

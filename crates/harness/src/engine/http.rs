@@ -1,0 +1,558 @@
+//! HTTP and load: `request`, `load` and `await` against the gateway's internal API, their
+//! execution and their lint rules.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{Background, Engine, OpResultT, fail, truncate};
+use crate::backend::GatewayAccess;
+use crate::lint::{Linter, Seg, with};
+use crate::matcher;
+use crate::result::{Failure, LoadReport, LoadSample};
+use crate::scenario::{AwaitOp, LoadOp, RequestOp};
+
+/// A load's samples with the error of each failed request, shared with its request tasks.
+type Samples = Arc<Mutex<Vec<(LoadSample, Option<String>)>>>;
+
+impl Engine {
+    pub(super) fn gateway(&self) -> Result<GatewayAccess, Failure> {
+        self.env.gateway().map_err(|e| fail(e.to_string()))
+    }
+
+    /// Substitutes bindings into a request.
+    pub(super) fn bound_request(&self, op: &RequestOp) -> Result<RequestOp, Failure> {
+        let mut bound = op.clone();
+        bound.path = self.text(&op.path)?;
+        bound.body = op.body.as_ref().map(|b| self.sub(b)).transpose()?;
+        bound.expect.body = op.expect.body.as_ref().map(|b| self.sub(b)).transpose()?;
+        bound.expect.body_contains = op
+            .expect
+            .body_contains
+            .as_ref()
+            .map(|b| self.text(b))
+            .transpose()?;
+        Ok(bound)
+    }
+
+    pub(super) async fn request(&mut self, op: &RequestOp, timeout: Duration) -> OpResultT {
+        let bound = self.bound_request(op)?;
+        let gateway = self.gateway()?;
+        if let Some(name) = &op.background {
+            let handle =
+                tokio::spawn(
+                    async move { request_until(&gateway, &bound, timeout).await.map(|_| ()) },
+                );
+            self.backgrounds
+                .insert(name.clone(), Background { handle, stop: None });
+            return Ok(());
+        }
+        let body = request_until(&gateway, &bound, timeout).await?;
+        if let Some(output) = &op.output {
+            self.bindings.set(output.clone(), body);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn load(&mut self, op: &LoadOp) -> OpResultT {
+        let gateway = self.gateway()?;
+        let paths = op
+            .paths
+            .iter()
+            .map(|p| self.text(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let name = op.background.clone().unwrap_or_else(|| "load".to_string());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let load = op.clone();
+        let started = self.started;
+        let loads = self.loads.clone();
+        let task = async move {
+            let report = run_load(&gateway, &paths, &load, started, stop_rx, name).await;
+            let verdict = check_load(&report, &load);
+            loads.lock().unwrap_or_else(|e| e.into_inner()).push(report);
+            verdict
+        };
+        match &op.background {
+            Some(name) => {
+                let handle = tokio::spawn(task);
+                self.backgrounds.insert(
+                    name.clone(),
+                    Background {
+                        handle,
+                        stop: Some(stop_tx),
+                    },
+                );
+                Ok(())
+            }
+            None => task.await,
+        }
+    }
+
+    pub(super) async fn await_background(&mut self, name: &str, timeout: Duration) -> OpResultT {
+        let background = self
+            .backgrounds
+            .remove(name)
+            .ok_or_else(|| fail(format!("no background operation `{name}`")))?;
+        if let Some(stop) = &background.stop {
+            let _ = stop.send(true);
+        }
+        let mut handle = background.handle;
+        match tokio::time::timeout(timeout, &mut handle).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(err)) => Err(fail(format!("background `{name}` panicked: {err}"))),
+            Err(_) => {
+                handle.abort();
+                Err(Failure {
+                    message: format!(
+                        "background `{name}` did not finish within {}",
+                        crate::duration::pretty(timeout)
+                    ),
+                    awaited: Some(format!("`{name}` to finish")),
+                    ..Failure::default()
+                })
+            }
+        }
+    }
+}
+
+/// Sends one request and checks it; returns the body (JSON when it parses, else text).
+pub(super) async fn request_once(
+    gateway: &GatewayAccess,
+    op: &RequestOp,
+    timeout: Duration,
+) -> Result<Value, Failure> {
+    let method = op
+        .method
+        .as_deref()
+        .unwrap_or("GET")
+        .parse::<reqwest::Method>()
+        .map_err(|e| fail(e.to_string()))?;
+    let url = format!("{}{}", gateway.base_url, op.path);
+    let mut request = gateway
+        .client
+        .request(method.clone(), &url)
+        .timeout(timeout);
+    if let Some(body) = &op.body {
+        request = request.json(body);
+    }
+    let started = Instant::now();
+    let res = request.send().await;
+    let res = match res {
+        Err(err) if op.expect.connection_error => {
+            let _ = err;
+            return Ok(Value::Null);
+        }
+        Err(err) => {
+            return Err(Failure {
+                message: format!("{method} {}: no answer: {err}", op.path),
+                awaited: op.expect.status.map(|s| format!("status {s}")),
+                ..Failure::default()
+            });
+        }
+        Ok(res) => res,
+    };
+    let status = res.status().as_u16();
+    let text = match res.text().await {
+        Ok(text) => text,
+        Err(err) if op.expect.connection_error => {
+            let _ = err;
+            return Ok(Value::Null);
+        }
+        Err(err) => {
+            return Err(fail(format!(
+                "{method} {}: reading the body: {err}",
+                op.path
+            )));
+        }
+    };
+    let answer = Answer {
+        method,
+        status,
+        elapsed: started.elapsed(),
+        body: serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.clone())),
+        text,
+    };
+    check_answer(op, &answer)?;
+    Ok(answer.body)
+}
+
+/// The answer to one request.
+struct Answer {
+    method: reqwest::Method,
+    status: u16,
+    elapsed: Duration,
+    /// The body as JSON when it parses, else as a string.
+    body: Value,
+    text: String,
+}
+
+/// Checks an answer against the request's `expect`.
+fn check_answer(op: &RequestOp, answer: &Answer) -> OpResultT {
+    let Answer {
+        method,
+        status,
+        elapsed,
+        ..
+    } = answer;
+    let seen = || {
+        format!(
+            "status {status} after {}\n{}",
+            crate::duration::pretty(*elapsed),
+            truncate(&answer.text, 2000)
+        )
+    };
+    if op.expect.connection_error {
+        return Err(Failure {
+            message: format!(
+                "{method} {}: expected a connection error, got status {status}",
+                op.path
+            ),
+            last_seen: Some(seen()),
+            ..Failure::default()
+        });
+    }
+    let wanted: Vec<u16> = match (&op.expect.status, op.expect.status_in.is_empty()) {
+        (Some(one), _) => vec![*one],
+        (None, false) => op.expect.status_in.clone(),
+        (None, true) => vec![200],
+    };
+    if !wanted.contains(status) {
+        let wanted = wanted
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" or ");
+        return Err(Failure {
+            message: format!("{method} {}: status {status}, expected {wanted}", op.path),
+            awaited: Some(format!("status {wanted}")),
+            last_seen: Some(seen()),
+            diff: None,
+        });
+    }
+    if let Some(expected) = &op.expect.body
+        && !matcher::matches(expected, &answer.body)
+    {
+        return Err(Failure {
+            message: format!("{method} {}: body does not match", op.path),
+            awaited: Some("the expected body".into()),
+            last_seen: Some(seen()),
+            diff: Some(matcher::diff(expected, &answer.body)),
+        });
+    }
+    if let Some(needle) = &op.expect.body_contains
+        && !answer.text.contains(needle.as_str())
+    {
+        return Err(Failure {
+            message: format!("{method} {}: body does not contain `{needle}`", op.path),
+            last_seen: Some(seen()),
+            ..Failure::default()
+        });
+    }
+    if let Some(max) = op.expect.max_duration
+        && *elapsed > max.0
+    {
+        return Err(Failure {
+            message: format!(
+                "{method} {}: took {}, limit {max}",
+                op.path,
+                crate::duration::pretty(*elapsed)
+            ),
+            last_seen: Some(seen()),
+            ..Failure::default()
+        });
+    }
+    Ok(())
+}
+
+/// `request_once`, retried until it passes when `eventually` is set.
+async fn request_until(
+    gateway: &GatewayAccess,
+    op: &RequestOp,
+    timeout: Duration,
+) -> Result<Value, Failure> {
+    if !op.eventually {
+        return request_once(gateway, op, timeout).await;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let per_try = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(500));
+        match request_once(gateway, op, per_try.min(Duration::from_secs(10))).await {
+            Ok(body) => return Ok(body),
+            Err(failure) if Instant::now() >= deadline => {
+                return Err(Failure {
+                    message: format!(
+                        "still failing after {}: {}",
+                        crate::duration::pretty(timeout),
+                        failure.message
+                    ),
+                    ..failure
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Runs request load until the duration passes or `stop` is set.
+async fn run_load(
+    gateway: &GatewayAccess,
+    paths: &[String],
+    op: &LoadOp,
+    scenario_started: Instant,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    name: String,
+) -> LoadReport {
+    let ok_statuses: Vec<u16> = if op.ok_statuses.is_empty() {
+        vec![200]
+    } else {
+        op.ok_statuses.clone()
+    };
+    let period = Duration::from_secs_f64(1.0 / op.rate.max(0.001));
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(op.concurrency.max(1) as usize));
+    let samples = Samples::default();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tasks = Vec::new();
+    let mut i = 0usize;
+    loop {
+        if op.duration.is_some_and(|d| started.elapsed() >= d.0) {
+            break;
+        }
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let Ok(permit) = semaphore.clone().acquire_owned().await else {
+            break;
+        };
+        let url = format!("{}{}", gateway.base_url, paths[i % paths.len()]);
+        i += 1;
+        let client = gateway.client.clone();
+        let samples = samples.clone();
+        let ok_statuses = ok_statuses.clone();
+        let new_connection = op.new_connections;
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let error = load_request(&client, &url, new_connection, &ok_statuses).await;
+            let sample = LoadSample {
+                t: sent.duration_since(scenario_started).as_secs_f64(),
+                latency_ms: sent.elapsed().as_secs_f64() * 1000.0,
+                ok: error.is_none(),
+            };
+            samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((sample, error));
+            drop(permit);
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+    load_report(name, samples)
+}
+
+/// One request of a load: `None` when it succeeded, else what went wrong.
+async fn load_request(
+    client: &reqwest::Client,
+    url: &str,
+    new_connection: bool,
+    ok_statuses: &[u16],
+) -> Option<String> {
+    let mut request = client.get(url).timeout(Duration::from_secs(10));
+    if new_connection {
+        request = request.header(reqwest::header::CONNECTION, "close");
+    }
+    match request.send().await {
+        Ok(res) => {
+            let status = res.status().as_u16();
+            let body = res.bytes().await;
+            match body {
+                Ok(_) if ok_statuses.contains(&status) => None,
+                Ok(_) => Some(format!("status {status}")),
+                Err(err) => Some(format!("body: {err}")),
+            }
+        }
+        Err(err) => Some(format!(
+            "error: {}",
+            if err.is_timeout() {
+                "timeout".to_string()
+            } else {
+                err.to_string()
+            }
+        )),
+    }
+}
+
+/// A load's report from its samples: totals, errors by kind and percentiles.
+fn load_report(name: String, samples: Vec<(LoadSample, Option<String>)>) -> LoadReport {
+    let mut report = LoadReport {
+        name,
+        ..LoadReport::default()
+    };
+    let mut latencies: Vec<f64> = samples.iter().map(|(s, _)| s.latency_ms).collect();
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |p: f64| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            latencies[((latencies.len() as f64 - 1.0) * p).round() as usize]
+        }
+    };
+    report.p50_ms = percentile(0.5);
+    report.p90_ms = percentile(0.9);
+    report.p99_ms = percentile(0.99);
+    report.total = samples.len() as u64;
+    for (sample, error) in samples {
+        if let Some(error) = error {
+            report.failed += 1;
+            *report.errors.entry(error).or_default() += 1;
+        }
+        report.samples.push(sample);
+    }
+    report.samples.sort_by(|a, b| a.t.total_cmp(&b.t));
+    report
+}
+
+fn check_load(report: &LoadReport, op: &LoadOp) -> OpResultT {
+    let problems = load_problems(report, op);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Failure {
+        message: format!("load `{}`: {}", report.name, problems.join(", ")),
+        awaited: Some(format!("error rate <= {}", op.expect.max_error_rate)),
+        last_seen: Some(format!(
+            "{} requests, {} failed; p50 {:.1}ms p90 {:.1}ms p99 {:.1}ms; errors: {}",
+            report.total,
+            report.failed,
+            report.p50_ms,
+            report.p90_ms,
+            report.p99_ms,
+            report
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{k} x{v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        diff: None,
+    })
+}
+
+/// What a load's report breaks of its `expect`.
+fn load_problems(report: &LoadReport, op: &LoadOp) -> Vec<String> {
+    let mut problems = Vec::new();
+    let error_rate = if report.total == 0 {
+        0.0
+    } else {
+        report.failed as f64 / report.total as f64
+    };
+    if error_rate > op.expect.max_error_rate {
+        problems.push(format!(
+            "error rate {:.4} > {}",
+            error_rate, op.expect.max_error_rate
+        ));
+    }
+    if let Some(min) = op.expect.min_requests
+        && report.total < min
+    {
+        problems.push(format!("{} requests < {min}", report.total));
+    }
+    for (label, limit, value) in [
+        ("p50", op.expect.p50, report.p50_ms),
+        ("p90", op.expect.p90, report.p90_ms),
+        ("p99", op.expect.p99, report.p99_ms),
+    ] {
+        if let Some(limit) = limit
+            && value > limit.0.as_secs_f64() * 1000.0
+        {
+            problems.push(format!("{label} {value:.1}ms > {limit}"));
+        }
+    }
+    if let Some(limit) = op.expect.max_failure_latency {
+        let limit_ms = limit.0.as_secs_f64() * 1000.0;
+        let slow: Vec<&LoadSample> = report
+            .samples
+            .iter()
+            .filter(|s| !s.ok && s.latency_ms > limit_ms)
+            .collect();
+        if let Some(slowest) = slow
+            .iter()
+            .max_by(|a, b| a.latency_ms.total_cmp(&b.latency_ms))
+        {
+            problems.push(format!(
+                "{} failed request(s) took longer than {limit} (the slowest {:.0}ms, sent at {:.1}s)",
+                slow.len(),
+                slowest.latency_ms,
+                slowest.t
+            ));
+        }
+    }
+    problems
+}
+
+/// Lint rules of this family (called from [`Linter::operation`]).
+impl Linter<'_> {
+    /// A request's bindings and path (also of `consistently`'s request).
+    pub(crate) fn request(&mut self, path: &[Seg], op: &RequestOp) {
+        self.check_refs(&with(path, "path"), &op.path, &[]);
+        if let Some(body) = &op.body {
+            self.check_refs_in_value(&with(path, "body"), body, &[]);
+        }
+        if let Some(body) = &op.expect.body {
+            self.check_refs_in_value(&with(path, "expect"), body, &[]);
+        }
+        if !op.path.starts_with('/') {
+            self.error(&with(path, "path"), "the path must start with `/`");
+        }
+    }
+
+    /// The `request` operation: the request, and its background name and output.
+    pub(crate) fn request_op(&mut self, path: &[Seg], op: &RequestOp) {
+        self.request(path, op);
+        if let Some(name) = &op.background {
+            self.backgrounds.insert(name.clone());
+        }
+        self.output(&op.output);
+    }
+
+    pub(crate) fn load(&mut self, path: &[Seg], op: &LoadOp) {
+        if op.paths.is_empty() {
+            self.error(&with(path, "paths"), "give at least one path");
+        }
+        for p in &op.paths {
+            self.check_refs(&with(path, "paths"), p, &[]);
+        }
+        if op.rate <= 0.0 {
+            self.error(&with(path, "rate"), "the rate must be positive");
+        }
+        match &op.background {
+            Some(name) => {
+                self.backgrounds.insert(name.clone());
+            }
+            None if op.duration.is_none() => {
+                self.error(path, "a load in the foreground needs a `duration`")
+            }
+            None => {}
+        }
+    }
+
+    pub(crate) fn await_op(&mut self, path: &[Seg], op: &AwaitOp) {
+        if !self.backgrounds.contains(&op.name) {
+            self.error(
+                &with(path, "name"),
+                format!(
+                    "no earlier operation runs in the background as `{}`",
+                    op.name
+                ),
+            );
+        }
+    }
+}
