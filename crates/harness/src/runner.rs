@@ -28,6 +28,9 @@ pub struct RunOptions {
     pub repeat: u32,
     /// Keep objects and files of failed scenarios.
     pub keep_on_failure: bool,
+    /// Keep every environment's files (logs, data), passed or not: `cargo xtask chaos` judges
+    /// a run after the runner is done with it.
+    pub keep_files: bool,
     /// `default` or `full`.
     pub profile: String,
     /// Scenarios running at once.
@@ -46,6 +49,7 @@ impl Default for RunOptions {
             skip_labels: Vec::new(),
             repeat: 1,
             keep_on_failure: false,
+            keep_files: false,
             profile: "default".into(),
             jobs: 3,
             work_dir: std::env::temp_dir().join("buildplane-e2e"),
@@ -300,10 +304,10 @@ pub async fn run_scenario(
     let kept = if keep {
         Some(work_dir.display().to_string())
     } else {
-        if failure.is_none() {
+        if failure.is_none() && !options.keep_files {
             let _ = std::fs::remove_dir_all(&work_dir);
         }
-        (failure.is_some()).then(|| work_dir.display().to_string())
+        (failure.is_some() || options.keep_files).then(|| work_dir.display().to_string())
     };
     ScenarioResult {
         name: scenario.name.clone(),

@@ -98,12 +98,16 @@ impl Invariant {
 }
 
 /// A broken invariant, with what showed it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Violation {
     /// Which one.
     pub invariant: Invariant,
     /// What was seen.
     pub detail: String,
+    /// When it was seen, in seconds on the schedule's axis (from the first fault operation's
+    /// start), when a request showed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<f64>,
 }
 
 /// Options of a chaos run.
@@ -186,9 +190,34 @@ pub async fn run(
         first.detail
     ));
     let mut minimal = events.clone();
+    if options.shrink
+        && let Some(seen_at) = first.at
+    {
+        // A fault planned to start after the violation was seen cannot have caused it (an
+        // operation only ever runs later than planned): one trial confirms, then ddmin works on
+        // what is left.
+        let before: Vec<FaultEvent> = events
+            .iter()
+            .filter(|e| e.at.as_secs_f64() <= seen_at)
+            .cloned()
+            .collect();
+        if before.len() < events.len() && !before.is_empty() {
+            progress(format!(
+                "shrink: {} of the faults started before the violation at {seen_at:.1} s",
+                before.len()
+            ));
+            report.shrink_trials += 1;
+            let still = trial(backend.clone(), options, &before, 1000, progress.clone())
+                .await
+                .is_ok_and(|(_, found)| found.iter().any(|v| v.invariant == first.invariant));
+            if still {
+                minimal = before;
+            }
+        }
+    }
     if options.shrink {
         let mut counter = 0u32;
-        let shrunk = shrink::ddmin(events.clone(), options.max_trials, |subset| {
+        let shrunk = shrink::ddmin(minimal.clone(), options.max_trials, |subset| {
             counter += 1;
             let (backend, progress) = (backend.clone(), progress.clone());
             let attempt = counter;
@@ -213,7 +242,7 @@ pub async fn run(
             }
         })
         .await;
-        report.shrink_trials = shrunk.trials;
+        report.shrink_trials += shrunk.trials;
         minimal = shrunk.items;
         // Then the timing: each fault as early as the one before it allows, while it breaks.
         if !shrunk.budget_exhausted && minimal.len() > 1 {
@@ -302,6 +331,7 @@ async fn trial(
     let loaded = LoadedScenario { scenario, path };
     let run_options = RunOptions {
         work_dir: dir.join("env"),
+        keep_files: true,
         ..RunOptions::default()
     };
     let result = run_scenario(
@@ -347,6 +377,7 @@ pub fn violations(
             if !sample.ok && sample.latency_ms > FAIL_FAST.as_secs_f64() * 1000.0 {
                 found.push(Violation {
                     invariant: Invariant::FailFast,
+                    at: Some(sent - marks.origin),
                     detail: format!(
                         "a {} request sent at {sent:.1} s failed after {:.0} ms",
                         load.name, sample.latency_ms
@@ -362,6 +393,7 @@ pub fn violations(
             {
                 found.push(Violation {
                     invariant: Invariant::Isolation,
+                    at: Some(sent - marks.origin),
                     detail: format!(
                         "a tenant-b request sent at {sent:.1} s failed while no shared part was faulted"
                     ),
@@ -376,6 +408,7 @@ pub fn violations(
             {
                 found.push(Violation {
                     invariant: Invariant::Revocation,
+                    at: Some(sent - marks.origin),
                     detail: format!(
                         "a tenant-a request sent at {sent:.1} s succeeded while its BuildPlane admitted no agent"
                     ),
@@ -413,6 +446,7 @@ pub fn violations(
             found.push(Violation {
                 invariant,
                 detail: message.lines().next().unwrap_or_default().to_owned(),
+                at: None,
             });
         }
     }
@@ -425,6 +459,8 @@ pub fn violations(
 /// Time windows (seconds on the scenario's axis) of the faults that ran.
 #[derive(Default)]
 struct Marks {
+    /// When the schedule's first operation started (the schedule's zero on the run's axis).
+    origin: f64,
     /// Shared data-path faults: from injection to recovery.
     shared: Vec<(f64, f64)>,
     /// Tenant A admits nothing: from injection to recovery.
@@ -441,6 +477,7 @@ fn fault_marks(result: &ScenarioResult, events: &[FaultEvent]) -> Marks {
         .iter()
         .map(|o| (o.at, o.at + o.duration.as_secs_f64()))
         .collect();
+    marks.origin = ran.first().map_or(0.0, |r| r.0);
     let end_of_run = result.duration.as_secs_f64();
     for (index, plan) in plan(events).iter().enumerate() {
         let Action::Inject(event) = plan.action else {
