@@ -246,6 +246,7 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
         skip_labels: flags.skip_labels.clone(),
         repeat: flags.repeat,
         keep_on_failure: flags.keep_on_failure,
+        keep_files: false,
         profile: match flags.profile {
             Profile::Default => "default".into(),
             Profile::Full => "full".into(),
