@@ -981,6 +981,20 @@ pub struct LoadExpect {
     /// Upper bound on the time any failed request took: a failure must come fast (a request
     /// that hangs until the client gives up breaks it).
     pub max_failure_latency: Option<Dur>,
+    /// Upper bound on the p99 relative to an earlier load of the same scenario (a noisy
+    /// neighbour's effect on a quiet tenant).
+    pub p99_within: Option<P99Within>,
+}
+
+/// `p99Within: {of: quiet-alone, increase: 0.2}`: this load's p99 at most 20 % above the p99
+/// of the finished load `quiet-alone`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct P99Within {
+    /// The earlier load (its `background` name, or `load`).
+    pub of: String,
+    /// The largest increase as a share (0.2 is 20 %).
+    pub increase: f64,
 }
 
 /// Request load through the gateway.

@@ -68,10 +68,27 @@ impl Engine {
         let load = op.clone();
         let started = self.started;
         let loads = self.loads.clone();
+        // A load with a duration runs for all of it, even when awaited sooner; one without
+        // runs until its `await`.
+        let (stop_tx, held) = if op.duration.is_some() {
+            (None, Some(stop_tx))
+        } else {
+            (Some(stop_tx), None)
+        };
         let task = async move {
+            let _held = held;
             let report = run_load(&gateway, &paths, &load, started, stop_rx, name).await;
-            let verdict = check_load(&report, &load);
-            loads.lock().unwrap_or_else(|e| e.into_inner()).push(report);
+            let mut loads = loads.lock().unwrap_or_else(|e| e.into_inner());
+            let baseline = load
+                .expect
+                .p99_within
+                .as_ref()
+                .map(|within| (within, loads.iter().find(|l| l.name == within.of)));
+            let verdict = check_load(&report, &load).and(match baseline {
+                Some((within, baseline)) => check_against(&report, within, baseline),
+                None => Ok(()),
+            });
+            loads.push(report);
             verdict
         };
         match &op.background {
@@ -81,7 +98,7 @@ impl Engine {
                     name.clone(),
                     Background {
                         handle,
-                        stop: Some(stop_tx),
+                        stop: stop_tx,
                     },
                 );
                 Ok(())
@@ -446,6 +463,50 @@ fn check_load(report: &LoadReport, op: &LoadOp) -> OpResultT {
     })
 }
 
+/// A load's p99 against an earlier load's (`expect.p99Within`): at most `increase` above it.
+fn check_against(
+    report: &LoadReport,
+    within: &crate::scenario::P99Within,
+    baseline: Option<&LoadReport>,
+) -> OpResultT {
+    let Some(baseline) = baseline else {
+        return Err(fail(format!(
+            "load `{}`: no earlier load `{}` to compare its p99 with (loads are compared once they have finished)",
+            report.name, within.of
+        )));
+    };
+    let limit = baseline.p99_ms * (1.0 + within.increase);
+    if report.p99_ms <= limit {
+        return Ok(());
+    }
+    Err(Failure {
+        message: format!(
+            "load `{}`: p99 {:.2}ms is {:.0} % above `{}`'s {:.2}ms (at most {:.0} %)",
+            report.name,
+            report.p99_ms,
+            (report.p99_ms / baseline.p99_ms.max(f64::MIN_POSITIVE) - 1.0) * 100.0,
+            within.of,
+            baseline.p99_ms,
+            within.increase * 100.0
+        ),
+        awaited: Some(format!("p99 <= {limit:.2}ms")),
+        last_seen: Some(format!(
+            "{}: p50 {:.2}ms p90 {:.2}ms p99 {:.2}ms over {} requests; {}: p50 {:.2}ms p90 {:.2}ms p99 {:.2}ms over {} requests",
+            baseline.name,
+            baseline.p50_ms,
+            baseline.p90_ms,
+            baseline.p99_ms,
+            baseline.total,
+            report.name,
+            report.p50_ms,
+            report.p90_ms,
+            report.p99_ms,
+            report.total
+        )),
+        diff: None,
+    })
+}
+
 /// What a load's report breaks of its `expect`.
 fn load_problems(report: &LoadReport, op: &LoadOp) -> Vec<String> {
     let mut problems = Vec::new();
@@ -554,5 +615,42 @@ impl Linter<'_> {
                 ),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::P99Within;
+
+    fn report(name: &str, p99_ms: f64) -> LoadReport {
+        LoadReport {
+            name: name.into(),
+            p99_ms,
+            total: 100,
+            ..LoadReport::default()
+        }
+    }
+
+    /// A p99 up to the allowed increase passes; above it fails naming both figures; a missing
+    /// baseline is a failure, not a pass.
+    #[test]
+    fn p99_is_held_to_an_earlier_load() {
+        let within = P99Within {
+            of: "alone".into(),
+            increase: 0.2,
+        };
+        let alone = report("alone", 5.0);
+        assert!(check_against(&report("flooded", 5.9), &within, Some(&alone)).is_ok());
+        let err =
+            check_against(&report("flooded", 6.5), &within, Some(&alone)).expect_err("30 % above");
+        assert!(
+            err.message
+                .contains("30 % above `alone`'s 5.00ms (at most 20 %)"),
+            "{}",
+            err.message
+        );
+        let missing = check_against(&report("flooded", 1.0), &within, None).expect_err("none");
+        assert!(missing.message.contains("no earlier load `alone`"));
     }
 }
