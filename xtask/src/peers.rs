@@ -1,7 +1,8 @@
 //! `cargo xtask peers`: builds the real programs our code must work with — kube-apiserver and
 //! kube-controller-manager (`k8s.io/kubernetes`), OpenChoreo's cluster-gateway and cluster-agent
-//! (`github.com/openchoreo/openchoreo`) — from the Go modules pinned in `peers/`, into a cache
-//! outside the checkout, and checks that etcd is installed. See PEERS.md.
+//! (`github.com/openchoreo/openchoreo`, at two versions: `peers/openchoreo-v1.0` and
+//! `peers/openchoreo`) — from the Go modules pinned in `peers/`, into a cache outside the
+//! checkout, and checks that etcd is installed. See PEERS.md.
 //!
 //! The pins are the `require` lines of `peers/*/go.mod` (with their go.sum); nothing here
 //! repeats a version. Go's module cache (GOMODCACHE) holds the sources; only the binaries go to
@@ -59,7 +60,7 @@ const PROGRAMS: [Program; 4] = [
     Program::OpenchoreoAgent,
 ];
 
-/// A Go module we build programs from, with its pinning module in `peers/<dir>/`.
+/// A Go module version we build programs from, with its pinning module in `peers/<dir>/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Source {
     /// Directory under `peers/` holding the go.mod that requires the module.
@@ -69,6 +70,8 @@ struct Source {
     cache_prefix: &'static str,
     /// Versions `cargo xtask peers versions` tracks: the newest release starting with this.
     track: &'static str,
+    /// The programs built from it.
+    programs: &'static [Program],
 }
 
 const KUBERNETES: Source = Source {
@@ -76,20 +79,34 @@ const KUBERNETES: Source = Source {
     module: "k8s.io/kubernetes",
     cache_prefix: "kubernetes",
     track: "v1.37.",
+    programs: &[Program::KubeApiserver, Program::KubeControllerManager],
 };
 
+/// OpenChoreo, newest v1.x.
 const OPENCHOREO: Source = Source {
     dir: "openchoreo",
     module: "github.com/openchoreo/openchoreo",
     cache_prefix: "openchoreo",
     track: "v",
+    programs: &[Program::OpenchoreoGateway, Program::OpenchoreoAgent],
 };
 
+/// OpenChoreo v1.0.0: the module proxy refuses v0.17.0, and this is the served version nearest
+/// to it (PEERS.md). Same cache prefix, so the two versions sit side by side.
+const OPENCHOREO_V1_0: Source = Source {
+    dir: "openchoreo-v1.0",
+    track: "v1.0.",
+    ..OPENCHOREO
+};
+
+/// Every pinned module version, in build order.
+const SOURCES: [Source; 3] = [KUBERNETES, OPENCHOREO_V1_0, OPENCHOREO];
+
 impl Program {
-    fn source(self) -> Source {
+    fn module(self) -> &'static str {
         match self {
-            Program::KubeApiserver | Program::KubeControllerManager => KUBERNETES,
-            Program::OpenchoreoGateway | Program::OpenchoreoAgent => OPENCHOREO,
+            Program::KubeApiserver | Program::KubeControllerManager => KUBERNETES.module,
+            Program::OpenchoreoGateway | Program::OpenchoreoAgent => OPENCHOREO.module,
         }
     }
 
@@ -104,15 +121,15 @@ impl Program {
     }
 
     fn package(self) -> String {
-        format!("{}/cmd/{}", self.source().module, self.binary())
+        format!("{}/cmd/{}", self.module(), self.binary())
     }
 
     /// The linker flags the upstream release build sets: `-s -w` and the version variables
     /// (k8s: hack/lib/version.sh; OpenChoreo: make/golang.mk).
     fn ldflags(self, version: &str, revision: Option<&str>) -> String {
         let mut flags = vec!["-s".to_string(), "-w".to_string()];
-        match self.source() {
-            KUBERNETES => {
+        match self {
+            Program::KubeApiserver | Program::KubeControllerManager => {
                 let mut parts = version.trim_start_matches('v').split('.');
                 let major = parts.next().unwrap_or("");
                 let minor = parts.next().unwrap_or("");
@@ -132,7 +149,7 @@ impl Program {
                     }
                 }
             }
-            _ => {
+            Program::OpenchoreoGateway | Program::OpenchoreoAgent => {
                 let package = "github.com/openchoreo/openchoreo/internal/version";
                 flags.push(format!("-X {package}.version={version}"));
                 flags.push(format!("-X {package}.componentName={}", self.binary()));
@@ -155,8 +172,8 @@ pub(crate) fn run(flags: PeersFlags) -> anyhow::Result<()> {
 }
 
 /// Where a program of a module version lives in the cache.
-fn binary_path(root: &Path, program: Program, version: &str) -> PathBuf {
-    version_dir(root, program.source().cache_prefix, version).join(program.binary())
+fn binary_path(root: &Path, source: Source, program: Program, version: &str) -> PathBuf {
+    version_dir(root, source.cache_prefix, version).join(program.binary())
 }
 
 /// The go.mod's `go` directive (the minimum Go version).
@@ -199,7 +216,7 @@ impl Pin {
 
 /// The newest Go version any pinning module needs (for the "go not found" hint).
 fn minimum_go() -> String {
-    [KUBERNETES, OPENCHOREO]
+    SOURCES
         .into_iter()
         .filter_map(|source| Pin::read(source).ok())
         .filter_map(|pin| go_directive(&pin.go_mod).map(str::to_string))
@@ -359,11 +376,11 @@ fn build(only: Option<Program>) -> anyhow::Result<()> {
     let programs: Vec<Program> = only.map_or_else(|| PROGRAMS.to_vec(), |p| vec![p]);
     let mut go_checked = None;
     eprintln!("peers: cache {}", root.display());
-    for source in [KUBERNETES, OPENCHOREO] {
+    for source in SOURCES {
         let wanted: Vec<Program> = programs
             .iter()
             .copied()
-            .filter(|p| p.source() == source)
+            .filter(|p| source.programs.contains(p))
             .collect();
         if wanted.is_empty() {
             continue;
@@ -371,7 +388,7 @@ fn build(only: Option<Program>) -> anyhow::Result<()> {
         let pin = Pin::read(source)?;
         let mut todo = Vec::new();
         for program in wanted {
-            let path = binary_path(&root, program, &pin.version);
+            let path = binary_path(&root, source, program, &pin.version);
             if path.is_file() {
                 eprintln!(
                     "peers: {} {}: already built, skipped ({})",
@@ -456,7 +473,7 @@ fn build_one(
     root: &Path,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let path = binary_path(root, program, &pin.version);
+    let path = binary_path(root, pin.source, program, &pin.version);
     let dir = path.parent().expect("binary_path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let partial = dir.join(format!("{}.partial", program.binary()));
@@ -559,20 +576,23 @@ pub(crate) fn render_table(rows: &[StatusRow]) -> String {
 fn status() -> anyhow::Result<()> {
     let root = buildplane_peers::cache::process_cache_root()?;
     let mut rows = Vec::new();
-    for program in PROGRAMS {
-        let (version, path) = match Pin::read(program.source()) {
-            Ok(pin) => {
-                let path = binary_path(&root, program, &pin.version);
-                (pin.version, path)
-            }
-            Err(_) => ("?".to_string(), root.join("?").join(program.binary())),
-        };
-        rows.push(StatusRow {
-            program: program.binary().into(),
-            version,
-            present: path.is_file(),
-            path: path.display().to_string(),
-        });
+    for source in SOURCES {
+        let pin = Pin::read(source);
+        for &program in source.programs {
+            let (version, path) = match &pin {
+                Ok(pin) => {
+                    let path = binary_path(&root, source, program, &pin.version);
+                    (pin.version.clone(), path)
+                }
+                Err(_) => ("?".to_string(), root.join("?").join(program.binary())),
+            };
+            rows.push(StatusRow {
+                program: program.binary().into(),
+                version,
+                present: path.is_file(),
+                path: path.display().to_string(),
+            });
+        }
     }
     let etcd = find_etcd(std::env::var_os("PATH").as_deref());
     rows.push(StatusRow {
@@ -641,7 +661,7 @@ pub(crate) fn newest_matching<'a>(versions: &'a [String], prefix: &str) -> Optio
 /// `cargo xtask peers versions`.
 fn versions() -> anyhow::Result<()> {
     check_go()?;
-    for source in [KUBERNETES, OPENCHOREO] {
+    for source in SOURCES {
         let pin = Pin::read(source)?;
         let output = Command::new("go")
             .args(["list", "-m", "-versions", source.module])
@@ -680,12 +700,16 @@ mod tests {
     fn binaries_live_in_one_directory_per_module_version() {
         let root = Path::new("/c");
         assert_eq!(
-            binary_path(root, Program::KubeApiserver, "v1.37.2"),
+            binary_path(root, KUBERNETES, Program::KubeApiserver, "v1.37.2"),
             PathBuf::from("/c/kubernetes-v1.37.2/kube-apiserver")
         );
         assert_eq!(
-            binary_path(root, Program::OpenchoreoAgent, "v1.2.3"),
+            binary_path(root, OPENCHOREO, Program::OpenchoreoAgent, "v1.2.3"),
             PathBuf::from("/c/openchoreo-v1.2.3/cluster-agent")
+        );
+        assert_eq!(
+            binary_path(root, OPENCHOREO_V1_0, Program::OpenchoreoAgent, "v1.0.0"),
+            PathBuf::from("/c/openchoreo-v1.0.0/cluster-agent")
         );
         assert_eq!(
             Program::OpenchoreoGateway.package(),
@@ -731,6 +755,15 @@ mod tests {
         }
         let openchoreo = Pin::read(OPENCHOREO).unwrap();
         assert!(semver(&openchoreo.version).is_some());
+        // The second OpenChoreo pin: v1.0.x, in its own cache directory beside the newest.
+        let oldest = Pin::read(OPENCHOREO_V1_0).unwrap();
+        assert!(oldest.version.starts_with("v1.0."), "{}", oldest.version);
+        assert_ne!(oldest.version, openchoreo.version);
+        assert_eq!(
+            buildplane_peers::cache::openchoreo_versions().unwrap(),
+            [oldest.version, openchoreo.version],
+            "crates/peers knows the same pins"
+        );
     }
 
     #[test]

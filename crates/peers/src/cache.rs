@@ -1,14 +1,28 @@
 //! The peers cache (`$BUILDPLANE_PEERS_DIR`, else `$XDG_CACHE_HOME/buildplane/peers`, else
 //! `~/.cache/buildplane/peers`), with one directory per module version
-//! (`kubernetes-v1.37.2/kube-apiserver`), and the pins.
+//! (`kubernetes-v1.37.2/kube-apiserver`), and the pins: Kubernetes once, OpenChoreo twice
+//! (v1.0.0, the served version nearest v0.17.0, and the newest v1.x), each version in its own
+//! directory (`openchoreo-v1.0.0/`, `openchoreo-v1.2.3/`).
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 /// `peers/kubernetes/go.mod`: pins `k8s.io/kubernetes`.
 pub const KUBERNETES_GO_MOD: &str = include_str!("../../../peers/kubernetes/go.mod");
-/// `peers/openchoreo/go.mod`: pins `github.com/openchoreo/openchoreo`.
+/// `peers/openchoreo/go.mod`: pins `github.com/openchoreo/openchoreo`, the newest v1.x.
 pub const OPENCHOREO_GO_MOD: &str = include_str!("../../../peers/openchoreo/go.mod");
+/// `peers/openchoreo-v1.0/go.mod`: pins `github.com/openchoreo/openchoreo` v1.0.0, the version
+/// the module proxy serves nearest to v0.17.0 (which it refuses).
+pub const OPENCHOREO_V1_0_GO_MOD: &str = include_str!("../../../peers/openchoreo-v1.0/go.mod");
+
+/// OpenChoreo's Go module.
+pub const OPENCHOREO_MODULE: &str = "github.com/openchoreo/openchoreo";
+
+/// Every OpenChoreo pin, oldest first: its directory under `peers/` and its go.mod.
+pub const OPENCHOREO_PINS: [(&str, &str); 2] = [
+    ("openchoreo-v1.0", OPENCHOREO_V1_0_GO_MOD),
+    ("openchoreo", OPENCHOREO_GO_MOD),
+];
 
 /// The command that builds what is missing.
 pub const BUILD_HINT: &str = "run `cargo xtask peers build`";
@@ -160,22 +174,31 @@ impl ClusterPrograms {
     }
 }
 
-/// The directory of the pinned OpenChoreo programs (`cluster-gateway`, `cluster-agent`).
-pub fn openchoreo_dir() -> Result<PathBuf, PeersError> {
-    let version = pinned_version(OPENCHOREO_GO_MOD, "github.com/openchoreo/openchoreo")
-        .ok_or(PeersError::NoPin("openchoreo"))?;
-    Ok(version_dir(&process_cache_root()?, "openchoreo", &version))
+/// The pinned OpenChoreo versions, oldest first (`["v1.0.0", "v1.2.3"]`).
+pub fn openchoreo_versions() -> Result<Vec<String>, PeersError> {
+    OPENCHOREO_PINS
+        .iter()
+        .map(|(dir, go_mod)| {
+            pinned_version(go_mod, OPENCHOREO_MODULE).ok_or(PeersError::NoPin(dir))
+        })
+        .collect()
 }
 
-/// OpenChoreo's `program` (`cluster-gateway` or `cluster-agent`) at the pinned version, or an
-/// error naming `cargo xtask peers build` when it has not been built.
-pub fn openchoreo_program(program: &str) -> Result<PathBuf, PeersError> {
-    let path = openchoreo_dir()?.join(program);
+/// The cache directory of OpenChoreo `version`'s programs (`cluster-gateway`, `cluster-agent`).
+pub fn openchoreo_dir(version: &str) -> Result<PathBuf, PeersError> {
+    Ok(version_dir(&process_cache_root()?, "openchoreo", version))
+}
+
+/// OpenChoreo's `program` (`cluster-gateway` or `cluster-agent`) at `version` (one of
+/// [`openchoreo_versions`]), or an error naming `cargo xtask peers build` when it has not been
+/// built.
+pub fn openchoreo_program(version: &str, program: &str) -> Result<PathBuf, PeersError> {
+    let path = openchoreo_dir(version)?.join(program);
     if path.is_file() {
         Ok(path)
     } else {
         Err(PeersError::Missing {
-            programs: vec![format!("{program} ({})", path.display())],
+            programs: vec![format!("{program} {version} ({})", path.display())],
             hint: BUILD_HINT.to_string(),
         })
     }
@@ -223,7 +246,14 @@ mod tests {
     fn the_pins_are_read_from_the_committed_go_mod_files() {
         let kubernetes = pinned_version(KUBERNETES_GO_MOD, "k8s.io/kubernetes").unwrap();
         assert!(kubernetes.starts_with("v1.37."), "{kubernetes}");
-        assert!(pinned_version(OPENCHOREO_GO_MOD, "github.com/openchoreo/openchoreo").is_some());
+        let openchoreo = openchoreo_versions().unwrap();
+        assert_eq!(openchoreo.len(), 2, "{openchoreo:?}");
+        assert!(
+            openchoreo[0].starts_with("v1.0."),
+            "the stand-in for v0.17.0: {openchoreo:?}"
+        );
+        assert!(openchoreo[1].starts_with("v1."), "{openchoreo:?}");
+        assert_ne!(openchoreo[0], openchoreo[1]);
         let go_mod = "module x\n\nrequire (\n\tk8s.io/kubernetes v1.37.2 // indirect\n\tk8s.io/api v0.37.2\n)\nreplace k8s.io/client-go => k8s.io/client-go v0.37.2\n";
         assert_eq!(
             pinned_version(go_mod, "k8s.io/kubernetes").as_deref(),
