@@ -6,8 +6,9 @@
 //!
 //! - OpenChoreo's agent through our gateway: registration, proxied requests (a query string, a
 //!   JSON body, a binary body, 10 MiB each way, a 404 of the build cluster, 50 at once), a
-//!   response over the v1 message limit failing alone, and two replicas sharing a certificate
-//!   counted as two; a CA change revokes it (closed, refused on reconnect) and re-admits it.
+//!   response over the v1 message limit failing alone, a caller's `Authorization` kept at our
+//!   gateway (v1.0's agent would pass it on), and two replicas sharing a certificate counted as
+//!   two; a CA change revokes it (closed, refused on reconnect) and re-admits it.
 //! - Our agent behind OpenChoreo's gateway: the same requests, the subprotocol fallback, the
 //!   unknown-target error, exec and Hubble streams refused without losing the connection (v1.1
 //!   on: v1.0's gateway has no such streams), two of our agents on one certificate; a CA change
@@ -669,6 +670,23 @@ async fn openchoreo_agent_through_our_gateway(oc: OpenChoreo) {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+
+    // A caller's credentials stay at our gateway. OpenChoreo v1.0's agent would pass an
+    // `Authorization` header on to the API server, which refuses a token it does not know (401);
+    // v1.2's strips it, and so does our gateway before either sees it.
+    let res = env
+        .http
+        .get(format!("{base}/api/v1/namespaces/oca-a"))
+        .header("authorization", "Bearer a-caller-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
 
     // A response over the v1 message limit (~12 MiB of body) fails that request only: the
     // request beside it is answered, and the connection is the same one.
