@@ -1,7 +1,8 @@
 //! A TCP round-robin balancer in front of gateway replicas, as a Kubernetes Service is for the
-//! benches: each new connection goes to the next backend in rotation that accepts it (a backend
-//! that refuses, one being restarted, is skipped); bytes are relayed as they are, TLS included.
-//! With no backend accepting, the inbound connection is closed.
+//! benches: each new connection goes, once the client has sent its first bytes, to the next
+//! backend in rotation that accepts it (a backend that refuses, one being restarted, is
+//! skipped); bytes are relayed as they are, TLS included. With no backend accepting, the
+//! inbound connection is closed.
 //!
 //! It is a user-space hop (two more socket copies per direction and a task per connection),
 //! which a Service's kernel NAT does not cost; the benches measure through it, so its cost
@@ -18,7 +19,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
 use tokio_util::sync::CancellationToken;
 
 /// Relay buffer per direction: one TLS record.
@@ -116,17 +120,31 @@ fn check_backends(backends: &[SocketAddr]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Connects to the first backend from `first` on (in rotation) that accepts and relays until
-/// either end closes.
+/// Waits for the client's first bytes, then connects to the first backend from `first` on (in
+/// rotation) that accepts, hands it those bytes and relays until either end closes. Dialing
+/// only once the client has spoken keeps the backend's view as through a Service's NAT: its
+/// ClientHello follows the connection at once. (A relay that dials first leaves the gateway a
+/// socket that has not spoken for as long as the relay takes to copy; thousands at once from
+/// the balancer's one address fill the gateway's allowance of silent sockets per source, and
+/// it refuses them, which no agent behind a Service would meet.)
 async fn relay(mut inbound: TcpStream, backends: &[SocketAddr], first: usize, count: &Counters) {
-    let n = backends.len();
-    for k in 0..n {
-        let Ok(mut outbound) = TcpStream::connect(backends[(first + k) % n]).await else {
+    let mut hello = vec![0u8; BUFFER];
+    let n = match inbound.read(&mut hello).await {
+        Ok(0) | Err(_) => return,
+        Ok(n) => n,
+    };
+    let backends_n = backends.len();
+    for k in 0..backends_n {
+        let Ok(mut outbound) = TcpStream::connect(backends[(first + k) % backends_n]).await else {
             continue;
         };
         count.relayed.fetch_add(1, Ordering::Relaxed);
         let _ = inbound.set_nodelay(true);
         let _ = outbound.set_nodelay(true);
+        if outbound.write_all(&hello[..n]).await.is_err() {
+            return;
+        }
+        drop(hello);
         let _ =
             tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut outbound, BUFFER, BUFFER)
                 .await;
@@ -145,17 +163,20 @@ pub async fn serve(listen: SocketAddr, backends: Vec<SocketAddr>) -> anyhow::Res
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
     use super::*;
 
-    /// A backend that answers every connection with its own index.
+    /// A backend that answers every connection's first byte with its own index.
     async fn backend(index: u8) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
-                let _ = tcp.write_all(&[index]).await;
+                tokio::spawn(async move {
+                    let mut byte = [0u8];
+                    if tcp.read_exact(&mut byte).await.is_ok() {
+                        let _ = tcp.write_all(&[index]).await;
+                    }
+                });
             }
         });
         addr
@@ -163,6 +184,7 @@ mod tests {
 
     async fn reached(addr: SocketAddr) -> Option<u8> {
         let mut tcp = TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(b"?").await.ok()?;
         let mut byte = [0u8];
         tcp.read_exact(&mut byte).await.ok()?;
         Some(byte[0])

@@ -864,7 +864,7 @@ async fn storm(fleet: &Fleet<'_>, gateway: &mut Children) -> anyhow::Result<serd
     let balancer_cpu = cpu_total(fleet.balancer_pids) - balancer_cpu;
     // Handshakes the replicas finished since their restart: admitted, refused with 409 (a
     // replica the agent held already), or refused otherwise after the TLS handshake.
-    let (mut admitted, mut held_refusals, mut other_refusals) = (0u64, 0u64, 0u64);
+    let (mut admitted, mut held_refusals, mut other_refusals, mut silent) = (0u64, 0, 0, 0);
     let mut all_refusals = std::collections::BTreeMap::new();
     for p in ports {
         admitted += admissions(p).await?;
@@ -877,8 +877,8 @@ async fn storm(fleet: &Fleet<'_>, gateway: &mut Children) -> anyhow::Result<serd
         for (reason, n) in refusals(&text) {
             match reason.as_str() {
                 "replica_held" => held_refusals += n,
-                // Before any TLS: a socket that never sent its ClientHello.
-                "hello_timeout" | "idle_evicted" => {}
+                // Before any TLS: sockets that had not sent their ClientHello.
+                "hello_timeout" | "idle_evicted" | "idle_per_source" => silent += n,
                 _ => other_refusals += n,
             }
             *all_refusals.entry(reason).or_insert(0u64) += n;
@@ -924,6 +924,8 @@ async fn storm(fleet: &Fleet<'_>, gateway: &mut Children) -> anyhow::Result<serd
         "held_refusals_per_agent": per_agent(held_refusals),
         "other_refusals_per_agent": per_agent(other_refusals),
         "handshakes_per_agent": per_agent(admitted + held_refusals + other_refusals),
+        // Connections closed before their ClientHello (not handshakes).
+        "silent_refusals_per_agent": per_agent(silent),
         "refusals": all_refusals,
         "gateway_cpu_secs": gateway_cpu,
         "swarm_cpu_secs": swarm_cpu,

@@ -6,6 +6,11 @@
 //! one more path of the end-to-end and latency benches. When it cannot be built here, its figures
 //! and targets are reported as skipped with the reason, never as met.
 //!
+//! Gateway replicas (issue #15): every fleet's restart storm runs with one gateway and again
+//! with three replicas behind balancers (all three killed), and the end-to-end bench runs 1 KiB
+//! at c64 through one and three replicas behind a balancer; both against one gateway of the
+//! same run.
+//!
 //! `--quick` is the CI smoke: the dev profile (no release build), short runs, 100 agents, the
 //! report under `target/bench/`; it checks that every figure was produced and never fails on a
 //! wall-clock figure or a target.
@@ -881,6 +886,12 @@ fn collect_replica_storm(fleet: &Value, figures: &mut Figures) {
             "handshakes",
             Better::Lower,
         ),
+        (
+            "silent_refusals_per_agent",
+            "silent_refusals_per_agent",
+            "connections",
+            Better::Lower,
+        ),
         ("gateway_cpu", "gateway_cpu_secs", "s", Better::Lower),
         ("swarm_cpu", "swarm_cpu_secs", "s", Better::Lower),
         ("balancer_cpu", "balancer_cpu_secs", "s", Better::Lower),
@@ -1601,6 +1612,12 @@ fn replicas_markdown(md: &mut String, report: &Value, figures: &Figures) {
                 "of which refused with 409 (replica held)",
                 "held_refusals_per_agent",
                 "held_refusals_per_agent",
+                "",
+            ),
+            (
+                "connections closed before their ClientHello, per agent",
+                "silent_refusals_per_agent",
+                "silent_refusals_per_agent",
                 "",
             ),
             (

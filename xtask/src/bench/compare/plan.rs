@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use super::{Problems, Side};
 use crate::bench::{
-    BenchFlags, Figures, collect_cpu, collect_criterion, collect_fleet, collect_latency,
-    read_criterion, run_json,
+    BenchFlags, Figures, REPLICAS, collect_cpu, collect_criterion, collect_fleet, collect_latency,
+    collect_replica_storm, read_criterion, run_json,
 };
 
 /// What each side runs in a round.
@@ -71,6 +71,7 @@ impl Plan {
     /// What `cargo xtask bench` runs, at its full sizes.
     fn full(storm_agents: usize) -> Plan {
         let storm_agents = storm_agents.to_string();
+        let replicas = REPLICAS.to_string();
         Plan {
             name: "full",
             steps: vec![
@@ -85,6 +86,7 @@ impl Plan {
                     &storm_agents,
                     "--processes",
                     "2",
+                    "--storm",
                 ])),
                 Step::Fleet(strings(&[
                     "fleet",
@@ -92,6 +94,26 @@ impl Plan {
                     "10000",
                     "--processes",
                     "4",
+                    "--storm",
+                ])),
+                Step::Fleet(strings(&[
+                    "fleet",
+                    "--count",
+                    &storm_agents,
+                    "--processes",
+                    "2",
+                    "--replicas",
+                    &replicas,
+                    "--storm",
+                ])),
+                Step::Fleet(strings(&[
+                    "fleet",
+                    "--count",
+                    "10000",
+                    "--processes",
+                    "4",
+                    "--replicas",
+                    &replicas,
                     "--storm",
                 ])),
             ],
@@ -208,6 +230,9 @@ impl Output {
             self.fleets.get(1),
             &mut figures,
         );
+        for fleet in &self.fleets {
+            collect_replica_storm(fleet, &mut figures);
+        }
         figures.0.retain(|name, figure| is_ratio(name, figure.unit));
         Ok(figures)
     }
