@@ -86,6 +86,24 @@ impl Drop for Children {
     }
 }
 
+/// Which of these children have exited, and how, for an error that may come from it (a swarm
+/// that died leaves its agents unconnected).
+fn exited(groups: &mut [(&str, &mut Children)]) -> String {
+    let mut gone = Vec::new();
+    for (what, children) in groups.iter_mut() {
+        for (i, child) in children.0.iter_mut().enumerate() {
+            if let Ok(Some(status)) = child.try_wait() {
+                gone.push(format!("{what} {i} exited ({status})"));
+            }
+        }
+    }
+    if gone.is_empty() {
+        "every swarm and balancer process is running".into()
+    } else {
+        gone.join(", ")
+    }
+}
+
 pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -579,7 +597,14 @@ pub(crate) async fn run(flags: FleetFlags) -> anyhow::Result<serde_json::Value> 
     let mut report = if replicas > 1 {
         // The storm run: every swarm at once, until every agent holds every replica.
         signal(&swarm_pids, "CONT")?;
-        let connect_secs = wait_connected(&http, &bases, count, within).await?;
+        let connect_secs = wait_connected(&http, &bases, count, within)
+            .await
+            .map_err(|err| {
+                err.context(exited(&mut [
+                    ("swarm", &mut swarms),
+                    ("balancer", &mut balancers),
+                ]))
+            })?;
         serde_json::json!({
             "count": count,
             "processes": processes,
@@ -600,11 +625,25 @@ pub(crate) async fn run(flags: FleetFlags) -> anyhow::Result<serde_json::Value> 
         let first: usize = planes.iter().take(half).map(|(_, n, _)| *n).sum();
         let mut connect_secs = 0.0;
         signal(&swarm_pids[..half], "CONT")?;
-        connect_secs += wait_connected(&http, &bases, first, within).await?;
+        connect_secs += wait_connected(&http, &bases, first, within)
+            .await
+            .map_err(|err| {
+                err.context(exited(&mut [
+                    ("swarm", &mut swarms),
+                    ("balancer", &mut balancers),
+                ]))
+            })?;
         tokio::time::sleep(HEARTBEAT + Duration::from_secs(1)).await;
         let rss_first = rss_kib(gateway_pid)?;
         signal(&swarm_pids[half..], "CONT")?;
-        connect_secs += wait_connected(&http, &bases, count, within).await?;
+        connect_secs += wait_connected(&http, &bases, count, within)
+            .await
+            .map_err(|err| {
+                err.context(exited(&mut [
+                    ("swarm", &mut swarms),
+                    ("balancer", &mut balancers),
+                ]))
+            })?;
         tokio::time::sleep(HEARTBEAT + Duration::from_secs(1)).await;
         let rss_connected = rss_kib(gateway_pid)?;
         let per_agent_kib = if count > first {
