@@ -1508,7 +1508,7 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     let _ = writeln!(md, "\n## Running\n");
     let _ = writeln!(
         md,
-        "`cargo xtask bench` (about 5 minutes on 2 cores once the release build is done) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings). `--compare REV` builds REV and the working tree and runs them interleaved (report in `target/bench/compare.md`; see \"Comparing two revisions\" in the notes). rathole is built once into `target/peers/` with its own release profile, in `--quick` too (about 5 minutes on 2 cores the first time).\n"
+        "`cargo xtask bench` (about 9 minutes on 2 cores once the release build is done, of which the three-replica fleets take 4) writes this file and `target/bench/bench.json`; `--save-baseline NAME` stores the run, `--baseline NAME` fails if a figure is more than 20% (`--threshold`) worse. `--quick` is the CI smoke (dev profile, report in `target/bench/`, never fails on timings). `--compare REV` builds REV and the working tree and runs them interleaved (report in `target/bench/compare.md`; see \"Comparing two revisions\" in the notes). rathole is built once into `target/peers/` with its own release profile, in `--quick` too (about 5 minutes on 2 cores the first time).\n"
     );
     match notes {
         Some(notes) => md.push_str(notes),
