@@ -227,6 +227,26 @@ impl Peers {
     }
 }
 
+/// An endpoint's address as an IP: itself for `IPv4`/`IPv6` slices, the name resolved (IPv4
+/// first) for `FQDN` slices (a real API server refuses loopback IPs in an IP slice, so a
+/// replica on loopback is listed as `localhost`).
+fn address_ip(address: &str) -> Option<IpAddr> {
+    if let Ok(ip) = address.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<IpAddr> = (address, 0)
+        .to_socket_addrs()
+        .ok()?
+        .map(|a| a.ip())
+        .collect();
+    resolved
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or_else(|| resolved.first())
+        .copied()
+}
+
 /// The ready endpoints of `slices` on the port named `port_name`, without `own_id`, by id.
 pub fn siblings<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
@@ -252,11 +272,7 @@ pub fn siblings<'a>(
                 .as_ref()
                 .and_then(|c| c.ready)
                 .unwrap_or(true);
-            let Some(ip) = endpoint
-                .addresses
-                .first()
-                .and_then(|a| a.parse::<IpAddr>().ok())
-            else {
+            let Some(ip) = endpoint.addresses.first().and_then(|a| address_ip(a)) else {
                 continue;
             };
             let addr = SocketAddr::new(ip, port);
@@ -287,6 +303,16 @@ mod tests {
             "endpoints": endpoints,
         }))
         .unwrap()
+    }
+
+    /// An FQDN slice's address is resolved (the harness lists loopback replicas as
+    /// `localhost`, which a real API server accepts where it refuses 127.0.0.1 in an IPv4
+    /// slice); an unresolvable one is skipped.
+    #[test]
+    fn fqdn_addresses_are_resolved() {
+        assert_eq!(address_ip("10.0.0.7"), Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(address_ip("localhost"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(address_ip("no-such-host.invalid"), None);
     }
 
     /// Ready endpoints on the named port, this replica left out, named by their pod; a

@@ -348,10 +348,12 @@ impl GatewayReplicas {
                     "endpointslice.kubernetes.io/managed-by": "buildplane-e2e-harness",
                 },
             },
-            "addressType": "IPv4",
+            // A real API server refuses loopback addresses in an IPv4 slice; the replicas
+            // listen on loopback here, so the slice names them by the host name `localhost`.
+            "addressType": "FQDN",
             "ports": [{"name": "internal", "port": self.ports[index].internal, "protocol": "TCP"}],
             "endpoints": [{
-                "addresses": ["127.0.0.1"],
+                "addresses": ["localhost"],
                 "conditions": {"ready": ready, "serving": ready, "terminating": !ready},
                 "targetRef": {"kind": "Pod", "name": name, "namespace": namespace},
             }],
