@@ -7,12 +7,14 @@ use std::process::{Command, Stdio};
 
 pub use crate::backend::sim::Binaries;
 
-/// The component packages and their binaries.
-pub const COMPONENTS: [(&str, &str); 4] = [
+/// The component packages and their binaries (and the harness's own fault proxy process,
+/// which runs beside each swarm process).
+pub const COMPONENTS: [(&str, &str); 5] = [
     ("kube-sim", "kube-sim"),
     ("cluster-gateway", "cluster-gateway"),
     ("cluster-agent", "cluster-agent"),
     ("buildplane-controller", "buildplane-controller"),
+    ("buildplane-harness", "e2e-fault-proxy"),
 ];
 
 /// The variables cargo sets for the package it runs (`cargo xtask` runs the xtask package).
@@ -45,7 +47,7 @@ pub fn cargo_command(cargo: impl AsRef<OsStr>) -> Command {
 /// Builds the component binaries and returns where they are, with the build errors of those
 /// that failed.
 ///
-/// All four are built in one cargo invocation (features unified once, so shared dependencies
+/// All of them are built in one cargo invocation (features unified once, so shared dependencies
 /// compile once); only if that fails is each package built on its own, so one broken crate
 /// does not hide the others. `cargo` is the cargo to run (the `CARGO` environment variable
 /// under cargo), `root` the workspace root. Cargo's own progress goes to stderr as usual.

@@ -95,8 +95,9 @@ impl Environment for KubeconfigEnv {
         Box::pin(async move { unsupported(format!("stopping {target}")) })
     }
 
-    fn set_faults(&self, link: &str, _toxics: Toxics) -> Result<()> {
-        unsupported(format!("faults on link `{link}`"))
+    fn set_faults(&self, link: &str, _toxics: Toxics) -> BoxFuture<'_, Result<()>> {
+        let link = link.to_string();
+        Box::pin(async move { unsupported(format!("faults on link `{link}`")) })
     }
 
     fn partition(

@@ -204,8 +204,8 @@ pub trait Environment: Send + Sync {
     /// Stops a component.
     fn stop(&self, target: ComponentTarget, mode: StopMode) -> BoxFuture<'_, Result<()>>;
 
-    /// Sets the faults of a link (`*`: every link).
-    fn set_faults(&self, link: &str, toxics: Toxics) -> Result<()>;
+    /// Sets the faults of a link (`*`: every link); they hold when the future completes.
+    fn set_faults(&self, link: &str, toxics: Toxics) -> BoxFuture<'_, Result<()>>;
 
     /// Cuts gateway replica `replica` off from `from` (its paths hold their bytes, nothing is
     /// closed, callers still reach it), or heals every partition of it (`None`).

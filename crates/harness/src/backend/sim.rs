@@ -1,6 +1,8 @@
 //! The `sim` and `apiserver` backends: every scenario gets two clusters (control and build), the
 //! real `cluster-gateway` and `buildplane-controller` binaries, agents as `cluster-agent`
 //! processes, and a fault proxy on every agent → gateway link, all local processes.
+//! An agent's link is proxied in the harness; a swarm's links are proxied by one
+//! `e2e-fault-proxy` process beside each swarm process ([`Link`]).
 //!
 //! The clusters are what differs ([`ApiServers`]): a `kube-sim` process each (`sim`), or a real
 //! etcd, kube-apiserver and kube-controller-manager each (`apiserver`, set up by
@@ -28,11 +30,14 @@ use buildplane_peers::{ClusterPorts, ClusterPrograms, RealCluster};
 
 use crate::pki::EnvPki;
 use crate::process::{Proc, free_port, tail};
+use crate::proxy::remote::RemoteProxy;
 use crate::proxy::{FaultProxy, Toxics};
 use crate::scenario::{Capability, ClusterName, ComponentKind, PartitionFrom};
 
-/// How long a component may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a component may take to become ready. A gateway restarted under the full
+/// profile's storm reports ready once it has listed 10,000 BuildPlanes while 10,000 agents
+/// dial it: 79 s was measured on 2 cores. A component that exits fails at once regardless.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Grace period of a graceful stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Log lines quoted when a component fails to start.
@@ -86,6 +91,7 @@ pub fn package_of(binary: &str) -> &str {
         "cluster-gateway" => "cluster-gateway",
         "cluster-agent" => "cluster-agent",
         "buildplane-controller" => "buildplane-controller",
+        "e2e-fault-proxy" => "buildplane-harness",
         _ => "kube-sim",
     }
 }
@@ -209,7 +215,34 @@ struct State {
     agents: BTreeMap<String, AgentInfo>,
     swarms: BTreeMap<String, Vec<String>>,
     args: BTreeMap<ComponentKind, Vec<String>>,
-    links: BTreeMap<String, Arc<FaultProxy>>,
+    links: BTreeMap<String, Link>,
+}
+
+/// The fault proxies of a named link.
+#[derive(Clone)]
+enum Link {
+    /// An agent's: a proxy in the harness.
+    Local(Arc<FaultProxy>),
+    /// A swarm's: one proxy process per swarm process. In the harness, a 10,000-agent swarm's
+    /// links would hold 20,000 sockets, past a hard open-files limit of 20,000.
+    Remote(Vec<RemoteProxy>),
+}
+
+impl Link {
+    /// Sets the toxics of every proxy of the link; they hold when this returns.
+    async fn set_toxics(&self, toxics: &Toxics) -> Result<()> {
+        match self {
+            Link::Local(proxy) => proxy.set_toxics(toxics.clone()),
+            Link::Remote(proxies) => {
+                futures::future::try_join_all(
+                    proxies.iter().map(|proxy| proxy.set_toxics(toxics.clone())),
+                )
+                .await
+                .map_err(io_err("setting the faults of a swarm's link"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 struct SimEnv {
@@ -373,24 +406,39 @@ fn component_env() -> BTreeMap<String, String> {
     ])
 }
 
-/// Open files a swarm of `agents` connections costs this process: the fault proxy holds two
-/// sockets per connection (the agent's and the gateway's), plus room for clients, logs and
-/// watches. The components inherit the same limit and need at most one per connection.
-fn open_files_needed(agents: u64) -> u64 {
-    agents.saturating_mul(2).saturating_add(512)
+/// Open files `connections` relayed connections cost a process: two sockets each (the
+/// agent's and the gateway's), plus room for clients, logs and watches. The components
+/// inherit the same limit and need at most one per connection.
+fn open_files_needed(connections: u64) -> u64 {
+    connections.saturating_mul(2).saturating_add(512)
 }
 
 /// Raises this process's open-files soft limit to the hard one, then fails before the swarm
-/// starts, with the fix, if it still cannot hold it (otherwise the storm would fail minutes
-/// later with agents that never connect).
-fn open_files_suffice(agents: u64) -> Result<()> {
-    let needed = open_files_needed(agents);
+/// starts, with the fix, if it still cannot relay `connections` (the agents' balancer of
+/// several replicas; otherwise the storm would fail minutes later with agents that never
+/// connect).
+fn open_files_suffice(connections: u64) -> Result<()> {
+    let needed = open_files_needed(connections);
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     match rlimit::Resource::NOFILE.get() {
         Ok((soft, hard)) if soft < needed => Err(BackendError::Other(format!(
-            "a swarm of {agents} agents needs about {needed} open files in the harness, \
-             but the limit is {soft} (hard limit {hard}); raise it (`ulimit -n {needed}`, or \
-             LimitNOFILE for a service) or run fewer agents"
+            "a swarm's {connections} connections through the balancer need about {needed} open \
+             files in the harness, but the limit is {soft} (hard limit {hard}); raise it \
+             (`ulimit -n {needed}`, or LimitNOFILE for a service) or run fewer agents"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Fails before a swarm starts if one of its link's proxy processes, which raises its soft
+/// limit to this hard limit, could not relay `connections` (its swarm process's share).
+fn proxy_files_suffice(connections: u64) -> Result<()> {
+    let needed = open_files_needed(connections);
+    match rlimit::Resource::NOFILE.get() {
+        Ok((_, hard)) if hard < needed => Err(BackendError::Other(format!(
+            "each fault proxy process of this swarm relays {connections} connections and \
+             needs about {needed} open files, over the hard limit {hard}; spread the swarm \
+             over more `processes`"
         ))),
         _ => Ok(()),
     }
@@ -807,15 +855,28 @@ impl SimEnv {
         let client = crate::kube_ops::client(&self.cluster(ClusterName::Control))
             .await
             .map_err(|e| BackendError::Other(e.to_string()))?;
-        crate::kube_ops::create_or_update(&client, &self.gateways.endpoint_slice(index, ready))
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                unavailable(
-                    &self.gateways.name(index),
-                    format!("writing its EndpointSlice: {e}"),
-                )
-            })
+        let slice = self.gateways.endpoint_slice(index, ready);
+        // A ready endpoint's transport error is retried (a starting replica must be listed):
+        // after the full profile's storm, the control cluster's API server has been seen to
+        // take over 30 s to accept a connection. A stopping replica's is written once.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match crate::kube_ops::create_or_update(&client, &slice).await {
+                Err(crate::kube_ops::KubeError::Client(_))
+                    if ready && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                res => {
+                    return res.map(|_| ()).map_err(|e| {
+                        unavailable(
+                            &self.gateways.name(index),
+                            format!("writing its EndpointSlice: {e}"),
+                        )
+                    });
+                }
+            }
+        }
     }
 
     async fn start_controller(&self) -> Result<()> {
@@ -843,10 +904,17 @@ impl SimEnv {
             .await
     }
 
+    /// An agent's link, started on first use.
     async fn link(&self, name: &str) -> Result<Arc<FaultProxy>> {
         let mut state = self.state.lock().await;
-        if let Some(link) = state.links.get(name) {
-            return Ok(link.clone());
+        match state.links.get(name) {
+            Some(Link::Local(proxy)) => return Ok(proxy.clone()),
+            Some(Link::Remote(_)) => {
+                return Err(BackendError::Other(format!(
+                    "`{name}` is a swarm's link; an agent needs a name of its own"
+                )));
+            }
+            None => {}
         }
         let upstream = SocketAddr::from(([127, 0, 0, 1], self.agent_port));
         let proxy = Arc::new(
@@ -854,8 +922,66 @@ impl SimEnv {
                 .await
                 .map_err(io_err("starting a fault proxy"))?,
         );
-        state.links.insert(name.to_string(), proxy.clone());
+        state
+            .links
+            .insert(name.to_string(), Link::Local(proxy.clone()));
         Ok(proxy)
+    }
+
+    /// Starts the fault proxy process `name` in front of the agents' gateway address.
+    async fn start_link_process(&self, name: &str) -> Result<RemoteProxy> {
+        let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let listen = local(free_port().map_err(io_err("choosing a port"))?);
+        let control = local(free_port().map_err(io_err("choosing a port"))?);
+        let args = vec![
+            "--listen".to_string(),
+            listen.to_string(),
+            "--upstream".into(),
+            local(self.agent_port).to_string(),
+            "--control".into(),
+            control.to_string(),
+        ];
+        self.spawn(name, "e2e-fault-proxy", args).await?;
+        self.wait_ready(
+            name,
+            &format!("its control port {}", control.port()),
+            Probe::Tcp(control.port()),
+        )
+        .await?;
+        Ok(RemoteProxy::new(listen, control))
+    }
+
+    /// Spawns process `k` of a swarm, `count` agents dialing through `link`; returns its
+    /// process name, the file its CA goes to, and its planeID prefix.
+    async fn spawn_swarm_process(
+        &self,
+        spec: &SwarmSpec,
+        k: u64,
+        count: u64,
+        link: &RemoteProxy,
+    ) -> Result<(String, PathBuf, String)> {
+        let proc_name = format!("swarm-{}-{k}", spec.name);
+        let ca_out = self.work.join(format!("{proc_name}-ca.pem"));
+        let _ = std::fs::remove_file(&ca_out);
+        let prefix = format!("{}-{k}", spec.plane_id_prefix);
+        let mut args = vec![
+            "swarm".to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--plane-id-prefix".into(),
+            prefix.clone(),
+            "--server-url".into(),
+            format!("wss://localhost:{}/ws", link.addr().port()),
+            "--server-ca".into(),
+            self.pki.server_ca.display().to_string(),
+            "--kubeconfig".into(),
+            self.build.kubeconfig.display().to_string(),
+            "--ca-out".into(),
+            ca_out.display().to_string(),
+        ];
+        args.extend(spec.args.iter().cloned());
+        self.spawn(&proc_name, "cluster-agent", args).await?;
+        Ok((proc_name, ca_out, prefix))
     }
 
     fn agent_args(&self, link: SocketAddr, spec: &AgentSpec, health_port: u16) -> Vec<String> {
@@ -1015,49 +1141,43 @@ impl Environment for SimEnv {
 
     fn start_swarm(&self, spec: SwarmSpec) -> BoxFuture<'_, Result<Vec<SwarmPlane>>> {
         Box::pin(async move {
-            // Each agent holds a connection per gateway replica, and with several replicas
-            // each also crosses the balancer (two more sockets here).
+            // Each agent holds a connection per gateway replica. Its link's proxy process holds
+            // two sockets per connection; with several replicas, the connection also crosses
+            // the agents' balancer here (two more sockets in the harness).
             let replicas = self.gateways.ports.len() as u64;
-            let sockets_per_agent = if replicas > 1 { 2 * replicas } else { 1 };
-            open_files_suffice(spec.count.saturating_mul(sockets_per_agent))?;
-            let link = self.link(&spec.name).await?;
+            if replicas > 1 {
+                open_files_suffice(spec.count.saturating_mul(replicas))?;
+            }
             let n_processes = spec.processes.max(1) as u64;
+            proxy_files_suffice(spec.count.div_ceil(n_processes).saturating_mul(replicas))?;
+            if self.state.lock().await.links.contains_key(&spec.name) {
+                return Err(BackendError::Other(format!(
+                    "a link named `{}` exists; a new swarm needs a name of its own",
+                    spec.name
+                )));
+            }
             let mut names = Vec::new();
+            let mut links = Vec::new();
             let mut ca_files = Vec::new();
             for k in 0..n_processes {
                 let count = spec.count / n_processes + u64::from(k < spec.count % n_processes);
                 if count == 0 {
                     continue;
                 }
-                let proc_name = format!("swarm-{}-{k}", spec.name);
-                let ca_out = self.work.join(format!("{proc_name}-ca.pem"));
-                let _ = std::fs::remove_file(&ca_out);
-                let prefix = format!("{}-{k}", spec.plane_id_prefix);
-                let mut args = vec![
-                    "swarm".to_string(),
-                    "--count".into(),
-                    count.to_string(),
-                    "--plane-id-prefix".into(),
-                    prefix.clone(),
-                    "--server-url".into(),
-                    format!("wss://localhost:{}/ws", link.addr().port()),
-                    "--server-ca".into(),
-                    self.pki.server_ca.display().to_string(),
-                    "--kubeconfig".into(),
-                    self.build.kubeconfig.display().to_string(),
-                    "--ca-out".into(),
-                    ca_out.display().to_string(),
-                ];
-                args.extend(spec.args.iter().cloned());
-                self.spawn(&proc_name, "cluster-agent", args).await?;
+                let link = self
+                    .start_link_process(&format!("link-{}-{k}", spec.name))
+                    .await?;
+                let (proc_name, ca_out, prefix) =
+                    self.spawn_swarm_process(&spec, k, count, &link).await?;
+                links.push(link);
                 names.push(proc_name.clone());
                 ca_files.push((proc_name, ca_out, prefix, count));
             }
-            self.state
-                .lock()
-                .await
-                .swarms
-                .insert(spec.name.clone(), names);
+            {
+                let mut state = self.state.lock().await;
+                state.swarms.insert(spec.name.clone(), names);
+                state.links.insert(spec.name.clone(), Link::Remote(links));
+            }
             let mut planes = Vec::new();
             for (proc_name, ca_out, prefix, count) in ca_files {
                 self.wait_ready(
@@ -1175,24 +1295,30 @@ impl Environment for SimEnv {
         Ok(())
     }
 
-    fn set_faults(&self, link: &str, toxics: Toxics) -> Result<()> {
-        let state = self
-            .state
-            .try_lock()
-            .map_err(|_| BackendError::Other("environment busy".into()))?;
-        if link == "*" {
-            state
-                .links
-                .values()
-                .for_each(|proxy| proxy.set_toxics(toxics.clone()));
-            return Ok(());
-        }
-        let proxy = state.links.get(link).ok_or_else(|| BackendError::Unknown {
-            what: "link",
-            name: link.to_string(),
-        })?;
-        proxy.set_toxics(toxics);
-        Ok(())
+    fn set_faults(&self, link: &str, toxics: Toxics) -> BoxFuture<'_, Result<()>> {
+        let link = link.to_string();
+        Box::pin(async move {
+            let links: Vec<Link> = {
+                let state = self.state.lock().await;
+                if link == "*" {
+                    state.links.values().cloned().collect()
+                } else {
+                    vec![
+                        state
+                            .links
+                            .get(&link)
+                            .cloned()
+                            .ok_or(BackendError::Unknown {
+                                what: "link",
+                                name: link,
+                            })?,
+                    ]
+                }
+            };
+            futures::future::try_join_all(links.iter().map(|link| link.set_toxics(&toxics)))
+                .await?;
+            Ok(())
+        })
     }
 
     fn metrics(&self, target: ComponentTarget) -> BoxFuture<'_, Result<String>> {
@@ -1274,7 +1400,7 @@ impl Environment for SimEnv {
             // Agents first, API servers last, so the others do not log spurious errors.
             procs.sort_by_key(|p| match p.name() {
                 n if n.starts_with("agent") || n.starts_with("swarm") => 0,
-                "controller" => 1,
+                n if n == "controller" || n.starts_with("link-") => 1,
                 n if n.starts_with("gateway") => 2,
                 n if n.starts_with("controller-manager") => 3,
                 n if n.starts_with("etcd") => 5,
@@ -1309,5 +1435,22 @@ mod tests {
         if soft >= open_files_needed(10) {
             open_files_suffice(10).unwrap();
         }
+    }
+
+    /// A swarm whose proxy processes could not hold their share of its links is refused up
+    /// front, naming the fix; the full profile's storm (10,000 agents in 8 processes) passes
+    /// under a hard limit of 20,000, where one proxy for the whole swarm could not.
+    #[test]
+    fn a_swarm_too_large_for_its_proxy_processes_is_refused_with_the_fix() {
+        let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+        if hard == rlimit::INFINITY {
+            return;
+        }
+        let err = proxy_files_suffice(hard).unwrap_err().to_string();
+        assert!(err.contains("more `processes`"), "{err}");
+        if hard >= 20_000 {
+            proxy_files_suffice(10_000u64.div_ceil(8)).unwrap();
+        }
+        assert!(open_files_needed(10_000) > 20_000);
     }
 }

@@ -142,18 +142,20 @@ impl Engine {
     }
 
     /// The `fault` operation: toxics on a link.
-    pub(super) fn fault(&self, op: &FaultOp) -> OpResultT {
+    pub(super) async fn fault(&self, op: &FaultOp) -> OpResultT {
         self.env
             .set_faults(&self.text(&op.link)?, Self::toxics(op))
+            .await
             .map_err(|e| fail(e.to_string()))
     }
 
     /// The `heal` operation: a link without toxics, or a replica's partition ended.
-    pub(super) fn heal(&self, op: &HealOp) -> OpResultT {
+    pub(super) async fn heal(&self, op: &HealOp) -> OpResultT {
         match (&op.link, &op.name) {
             (Some(link), _) => self
                 .env
                 .set_faults(&self.text(link)?, Toxics::default())
+                .await
                 .map_err(|e| fail(e.to_string())),
             (None, Some(name)) => self
                 .env

@@ -818,10 +818,13 @@ impl Environment for K3dEnv {
         })
     }
 
-    fn set_faults(&self, link: &str, _toxics: Toxics) -> Result<()> {
-        unsupported(format!(
-            "faults on link `{link}` (there is no fault proxy between k3d clusters); use --backend sim"
-        ))
+    fn set_faults(&self, link: &str, _toxics: Toxics) -> BoxFuture<'_, Result<()>> {
+        let link = link.to_string();
+        Box::pin(async move {
+            unsupported(format!(
+                "faults on link `{link}` (there is no fault proxy between k3d clusters); use --backend sim"
+            ))
+        })
     }
 
     fn partition(
@@ -1119,7 +1122,10 @@ mod tests {
         )
         .await
         .unwrap();
-        let faults = env.set_faults("agent_1", Toxics::default()).unwrap_err();
+        let faults = env
+            .set_faults("agent_1", Toxics::default())
+            .await
+            .unwrap_err();
         assert!(faults.to_string().contains("--backend sim"), "{faults}");
         let partition = env
             .partition(

@@ -5,6 +5,10 @@
 //! `SO_LINGER 0` on every connection), slicer (small chunks with delays) and partition (all data
 //! and new connections held until healed, as a network partition that later heals).
 //! The upstream address can change at run time, so a restarted gateway may listen elsewhere.
+//!
+//! A proxy also runs in a process of its own ([`remote`], the `e2e-fault-proxy` binary), so
+//! the links of a swarm of thousands of agents are spread over several processes instead of
+//! holding two sockets per connection in the harness.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,8 +24,10 @@ use tokio::task::JoinHandle;
 
 use crate::scenario::Direction;
 
+pub mod remote;
+
 /// The faults in force on a link. The default is a healthy link.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Toxics {
     /// Delay added before forwarding each chunk.
     pub latency: Duration,
@@ -86,7 +92,12 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on `127.0.0.1:0` and forwards to `upstream`.
     pub async fn start(upstream: SocketAddr) -> std::io::Result<FaultProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        FaultProxy::bind(SocketAddr::from(([127, 0, 0, 1], 0)), upstream).await
+    }
+
+    /// Listens on `listen` and forwards to `upstream`.
+    pub async fn bind(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<FaultProxy> {
+        let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (toxics, _) = watch::channel(Toxics::default());
         let shared = Arc::new(Shared {
