@@ -229,10 +229,16 @@ impl Peers {
 
 /// An endpoint's address as an IP: itself for `IPv4`/`IPv6` slices, the name resolved (IPv4
 /// first) for `FQDN` slices (a real API server refuses loopback IPs in an IP slice, so a
-/// replica on loopback is listed as `localhost`).
+/// replica on loopback is listed as `<name>.localhost`).
 fn address_ip(address: &str) -> Option<IpAddr> {
     if let Ok(ip) = address.parse::<IpAddr>() {
         return Some(ip);
+    }
+    // RFC 6761: `localhost` and names under it are loopback, whatever the resolver says (glibc
+    // knows only `localhost` itself; the API server wants at least two labels).
+    let name = address.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return Some(IpAddr::from([127, 0, 0, 1]));
     }
     use std::net::ToSocketAddrs;
     let resolved: Vec<IpAddr> = (address, 0)
@@ -312,6 +318,10 @@ mod tests {
     fn fqdn_addresses_are_resolved() {
         assert_eq!(address_ip("10.0.0.7"), Some("10.0.0.7".parse().unwrap()));
         assert_eq!(address_ip("localhost"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(
+            address_ip("gateway-1.localhost"),
+            Some("127.0.0.1".parse().unwrap())
+        );
         assert_eq!(address_ip("no-such-host.invalid"), None);
     }
 

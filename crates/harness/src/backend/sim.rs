@@ -381,12 +381,13 @@ impl GatewayReplicas {
                     "endpointslice.kubernetes.io/managed-by": "buildplane-e2e-harness",
                 },
             },
-            // A real API server refuses loopback addresses in an IPv4 slice; the replicas
-            // listen on loopback here, so the slice names them by the host name `localhost`.
+            // A real API server refuses loopback addresses in an IPv4 slice, and an FQDN of
+            // one label; the replicas listen on loopback here, so the slice names them under
+            // `localhost` (RFC 6761: loopback, as the gateway resolves it).
             "addressType": "FQDN",
             "ports": [{"name": "internal", "port": self.ports[index].internal, "protocol": "TCP"}],
             "endpoints": [{
-                "addresses": ["localhost"],
+                "addresses": [format!("{name}.localhost")],
                 "conditions": {"ready": ready, "serving": ready, "terminating": !ready},
                 "targetRef": {"kind": "Pod", "name": name, "namespace": namespace},
             }],
