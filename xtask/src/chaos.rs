@@ -88,18 +88,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn parse_invariant(text: &str) -> Result<Invariant, String> {
-    [
-        Invariant::FailFast,
-        Invariant::Isolation,
-        Invariant::Revocation,
-        Invariant::Convergence,
-        Invariant::Leak,
-        Invariant::NoPanic,
-        Invariant::Recovery,
-    ]
-    .into_iter()
-    .find(|i| i.as_str() == text)
-    .ok_or_else(|| format!("unknown invariant `{text}`"))
+    Invariant::ALL
+        .into_iter()
+        .find(|i| i.as_str() == text)
+        .ok_or_else(|| format!("unknown invariant `{text}`"))
 }
 
 /// Runs `cargo xtask chaos`.

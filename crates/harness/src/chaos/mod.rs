@@ -60,6 +60,17 @@ pub enum Invariant {
 }
 
 impl Invariant {
+    /// Every invariant, in the order reports list them.
+    pub const ALL: [Invariant; 7] = [
+        Invariant::FailFast,
+        Invariant::Isolation,
+        Invariant::Revocation,
+        Invariant::Convergence,
+        Invariant::Leak,
+        Invariant::NoPanic,
+        Invariant::Recovery,
+    ];
+
     /// Its name on the command line and in files.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -479,16 +490,20 @@ fn fault_marks(result: &ScenarioResult, events: &[FaultEvent]) -> Marks {
         .collect();
     marks.origin = ran.first().map_or(0.0, |r| r.0);
     let end_of_run = result.duration.as_secs_f64();
-    for (index, plan) in plan(events).iter().enumerate() {
-        let Action::Inject(event) = plan.action else {
+    let timeline = plan(events);
+    for planned in &timeline {
+        let Action::Inject(event) = planned.action else {
             continue;
         };
-        let Some(&(start, _)) = ran.get(plan.first_op) else {
+        let Some(&(start, _)) = ran.get(planned.first_op) else {
             continue;
         };
-        let recovered = plan_recovery(events, index)
-            .and_then(|r| ran.get(r).map(|&(_, end)| end))
-            .unwrap_or(end_of_run);
+        // A fault ends when its recovery's last operation does (a restart: its own).
+        let last_op = timeline
+            .iter()
+            .find(|p| p.action == Action::Recover(event))
+            .map_or(planned.last_op, |p| p.last_op);
+        let recovered = ran.get(last_op).map_or(end_of_run, |&(_, end)| end);
         let fault = &events[event].fault;
         if fault.shared_data_path() {
             marks.shared.push((start, recovered));
@@ -498,18 +513,6 @@ fn fault_marks(result: &ScenarioResult, events: &[FaultEvent]) -> Marks {
         }
     }
     marks
-}
-
-/// The index of the first operation of `events`' recovery, following the inject at `index`.
-fn plan_recovery(events: &[FaultEvent], index: usize) -> Option<usize> {
-    let plan = plan(events);
-    let Action::Inject(event) = plan[index].action else {
-        return None;
-    };
-    plan.iter()
-        .find(|p| p.action == Action::Recover(event))
-        .map(|p| p.last_op)
-        .or(Some(plan[index].last_op))
 }
 
 /// A point of the timeline.

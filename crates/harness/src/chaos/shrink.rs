@@ -27,11 +27,26 @@ where
     let mut current = items;
     let mut granularity = 2usize;
     let mut trials = 0usize;
-    while current.len() >= 2 {
+    'search: while current.len() >= 2 {
+        // Each chunk alone, then (past two chunks, where a complement is the other chunk)
+        // each complement, with the granularity to go on with if it still fails.
         let chunks = split(&current, granularity);
-        let mut reduced = false;
-        // Try each chunk alone, then each complement.
-        for chunk in &chunks {
+        let complements = (granularity > 2).then(|| {
+            (0..chunks.len()).map(|i| {
+                let rest: Vec<T> = chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .flat_map(|(_, c)| c.iter().cloned())
+                    .collect();
+                (rest, (granularity - 1).max(2))
+            })
+        });
+        let candidates = chunks
+            .iter()
+            .map(|c| (c.clone(), 2))
+            .chain(complements.into_iter().flatten());
+        for (candidate, next_granularity) in candidates {
             if trials >= max_trials {
                 return Shrunk {
                     items: current,
@@ -40,43 +55,16 @@ where
                 };
             }
             trials += 1;
-            if fails(chunk.clone()).await {
-                current = chunk.clone();
-                granularity = 2;
-                reduced = true;
-                break;
+            if fails(candidate.clone()).await {
+                current = candidate;
+                granularity = next_granularity;
+                continue 'search;
             }
         }
-        if !reduced && granularity > 2 {
-            for i in 0..chunks.len() {
-                if trials >= max_trials {
-                    return Shrunk {
-                        items: current,
-                        trials,
-                        budget_exhausted: true,
-                    };
-                }
-                let complement: Vec<T> = chunks
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .flat_map(|(_, c)| c.iter().cloned())
-                    .collect();
-                trials += 1;
-                if fails(complement.clone()).await {
-                    current = complement;
-                    granularity = (granularity - 1).max(2);
-                    reduced = true;
-                    break;
-                }
-            }
+        if granularity >= current.len() {
+            break;
         }
-        if !reduced {
-            if granularity >= current.len() {
-                break;
-            }
-            granularity = (granularity * 2).min(current.len());
-        }
+        granularity = (granularity * 2).min(current.len());
     }
     Shrunk {
         items: current,
