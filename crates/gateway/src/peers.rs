@@ -143,11 +143,18 @@ impl Peers {
                     Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                     Ok(_) => {
                         let slices: Vec<Arc<EndpointSlice>> = store.state();
-                        peers.set(siblings(
-                            slices.iter().map(|s| s.as_ref()),
-                            &peers.config.port_name,
-                            &peers.own_id,
-                        ));
+                        // An FQDN endpoint is resolved with the system resolver, which blocks:
+                        // off the runtime's workers.
+                        let (port_name, own_id) =
+                            (peers.config.port_name.clone(), peers.own_id.clone());
+                        let found = tokio::task::spawn_blocking(move || {
+                            siblings(slices.iter().map(|s| s.as_ref()), &port_name, &own_id)
+                        })
+                        .await;
+                        match found {
+                            Ok(found) => peers.set(found),
+                            Err(err) => warn!(%err, "resolving the sibling replicas failed"),
+                        }
                     }
                     Err(err) => {
                         warn!(%err, "watch of the gateway's EndpointSlices failed; retrying")

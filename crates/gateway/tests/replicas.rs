@@ -640,9 +640,10 @@ async fn peered_replicas(env: &mut Env, n: usize) -> Vec<RunningGateway> {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": {"name": format!("cluster-gateway-{id}"), "labels": {"kubernetes.io/service-name": "cluster-gateway"}},
-            "addressType": "IPv4",
+            // The real server refuses loopback IPs in an IPv4 slice, and so does kube-sim.
+            "addressType": "FQDN",
             "ports": [{"name": "internal", "port": port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": id, "namespace": "org-c"}}],
+            "endpoints": [{"addresses": [format!("{id}.localhost")], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": id, "namespace": "org-c"}}],
         }))
         .unwrap();
         slices

@@ -253,6 +253,9 @@ fn admit(
     if kinds::is_job(resource) {
         kinds::admit_job(resource, object, name, old)?;
     }
+    if kinds::is_endpoint_slice(resource) {
+        kinds::admit_endpoint_slice(resource, object, name)?;
+    }
     if kinds::is_csr(resource) && old.is_none() {
         let user = options.user.clone().unwrap_or_else(kinds::admin_user);
         kinds::admit_new_csr(resource, object, name, &user)?;

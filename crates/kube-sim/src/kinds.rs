@@ -769,6 +769,127 @@ pub fn write_ephemeral_containers(
     Ok(())
 }
 
+/// Whether this is `endpointslices.discovery.k8s.io`.
+pub fn is_endpoint_slice(resource: &Resource) -> bool {
+    resource.group == "discovery.k8s.io" && resource.plural == "endpointslices"
+}
+
+/// The address checks of `ValidateEndpointSlice`: an IPv4 or IPv6 slice's addresses are IPs of
+/// that family outside the unspecified, loopback and link-local ranges (`ValidateEndpointIP`),
+/// an FQDN slice's are domain names of at least two labels (`IsFullyQualifiedDomainName`).
+pub fn admit_endpoint_slice(
+    resource: &Resource,
+    object: &Value,
+    name: &str,
+) -> Result<(), ApiError> {
+    let causes = validate_endpoint_slice(object);
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&resource.qualified_kind(), name, &causes))
+    }
+}
+
+fn validate_endpoint_slice(object: &Value) -> Vec<(String, String)> {
+    let address_type = object["addressType"].as_str().unwrap_or_default();
+    let mut causes = Vec::new();
+    let endpoints = object["endpoints"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    for (e, endpoint) in endpoints.iter().enumerate() {
+        let addresses = endpoint["addresses"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        for (a, address) in addresses.iter().enumerate() {
+            let field = format!("endpoints[{e}].addresses[{a}]");
+            let address = address.as_str().unwrap_or_default();
+            let invalid = |message: &str| {
+                (
+                    field.clone(),
+                    format!("Invalid value: {}: {message}", go_json(&json!(address))),
+                )
+            };
+            match address_type {
+                "IPv4" | "IPv6" => match address.parse::<std::net::IpAddr>() {
+                    Ok(ip) if ip.is_ipv4() != (address_type == "IPv4") => {
+                        causes.push(invalid(&format!("must be an {address_type} address")));
+                    }
+                    Ok(ip) => causes.extend(endpoint_ip_problems(ip).iter().map(|p| invalid(p))),
+                    Err(_) => causes.push(invalid("must be a valid IP address")),
+                },
+                "FQDN" if address.is_empty() => {
+                    causes.push((field.clone(), "Required value".into()))
+                }
+                "FQDN" => {
+                    if let Some(problem) = fqdn_problem(address) {
+                        causes.push(invalid(problem));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    causes
+}
+
+/// `ValidateEndpointIP`'s ranges.
+fn endpoint_ip_problems(ip: std::net::IpAddr) -> Vec<String> {
+    use std::net::IpAddr;
+    let (unspecified, loopback, link_local, link_local_multicast) = match ip {
+        IpAddr::V4(v4) => (
+            v4.is_unspecified(),
+            v4.is_loopback(),
+            v4.is_link_local(),
+            v4.octets()[..3] == [224, 0, 0],
+        ),
+        IpAddr::V6(v6) => (
+            v6.is_unspecified(),
+            v6.is_loopback(),
+            v6.segments()[0] & 0xffc0 == 0xfe80,
+            v6.segments()[0] == 0xff02,
+        ),
+    };
+    let mut problems = Vec::new();
+    if unspecified {
+        problems.push(format!("may not be unspecified ({ip})"));
+    }
+    if loopback {
+        problems.push("may not be in the loopback range (127.0.0.0/8, ::1/128)".into());
+    }
+    if link_local {
+        problems.push("may not be in the link-local range (169.254.0.0/16, fe80::/10)".into());
+    }
+    if link_local_multicast {
+        problems
+            .push("may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)".into());
+    }
+    problems
+}
+
+/// `IsFullyQualifiedDomainName`: a DNS subdomain of at least two labels (a trailing dot
+/// allowed).
+fn fqdn_problem(name: &str) -> Option<&'static str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        Some(
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+        )
+    } else if !name.contains('.') {
+        Some("should be a domain with at least two segments separated by dots")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -782,5 +903,52 @@ mod tests {
         assert_eq!(pull_policy("registry:5000/busybox"), "Always");
         assert_eq!(pull_policy("registry:5000/busybox:1"), "IfNotPresent");
         assert_eq!(pull_policy("busybox@sha256:abc"), "IfNotPresent");
+    }
+
+    /// The real server's EndpointSlice address rules: loopback, unspecified and link-local IPs
+    /// are refused (127.0.0.1 in an IPv4 slice is what the harness once wrote), an IP of the
+    /// other family too, and an FQDN needs two labels.
+    #[test]
+    fn endpoint_slice_addresses_follow_the_servers_rules() {
+        let slice = |address_type: &str, address: &str| json!({"addressType": address_type, "endpoints": [{"addresses": [address]}]});
+        let refused = |address_type: &str, address: &str| -> Vec<String> {
+            validate_endpoint_slice(&slice(address_type, address))
+                .into_iter()
+                .map(|(field, message)| format!("{field}: {message}"))
+                .collect()
+        };
+        assert!(refused("IPv4", "10.0.0.7").is_empty());
+        assert!(refused("IPv6", "fd00::7").is_empty());
+        assert!(refused("FQDN", "gateway-0.localhost").is_empty());
+        assert!(refused("FQDN", "gateway-0.localhost.").is_empty());
+        assert_eq!(
+            refused("IPv4", "127.0.0.1"),
+            [
+                "endpoints[0].addresses[0]: Invalid value: \"127.0.0.1\": may not be in the loopback range (127.0.0.0/8, ::1/128)"
+            ]
+        );
+        assert_eq!(refused("IPv6", "::1").len(), 1);
+        assert_eq!(
+            refused("IPv4", "0.0.0.0"),
+            [
+                "endpoints[0].addresses[0]: Invalid value: \"0.0.0.0\": may not be unspecified (0.0.0.0)"
+            ]
+        );
+        assert_eq!(refused("IPv4", "169.254.1.1").len(), 1);
+        assert_eq!(refused("IPv4", "224.0.0.5").len(), 1);
+        assert_eq!(refused("IPv6", "fe80::1").len(), 1);
+        assert_eq!(refused("IPv4", "fd00::7").len(), 1);
+        assert_eq!(refused("IPv4", "not-an-ip").len(), 1);
+        assert_eq!(
+            refused("FQDN", "localhost"),
+            [
+                "endpoints[0].addresses[0]: Invalid value: \"localhost\": should be a domain with at least two segments separated by dots"
+            ]
+        );
+        assert_eq!(refused("FQDN", "Upper.case").len(), 1);
+        assert_eq!(
+            refused("FQDN", ""),
+            ["endpoints[0].addresses[0]: Required value"]
+        );
     }
 }

@@ -1001,6 +1001,15 @@ fn stored_builtins() -> Vec<Resource> {
         ),
         builtin("batch", "v1", "Job", "jobs", true, true, &[]),
         builtin(
+            "policy",
+            "v1",
+            "PodDisruptionBudget",
+            "poddisruptionbudgets",
+            true,
+            true,
+            &["pdb"],
+        ),
+        builtin(
             "rbac.authorization.k8s.io",
             "v1",
             "Role",

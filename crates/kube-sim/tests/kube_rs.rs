@@ -2870,10 +2870,21 @@ async fn custom_resources_scale_through_the_scale_subresource() {
     .await
     .expect("established within 30 s")
     .expect("CRD watch");
-    let resources = client
-        .list_api_group_resources("example.com/v1")
-        .await
-        .expect("discovered");
+    // The real server publishes a new group's discovery shortly after Established (its
+    // discovery handler is updated asynchronously): poll until the group is served.
+    let resources = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match client.list_api_group_resources("example.com/v1").await {
+                Ok(resources) => return resources,
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("discovery failed: {err:?}"),
+            }
+        }
+    })
+    .await
+    .expect("example.com/v1 discovered within 30 s");
     let entry = resources
         .resources
         .iter()

@@ -8,7 +8,7 @@
 //! deserialization itself. It is a structural check, not the API server's validation (no
 //! defaults, no cross-field rules).
 
-use k8s_openapi::api::{apps, core, rbac};
+use k8s_openapi::api::{apps, core, policy, rbac};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -100,6 +100,9 @@ pub fn check(object: &Value) -> Result<(), StructuralError> {
         ("v1", "Service") => round_trip::<core::v1::Service>(object, name),
         ("v1", "ServiceAccount") => round_trip::<core::v1::ServiceAccount>(object, name),
         ("apps/v1", "Deployment") => round_trip::<apps::v1::Deployment>(object, name),
+        ("policy/v1", "PodDisruptionBudget") => {
+            round_trip::<policy::v1::PodDisruptionBudget>(object, name)
+        }
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
             round_trip::<rbac::v1::ClusterRole>(object, name)
         }
