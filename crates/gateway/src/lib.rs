@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod peers;
 pub mod policy;
 pub mod proxy;
+pub mod rate;
 pub mod registry;
 pub mod trust;
 
@@ -87,6 +88,9 @@ pub struct GatewayConfig {
     pub verdict_cache_size: usize,
     /// This replica's id and the number of replicas behind the agent address.
     pub replica: Replica,
+    /// The rate each planeID may send proxied requests at through this replica
+    /// (`--plane-rate-limit`; `None`: no limit).
+    pub plane_rate: Option<rate::PlaneRate>,
 }
 
 /// A gateway's place among its replicas, told to every agent in the upgrade's 101 so that an
@@ -138,6 +142,7 @@ impl GatewayConfig {
             proxy_policy: ProxyPolicy::default(),
             verdict_cache_size: buildplane_pki::DEFAULT_VERDICT_CAPACITY,
             replica: Replica::default(),
+            plane_rate: None,
         }
     }
 }
@@ -158,6 +163,8 @@ pub struct Shared {
     pub idle: Arc<hello::IdleGate>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Token buckets per planeID (`--plane-rate-limit`).
+    pub plane_rates: Option<rate::PlaneRates>,
     ready: AtomicBool,
     /// Set on shutdown: new agent connections are refused.
     pub draining: AtomicBool,
@@ -500,6 +507,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         trust,
         registry: Registry::default(),
         metrics: Metrics::default(),
+        plane_rates: config
+            .plane_rate
+            .map(|rate| rate::PlaneRates::new(rate, rate::DEFAULT_CAPACITY)),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         drain_started: CancellationToken::new(),

@@ -1,6 +1,6 @@
 //! `cluster-gateway`: admits cluster agents and proxies Kubernetes requests to them.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use buildplane_runtime::parse_positive_duration;
 use clap::Parser;
@@ -124,6 +124,26 @@ struct Flags {
     /// serviceaccounts/NAME/token subresource); `default` stands for them among other rules.
     #[arg(long = "proxy-deny", value_name = "RULE")]
     proxy_deny: Vec<String>,
+    /// Proxied requests per second one planeID may send through this replica; more get 429
+    /// with `Retry-After`, before their body is read (0: no limit). A watch counts once.
+    #[arg(long, default_value_t = 0)]
+    plane_rate_limit: u32,
+    /// Requests one planeID may send at once after a quiet spell (default: one second's worth
+    /// of `--plane-rate-limit`).
+    #[arg(long, requires = "plane_rate_limit")]
+    plane_rate_burst: Option<NonZeroU32>,
+}
+
+/// `--plane-rate-limit` and `--plane-rate-burst` as a rate, or none.
+fn plane_rate(
+    per_second: u32,
+    burst: Option<NonZeroU32>,
+) -> Option<cluster_gateway::rate::PlaneRate> {
+    let per_second = NonZeroU32::new(per_second)?;
+    Some(cluster_gateway::rate::PlaneRate {
+        per_second,
+        burst: burst.unwrap_or(per_second),
+    })
 }
 
 /// The agent listener address: `--agent-listen`, else `0.0.0.0:$AGENT_SERVER_PORT`, else
@@ -207,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
         },
         cert_reload_interval: Duration::from_secs(2),
         proxy_policy,
+        plane_rate: plane_rate(flags.plane_rate_limit, flags.plane_rate_burst),
     })
     .await?;
     let ended = gateway
@@ -285,6 +306,27 @@ mod tests {
         assert_eq!(flags.peer_port_name, "internal");
         let err = Flags::try_parse_from(["cluster-gateway", "--liveness-timeout", "0s"])
             .expect_err("zero");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    /// No limit by default; the burst defaults to one second's worth and is never zero.
+    #[test]
+    fn plane_rate_flags() {
+        let rate = |args: &[&str]| {
+            let flags = Flags::try_parse_from([&["cluster-gateway"], args].concat())?;
+            Ok::<_, clap::Error>(plane_rate(flags.plane_rate_limit, flags.plane_rate_burst))
+        };
+        assert_eq!(rate(&[]).unwrap(), None);
+        assert_eq!(rate(&["--plane-rate-limit", "0"]).unwrap(), None);
+        let limited = rate(&["--plane-rate-limit", "50"])
+            .unwrap()
+            .expect("a rate");
+        assert_eq!((limited.per_second.get(), limited.burst.get()), (50, 50));
+        let burst = rate(&["--plane-rate-limit", "50", "--plane-rate-burst", "200"])
+            .unwrap()
+            .expect("a rate");
+        assert_eq!(burst.burst.get(), 200);
+        let err = rate(&["--plane-rate-limit", "5", "--plane-rate-burst", "0"]).expect_err("zero");
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
     }
 }

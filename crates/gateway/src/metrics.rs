@@ -87,7 +87,7 @@ impl Default for Metrics {
         let proxy_failures = Family::<Labels, Counter>::default();
         registry.register(
             "proxy_failures",
-            "Proxied requests that failed at the agent or its connection, by reason",
+            "Proxied requests that failed at the agent or its connection, or were refused by a planeID rate limit (plane_rate_limited), by reason",
             proxy_failures.clone(),
         );
         let request_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));

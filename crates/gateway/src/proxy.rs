@@ -33,6 +33,7 @@ use serde_json::json;
 use crate::{
     Shared,
     peers::{Peer, Peers},
+    rate::Throttled,
     registry::Unavailable,
 };
 
@@ -75,6 +76,10 @@ pub async fn proxy(
         Ok(call) => call,
         Err(refusal) => return refusal,
     };
+    if let Err(throttled) = admit(&shared, &call) {
+        shared.metrics.proxy_failed("plane_rate_limited");
+        return too_many(&throttled);
+    }
     let upload = match Upload::prepare(&call, body).await {
         Ok(upload) => upload,
         Err(failure) => return failure.into_response(),
@@ -99,6 +104,29 @@ pub async fn proxy(
             }
         }
     }
+}
+
+/// Takes the request's token from its planeID's bucket (`--plane-rate-limit`). A request a
+/// sibling forwarded was counted where it arrived.
+fn admit(shared: &Shared, call: &Call) -> Result<(), Throttled> {
+    match (&shared.plane_rates, &call.forwarded_by) {
+        (Some(rates), None) => rates.admit(&call.plane_id, tokio::time::Instant::now()),
+        _ => Ok(()),
+    }
+}
+
+/// 429 with the seconds until the planeID's next token.
+fn too_many(throttled: &Throttled) -> Response {
+    let mut res = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "PlaneRateLimited",
+        throttled.to_string(),
+    );
+    res.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(throttled.retry_after_secs()),
+    );
+    res
 }
 
 /// A validated proxy request: where it goes and the head the agent gets.

@@ -679,3 +679,75 @@ async fn a_secret_named_after_its_creation_is_fetched() {
     env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
     assert_eq!(sample(&env, "cluster_gateway_cached_secrets").await, 1);
 }
+
+/// `--plane-rate-limit`: a planeID past its burst gets 429 `PlaneRateLimited` with
+/// `Retry-After`, and its agent never sees the refused request; another planeID on the same
+/// gateway is served meanwhile; a token refilled is a request admitted again. (Before the
+/// limit, every one of the flooding planeID's requests reached its agent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_plane_is_throttled_and_its_neighbour_is_not() {
+    let mut env = Env::start().await;
+    env.stop_gateway().await;
+    env.config.plane_rate = Some(cluster_gateway::rate::PlaneRate {
+        per_second: std::num::NonZeroU32::new(1).unwrap(),
+        burst: std::num::NonZeroU32::new(3).unwrap(),
+    });
+    env.start_gateway().await;
+    let noisy_ca = Ca::generate("noisy-ca", DAY).unwrap();
+    let quiet_ca = Ca::generate("quiet-ca", DAY).unwrap();
+    env.build_plane("org-a", "noisy", "noisy", noisy_ca.cert_pem())
+        .await;
+    env.build_plane("org-b", "quiet", "quiet", quiet_ca.cert_pem())
+        .await;
+    let noisy = env.agent(&noisy_ca, "noisy", 2);
+    let _quiet = env.agent(&quiet_ca, "quiet", 2);
+    env.wait_proxy_status("noisy", "org-a", "noisy", 200, WAIT)
+        .await;
+    env.wait_proxy_status("quiet", "org-b", "quiet", 200, WAIT)
+        .await;
+    // Both buckets full again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let before = noisy.requests.load(Ordering::SeqCst);
+    let limited = "cluster_gateway_proxy_failures_total{reason=\"plane_rate_limited\"}";
+    let limited_before = sample(&env, limited).await;
+    for n in 0..3 {
+        let (status, body) = env
+            .proxy("noisy", "org-a", "noisy", "/api/v1/namespaces")
+            .await;
+        assert_eq!(status, 200, "request {n} is within the burst: {body}");
+    }
+    let url = format!(
+        "{}/api/proxy/buildplane/noisy/org-a/noisy/k8s/api/v1/namespaces",
+        env.base
+    );
+    let refused = env.http.get(&url).send().await.expect("answered");
+    assert_eq!(refused.status().as_u16(), 429);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body = refused.text().await.unwrap();
+    assert!(
+        body.contains("PlaneRateLimited") && body.contains("noisy"),
+        "{body}"
+    );
+    assert_eq!(
+        noisy.requests.load(Ordering::SeqCst),
+        before + 3,
+        "the refused request never reached the agent"
+    );
+    let (status, body) = env
+        .proxy("quiet", "org-b", "quiet", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 200, "the neighbour is served: {body}");
+    assert_eq!(sample(&env, limited).await, limited_before + 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body) = env
+        .proxy("noisy", "org-a", "noisy", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 200, "a token refilled: {body}");
+}

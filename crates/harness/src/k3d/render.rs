@@ -355,6 +355,9 @@ pub fn gateway(values: &Values, extra_args: &[String]) -> Vec<Value> {
         "--peer-client-key=/peer-client/tls.key".to_string(),
         "--peer-ca=/peer-client/ca.crt".to_string(),
     ];
+    if gw.plane_rate_limit > 0 {
+        args.push(format!("--plane-rate-limit={}", gw.plane_rate_limit));
+    }
     args.extend(extra_args.iter().cloned());
     let container = container(ContainerSpec {
         name: GATEWAY_NAME,
@@ -873,6 +876,22 @@ mod tests {
             stale.is_empty(),
             "stale: {stale:?}; run `cargo xtask k3d render`"
         );
+    }
+
+    /// `planeRateLimit` reaches the gateway's arguments when set, and nothing when 0.
+    #[test]
+    fn plane_rate_limit_is_a_gateway_flag_when_set() {
+        let args = |values: &Values| {
+            let deployment = gateway(values, &[])
+                .into_iter()
+                .find(|o| o["kind"] == "Deployment")
+                .unwrap();
+            deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string()
+        };
+        let mut values = values();
+        assert!(!args(&values).contains("--plane-rate-limit"));
+        values.cluster_gateway.plane_rate_limit = 50;
+        assert!(args(&values).contains("\"--plane-rate-limit=50\""));
     }
 
     /// The gateway may only read BuildPlanes and Secrets: no write verb anywhere in its role.

@@ -115,6 +115,9 @@ pub struct ClusterGateway {
     pub max_concurrent_handshakes: u32,
     /// `--max-connections-per-identity`.
     pub max_connections_per_identity: u32,
+    /// `--plane-rate-limit`: proxied requests per second per planeID and replica (0: none).
+    #[serde(default)]
+    pub plane_rate_limit: u32,
     /// Serving certificate.
     pub tls: GatewayTls,
     /// Internal API client CA.
