@@ -164,6 +164,16 @@ async fn next_v1_request(ws: &mut common::Ws) -> serde_json::Value {
 /// (Before, each of these closed the connection and failed every request on it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v1_agent_message_the_gateway_cannot_use_fails_nothing_else() {
+    // Hung once in CI for over two hours (every socket idle): fail instead of hanging.
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        v1_agent_message_the_gateway_cannot_use(),
+    )
+    .await
+    .expect("the test finished within 120 s (a hang was seen once; see the session note)");
+}
+
+async fn v1_agent_message_the_gateway_cannot_use() {
     let env = Env::start().await;
     let ca = Ca::generate("agent-ca", DAY).unwrap();
     let leaf = ca.issue_client("p", DAY).unwrap();
