@@ -117,16 +117,12 @@ fn admit(shared: &Shared, call: &Call) -> Result<(), Throttled> {
 
 /// 429 with the seconds until the planeID's next token.
 fn too_many(throttled: &Throttled) -> Response {
-    let mut res = error(
+    let res = error(
         StatusCode::TOO_MANY_REQUESTS,
         "PlaneRateLimited",
         throttled.to_string(),
     );
-    res.headers_mut().insert(
-        http::header::RETRY_AFTER,
-        HeaderValue::from(throttled.retry_after_secs()),
-    );
-    res
+    retry_after(res, throttled.retry_after_secs())
 }
 
 /// A validated proxy request: where it goes and the head the agent gets.
@@ -974,9 +970,14 @@ fn response_headers(agent_headers: Vec<(String, String)>) -> HeaderMap {
     headers
 }
 
-fn retry_later(mut res: Response) -> Response {
+fn retry_later(res: Response) -> Response {
+    retry_after(res, 1)
+}
+
+/// `Retry-After` in whole seconds.
+fn retry_after(mut res: Response, secs: u64) -> Response {
     res.headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     res
 }
 

@@ -85,17 +85,12 @@ impl PlaneRates {
         let mut buckets = self.buckets.lock();
         if let Some(bucket) = buckets.get_mut(plane_id) {
             let refilled = refill(*bucket, now, per_second, burst);
+            bucket.at = now;
             if refilled >= 1.0 {
-                *bucket = Bucket {
-                    tokens: refilled - 1.0,
-                    at: now,
-                };
+                bucket.tokens = refilled - 1.0;
                 return Ok(());
             }
-            *bucket = Bucket {
-                tokens: refilled,
-                at: now,
-            };
+            bucket.tokens = refilled;
             return Err(Throttled {
                 plane_id: plane_id.to_owned(),
                 per_second: self.rate.per_second.get(),
