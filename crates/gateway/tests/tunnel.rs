@@ -148,7 +148,10 @@ async fn v1_and_v2_agents_side_by_side() {
 /// Reads the next text message of a raw v1 agent: the tunnel request.
 async fn next_v1_request(ws: &mut common::Ws) -> serde_json::Value {
     loop {
-        match ws.next().await.expect("open").expect("a message") {
+        let next = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the gateway sent the request within 10 s");
+        match next.expect("open").expect("a message") {
             Message::Text(text) => return serde_json::from_str(text.as_str()).expect("JSON"),
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("unexpected {other:?}"),
@@ -164,7 +167,10 @@ async fn next_v1_request(ws: &mut common::Ws) -> serde_json::Value {
 /// (Before, each of these closed the connection and failed every request on it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v1_agent_message_the_gateway_cannot_use_fails_nothing_else() {
-    // Hung once in CI for over two hours (every socket idle): fail instead of hanging.
+    // Hung once in CI for over two hours (every socket idle): its first request raced the
+    // gateway's registration of the raw agent (answered 503, never sent to it) while the test
+    // waited for it on the socket. `raw_admitted` now waits for the registration; a wait that
+    // still goes wrong fails here instead of hanging.
     tokio::time::timeout(
         Duration::from_secs(120),
         v1_agent_message_the_gateway_cannot_use(),

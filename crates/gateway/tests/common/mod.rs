@@ -458,8 +458,11 @@ impl Env {
         }
     }
 
-    /// [`Env::raw_connect`] until admitted: the reflector sees a new BuildPlane shortly after
-    /// it is applied.
+    /// [`Env::raw_connect`] until admitted (the reflector sees a new BuildPlane shortly after
+    /// it is applied), then until the gateway has registered the connection: the upgrade's 101
+    /// goes out before the connection is in the table, and a request sent in between is
+    /// answered 503 NoAgentConnected, never reaching this agent (a test that then waited for it
+    /// hung once in CI).
     pub async fn raw_admitted(
         &self,
         query: &str,
@@ -467,15 +470,39 @@ impl Env {
         protocols: Option<&str>,
     ) -> (Ws, Option<String>) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
+        let newest_before = self.newest_connection_id().await;
+        let admitted = loop {
             match self.raw_connect(query, Some(leaf), protocols).await {
-                Ok(ok) => return ok,
+                Ok(ok) => break ok,
                 Err(err) if tokio::time::Instant::now() > deadline => {
                     panic!("not admitted: {err:?}")
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
+        };
+        while self.newest_connection_id().await <= newest_before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "admitted but never registered in the connection table"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        admitted
+    }
+
+    /// The highest connection id in the gateway's table (ids only grow), 0 when it is empty.
+    async fn newest_connection_id(&self) -> u64 {
+        let (_, body) = self.get("/api/v1/connections").await;
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v["connections"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|c| c["id"].as_u64())
+                    .max()
+            })
+            .unwrap_or(0)
     }
 
     /// The gateway's Prometheus text (`/metrics` on the health listener).
