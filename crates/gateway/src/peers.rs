@@ -91,6 +91,9 @@ pub struct Peers {
     next: AtomicUsize,
     tls: rustls::ClientConfig,
     clients: Mutex<HashMap<IpAddr, reqwest::Client>>,
+    /// This replica's client certificate for its siblings: every replica of the Deployment
+    /// mounts the same one, so a caller presenting its subject is a sibling.
+    client_cert: Arc<buildplane_pki::ReloadableCert>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -116,7 +119,7 @@ impl Peers {
     ) -> anyhow::Result<Peers> {
         let ca = std::fs::read(&config.server_ca)
             .with_context(|| format!("reading {}", config.server_ca.display()))?;
-        let tls = (*buildplane_pki::client_config(&ca, Some(client_cert))?).clone();
+        let tls = (*buildplane_pki::client_config(&ca, Some(client_cert.clone()))?).clone();
         Ok(Peers {
             config,
             own_id,
@@ -124,7 +127,16 @@ impl Peers {
             next: AtomicUsize::new(0),
             tls,
             clients: Mutex::new(HashMap::new()),
+            client_cert,
         })
+    }
+
+    /// Whether an internal-API caller that presented `leaf` (already verified against the
+    /// internal client CA) is a sibling replica: its certificate names the subject of this
+    /// replica's own peer client certificate. The subject, not the bytes, so that replicas
+    /// still agree while a renewed certificate reaches their pods one by one.
+    pub fn is_sibling(&self, leaf: &rustls::pki_types::CertificateDer<'_>) -> bool {
+        buildplane_pki::same_subject(&self.client_cert.leaf(), leaf)
     }
 
     /// Watches the Service's EndpointSlices and keeps the sibling list current.

@@ -96,7 +96,7 @@ pub async fn proxy(
             }
             match (upload, &shared.peers) {
                 (Some(upload), Some(peers))
-                    if failure.forwardable() && call.forwarded_by.is_none() =>
+                    if failure.forwardable() && call.arrival.forwardable() =>
                 {
                     forward(&shared, peers, &call, upload, failure).await
                 }
@@ -109,8 +109,10 @@ pub async fn proxy(
 /// Takes the request's token from its planeID's bucket (`--plane-rate-limit`). A request a
 /// sibling forwarded was counted where it arrived.
 fn admit(shared: &Shared, call: &Call) -> Result<(), Throttled> {
-    match (&shared.plane_rates, &call.forwarded_by) {
-        (Some(rates), None) => rates.admit(&call.plane_id, tokio::time::Instant::now()),
+    match &shared.plane_rates {
+        Some(rates) if call.arrival.counted_here() => {
+            rates.admit(&call.plane_id, tokio::time::Instant::now())
+        }
         _ => Ok(()),
     }
 }
@@ -123,6 +125,65 @@ fn too_many(throttled: &Throttled) -> Response {
         throttled.to_string(),
     );
     retry_after(res, throttled.retry_after_secs())
+}
+
+/// Who is calling the internal API, known from the client certificate of its connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InternalCaller {
+    /// A sibling replica ([`crate::peers::Peers::is_sibling`]).
+    pub sibling: bool,
+}
+
+impl InternalCaller {
+    /// The caller that presented `chain` (leaf first), to a replica with `peers` (none: no
+    /// sibling can call).
+    pub fn of(
+        peers: Option<&crate::peers::Peers>,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> InternalCaller {
+        let sibling = match (peers, chain.first()) {
+            (Some(peers), Some(leaf)) => peers.is_sibling(leaf),
+            _ => false,
+        };
+        InternalCaller { sibling }
+    }
+}
+
+/// How a proxy request reached this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Arrival {
+    /// From a caller: counted against its planeID's rate here, and forwarded to a sibling
+    /// when no connection of this replica can take it.
+    Caller,
+    /// Forwarded by the sibling replica named (`x-buildplane-forwarded-by`, sent over a
+    /// connection whose certificate is a sibling's): counted where it arrived, never
+    /// forwarded again.
+    Sibling(String),
+    /// Marked `x-buildplane-forwarded-by` by a caller that is not a sibling: counted as any
+    /// caller's request (the header buys no exemption from the rate limit), and not forwarded
+    /// (the mark still ends any chain of forwards, should siblings' certificates disagree for a
+    /// while).
+    Claimed,
+}
+
+impl Arrival {
+    fn of(forwarded_by: Option<String>, caller: InternalCaller) -> Arrival {
+        match forwarded_by {
+            None => Arrival::Caller,
+            Some(replica) if caller.sibling => Arrival::Sibling(replica),
+            Some(_) => Arrival::Claimed,
+        }
+    }
+
+    /// Counted against the planeID's rate at this replica.
+    fn counted_here(&self) -> bool {
+        !matches!(self, Arrival::Sibling(_))
+    }
+
+    /// May be forwarded to a sibling.
+    fn forwardable(&self) -> bool {
+        matches!(self, Arrival::Caller)
+    }
 }
 
 /// A validated proxy request: where it goes and the head the agent gets.
@@ -141,9 +202,8 @@ struct Call {
     bodiless: bool,
     /// The path and query as the caller sent them (what a sibling replica is asked).
     uri: String,
-    /// The sibling replica that forwarded this request (`x-buildplane-forwarded-by`): it is
-    /// not forwarded again.
-    forwarded_by: Option<String>,
+    /// From a caller or forwarded by a sibling.
+    arrival: Arrival,
 }
 
 impl Call {
@@ -227,10 +287,15 @@ impl Call {
             .uri()
             .path_and_query()
             .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
-        let forwarded_by = req
-            .headers()
-            .get(FORWARDED_BY)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let arrival = Arrival::of(
+            req.headers()
+                .get(FORWARDED_BY)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            req.extensions()
+                .get::<InternalCaller>()
+                .copied()
+                .unwrap_or_default(),
+        );
         let (parts, body) = req.into_parts();
         let head = RequestHead {
             method: method.to_string(),
@@ -248,7 +313,7 @@ impl Call {
             streaming,
             bodiless,
             uri,
-            forwarded_by,
+            arrival,
         };
         Ok((call, body))
     }

@@ -856,3 +856,43 @@ async fn a_forward_finds_the_sibling_that_holds_the_agent() {
         gateway.shutdown(Duration::from_millis(50)).await.unwrap();
     }
 }
+
+/// A request a sibling forwarded was counted against its planeID's rate where it arrived: the
+/// replica it is forwarded to does not count it again, so a plane gets the rate
+/// `--plane-rate-limit` says, not a fraction of it. The mark is believed only on a sibling's
+/// connection (here the test's client presents the peers' certificate); a caller's own mark is
+/// counted (`security::a_flooding_plane_is_throttled_and_its_neighbour_is_not`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_siblings_forward_is_not_counted_again() {
+    let mut env = Env::start().await;
+    env.config.plane_rate = Some(cluster_gateway::rate::PlaneRate {
+        per_second: std::num::NonZeroU32::new(1).unwrap(),
+        burst: std::num::NonZeroU32::new(1).unwrap(),
+    });
+    let other = peered_replicas(&mut env, 2).await.remove(0);
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let url = format!(
+        "{}/api/proxy/buildplane/p/org-a/bp/k8s/api/v1/namespaces",
+        env.base
+    );
+    for n in 0..4 {
+        let res = env
+            .http
+            .get(&url)
+            .header("x-buildplane-forwarded-by", "gateway-1")
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body = res.text().await.unwrap();
+        assert_eq!(status, 503, "forward {n} was counted again: {body}");
+        assert!(body.contains("NoAgentConnected"), "{body}");
+    }
+    // A caller's request is counted: the burst of one, then 429.
+    let (status, body) = proxy_at(&env, &env.base, "p").await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = proxy_at(&env, &env.base, "p").await;
+    assert_eq!(status, 429, "{body}");
+    other.shutdown(Duration::from_millis(50)).await.unwrap();
+}

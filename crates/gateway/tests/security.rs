@@ -735,16 +735,30 @@ async fn a_flooding_plane_is_throttled_and_its_neighbour_is_not() {
         body.contains("PlaneRateLimited") && body.contains("noisy"),
         "{body}"
     );
+    // The mark a sibling replica puts on a request it forwards buys a caller nothing: this
+    // gateway has no siblings, so the request is counted (and refused) as any other.
+    let forged = env
+        .http
+        .get(&url)
+        .header("x-buildplane-forwarded-by", "gateway-1")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(
+        forged.status().as_u16(),
+        429,
+        "a caller's x-buildplane-forwarded-by skipped the rate limit"
+    );
     assert_eq!(
         noisy.requests.load(Ordering::SeqCst),
         before + 3,
-        "the refused request never reached the agent"
+        "the refused requests never reached the agent"
     );
     let (status, body) = env
         .proxy("quiet", "org-b", "quiet", "/api/v1/namespaces")
         .await;
     assert_eq!(status, 200, "the neighbour is served: {body}");
-    assert_eq!(sample(&env, limited).await, limited_before + 1);
+    assert_eq!(sample(&env, limited).await, limited_before + 2);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, body) = env
         .proxy("noisy", "org-a", "noisy", "/api/v1/namespaces")

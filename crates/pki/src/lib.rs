@@ -116,6 +116,18 @@ pub fn not_after(cert_pem: &str) -> Result<i64> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// Whether two certificates name the same subject (their distinguished names, byte for byte).
+/// A certificate renewed under the same name (new key, new serial) keeps its subject; one that
+/// does not parse names nothing.
+pub fn same_subject(a: &CertificateDer<'_>, b: &CertificateDer<'_>) -> bool {
+    let subject = |der: &CertificateDer<'_>| {
+        x509_parser::parse_x509_certificate(der)
+            .ok()
+            .map(|(_, cert)| cert.subject().as_raw().to_vec())
+    };
+    matches!((subject(a), subject(b)), (Some(a), Some(b)) if a == b)
+}
+
 /// Explicit validity, for renewals and for tests of expired or future certificates.
 #[derive(Debug, Clone, Copy)]
 pub struct Validity {

@@ -815,3 +815,23 @@ mod handshakes {
         assert!(server.await.expect("joined").is_err());
     }
 }
+
+/// A renewed certificate (new key) keeps its subject; another name, another CA's leaf of
+/// another name, or bytes that are no certificate do not match.
+#[test]
+fn same_subject_matches_names_not_keys() {
+    let ca = Ca::generate("internal-ca", DAY).unwrap();
+    let peer = chain(&ca.issue_client("cluster-gateway-peer", DAY).unwrap())[0].clone();
+    let renewed = chain(&ca.issue_client("cluster-gateway-peer", DAY).unwrap())[0].clone();
+    let harness = chain(&ca.issue_client("buildplane-e2e-harness", DAY).unwrap())[0].clone();
+    assert_ne!(peer, renewed, "a new key and serial");
+    assert!(same_subject(&peer, &renewed));
+    assert!(same_subject(&peer, &peer));
+    assert!(!same_subject(&peer, &harness));
+    let junk = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+    assert!(!same_subject(&peer, &junk));
+    assert!(
+        !same_subject(&junk, &junk),
+        "what does not parse names nothing"
+    );
+}
