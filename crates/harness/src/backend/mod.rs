@@ -168,6 +168,35 @@ pub struct GatewayAccess {
     pub base_url: String,
     /// A client presenting the harness's certificate and trusting the gateway's CA.
     pub client: reqwest::Client,
+    /// The client's TLS, for [`GatewayAccess::separate_client`].
+    tls: rustls::ClientConfig,
+}
+
+impl GatewayAccess {
+    /// Access to `base_url` with the harness's TLS client configuration.
+    pub fn new(base_url: String, tls: rustls::ClientConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.clone())
+            .build()?;
+        Ok(GatewayAccess {
+            base_url,
+            client,
+            tls,
+        })
+    }
+
+    /// The same access through another client with its own connection pool: what a second
+    /// caller (another tenant) would be. Keeps the shared client if one cannot be built.
+    pub fn apart(&self) -> GatewayAccess {
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(self.tls.clone())
+            .build()
+            .unwrap_or_else(|_| self.client.clone());
+        GatewayAccess {
+            client,
+            ..self.clone()
+        }
+    }
 }
 
 /// Output of a command run for an agent.

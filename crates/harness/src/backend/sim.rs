@@ -505,10 +505,6 @@ impl SimEnv {
         let tls = pki
             .harness_tls()
             .map_err(|e| BackendError::Other(format!("harness TLS: {e}")))?;
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .build()
-            .map_err(|e| BackendError::Other(format!("harness HTTP client: {e}")))?;
         let port = || free_port().map_err(io_err("choosing a port"));
         let api_server = |name: &str| -> Result<ApiServer> {
             let port = port()?;
@@ -548,10 +544,8 @@ impl SimEnv {
             internal_port,
             gateways,
             controller_health_port: port()?,
-            gateway: GatewayAccess {
-                base_url: format!("https://127.0.0.1:{internal_port}"),
-                client,
-            },
+            gateway: GatewayAccess::new(format!("https://127.0.0.1:{internal_port}"), tls)
+                .map_err(|e| BackendError::Other(format!("harness HTTP client: {e}")))?,
             binaries,
             work,
             pki,

@@ -205,17 +205,11 @@ impl K3dBackend {
             .collect();
         let pki = K3dPki::load_or_generate(&layout.pki_dir, &names).map_err(other)?;
         let tls = pki.harness_tls().map_err(other)?;
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .build()
-            .map_err(other)?;
-        Ok(GatewayAccess {
-            base_url: format!(
-                "https://127.0.0.1:{}",
-                layout.values.cluster_gateway.internal_host_port
-            ),
-            client,
-        })
+        let base_url = format!(
+            "https://127.0.0.1:{}",
+            layout.values.cluster_gateway.internal_host_port
+        );
+        GatewayAccess::new(base_url, tls).map_err(other)
     }
 
     /// Deletes both clusters unless `keep`.
