@@ -145,10 +145,12 @@ pub(crate) fn run(flags: ChaosFlags) -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| "cargo".into());
     let mut binaries = if flags.no_build {
-        build::Binaries::from_dir(build::default_bin_dir(&root))
+        build::Binaries::from_dir(build::default_bin_dir(&root, build::BuildProfile::Debug))
     } else {
         progress("building the component binaries".into());
-        build::build_components(&cargo, &root, &|line| progress(line))
+        build::build_components(&cargo, &root, build::BuildProfile::Debug, &|line| {
+            progress(line)
+        })
     };
     if let Some(defect) = flags.gateway_defect {
         binaries = with_defective_gateway(&cargo, &root, &binaries, defect, &out_dir)?;

@@ -62,6 +62,10 @@ pub(crate) struct E2eFlags {
     /// Do not build the component binaries (use what is in the target directory).
     #[arg(long)]
     no_build: bool,
+    /// Build and run the components' release binaries (`target/release`) instead of the dev
+    /// ones: for figures of time under CPU contention, which a debug build inflates.
+    #[arg(long)]
+    release: bool,
     /// k3d backend: keep the clusters after the run (delete them later with `cargo xtask k3d down`).
     #[arg(long)]
     keep: bool,
@@ -182,14 +186,19 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
                 }
                 _ => ApiServers::KubeSim,
             };
+            let profile = if flags.release {
+                build::BuildProfile::Release
+            } else {
+                build::BuildProfile::Debug
+            };
             let binaries = if flags.no_build {
-                build::Binaries::from_dir(build::default_bin_dir(&root))
+                build::Binaries::from_dir(build::default_bin_dir(&root, profile))
             } else {
                 let cargo = std::env::var_os("CARGO")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| "cargo".into());
                 progress("building the component binaries".into());
-                build::build_components(&cargo, &root, &|line| progress(line))
+                build::build_components(&cargo, &root, profile, &|line| progress(line))
             };
             Arc::new(SimBackend::with_api_servers(binaries, api_servers))
         }

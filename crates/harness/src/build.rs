@@ -51,7 +51,12 @@ pub fn cargo_command(cargo: impl AsRef<OsStr>) -> Command {
 /// compile once); only if that fails is each package built on its own, so one broken crate
 /// does not hide the others. `cargo` is the cargo to run (the `CARGO` environment variable
 /// under cargo), `root` the workspace root. Cargo's own progress goes to stderr as usual.
-pub fn build_components(cargo: &Path, root: &Path, progress: &dyn Fn(String)) -> Binaries {
+pub fn build_components(
+    cargo: &Path,
+    root: &Path,
+    profile: BuildProfile,
+    progress: &dyn Fn(String),
+) -> Binaries {
     let mut dir: Option<PathBuf> = None;
     let mut build_errors = BTreeMap::new();
     let all: Vec<(&str, &str)> = COMPONENTS.to_vec();
@@ -59,13 +64,13 @@ pub fn build_components(cargo: &Path, root: &Path, progress: &dyn Fn(String)) ->
         "building {}",
         all.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
     ));
-    match cargo_build(cargo, root, &all, &mut dir) {
+    match cargo_build(cargo, root, profile, &all, &mut dir) {
         Ok(()) => {}
         Err(_) => {
             progress("the joint build failed; building each component on its own".into());
             for component in COMPONENTS {
                 let (package, binary) = component;
-                if let Err(err) = cargo_build(cargo, root, &[component], &mut dir) {
+                if let Err(err) = cargo_build(cargo, root, profile, &[component], &mut dir) {
                     progress(format!(
                         "build of {package} failed; scenarios needing it will fail"
                     ));
@@ -74,7 +79,7 @@ pub fn build_components(cargo: &Path, root: &Path, progress: &dyn Fn(String)) ->
             }
         }
     }
-    let dir = dir.unwrap_or_else(|| default_bin_dir(root));
+    let dir = dir.unwrap_or_else(|| default_bin_dir(root, profile));
     Binaries { dir, build_errors }
 }
 
@@ -82,6 +87,7 @@ pub fn build_components(cargo: &Path, root: &Path, progress: &dyn Fn(String)) ->
 fn cargo_build(
     cargo: &Path,
     root: &Path,
+    profile: BuildProfile,
     components: &[(&str, &str)],
     dir: &mut Option<PathBuf>,
 ) -> Result<(), String> {
@@ -89,6 +95,9 @@ fn cargo_build(
         "build".to_string(),
         "--message-format=json-render-diagnostics".to_string(),
     ];
+    if profile == BuildProfile::Release {
+        args.push("--release".to_string());
+    }
     for (package, binary) in components {
         args.extend([
             "-p".to_string(),
@@ -126,11 +135,25 @@ fn cargo_build(
     ))
 }
 
-/// `$CARGO_TARGET_DIR/debug`, or `<root>/target/debug`.
-pub fn default_bin_dir(root: &Path) -> PathBuf {
+/// The cargo profile the component binaries are built with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BuildProfile {
+    /// `dev` (`target/debug`): quick to build; every request costs several times the CPU.
+    #[default]
+    Debug,
+    /// `release` (`target/release`): as the product ships; for scenarios that measure time
+    /// under CPU contention (noisy-neighbour).
+    Release,
+}
+
+/// `$CARGO_TARGET_DIR/<profile>`, or `<root>/target/<profile>`.
+pub fn default_bin_dir(root: &Path, profile: BuildProfile) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|p| if p.is_absolute() { p } else { root.join(p) })
         .unwrap_or_else(|| root.join("target"))
-        .join("debug")
+        .join(match profile {
+            BuildProfile::Debug => "debug",
+            BuildProfile::Release => "release",
+        })
 }

@@ -41,7 +41,7 @@ fn binaries() -> &'static Binaries {
         let cargo = std::env::var_os("CARGO")
             .map(PathBuf::from)
             .unwrap_or_else(|| "cargo".into());
-        buildplane_harness::build::build_components(&cargo, &root, &|line| {
+        buildplane_harness::build::build_components(&cargo, &root, Default::default(), &|line| {
             eprintln!("scenarios: {line}")
         })
     })
