@@ -157,3 +157,19 @@ pub fn default_bin_dir(root: &Path, profile: BuildProfile) -> PathBuf {
             BuildProfile::Release => "release",
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--release` looks for the binaries where `cargo build --release` puts them.
+    #[test]
+    fn each_profile_has_its_own_directory() {
+        let root = Path::new("/workspace");
+        let debug = default_bin_dir(root, BuildProfile::Debug);
+        let release = default_bin_dir(root, BuildProfile::Release);
+        assert!(debug.ends_with("debug"), "{}", debug.display());
+        assert!(release.ends_with("release"), "{}", release.display());
+        assert_eq!(debug.parent(), release.parent());
+    }
+}
