@@ -155,10 +155,9 @@ enum Arrival {
     /// From a caller: counted against its planeID's rate here, and forwarded to a sibling
     /// when no connection of this replica can take it.
     Caller,
-    /// Forwarded by the sibling replica named (`x-buildplane-forwarded-by`, sent over a
-    /// connection whose certificate is a sibling's): counted where it arrived, never
-    /// forwarded again.
-    Sibling(String),
+    /// Forwarded by a sibling replica (`x-buildplane-forwarded-by`, sent over a connection
+    /// whose certificate is a sibling's): counted where it arrived, never forwarded again.
+    Sibling,
     /// Marked `x-buildplane-forwarded-by` by a caller that is not a sibling: counted as any
     /// caller's request (the header buys no exemption from the rate limit), and not forwarded
     /// (the mark still ends any chain of forwards, should siblings' certificates disagree for a
@@ -167,17 +166,18 @@ enum Arrival {
 }
 
 impl Arrival {
-    fn of(forwarded_by: Option<String>, caller: InternalCaller) -> Arrival {
-        match forwarded_by {
-            None => Arrival::Caller,
-            Some(replica) if caller.sibling => Arrival::Sibling(replica),
-            Some(_) => Arrival::Claimed,
+    /// A request marked `x-buildplane-forwarded-by` or not, from `caller`.
+    fn of(marked: bool, caller: InternalCaller) -> Arrival {
+        match (marked, caller.sibling) {
+            (false, _) => Arrival::Caller,
+            (true, true) => Arrival::Sibling,
+            (true, false) => Arrival::Claimed,
         }
     }
 
     /// Counted against the planeID's rate at this replica.
     fn counted_here(&self) -> bool {
-        !matches!(self, Arrival::Sibling(_))
+        !matches!(self, Arrival::Sibling)
     }
 
     /// May be forwarded to a sibling.
@@ -288,9 +288,7 @@ impl Call {
             .path_and_query()
             .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
         let arrival = Arrival::of(
-            req.headers()
-                .get(FORWARDED_BY)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            req.headers().contains_key(FORWARDED_BY),
             req.extensions()
                 .get::<InternalCaller>()
                 .copied()
