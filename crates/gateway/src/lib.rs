@@ -598,7 +598,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
                 tokio_rustls::TlsAcceptor::from(client_ca.borrow_and_update().config.clone());
             let router = router.clone();
             let drain_started = shared_for_internal.drain_started.clone();
-            let shared = shared_for_internal.clone();
+            let peers = shared_for_internal.peers.clone();
             spawn_until(&token, async move {
                 let tls =
                     match tokio::time::timeout(INTERNAL_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
@@ -620,7 +620,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
                     .peer_certificates()
                     .map(<[_]>::to_vec)
                     .unwrap_or_default();
-                let caller = proxy::InternalCaller::of(shared.peers.as_deref(), &chain);
+                let caller = proxy::InternalCaller::of(peers.as_deref(), &chain);
                 let service = hyper_util::service::TowerToHyperService::new(
                     tower::ServiceBuilder::new()
                         .map_request(move |mut req: http::Request<hyper::body::Incoming>| {

@@ -168,7 +168,7 @@ pub struct GatewayAccess {
     pub base_url: String,
     /// A client presenting the harness's certificate and trusting the gateway's CA.
     pub client: reqwest::Client,
-    /// The client's TLS, for [`GatewayAccess::separate_client`].
+    /// The client's TLS, for [`GatewayAccess::apart`].
     tls: rustls::ClientConfig,
 }
 
