@@ -183,6 +183,8 @@ async fn events(State(shared): State<Arc<Shared>>) -> Response {
     let mut events = shared.registry.subscribe();
     let snapshot = shared.registry.snapshot();
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
+    // A draining replica ends its streams, so the controller follows another one.
+    let drain_started = shared.drain_started.clone();
     tokio::spawn(async move {
         let line = |value: &dyn erased::Line| Bytes::from(format!("{}\n", value.line()));
         if tx.send(Ok(line(&snapshot))).await.is_err() {
@@ -197,6 +199,7 @@ async fn events(State(shared): State<Arc<Shared>>) -> Response {
                     Err(_) => return,
                 },
                 _ = keepalive.tick() => if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() { return },
+                () = drain_started.cancelled() => return,
             }
         }
     });

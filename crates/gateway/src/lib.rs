@@ -10,6 +10,7 @@ pub mod caps;
 pub mod events;
 pub mod hello;
 pub mod internal;
+mod internal_listener;
 pub mod metrics;
 pub mod peers;
 pub mod policy;
@@ -26,9 +27,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use buildplane_pki::{ClientCaBundle, ReloadableCert};
+use buildplane_pki::ReloadableCert;
 use buildplane_runtime::{TaskEnded, Tasks};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -166,11 +166,16 @@ pub struct Shared {
     /// Token buckets per planeID (`--plane-rate-limit`).
     pub plane_rates: Option<rate::PlaneRates>,
     ready: AtomicBool,
-    /// Set on shutdown: new agent connections are refused.
-    pub draining: AtomicBool,
-    /// Cancelled when the drain starts: internal API connections close once their requests
-    /// in flight are answered (HTTP/1 `Connection: close`, HTTP/2 GOAWAY).
+    /// Set when this replica starts leaving (SIGTERM: the shutdown delay, then the drain):
+    /// new agent connections are refused, and the internal API's HTTP/1 answers say
+    /// `Connection: close`.
+    pub draining: Arc<AtomicBool>,
+    /// Cancelled when the drain starts: a second later the internal API's connections close,
+    /// each once its requests in flight are answered; the event streams end at once.
     pub drain_started: CancellationToken,
+    /// The internal API's connections, which a shutdown lets finish (up to the drain
+    /// timeout).
+    pub(crate) internal_connections: tokio_util::task::TaskTracker,
     /// When this replica started (see [`Shared::warming_up`]).
     pub started: tokio::time::Instant,
     /// Cancelled when the gateway stops: every listener and connection task ends.
@@ -325,87 +330,10 @@ fn watch_cert(
     }));
 }
 
-/// Pause after a failed accept (EMFILE, ENFILE, ECONNABORTED), so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// A client of the internal API that has not finished its TLS handshake by then is dropped.
-const INTERNAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The internal API's TLS for new handshakes and the client CA it verifies, swapped together
-/// when `--internal-client-ca` changes.
-struct InternalTls {
-    config: Arc<rustls::ServerConfig>,
-    client_ca: Arc<ClientCaBundle>,
-}
-
-impl InternalTls {
-    /// Without session resumption: a session of a client the previous CA admitted must not
-    /// resume after the CA changed.
-    fn new(server_cert: Arc<ReloadableCert>, client_ca_pem: &[u8]) -> anyhow::Result<Self> {
-        Ok(Self {
-            config: without_resumption(buildplane_pki::mtls_server_config(
-                server_cert,
-                client_ca_pem,
-            )?),
-            client_ca: Arc::new(ClientCaBundle::parse(client_ca_pem)?),
-        })
-    }
-}
-
-/// Whether a live internal connection's client chain still verifies against `bundle`.
-fn still_trusted(
-    bundle: &ClientCaBundle,
-    chain: &[rustls_pki_types::CertificateDer<'static>],
-) -> Result<(), buildplane_pki::VerifyError> {
-    let Some((leaf, intermediates)) = chain.split_first() else {
-        return Err(buildplane_pki::VerifyError::Invalid(
-            "no client certificate".into(),
-        ));
-    };
-    bundle.verify_client(leaf, intermediates, rustls_pki_types::UnixTime::now())
-}
-
-/// Polls the internal API's client CA file and swaps a new TLS configuration in when it
-/// changes; an unusable file keeps the previous CA in force (and is retried while it changes).
-fn watch_client_ca(
-    tasks: &mut Tasks,
-    path: PathBuf,
-    mut current: Vec<u8>,
-    server_cert: Arc<ReloadableCert>,
-    tls: tokio::sync::watch::Sender<InternalTls>,
-    every: Duration,
-) {
-    tasks.spawn("internal client CA reload", looping(async move {
-        let mut refused: Option<Vec<u8>> = None;
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            let Ok(fresh) = std::fs::read(&path) else {
-                continue;
-            };
-            if fresh == current || refused.as_ref() == Some(&fresh) {
-                continue;
-            }
-            match InternalTls::new(server_cert.clone(), &fresh) {
-                Ok(next) => {
-                    tls.send_replace(next);
-                    info!(ca = %path.display(), "reloaded the internal API's client CA");
-                    current = fresh;
-                    refused = None;
-                }
-                // Often a half-written file: the next change is tried again.
-                Err(err) => {
-                    warn!(ca = %path.display(), %err, "internal API client CA not loadable; keeping the previous one");
-                    refused = Some(fresh);
-                }
-            }
-        }
-    }));
-}
-
 /// Every agent connection does a full handshake: a resumed TLS session would carry the chain of
 /// the session it resumes, so a renewed or rotated leaf would go unseen (and a revoked one could
 /// come back through an old ticket).
-fn without_resumption(config: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+pub(crate) fn without_resumption(config: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
     let mut config = (*config).clone();
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -464,9 +392,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     };
     let client_ca = std::fs::read(&config.internal_client_ca)
         .with_context(|| format!("reading {}", config.internal_client_ca.display()))?;
-    let (internal_tls, _) =
-        tokio::sync::watch::channel(InternalTls::new(internal_cert.clone(), &client_ca)?);
-    watch_client_ca(
+    let (internal_tls, _) = tokio::sync::watch::channel(internal_listener::InternalTls::new(
+        internal_cert.clone(),
+        &client_ca,
+    )?);
+    internal_listener::watch_client_ca(
         &mut tasks,
         config.internal_client_ca.clone(),
         client_ca,
@@ -511,7 +441,8 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             .plane_rate
             .map(|rate| rate::PlaneRates::new(rate, rate::DEFAULT_CAPACITY)),
         ready: AtomicBool::new(false),
-        draining: AtomicBool::new(false),
+        draining: Arc::new(AtomicBool::new(false)),
+        internal_connections: tokio_util::task::TaskTracker::new(),
         drain_started: CancellationToken::new(),
         started: tokio::time::Instant::now(),
         shutdown: shutdown.clone(),
@@ -574,91 +505,10 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .await
         .with_context(|| format!("binding {}", config.internal_listen))?;
     let internal_addr = internal.local_addr()?;
-    let router = internal::router(shared.clone());
-    let shared_for_internal = shared.clone();
-    let token = shutdown.clone();
-    tasks.spawn("internal listener", looping(async move {
-        loop {
-            let (tcp, peer) = match internal.accept().await {
-                Ok(accepted) => accepted,
-                // Out of file descriptors fails every accept until one is freed: back off
-                // instead of spinning, as the agent listener does.
-                Err(err) => {
-                    debug!(%err, "internal API accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            // Proxied responses are written in pieces; Nagle would hold the last one back
-            // (40 ms p99 tails measured in `cargo xtask bench` without this).
-            let _ = tcp.set_nodelay(true);
-            // The client CA in force now: a reload since the last accept counts.
-            let mut client_ca = internal_tls.subscribe();
-            let acceptor =
-                tokio_rustls::TlsAcceptor::from(client_ca.borrow_and_update().config.clone());
-            let router = router.clone();
-            let drain_started = shared_for_internal.drain_started.clone();
-            let peers = shared_for_internal.peers.clone();
-            spawn_until(&token, async move {
-                let tls =
-                    match tokio::time::timeout(INTERNAL_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(err)) => {
-                            debug!(%peer, %err, "internal API handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(%peer, "internal API handshake timed out");
-                            return;
-                        }
-                    };
-                let chain = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .map(<[_]>::to_vec)
-                    .unwrap_or_default();
-                let caller = proxy::InternalCaller::of(peers.as_deref(), &chain);
-                let service = hyper_util::service::TowerToHyperService::new(
-                    tower::ServiceBuilder::new()
-                        .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
-                            req.extensions_mut().insert(caller);
-                            req
-                        })
-                        .service(router),
-                );
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection(TokioIo::new(tls), service);
-                tokio::pin!(conn);
-                // A live connection (the controller's event stream) outlives a CA change: when
-                // the new CA no longer admits its client, it is closed.
-                let mut closing = false;
-                loop {
-                    tokio::select! {
-                        _ = &mut conn => return,
-                        () = drain_started.cancelled(), if !closing => {
-                            // Answer what is in flight, then close: a keep-alive connection
-                            // is not cut under a request.
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        changed = client_ca.changed() => {
-                            if changed.is_err() {
-                                return;
-                            }
-                            let bundle = client_ca.borrow_and_update().client_ca.clone();
-                            if let Err(err) = still_trusted(&bundle, &chain) {
-                                info!(%peer, %err, "internal API client no longer trusted by the reloaded CA; closing");
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    }));
+    tasks.spawn(
+        "internal listener",
+        internal_listener::serve(internal, shared.clone(), internal_tls),
+    );
     info!(%agent_addr, %internal_addr, %health_addr, "cluster gateway listening");
     Ok(RunningGateway {
         shared,
@@ -682,7 +532,18 @@ impl RunningGateway {
     /// Stops the gateway: closes agent connections (staggered over `stagger`), then every
     /// listener and task; the ports are free when this returns.
     pub async fn shutdown(self, stagger: Duration) -> Result<(), TaskEnded> {
-        drain(&self.shared, stagger).await;
+        // The internal API's callers get their answers while the agents drain.
+        let internal = self.shared.internal_connections.clone();
+        internal.close();
+        let deadline = self.shared.config.drain_timeout + Duration::from_secs(1);
+        let ((), internal_closed) = tokio::join!(
+            drain(&self.shared, stagger),
+            tokio::time::timeout(deadline, internal.wait()),
+        );
+        match internal_closed {
+            Ok(()) => debug!("internal API connections closed"),
+            Err(_) => warn!("internal API connections still open after the drain timeout"),
+        }
         self.shared.shutdown.cancel();
         self.tasks.shutdown(Duration::from_secs(1)).await
     }
@@ -698,6 +559,12 @@ impl Shared {
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::SeqCst)
             && !self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether this replica has started leaving (the shutdown delay or the drain): it takes no
+    /// new agent connection.
+    pub fn is_leaving(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Reports not ready from now on (the start of a shutdown) and takes no new agent
@@ -737,7 +604,7 @@ fn bind_agent_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListene
 
 /// Gives a long-lived loop the output `()` that supervision expects (an `async` block whose
 /// `loop` never breaks would otherwise have the output `!`).
-fn looping(
+pub(crate) fn looping(
     task: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     task

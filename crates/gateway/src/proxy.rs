@@ -898,6 +898,8 @@ fn forwarded_response(res: reqwest::Response, peer: &Peer) -> Response {
 /// were told to connect anew: a reconnect, a shutdown, a renewal), waits up to
 /// [`RECONNECT_WAIT`] for a new one, so a drain costs callers a short wait, not a 503; so does
 /// a replica of several in its [`crate::WARM_UP`] that no agent of the plane has reached yet.
+/// A replica that is leaving itself takes no agent connection: nothing comes back to it, and
+/// the request goes to a sibling (or gets its 503) at once.
 async fn pick(
     shared: &Shared,
     call: &Call,
@@ -907,7 +909,7 @@ async fn pick(
     loop {
         let now = tokio::time::Instant::now();
         match shared.registry.pick(&call.plane_id, &call.cr) {
-            Err(Unavailable::Draining) if now < deadline => {}
+            Err(Unavailable::Draining) if now < deadline && !shared.is_leaving() => {}
             // A replica that has just started: the plane's agents are reconnecting to it.
             Err(Unavailable::NoAgentConnected) if warm_until.is_some_and(|until| now < until) => {}
             other => return other,

@@ -819,6 +819,70 @@ async fn a_forwarded_request_is_never_forwarded_again() {
     other.shutdown(Duration::from_millis(50)).await.unwrap();
 }
 
+/// A replica that has begun its drain (its agent told to leave, and refused should it come
+/// back) forwards what it can no longer serve to a sibling at once: a caller still on a
+/// keep-alive connection to it is answered by the sibling, within a second.
+/// Seen to fail without the fix: the request waited the 5 s `RECONNECT_WAIT` for an agent
+/// that cannot reconnect to a leaving replica (in the `gateway-replicas-rolling-restart`
+/// scenario, past the 5 s the harness gives a graceful stop: the caller's connection was cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_forwards_at_once() {
+    let mut env = Env::start().await;
+    let other = peered_replicas(&mut env, 2).await.remove(0);
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    let here_url = env.agent_url();
+    let _here = slow_heartbeat_agent(&mut env, &here_url, &leaf, "p");
+    let other_url = format!("wss://127.0.0.1:{}/ws", other.agent_addr.port());
+    let _there = slow_heartbeat_agent(&mut env, &other_url, &leaf, "p");
+    env.eventually("the agent is on both replicas", WAIT, || async {
+        env.shared().registry.on_plane("p").len() == 1
+            && other.shared.registry.on_plane("p").len() == 1
+    })
+    .await;
+    let base = env.base.clone();
+    let (status, body, _, to) = timed(
+        &env,
+        reqwest::Method::GET,
+        &base,
+        "/api/v1/namespaces",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, to),
+        (200, None),
+        "served here before the drain: {body}"
+    );
+    let leaving = env.shared().clone();
+    let gateway = env.gateway.take().expect("gateway-0 running");
+    let stopping = tokio::spawn(gateway.shutdown(Duration::from_millis(50)));
+    env.eventually("gateway-0 drained the agent's connection", WAIT, || async {
+        leaving.drain_started.is_cancelled() && leaving.registry.on_plane("p").is_empty()
+    })
+    .await;
+    let (status, body, elapsed, to) = timed(
+        &env,
+        reqwest::Method::GET,
+        &base,
+        "/api/v1/namespaces",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(to.as_deref(), Some("gateway-1"), "answered by the sibling");
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "forwarded at once, not after a wait: {elapsed:?}"
+    );
+    stopping
+        .await
+        .expect("shutdown task")
+        .expect("no task ended before shutdown");
+    other.shutdown(Duration::from_millis(50)).await.unwrap();
+}
+
 /// A replica without the agent's connection (an agent that holds one connection, as
 /// OpenChoreo's do, to one replica of three) forwards to the sibling that holds it: a sibling
 /// that has no connection of the plane either answers 503 without sending the request

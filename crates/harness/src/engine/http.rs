@@ -457,15 +457,22 @@ async fn load_request(
                 Err(err) => Some(format!("body: {err}")),
             }
         }
-        Err(err) => Some(format!(
-            "error: {}",
-            if err.is_timeout() {
-                "timeout".to_string()
-            } else {
-                err.to_string()
-            }
-        )),
+        Err(err) if err.is_timeout() => Some("error: timeout".to_string()),
+        Err(err) => Some(format!("error: {}", with_causes(&err))),
     }
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message names only the URL; the
+/// cause tells a refused connect from a connection closed under the request).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        cause = err.source();
+    }
+    text
 }
 
 /// A load's report from its samples: totals, errors by kind and percentiles.
