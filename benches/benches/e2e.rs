@@ -15,6 +15,9 @@
 use std::time::Duration;
 
 use buildplane_benches::{Backend, KIB, MIB, Peer, Pki, Rathole, Relay, Replicas, Tunnel, round};
+#[global_allocator]
+static GLOBAL: buildplane_runtime::Allocator = buildplane_runtime::Allocator;
+
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 
 fn cases() -> Vec<(usize, usize)> {

@@ -10,6 +10,9 @@
 //!   gateway is N replicas behind balancers and the storm kills and restarts all of them.
 //! - `balance`: a TCP round-robin balancer in front of gateway replicas, as a process.
 
+#[global_allocator]
+static GLOBAL: buildplane_runtime::Allocator = buildplane_runtime::Allocator;
+
 mod cpu;
 mod fleet;
 

@@ -1,5 +1,8 @@
 //! `cluster-agent`: the build cluster's end of the BuildPlane tunnel.
 
+#[global_allocator]
+static GLOBAL: buildplane_runtime::Allocator = buildplane_runtime::Allocator;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use buildplane_api::{names::PlaneType, served::ServedCr};

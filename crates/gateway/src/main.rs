@@ -1,5 +1,8 @@
 //! `cluster-gateway`: admits cluster agents and proxies Kubernetes requests to them.
 
+#[global_allocator]
+static GLOBAL: buildplane_runtime::Allocator = buildplane_runtime::Allocator;
+
 use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use buildplane_runtime::parse_positive_duration;
