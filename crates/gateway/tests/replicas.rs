@@ -663,6 +663,28 @@ async fn peered_replicas(env: &mut Env, n: usize) -> Vec<RunningGateway> {
     others
 }
 
+/// A BuildPlane `org-a/bp` for planeID `p` and its agent (one certificate, two instances)
+/// on two replicas: one dialling `here_url` (gateway-0, or a relay in front of it), one
+/// `other`; returns once each replica holds its connection.
+async fn agent_on_both(
+    env: &mut Env,
+    here_url: &str,
+    other: &RunningGateway,
+) -> [Arc<cluster_agent::Agent>; 2] {
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    let here = slow_heartbeat_agent(env, here_url, &leaf, "p");
+    let other_url = format!("wss://127.0.0.1:{}/ws", other.agent_addr.port());
+    let there = slow_heartbeat_agent(env, &other_url, &leaf, "p");
+    env.eventually("the agent is on both replicas", WAIT, || async {
+        env.shared().registry.on_plane("p").len() == 1
+            && other.shared.registry.on_plane("p").len() == 1
+    })
+    .await;
+    [here, there]
+}
+
 /// A replica partitioned from the agent (callers still reach it) forwards requests to its
 /// sibling, which holds the agent: a GET that was waiting on the silent connection, and every
 /// request after it, GET or POST, is answered by the sibling within seconds.
@@ -673,17 +695,7 @@ async fn a_partitioned_replica_forwards_to_a_sibling() {
     let mut env = Env::start().await;
     let other = peered_replicas(&mut env, 2).await.remove(0);
     let relay = Relay::start(env.agent_addr).await;
-    let ca = Ca::generate("agent-ca", DAY).unwrap();
-    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
-    let leaf = ca.issue_client("p", DAY).unwrap();
-    let _cut = slow_heartbeat_agent(&mut env, &relay.url(), &leaf, "p");
-    let other_url = format!("wss://127.0.0.1:{}/ws", other.agent_addr.port());
-    let _direct = slow_heartbeat_agent(&mut env, &other_url, &leaf, "p");
-    env.eventually("the agent is on both replicas", WAIT, || async {
-        env.shared().registry.on_plane("p").len() == 1
-            && other.shared.registry.on_plane("p").len() == 1
-    })
-    .await;
+    let _agents = agent_on_both(&mut env, &relay.url(), &other).await;
     let base = env.base.clone();
     let (status, body, _, to) = timed(
         &env,
@@ -829,18 +841,8 @@ async fn a_forwarded_request_is_never_forwarded_again() {
 async fn a_draining_replica_forwards_at_once() {
     let mut env = Env::start().await;
     let other = peered_replicas(&mut env, 2).await.remove(0);
-    let ca = Ca::generate("agent-ca", DAY).unwrap();
-    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
-    let leaf = ca.issue_client("p", DAY).unwrap();
     let here_url = env.agent_url();
-    let _here = slow_heartbeat_agent(&mut env, &here_url, &leaf, "p");
-    let other_url = format!("wss://127.0.0.1:{}/ws", other.agent_addr.port());
-    let _there = slow_heartbeat_agent(&mut env, &other_url, &leaf, "p");
-    env.eventually("the agent is on both replicas", WAIT, || async {
-        env.shared().registry.on_plane("p").len() == 1
-            && other.shared.registry.on_plane("p").len() == 1
-    })
-    .await;
+    let _agents = agent_on_both(&mut env, &here_url, &other).await;
     let base = env.base.clone();
     let (status, body, _, to) = timed(
         &env,
