@@ -448,6 +448,11 @@ async fn timed(
     }
 }
 
+/// [`timed`] GET of the build cluster's namespaces at `base`.
+async fn list_namespaces(env: &Env, base: &str) -> (u16, String, Duration, Option<String>) {
+    timed(env, reqwest::Method::GET, base, "/api/v1/namespaces", None).await
+}
+
 /// A BuildPlane `org-a/bp` for planeID `p` and two agents of it (same certificate, two
 /// instances): one through `relay` (to be partitioned), one straight to the gateway.
 async fn two_agents(
@@ -482,27 +487,11 @@ async fn a_silent_connection_is_detected_and_its_requests_fail_over() {
     let relay = Relay::start(env.agent_addr).await;
     let _agents = two_agents(&mut env, &relay).await;
     let base = env.base.clone();
-    let (status, body, ..) = timed(
-        &env,
-        reqwest::Method::GET,
-        &base,
-        "/api/v1/namespaces",
-        None,
-    )
-    .await;
+    let (status, body, ..) = list_namespaces(&env, &base).await;
     assert_eq!(status, 200, "{body}");
 
     relay.partition(true);
-    let answers = futures::future::join_all((0..6).map(|_| {
-        timed(
-            &env,
-            reqwest::Method::GET,
-            &base,
-            "/api/v1/namespaces",
-            None,
-        )
-    }))
-    .await;
+    let answers = futures::future::join_all((0..6).map(|_| list_namespaces(&env, &base))).await;
     for (status, body, elapsed, _) in &answers {
         assert_eq!(*status, 200, "{body}");
         assert!(
@@ -529,14 +518,7 @@ async fn a_silent_connection_is_detected_and_its_requests_fail_over() {
             .contains("cluster_gateway_silent_connections{plane_id=\"p\"} 1")
     );
     for _ in 0..4 {
-        let (status, body, elapsed, _) = timed(
-            &env,
-            reqwest::Method::GET,
-            &base,
-            "/api/v1/namespaces",
-            None,
-        )
-        .await;
+        let (status, body, elapsed, _) = list_namespaces(&env, &base).await;
         assert_eq!(status, 200, "{body}");
         assert!(
             elapsed < Duration::from_secs(1),
@@ -697,14 +679,7 @@ async fn a_partitioned_replica_forwards_to_a_sibling() {
     let relay = Relay::start(env.agent_addr).await;
     let _agents = agent_on_both(&mut env, &relay.url(), &other).await;
     let base = env.base.clone();
-    let (status, body, _, to) = timed(
-        &env,
-        reqwest::Method::GET,
-        &base,
-        "/api/v1/namespaces",
-        None,
-    )
-    .await;
+    let (status, body, _, to) = list_namespaces(&env, &base).await;
     assert_eq!(
         (status, to),
         (200, None),
@@ -712,14 +687,7 @@ async fn a_partitioned_replica_forwards_to_a_sibling() {
     );
 
     relay.partition(true);
-    let (status, body, elapsed, to) = timed(
-        &env,
-        reqwest::Method::GET,
-        &base,
-        "/api/v1/namespaces",
-        None,
-    )
-    .await;
+    let (status, body, elapsed, to) = list_namespaces(&env, &base).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(to.as_deref(), Some("gateway-1"));
     assert!(elapsed < FAILS_OVER_WITHIN, "answered after {elapsed:?}");
@@ -752,14 +720,7 @@ async fn a_partitioned_replica_forwards_to_a_sibling() {
         "the healed replica serves on its own again",
         WAIT,
         || async {
-            let (status, _, _, to) = timed(
-                &env,
-                reqwest::Method::GET,
-                &base,
-                "/api/v1/namespaces",
-                None,
-            )
-            .await;
+            let (status, _, _, to) = list_namespaces(&env, &base).await;
             status == 200 && to.is_none()
         },
     )
@@ -844,14 +805,7 @@ async fn a_draining_replica_forwards_at_once() {
     let here_url = env.agent_url();
     let _agents = agent_on_both(&mut env, &here_url, &other).await;
     let base = env.base.clone();
-    let (status, body, _, to) = timed(
-        &env,
-        reqwest::Method::GET,
-        &base,
-        "/api/v1/namespaces",
-        None,
-    )
-    .await;
+    let (status, body, _, to) = list_namespaces(&env, &base).await;
     assert_eq!(
         (status, to),
         (200, None),
@@ -864,14 +818,7 @@ async fn a_draining_replica_forwards_at_once() {
         leaving.drain_started.is_cancelled() && leaving.registry.on_plane("p").is_empty()
     })
     .await;
-    let (status, body, elapsed, to) = timed(
-        &env,
-        reqwest::Method::GET,
-        &base,
-        "/api/v1/namespaces",
-        None,
-    )
-    .await;
+    let (status, body, elapsed, to) = list_namespaces(&env, &base).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(to.as_deref(), Some("gateway-1"), "answered by the sibling");
     assert!(
@@ -906,14 +853,7 @@ async fn a_forward_finds_the_sibling_that_holds_the_agent() {
     .await;
     let base = env.base.clone();
     for _ in 0..4 {
-        let (status, body, elapsed, to) = timed(
-            &env,
-            reqwest::Method::GET,
-            &base,
-            "/api/v1/namespaces",
-            None,
-        )
-        .await;
+        let (status, body, elapsed, to) = list_namespaces(&env, &base).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(to.as_deref(), Some("gateway-2"));
         assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
