@@ -63,7 +63,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         // Tunnel frames are small and latency-bound: no Nagle delay behind a delayed ACK.
         let _ = tcp.set_nodelay(true);
-        if shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        if shared.is_leaving() {
             drop(tcp);
             continue;
         }

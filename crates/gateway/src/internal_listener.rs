@@ -4,10 +4,10 @@
 //! A drain closes no keep-alive connection under a caller's next request. From the moment the
 //! replica starts leaving (`--shutdown-delay`, or the drain itself) every HTTP/1 answer says
 //! `Connection: close`, so a caller in use moves to another replica after its answer, between
-//! requests, where no race can lose one. Only [`CLOSE_GRACE`] after the drain has begun are the
-//! connections closed that have had no request since (HTTP/2: GOAWAY); requests in flight are
-//! answered first. Closing an idle HTTP/1 connection is the one step a client can race (its
-//! request crosses the FIN); the grace leaves that race only to connections idle all along.
+//! requests, where no race can lose one. [`CLOSE_GRACE`] after the drain has begun, the
+//! connections still open are closed (HTTP/2: GOAWAY), each once its requests in flight are
+//! answered. Closing an idle HTTP/1 connection is the one step a client can race (its request
+//! crosses the FIN); the grace leaves that race only to connections idle all along.
 
 use std::{
     convert::Infallible,

@@ -557,8 +557,7 @@ impl Shared {
     /// Whether the trust sources have synced and the gateway is not draining (`/readyz`: a
     /// draining replica leaves its Service's endpoints, so callers go to the others).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(std::sync::atomic::Ordering::SeqCst)
-            && !self.draining.load(std::sync::atomic::Ordering::SeqCst)
+        self.ready.load(std::sync::atomic::Ordering::SeqCst) && !self.is_leaving()
     }
 
     /// Whether this replica has started leaving (the shutdown delay or the drain): it takes no
