@@ -11,13 +11,14 @@ pub mod cluster;
 pub mod identity;
 mod session;
 pub mod swarm;
+mod upgrade;
 
 use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -161,9 +162,6 @@ pub struct Agent {
     /// Tunnel messages ignored: undecodable, too large, or a kind this agent does not serve
     /// (OpenChoreo's exec and Hubble streams); the connection stays.
     pub ignored: AtomicUsize,
-    /// The gateway upgraded without naming an offered subprotocol (OpenChoreo's): offer none
-    /// from now on and speak v1.
-    pub(crate) gateway_ignores_offer: AtomicBool,
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) waiting: AtomicUsize,
@@ -210,7 +208,6 @@ impl Agent {
             dialing: tokio::sync::Mutex::new(()),
             requests: AtomicUsize::new(0),
             ignored: AtomicUsize::new(0),
-            gateway_ignores_offer: AtomicBool::new(false),
             limit: Arc::new(Semaphore::new(n)),
             streams: Arc::new(Semaphore::new(n)),
             waiting: AtomicUsize::new(0),
@@ -448,7 +445,6 @@ impl Agent {
                 warn!(plane_id = %self.config.plane_id, status, %body, "the gateway refused the connection");
                 backoff.after_refusal(status, retry_after)
             }
-            Ended::OfferIgnored => backoff.next_delay(),
             Ended::Closed { lived, reason } => {
                 // Only a connection that stayed up resets the backoff; a flapping one keeps
                 // backing off.

@@ -16,20 +16,16 @@ use futures::TryStreamExt as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{
-    client::IntoClientRequest,
-    error::{ProtocolError, SubProtocolError},
-    http::HeaderValue,
-};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::{
     Agent,
     cluster::{RequestBody, whole},
+    upgrade::{Upgrade, UpgradeError},
 };
 
 /// The subprotocols offered with `--protocol v2`, preferred first.
-const OFFER_V2_V1: &str = "buildplane.tunnel.v2, buildplane.tunnel.v1";
+const OFFER_V2_V1: [&str; 2] = [SUBPROTOCOL_V2, buildplane_tunnel::SUBPROTOCOL_V1];
 
 /// A response body up to this size, when its size is known, leaves with its head.
 const SMALL_BODY: usize = 64 * 1024;
@@ -47,9 +43,6 @@ pub(crate) enum Ended {
     },
     /// The connection failed or closed after `lived`.
     Closed { lived: Duration, reason: String },
-    /// The gateway upgraded without naming one of the subprotocols offered (OpenChoreo's never
-    /// names one); the WebSocket client refuses such an answer.
-    OfferIgnored,
 }
 
 impl Ended {
@@ -159,28 +152,12 @@ impl Connected {
 }
 
 /// Dials the gateway: `wss://.../ws?planeID=..&planeType=..&agentID=..[&serves=..][&held=..]`
-/// (`held`: the gateway replicas the agent's other connections hold, which answer 409). With `--protocol v2`
-/// it offers v2 and v1; a gateway that upgrades without naming either (OpenChoreo's, which
-/// speaks v1 and names no subprotocol) is dialled again at once offering nothing, and v1 is
-/// spoken to it from then on (until the process restarts). With `--protocol v1` nothing is
-/// offered, as OpenChoreo's agent does.
+/// (`held`: the gateway replicas the agent's other connections hold, which answer 409). With
+/// `--protocol v2` it offers v2 and v1; a gateway that upgrades without naming either
+/// (OpenChoreo's, which speaks v1 and names no subprotocol) is spoken v1 to on the same
+/// connection (see [`crate::upgrade`]). With `--protocol v1` nothing is offered, as
+/// OpenChoreo's agent does.
 pub(crate) async fn connect(agent: &Agent, held: &[String]) -> Result<Connected, Ended> {
-    let offer_v2 =
-        agent.config.protocol >= 2 && !agent.gateway_ignores_offer.load(Ordering::Relaxed);
-    match dial(agent, offer_v2, held).await {
-        Err(Ended::OfferIgnored) if offer_v2 => {
-            warn!(
-                plane_id = %agent.config.plane_id,
-                "the gateway ignored the subprotocol offer (an OpenChoreo gateway); speaking v1 (OpenChoreo JSON) to it from now on"
-            );
-            agent.gateway_ignores_offer.store(true, Ordering::Relaxed);
-            dial(agent, false, held).await
-        }
-        other => other,
-    }
-}
-
-async fn dial(agent: &Agent, offer_v2: bool, held: &[String]) -> Result<Connected, Ended> {
     let config = &agent.config;
     let separator = if config.server_url.contains('?') {
         '&'
@@ -204,18 +181,13 @@ async fn dial(agent: &Agent, offer_v2: bool, held: &[String]) -> Result<Connecte
         url.push('=');
         url.push_str(&encode_query(&held.join(",")));
     }
-    let mut request = url
-        .as_str()
-        .into_client_request()
+    let uri: http::Uri = url
+        .parse()
         .map_err(|err| Ended::closed(format!("invalid server URL {url}: {err}")))?;
-    if offer_v2 {
-        request.headers_mut().insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static(OFFER_V2_V1),
-        );
-    }
-    let host = request.uri().host().unwrap_or("localhost").to_owned();
-    let port = request.uri().port_u16().unwrap_or(443);
+    let Some(host) = uri.host().map(str::to_owned) else {
+        return Err(Ended::closed(format!("invalid server URL {url}: no host")));
+    };
+    let port = uri.port_u16().unwrap_or(443);
     let tcp = match tokio::time::timeout(
         Duration::from_secs(10),
         tokio::net::TcpStream::connect((host.as_str(), port)),
@@ -243,53 +215,57 @@ async fn dial(agent: &Agent, offer_v2: bool, held: &[String]) -> Result<Connecte
         Ok(Err(err)) => return Err(Ended::closed(format!("TLS: {err}"))),
         Err(_) => return Err(Ended::closed("TLS handshake timed out")),
     };
-    // A v1 body travels whole in one message (see `websocket_config_v1`).
-    let config_ws = if offer_v2 {
-        buildplane_link::websocket_config()
+    let offer: &[&str] = if config.protocol >= 2 {
+        &OFFER_V2_V1
     } else {
-        buildplane_link::websocket_config_v1()
+        &[]
     };
-    let upgrade = tokio::time::timeout(
+    let upgrade = Upgrade { uri: &uri, offer };
+    // A v1 body travels whole in one message (see `websocket_config_v1`).
+    let choose_config = |chosen: Option<&str>| {
+        if chosen == Some(SUBPROTOCOL_V2) {
+            buildplane_link::websocket_config()
+        } else {
+            buildplane_link::websocket_config_v1()
+        }
+    };
+    let upgraded = match tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::client_async_with_config(request, tls, Some(config_ws)),
+        upgrade.run(tls, choose_config),
     )
     .await
-    .map_err(|_| Ended::closed("WebSocket upgrade timed out"))?;
-    let (ws, response) = match upgrade {
-        Ok(ok) => ok,
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
+    {
+        Ok(Ok(upgraded)) => upgraded,
+        Ok(Err(UpgradeError::Refused {
+            status,
+            headers,
+            body,
+        })) => {
+            let retry_after = headers
                 .get("retry-after")
                 .and_then(|v| crate::backoff::parse_retry_after(v.to_str().ok()?));
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
             return Err(Ended::Refused {
-                status,
+                status: status.as_u16(),
                 retry_after,
                 body,
             });
         }
-        Err(tokio_tungstenite::tungstenite::Error::Protocol(
-            ProtocolError::SecWebSocketSubProtocolError(SubProtocolError::NoSubProtocol),
-        )) => return Err(Ended::OfferIgnored),
-        Err(err) => return Err(Ended::closed(format!("upgrade: {err}"))),
+        Ok(Err(err @ UpgradeError::Invalid(_))) => return Err(Ended::closed(err.to_string())),
+        Err(_) => return Err(Ended::closed("WebSocket upgrade timed out")),
     };
-    let version = match response
-        .headers()
-        .get("sec-websocket-protocol")
-        .and_then(|v| v.to_str().ok())
-    {
+    let version = match upgraded.subprotocol.as_deref() {
         Some(SUBPROTOCOL_V2) => 2,
         _ => 1,
     };
+    if version == 1 && !offer.is_empty() && upgraded.subprotocol.is_none() {
+        debug!(
+            plane_id = %config.plane_id,
+            "the gateway named no subprotocol (an OpenChoreo gateway); speaking v1 (OpenChoreo JSON) on this connection"
+        );
+    }
     let header = |name: &str| {
-        response
-            .headers()
+        upgraded
+            .headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
@@ -301,7 +277,7 @@ async fn dial(agent: &Agent, offer_v2: bool, held: &[String]) -> Result<Connecte
     };
     info!(plane_id = %config.plane_id, protocol = version, replica = ?replica.id, "connected to the gateway");
     Ok(Connected {
-        ws,
+        ws: upgraded.ws,
         version,
         replica,
     })
@@ -617,7 +593,7 @@ mod tests {
     fn the_offer_prefers_v2() {
         assert_eq!(
             OFFER_V2_V1,
-            format!("{SUBPROTOCOL_V2}, {}", buildplane_tunnel::SUBPROTOCOL_V1)
+            [SUBPROTOCOL_V2, buildplane_tunnel::SUBPROTOCOL_V1]
         );
     }
 

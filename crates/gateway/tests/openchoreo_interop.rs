@@ -27,6 +27,7 @@ use std::{
 };
 
 use base64::Engine as _;
+use cluster_agent::Agent;
 use common::{DAY, Env};
 use futures::future::join_all;
 use k8s_openapi::{
@@ -303,6 +304,27 @@ impl OpenChoreoGateway {
     /// `connectedAgents` of a WorkflowPlane's planeID, from its status API.
     async fn connected_agents(&self, env: &Env, plane_id: &str) -> u64 {
         self.status(env, plane_id, "").await
+    }
+
+    /// Waits until our `agent` (offering v2 and v1) is connected and OpenChoreo's gateway counts
+    /// it, then holds that its first dial was its only one: the gateway names no subprotocol
+    /// and our agent speaks v1 on that connection. (Seen to fail when the agent closed such a
+    /// connection and dialled again offering nothing: for a moment the gateway had no agent,
+    /// and a request then got 502.)
+    async fn our_agent_registered_once(&self, env: &Env, agent: &Agent, plane_id: &str) {
+        env.eventually(
+            "our agent registered at OpenChoreo's gateway",
+            WAIT,
+            || async { agent.is_connected() && self.connected_agents(env, plane_id).await == 1 },
+        )
+        .await;
+        assert_eq!(
+            self.peer.count("agent connected successfully"),
+            1,
+            "one dial, one registration:\n{}",
+            self.peer.log_text()
+        );
+        assert_eq!(self.peer.count("agent disconnected"), 0, "no redial");
     }
 
     /// `connectedAgents` authorised for the WorkflowPlane `ns/name` (its per-CR status).
@@ -779,12 +801,7 @@ async fn our_agent_behind_openchoreos_gateway(oc: OpenChoreo) {
         "workflowplane",
         2,
     );
-    env.eventually(
-        "our agent registered at OpenChoreo's gateway",
-        WAIT,
-        || async { gateway.connected_agents(&env, "wp2").await == 1 },
-    )
-    .await;
+    gateway.our_agent_registered_once(&env, &agent, "wp2").await;
     let registrations = gateway.peer.count("agent connected successfully");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(agent.is_connected());
@@ -1091,10 +1108,11 @@ async fn ca_change_at_openchoreos_gateway(oc: OpenChoreo) {
         "workflowplane",
         2,
     );
-    env.eventually("our agent registered", WAIT, || async {
-        gateway.authorized_agents(&env, "wp3", "org-a", "wp").await == 1
-    })
-    .await;
+    gateway.our_agent_registered_once(&env, &agent, "wp3").await;
+    assert_eq!(
+        gateway.authorized_agents(&env, "wp3", "org-a", "wp").await,
+        1
+    );
     let url = format!(
         "{}/api/proxy/workflowplane/wp3/org-a/wp/k8s/api/v1/namespaces/default",
         gateway.base
