@@ -7,14 +7,15 @@ use std::process::{Command, Stdio};
 
 pub use crate::backend::sim::Binaries;
 
-/// The component packages and their binaries (and the harness's own fault proxy process,
-/// which runs beside each swarm process).
-pub const COMPONENTS: [(&str, &str); 5] = [
+/// The component packages and their binaries (and the harness's own processes: the fault
+/// proxy beside each swarm process, and the load generator of each `load`).
+pub const COMPONENTS: [(&str, &str); 6] = [
     ("kube-sim", "kube-sim"),
     ("cluster-gateway", "cluster-gateway"),
     ("cluster-agent", "cluster-agent"),
     ("buildplane-controller", "buildplane-controller"),
     ("buildplane-harness", "e2e-fault-proxy"),
+    ("buildplane-harness", "e2e-load"),
 ];
 
 /// The variables cargo sets for the package it runs (`cargo xtask` runs the xtask package).

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod k3d;
 pub mod kube_ops;
 pub mod lint;
+pub mod load;
 pub mod matcher;
 pub mod pass_rate;
 pub mod pki;

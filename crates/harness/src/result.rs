@@ -144,6 +144,8 @@ pub struct LoadReport {
     pub p99_ms: f64,
     /// Failure messages by kind (status code or error), with counts.
     pub errors: BTreeMap<String, u64>,
+    /// Where the requests came from.
+    pub generator: crate::load::Generator,
 }
 
 /// Evidence collected when a scenario fails.

@@ -170,6 +170,8 @@ pub struct GatewayAccess {
     pub client: reqwest::Client,
     /// The client's TLS, for [`GatewayAccess::apart`].
     tls: rustls::ClientConfig,
+    /// The same identity as PEM, for a load generator in a process of its own.
+    pub credentials: Option<crate::load::LoadCredentials>,
 }
 
 impl GatewayAccess {
@@ -182,7 +184,16 @@ impl GatewayAccess {
             base_url,
             client,
             tls,
+            credentials: None,
         })
+    }
+
+    /// The same access, with its identity as PEM too (see [`GatewayAccess::credentials`]).
+    pub fn with_credentials(self, credentials: crate::load::LoadCredentials) -> Self {
+        GatewayAccess {
+            credentials: Some(credentials),
+            ..self
+        }
     }
 
     /// The same access through another client with its own connection pool: what a second
@@ -220,6 +231,11 @@ pub trait Environment: Send + Sync {
 
     /// The gateway's internal API.
     fn gateway(&self) -> Result<GatewayAccess>;
+
+    /// The `e2e-load` binary that runs a load in a process of its own, when there is one.
+    fn load_generator(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 
     /// Starts an agent with its own link.
     fn start_agent(&self, spec: AgentSpec) -> BoxFuture<'_, Result<()>>;

@@ -91,7 +91,7 @@ pub fn package_of(binary: &str) -> &str {
         "cluster-gateway" => "cluster-gateway",
         "cluster-agent" => "cluster-agent",
         "buildplane-controller" => "buildplane-controller",
-        "e2e-fault-proxy" => "buildplane-harness",
+        "e2e-fault-proxy" | "e2e-load" => "buildplane-harness",
         _ => "kube-sim",
     }
 }
@@ -545,7 +545,12 @@ impl SimEnv {
             gateways,
             controller_health_port: port()?,
             gateway: GatewayAccess::new(format!("https://127.0.0.1:{internal_port}"), tls)
-                .map_err(|e| BackendError::Other(format!("harness HTTP client: {e}")))?,
+                .map_err(|e| BackendError::Other(format!("harness HTTP client: {e}")))?
+                .with_credentials(crate::load::LoadCredentials {
+                    server_ca: pki.server_ca_pem.clone(),
+                    cert: pki.harness.cert.clone(),
+                    key: pki.harness.key.clone(),
+                }),
             binaries,
             work,
             pki,
@@ -1119,6 +1124,10 @@ impl Environment for SimEnv {
 
     fn gateway(&self) -> Result<GatewayAccess> {
         Ok(self.gateway.clone())
+    }
+
+    fn load_generator(&self) -> Option<PathBuf> {
+        self.binaries.path("e2e-load").ok()
     }
 
     fn start_agent(&self, spec: AgentSpec) -> BoxFuture<'_, Result<()>> {

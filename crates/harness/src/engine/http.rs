@@ -1,7 +1,6 @@
 //! HTTP and load: `request`, `load` and `await` against the gateway's internal API, their
 //! execution and their lint rules.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -10,12 +9,10 @@ use tokio::time::Instant;
 use super::{Background, Engine, OpResultT, fail, truncate};
 use crate::backend::GatewayAccess;
 use crate::lint::{Linter, Seg, with};
+use crate::load::{self, Generator, LoadJob, LoadPlan};
 use crate::matcher;
 use crate::result::{Failure, LoadReport, LoadSample};
 use crate::scenario::{AwaitOp, LoadOp, RequestOp};
-
-/// A load's samples with the error of each failed request, shared with its request tasks.
-type Samples = Arc<Mutex<Vec<(LoadSample, Option<String>)>>>;
 
 impl Engine {
     pub(super) fn gateway(&self) -> Result<GatewayAccess, Failure> {
@@ -66,6 +63,16 @@ impl Engine {
         let name = op.background.clone().unwrap_or_else(|| "load".to_string());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let load = op.clone();
+        let plan = LoadPlan {
+            base_url: gateway.base_url.clone(),
+            paths,
+            rate: op.rate,
+            concurrency: op.concurrency,
+            duration: op.duration.map(|d| d.0),
+            ok_statuses: op.ok_statuses.clone(),
+            new_connections: op.new_connections,
+        };
+        let program = self.env.load_generator();
         let started = self.started;
         let loads = self.loads.clone();
         // A load with a duration runs for all of it, even when awaited sooner; one without
@@ -77,7 +84,7 @@ impl Engine {
         };
         let task = async move {
             let _held = held;
-            let report = run_load_apart(gateway, paths, load.clone(), started, stop_rx, name).await;
+            let report = run_load_apart(program, gateway, plan, started, stop_rx, name).await;
             let mut loads = loads.lock().unwrap_or_else(|e| e.into_inner());
             let baseline = load
                 .expect
@@ -314,24 +321,71 @@ async fn request_until(
     }
 }
 
-/// [`run_load`] on a thread and runtime of its own, with a client (and connection pool) of its
-/// own: as two tenants' callers would be, so that one load's requests never wait in the
-/// harness's task queue or connection pool behind another load's (the noisy-neighbour scenario
-/// measured the harness's executor before: a 400 req/s flood's tasks queued ahead of the quiet
-/// tenant's). Only the machine's cores are shared, as they are with the gateway.
+/// Runs a load apart from the harness's own tasks, as two tenants' callers would be, so that
+/// one load's requests never wait in the harness's task queue or connection pool behind
+/// another's (the noisy-neighbour scenario measured the harness's executor before: a 400
+/// req/s flood's tasks queued ahead of the quiet tenant's): in an `e2e-load` process of its
+/// own when the environment has one (built in the components' profile), else on a thread and
+/// runtime of its own with its own client. Only the machine's cores are shared, as they are
+/// with the gateway.
 async fn run_load_apart(
+    program: Option<std::path::PathBuf>,
     gateway: GatewayAccess,
-    paths: Vec<String>,
-    op: LoadOp,
+    plan: LoadPlan,
     scenario_started: Instant,
     stop: tokio::sync::watch::Receiver<bool>,
     name: String,
 ) -> LoadReport {
+    let offset = scenario_started.elapsed().as_secs_f64();
+    let (outcomes, generator) = match (program, gateway.credentials.clone()) {
+        (Some(program), Some(credentials)) => {
+            let job = LoadJob { plan, credentials };
+            let outcomes = load::in_process(&program, &job, stop).await;
+            (outcomes, Generator::Process)
+        }
+        _ => (
+            on_thread(gateway, plan, stop, &name).await,
+            Generator::Thread,
+        ),
+    };
+    let samples = match outcomes {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .map(|o| {
+                let sample = LoadSample {
+                    t: offset + o.scheduled,
+                    latency_ms: o.latency_ms,
+                    ok: o.error.is_none(),
+                };
+                (sample, o.error)
+            })
+            .collect(),
+        Err(err) => vec![(
+            LoadSample {
+                t: scenario_started.elapsed().as_secs_f64(),
+                latency_ms: 0.0,
+                ok: false,
+            },
+            Some(err),
+        )],
+    };
+    LoadReport {
+        generator,
+        ..load_report(name, samples)
+    }
+}
+
+/// [`load::generate`] on a thread and runtime of its own, with a client (and connection pool)
+/// of its own.
+async fn on_thread(
+    gateway: GatewayAccess,
+    plan: LoadPlan,
+    stop: tokio::sync::watch::Receiver<bool>,
+    name: &str,
+) -> Result<Vec<load::Outcome>, String> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let thread_name = format!("load {name}");
-    let fallback = name.clone();
-    let spawned = std::thread::Builder::new()
-        .name(thread_name)
+    std::thread::Builder::new()
+        .name(format!("load {name}"))
         .spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -344,138 +398,15 @@ async fn run_load_apart(
                 }
             };
             let gateway = gateway.apart();
-            let report = runtime.block_on(run_load(
-                &gateway,
-                &paths,
-                &op,
-                scenario_started,
-                stop,
-                name,
-            ));
-            let _ = done_tx.send(Ok(report));
-        });
-    let outcome = match spawned {
-        Ok(_) => done_rx
-            .await
-            .unwrap_or_else(|_| Err("the load's thread ended without a report".into())),
-        Err(err) => Err(format!("the load's thread: {err}")),
-    };
-    outcome.unwrap_or_else(|err| {
-        load_report(
-            fallback,
-            vec![(
-                LoadSample {
-                    t: scenario_started.elapsed().as_secs_f64(),
-                    latency_ms: 0.0,
-                    ok: false,
-                },
-                Some(err),
-            )],
-        )
-    })
+            let outcomes = runtime.block_on(load::generate(&gateway.client, &plan, stop));
+            let _ = done_tx.send(Ok(outcomes));
+        })
+        .map_err(|err| format!("the load's thread: {err}"))?;
+    done_rx
+        .await
+        .unwrap_or_else(|_| Err("the load's thread ended without a report".into()))
 }
 
-/// Runs request load until the duration passes or `stop` is set.
-async fn run_load(
-    gateway: &GatewayAccess,
-    paths: &[String],
-    op: &LoadOp,
-    scenario_started: Instant,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    name: String,
-) -> LoadReport {
-    let ok_statuses: Vec<u16> = if op.ok_statuses.is_empty() {
-        vec![200]
-    } else {
-        op.ok_statuses.clone()
-    };
-    let period = Duration::from_secs_f64(1.0 / op.rate.max(0.001));
-    let semaphore = Arc::new(tokio::sync::Semaphore::new(op.concurrency.max(1) as usize));
-    let samples = Samples::default();
-    let started = Instant::now();
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tasks = Vec::new();
-    let mut i = 0usize;
-    loop {
-        if op.duration.is_some_and(|d| started.elapsed() >= d.0) {
-            break;
-        }
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|s| *s) => break,
-        }
-        let Ok(permit) = semaphore.clone().acquire_owned().await else {
-            break;
-        };
-        let url = format!("{}{}", gateway.base_url, paths[i % paths.len()]);
-        i += 1;
-        let client = gateway.client.clone();
-        let samples = samples.clone();
-        let ok_statuses = ok_statuses.clone();
-        let new_connection = op.new_connections;
-        tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let error = load_request(&client, &url, new_connection, &ok_statuses).await;
-            let sample = LoadSample {
-                t: sent.duration_since(scenario_started).as_secs_f64(),
-                latency_ms: sent.elapsed().as_secs_f64() * 1000.0,
-                ok: error.is_none(),
-            };
-            samples
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((sample, error));
-            drop(permit);
-        }));
-    }
-    for task in tasks {
-        let _ = task.await;
-    }
-    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
-    load_report(name, samples)
-}
-
-/// One request of a load: `None` when it succeeded, else what went wrong.
-async fn load_request(
-    client: &reqwest::Client,
-    url: &str,
-    new_connection: bool,
-    ok_statuses: &[u16],
-) -> Option<String> {
-    let mut request = client.get(url).timeout(Duration::from_secs(10));
-    if new_connection {
-        request = request.header(reqwest::header::CONNECTION, "close");
-    }
-    match request.send().await {
-        Ok(res) => {
-            let status = res.status().as_u16();
-            let body = res.bytes().await;
-            match body {
-                Ok(_) if ok_statuses.contains(&status) => None,
-                Ok(_) => Some(format!("status {status}")),
-                Err(err) => Some(format!("body: {err}")),
-            }
-        }
-        Err(err) if err.is_timeout() => Some("error: timeout".to_string()),
-        Err(err) => Some(format!("error: {}", with_causes(&err))),
-    }
-}
-
-/// An error and its causes, `: `-separated (reqwest's own message names only the URL; the
-/// cause tells a refused connect from a connection closed under the request).
-fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(err) = cause {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        cause = err.source();
-    }
-    text
-}
-
-/// A load's report from its samples: totals, errors by kind and percentiles.
 fn load_report(name: String, samples: Vec<(LoadSample, Option<String>)>) -> LoadReport {
     let mut report = LoadReport {
         name,

@@ -1,0 +1,413 @@
+//! The open-loop load generator of the `load` operation, and the `e2e-load` process that runs
+//! it apart from the harness.
+//!
+//! Requests leave on a fixed schedule (`rate` a second, at most `concurrency` in flight), and
+//! each one's latency counts from the moment the schedule meant it to leave, not from when it
+//! actually left: a generator that falls behind (its process starved of CPU, every slot busy)
+//! shows the delay in the figures instead of hiding it (no coordinated omission).
+//!
+//! The engine runs a load in an `e2e-load` process of its own when the environment has one
+//! (built with the components, in their profile, so `--release` loads come from an optimised
+//! binary, not from the debug `cargo xtask` process): each tenant's callers are then a
+//! process of their own, as they would be, with their own allocator, runtime and connection
+//! pool. The job goes in on stdin as one JSON line; closing stdin stops the load early; the
+//! outcomes come back on stdout as one JSON line.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// What to send.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadPlan {
+    /// For example `https://127.0.0.1:40123`.
+    pub base_url: String,
+    /// Paths requested in turn (GET).
+    pub paths: Vec<String>,
+    /// Requests per second.
+    pub rate: f64,
+    /// Requests in flight at most.
+    pub concurrency: u32,
+    /// How long to send for; until stopped when unset.
+    pub duration: Option<Duration>,
+    /// Statuses counted as success.
+    pub ok_statuses: Vec<u16>,
+    /// Each request on a new connection (`Connection: close`).
+    pub new_connections: bool,
+}
+
+/// The harness's client identity for the gateway's internal API, as PEM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadCredentials {
+    /// The CA the gateway's server certificate chains to.
+    pub server_ca: String,
+    /// The client certificate chain.
+    pub cert: String,
+    /// The client key.
+    pub key: String,
+}
+
+impl LoadCredentials {
+    /// A client for the gateway with these credentials and a connection pool of its own.
+    pub fn client(&self) -> Result<reqwest::Client, String> {
+        let tls = crate::pki::client_tls(
+            &self.server_ca,
+            &crate::pki::Pem {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+            },
+        )?;
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| format!("the load's HTTP client: {e}"))
+    }
+}
+
+/// What the `e2e-load` process reads from stdin.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadJob {
+    /// What to send.
+    pub plan: LoadPlan,
+    /// Who to send it as.
+    pub credentials: LoadCredentials,
+}
+
+/// One request's outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// When the schedule meant it to leave, in seconds since the load started.
+    pub scheduled: f64,
+    /// From then until its body was read or it failed, in milliseconds.
+    pub latency_ms: f64,
+    /// What went wrong, when it failed.
+    pub error: Option<String>,
+}
+
+/// Sends `plan` with `client` until its duration passes or `stop` turns true; gives every
+/// request's outcome (requests in flight when it stops are waited for).
+pub async fn generate(
+    client: &reqwest::Client,
+    plan: &LoadPlan,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<Outcome> {
+    let ok_statuses: Arc<[u16]> = if plan.ok_statuses.is_empty() {
+        Arc::from([200u16])
+    } else {
+        Arc::from(plan.ok_statuses.as_slice())
+    };
+    if plan.paths.is_empty() {
+        return Vec::new();
+    }
+    let period = Duration::from_secs_f64(1.0 / plan.rate.max(0.001));
+    let slots = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1) as usize));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0usize.. {
+        // The schedule, not the clock of the previous send: a late request does not move
+        // the ones after it.
+        let scheduled = started + period.mul_f64(i as f64);
+        if plan.duration.is_some_and(|d| scheduled >= started + d) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(scheduled) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let url = format!("{}{}", plan.base_url, plan.paths[i % plan.paths.len()]);
+        let client = client.clone();
+        let outcomes = outcomes.clone();
+        let ok_statuses = ok_statuses.clone();
+        let new_connection = plan.new_connections;
+        tasks.spawn(async move {
+            let error = request(&client, &url, new_connection, &ok_statuses).await;
+            let outcome = Outcome {
+                scheduled: scheduled.duration_since(started).as_secs_f64(),
+                latency_ms: scheduled.elapsed().as_secs_f64() * 1000.0,
+                error,
+            };
+            outcomes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(outcome);
+            drop(slot);
+        });
+        // Reap finished requests as the load goes, so a long one holds no memory for them.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    std::mem::take(&mut *outcomes.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// One request: `None` when it succeeded, else what went wrong.
+async fn request(
+    client: &reqwest::Client,
+    url: &str,
+    new_connection: bool,
+    ok_statuses: &[u16],
+) -> Option<String> {
+    let mut request = client.get(url).timeout(Duration::from_secs(10));
+    if new_connection {
+        request = request.header(reqwest::header::CONNECTION, "close");
+    }
+    match request.send().await {
+        Ok(res) => {
+            let status = res.status().as_u16();
+            match res.bytes().await {
+                Ok(_) if ok_statuses.contains(&status) => None,
+                Ok(_) => Some(format!("status {status}")),
+                Err(err) => Some(format!("body: {err}")),
+            }
+        }
+        Err(err) if err.is_timeout() => Some("error: timeout".to_string()),
+        Err(err) => Some(format!("error: {}", with_causes(&err))),
+    }
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message names only the URL; the
+/// cause tells a refused connect from a connection closed under the request).
+pub fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        cause = err.source();
+    }
+    text
+}
+
+/// The `e2e-load` process's body: reads a [`LoadJob`] line from stdin, runs it until its
+/// duration passes or stdin closes, and writes the outcomes as one JSON line to stdout.
+pub async fn serve_stdio() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let mut line = String::new();
+    stdin
+        .read_line(&mut line)
+        .await
+        .context("reading the load job")?;
+    let job: LoadJob = serde_json::from_str(&line).context("the load job is not valid JSON")?;
+    let client = job
+        .credentials
+        .client()
+        .map_err(anyhow::Error::msg)
+        .context("the load's client")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Stdin closing (the harness stopping the load, or gone) stops it.
+    tokio::spawn(async move {
+        let mut rest = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut rest).await;
+        let _ = stop_tx.send(true);
+    });
+    let outcomes = generate(&client, &job.plan, stop_rx).await;
+    let mut out = serde_json::to_vec(&outcomes)?;
+    out.push(b'\n');
+    let mut stdout = tokio::io::stdout();
+    stdout.write_all(&out).await?;
+    stdout.flush().await?;
+    Ok(())
+}
+
+/// Where a load's requests came from, as its report says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Generator {
+    /// An `e2e-load` process of its own.
+    #[default]
+    Process,
+    /// A thread of the harness's process (no `e2e-load` binary, or no PEM credentials).
+    Thread,
+}
+
+/// Runs `job` in an `e2e-load` process (`program`) until its duration passes or `stop` turns
+/// true (stdin is then closed); the process is killed if this future is dropped.
+pub async fn in_process(
+    program: &std::path::Path,
+    job: &LoadJob,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<Outcome>, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut child = tokio::process::Command::new(program)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", program.display()))?;
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err("the load process has no pipes".into());
+    };
+    let mut line = serde_json::to_vec(job).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stdin
+        .write_all(&line)
+        .await
+        .map_err(|e| format!("sending the load job: {e}"))?;
+    let closer = async move {
+        let _ = stop.wait_for(|s| *s).await;
+        drop(stdin);
+    };
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let read = async {
+        let (o, e) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        o.and(e)
+    };
+    tokio::select! {
+        read = read => {
+            read.map_err(|e| format!("reading the load's outcomes: {e}"))?;
+        }
+        () = async { closer.await; std::future::pending::<()>().await } => unreachable!(),
+    }
+    let status = child.wait().await.map_err(|e| e.to_string())?;
+    let stderr = String::from_utf8_lossy(&err);
+    if !status.success() {
+        return Err(format!(
+            "the load process ended with {status}: {}",
+            stderr.trim()
+        ));
+    }
+    serde_json::from_slice(&out).map_err(|e| {
+        format!(
+            "the load process's outcomes are not JSON ({e}): {}",
+            stderr.trim()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A plain HTTP server answering 200 after `delay`, counting requests.
+    async fn server(delay: Duration) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        let app = axum::Router::new().fallback(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                "ok"
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (base, count)
+    }
+
+    fn plan(base: String, rate: f64, concurrency: u32, duration: Duration) -> LoadPlan {
+        LoadPlan {
+            base_url: base,
+            paths: vec!["/a".into(), "/b".into()],
+            rate,
+            concurrency,
+            duration: Some(duration),
+            ok_statuses: vec![],
+            new_connections: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn sends_at_the_rate_for_the_duration() {
+        let (base, count) = server(Duration::ZERO).await;
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        let outcomes = generate(
+            &reqwest::Client::new(),
+            &plan(base, 50.0, 4, Duration::from_secs(1)),
+            stop,
+        )
+        .await;
+        assert_eq!(outcomes.len(), 50);
+        assert_eq!(count.load(Ordering::SeqCst), 50);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        let last = outcomes.iter().map(|o| o.scheduled).fold(0.0, f64::max);
+        assert!((last - 0.98).abs() < 1e-6, "{last}");
+    }
+
+    /// With every slot busy, the requests that wait count their wait: one slot, a 200 ms
+    /// server and 20 requests a second for 0.5 s, so the last of the 10 waits ~1.8 s.
+    /// (Counting from when it left, as before, every latency would read ~200 ms.)
+    #[tokio::test]
+    async fn a_late_request_counts_from_its_schedule() {
+        let (base, _) = server(Duration::from_millis(200)).await;
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        let outcomes = generate(
+            &reqwest::Client::new(),
+            &plan(base, 20.0, 1, Duration::from_millis(500)),
+            stop,
+        )
+        .await;
+        assert_eq!(outcomes.len(), 10);
+        let worst = outcomes.iter().map(|o| o.latency_ms).fold(0.0, f64::max);
+        assert!(worst > 1500.0, "{outcomes:?}");
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_load_and_waits_for_requests_in_flight() {
+        let (base, count) = server(Duration::from_millis(300)).await;
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let mut plan = plan(base, 10.0, 4, Duration::from_secs(60));
+        plan.duration = None;
+        let load =
+            tokio::spawn(async move { generate(&reqwest::Client::new(), &plan, stop).await });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        stop_tx.send(true).unwrap();
+        let outcomes = tokio::time::timeout(Duration::from_secs(5), load)
+            .await
+            .expect("stopped")
+            .unwrap();
+        assert_eq!(outcomes.len(), count.load(Ordering::SeqCst));
+        assert!((2..=4).contains(&outcomes.len()), "{outcomes:?}");
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+    }
+
+    #[tokio::test]
+    async fn failures_say_what_went_wrong() {
+        let (base, _) = server(Duration::ZERO).await;
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        let mut refused = plan(
+            "http://127.0.0.1:1".into(),
+            10.0,
+            1,
+            Duration::from_millis(100),
+        );
+        refused.paths.truncate(1);
+        let outcomes = generate(&reqwest::Client::new(), &refused, stop.clone()).await;
+        let error = outcomes[0].error.as_deref().unwrap();
+        assert!(error.contains("refused"), "{error}");
+        let mut wrong_status = plan(base, 10.0, 1, Duration::from_millis(100));
+        wrong_status.ok_statuses = vec![204];
+        let outcomes = generate(&reqwest::Client::new(), &wrong_status, stop).await;
+        assert_eq!(outcomes[0].error.as_deref(), Some("status 200"));
+    }
+
+    #[test]
+    fn the_job_is_one_json_line() {
+        let job = LoadJob {
+            plan: plan("https://x".into(), 1.0, 1, Duration::from_secs(1)),
+            credentials: LoadCredentials {
+                server_ca: "ca\nline".into(),
+                cert: "c".into(),
+                key: "k".into(),
+            },
+        };
+        let line = serde_json::to_string(&job).unwrap();
+        assert!(!line.contains('\n'));
+        let back: LoadJob = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.plan.paths, job.plan.paths);
+    }
+}
