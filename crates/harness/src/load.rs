@@ -227,6 +227,16 @@ pub enum Generator {
     Thread,
 }
 
+impl Generator {
+    /// As the reports name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Generator::Process => "an e2e-load process",
+            Generator::Thread => "a thread of the harness",
+        }
+    }
+}
+
 /// Runs `job` in an `e2e-load` process (`program`) until its duration passes or `stop` turns
 /// true (stdin is then closed); the process is killed if this future is dropped.
 pub async fn in_process(

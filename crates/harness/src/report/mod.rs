@@ -301,13 +301,14 @@ pub fn html(suite: &SuiteResult) -> String {
         for load in &result.loads {
             let _ = write!(
                 out,
-                "<p>load <b>{}</b>: {} requests, {} failed, p50 {:.1}ms, p90 {:.1}ms, p99 {:.1}ms</p>",
+                "<p>load <b>{}</b>: {} requests, {} failed, p50 {:.1}ms, p90 {:.1}ms, p99 {:.1}ms (latency from each request's scheduled start; generator: {})</p>",
                 escape(&load.name),
                 load.total,
                 load.failed,
                 load.p50_ms,
                 load.p90_ms,
-                load.p99_ms
+                load.p99_ms,
+                load.generator.as_str()
             );
             let marks = fault_marks(result);
             if !marks.is_empty() {
