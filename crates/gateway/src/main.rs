@@ -135,17 +135,20 @@ struct Flags {
     /// of `--plane-rate-limit`).
     #[arg(long, requires = "plane_rate_limit")]
     plane_rate_burst: Option<NonZeroU32>,
+    /// Response bytes that cost one more of the planeID's requests under
+    /// `--plane-rate-limit`, so a 600 KiB list costs about ten requests, not one (0: every
+    /// request costs one, whatever it returns).
+    #[arg(long, default_value_t = cluster_gateway::rate::DEFAULT_BYTES_PER_TOKEN)]
+    plane_rate_request_bytes: u32,
 }
 
-/// `--plane-rate-limit` and `--plane-rate-burst` as a rate, or none.
-fn plane_rate(
-    per_second: u32,
-    burst: Option<NonZeroU32>,
-) -> Option<cluster_gateway::rate::PlaneRate> {
-    let per_second = NonZeroU32::new(per_second)?;
+/// The `--plane-rate-*` flags as a rate, or none.
+fn plane_rate(flags: &Flags) -> Option<cluster_gateway::rate::PlaneRate> {
+    let per_second = NonZeroU32::new(flags.plane_rate_limit)?;
     Some(cluster_gateway::rate::PlaneRate {
         per_second,
-        burst: burst.unwrap_or(per_second),
+        burst: flags.plane_rate_burst.unwrap_or(per_second),
+        bytes_per_token: NonZeroU32::new(flags.plane_rate_request_bytes),
     })
 }
 
@@ -175,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
     // Every agent holds a socket: thousands of agents need more than the usual 1,024.
     buildplane_runtime::raise_open_files_limit();
     let flags = Flags::parse();
+    let plane_rate = plane_rate(&flags);
     let internal_server_cert = match (flags.internal_server_cert, flags.internal_server_key) {
         (Some(cert), Some(key)) => Some((cert, key)),
         (None, None) => None,
@@ -230,7 +234,7 @@ async fn main() -> anyhow::Result<()> {
         },
         cert_reload_interval: Duration::from_secs(2),
         proxy_policy,
-        plane_rate: plane_rate(flags.plane_rate_limit, flags.plane_rate_burst),
+        plane_rate,
     })
     .await?;
     let ended = gateway
@@ -312,12 +316,13 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
     }
 
-    /// No limit by default; the burst defaults to one second's worth and is never zero.
+    /// No limit by default; the burst defaults to one second's worth and is never zero;
+    /// 64 KiB of response cost one request unless told otherwise, 0 turns that off.
     #[test]
     fn plane_rate_flags() {
         let rate = |args: &[&str]| {
             let flags = Flags::try_parse_from([&["cluster-gateway"], args].concat())?;
-            Ok::<_, clap::Error>(plane_rate(flags.plane_rate_limit, flags.plane_rate_burst))
+            Ok::<_, clap::Error>(plane_rate(&flags))
         };
         assert_eq!(rate(&[]).unwrap(), None);
         assert_eq!(rate(&["--plane-rate-limit", "0"]).unwrap(), None);
@@ -325,6 +330,19 @@ mod tests {
             .unwrap()
             .expect("a rate");
         assert_eq!((limited.per_second.get(), limited.burst.get()), (50, 50));
+        assert_eq!(
+            limited.bytes_per_token.map(NonZeroU32::get),
+            Some(64 * 1024)
+        );
+        let by_requests = rate(&[
+            "--plane-rate-limit",
+            "50",
+            "--plane-rate-request-bytes",
+            "0",
+        ])
+        .unwrap()
+        .expect("a rate");
+        assert_eq!(by_requests.bytes_per_token, None);
         let burst = rate(&["--plane-rate-limit", "50", "--plane-rate-burst", "200"])
             .unwrap()
             .expect("a rate");

@@ -88,7 +88,7 @@ pub async fn proxy(
     match exchange(&shared, &call, upload).await {
         Ok((head, stream)) => {
             shared.metrics.proxied(started.elapsed());
-            relay(head, stream)
+            relay(head, stream, ByteCharge::of(&shared, &call))
         }
         Err(Unserved { failure, upload }) => {
             if let Some(label) = failure.metric() {
@@ -114,6 +114,29 @@ fn admit(shared: &Shared, call: &Call) -> Result<(), Throttled> {
             rates.admit(&call.plane_id, tokio::time::Instant::now())
         }
         _ => Ok(()),
+    }
+}
+
+/// Charges a relayed response's bytes to its planeID's bucket as they pass
+/// (`--plane-rate-request-bytes`), where the request was counted.
+struct ByteCharge {
+    shared: Arc<Shared>,
+    plane_id: String,
+}
+
+impl ByteCharge {
+    fn of(shared: &Arc<Shared>, call: &Call) -> Option<ByteCharge> {
+        let rates = shared.plane_rates.as_ref()?;
+        (rates.charges_bytes() && call.arrival.counted_here()).then(|| ByteCharge {
+            shared: shared.clone(),
+            plane_id: call.plane_id.clone(),
+        })
+    }
+
+    fn charge(&self, bytes: usize) {
+        if let Some(rates) = &self.shared.plane_rates {
+            rates.charge(&self.plane_id, bytes, tokio::time::Instant::now());
+        }
     }
 }
 
@@ -976,13 +999,19 @@ async fn send_streamed(stream: &StreamHandle, mut body: Body) -> Result<(), Fail
     Ok(())
 }
 
-/// The HTTP response for an answered stream; its body reads the stream as the caller does.
-fn relay(head: ResponseHead, stream: StreamHandle) -> Response {
+/// The HTTP response for an answered stream; its body reads the stream as the caller does,
+/// each chunk charged to the planeID's rate (`charge`) as it passes.
+fn relay(head: ResponseHead, stream: StreamHandle, charge: Option<ByteCharge>) -> Response {
+    use futures::TryStreamExt as _;
     let headers = response_headers(head.headers);
-    let body = if stream.at_end() {
-        Body::empty()
-    } else {
-        Body::from_stream(stream.into_body())
+    let body = match charge {
+        _ if stream.at_end() => Body::empty(),
+        Some(charge) => Body::from_stream(
+            stream
+                .into_body()
+                .inspect_ok(move |chunk| charge.charge(chunk.len())),
+        ),
+        None => Body::from_stream(stream.into_body()),
     };
     let mut res = Response::new(body);
     *res.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);

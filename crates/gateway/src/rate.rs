@@ -6,8 +6,15 @@
 //!
 //! The limit is per replica: a request counts where it arrives, not again at the sibling it is
 //! forwarded to, so with N replicas behind a balancer a planeID gets up to N times the rate.
-//! A watch counts as one request, whatever it streams afterwards; a list of 600 KiB counts as
-//! one request like a GET of 1 KiB.
+//!
+//! A request costs one token when it is admitted, and the response bytes the gateway relays
+//! back cost more as they pass (`--plane-rate-request-bytes`, one token per 64 KiB by
+//! default), as kube-apiserver's priority and fairness charges a LIST more seats: a list of
+//! 600 KiB costs about ten requests, not one like a GET of 1 KiB, and a watch that streams a
+//! lot pays for it. Bytes are charged after admission, so a bucket can fall below zero; the
+//! debt is capped at one burst (a planeID waits at most two bursts' worth of time), and the
+//! planeID's next request waits until the bucket is back to one token. Bytes of a request
+//! forwarded to a sibling replica are not charged.
 //!
 //! Memory is bounded: a bucket that has refilled holds nothing a new bucket would not, so full
 //! buckets are dropped when the table reaches its capacity; a planeID that finds the table full
@@ -30,7 +37,13 @@ pub struct PlaneRate {
     pub per_second: NonZeroU32,
     /// Requests that may arrive at once after a quiet spell.
     pub burst: NonZeroU32,
+    /// Response bytes that cost one more token (`None`: a request costs one token whatever
+    /// it returns).
+    pub bytes_per_token: Option<NonZeroU32>,
 }
+
+/// Response bytes that cost one token unless `--plane-rate-request-bytes` says otherwise.
+pub const DEFAULT_BYTES_PER_TOKEN: u32 = 64 * 1024;
 
 /// A request over its planeID's rate.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -113,6 +126,28 @@ impl PlaneRates {
         Ok(())
     }
 
+    /// Whether response bytes cost tokens ([`PlaneRates::charge`] does something).
+    pub fn charges_bytes(&self) -> bool {
+        self.rate.bytes_per_token.is_some()
+    }
+
+    /// Charges `bytes` of a response relayed for `plane_id` at `now` to its bucket, which may
+    /// fall below zero, by at most one burst. A planeID not tracked (the table was full when
+    /// it was admitted) is not charged.
+    pub fn charge(&self, plane_id: &str, bytes: usize, now: Instant) {
+        let Some(unit) = self.rate.bytes_per_token else {
+            return;
+        };
+        let per_second = f64::from(self.rate.per_second.get());
+        let burst = f64::from(self.rate.burst.get());
+        let cost = bytes as f64 / f64::from(unit.get());
+        if let Some(bucket) = self.buckets.lock().get_mut(plane_id) {
+            let refilled = refill(*bucket, now, per_second, burst);
+            bucket.tokens = (refilled - cost).max(-burst);
+            bucket.at = now;
+        }
+    }
+
     /// PlaneIDs tracked now.
     pub fn tracked(&self) -> usize {
         self.buckets.lock().len()
@@ -134,9 +169,53 @@ mod tests {
             PlaneRate {
                 per_second: NonZeroU32::new(per_second).unwrap(),
                 burst: NonZeroU32::new(burst).unwrap(),
+                bytes_per_token: None,
             },
             DEFAULT_CAPACITY,
         )
+    }
+
+    fn rates_by_bytes(per_second: u32, burst: u32, bytes_per_token: u32) -> PlaneRates {
+        PlaneRates::new(
+            PlaneRate {
+                per_second: NonZeroU32::new(per_second).unwrap(),
+                burst: NonZeroU32::new(burst).unwrap(),
+                bytes_per_token: NonZeroU32::new(bytes_per_token),
+            },
+            DEFAULT_CAPACITY,
+        )
+    }
+
+    /// A response's bytes cost tokens: after a 600 KiB list at 64 KiB a token the planeID owes
+    /// about nine and a half, its next request waits until it has one again, and another
+    /// planeID is untouched. (Before, the list cost one token like a 1 KiB GET.)
+    #[test]
+    fn large_responses_cost_more_than_one_request() {
+        let by_bytes = rates_by_bytes(10, 5, 64 * 1024);
+        let t0 = Instant::now();
+        by_bytes.admit("noisy", t0).unwrap();
+        by_bytes.charge("noisy", 600 * 1024, t0);
+        let refused = by_bytes.admit("noisy", t0).expect_err("in debt");
+        // 4 - 9.375 = -5 (the debt is capped at one burst): 6 tokens to go at 10 a second.
+        assert!(
+            (refused.retry_after.as_secs_f64() - 0.6).abs() < 1e-6,
+            "{:?}",
+            refused.retry_after
+        );
+        by_bytes.admit("quiet", t0).expect("its own bucket");
+        by_bytes
+            .admit("noisy", t0 + Duration::from_millis(550))
+            .expect_err("not back to one token yet");
+        by_bytes
+            .admit("noisy", t0 + Duration::from_millis(650))
+            .expect("paid off");
+        // Without a byte unit, bytes are free.
+        let free = rates(10, 1);
+        free.admit("p", t0).unwrap();
+        free.charge("p", 100 << 20, t0);
+        free.admit("p", t0 + Duration::from_millis(100))
+            .expect("bytes cost nothing");
+        assert!(!free.charges_bytes());
     }
 
     /// A burst passes, the next request is told when to come back, and it is admitted then;
@@ -171,6 +250,7 @@ mod tests {
             PlaneRate {
                 per_second: NonZeroU32::new(1).unwrap(),
                 burst: NonZeroU32::new(1).unwrap(),
+                bytes_per_token: None,
             },
             2,
         );
@@ -189,22 +269,26 @@ mod tests {
 
     proptest! {
         /// Whatever the arrival times, no planeID gets more than its burst plus its rate times
-        /// the time elapsed, and a planeID's admissions do not depend on another's traffic.
+        /// the time elapsed, and a planeID's admissions do not depend on another's traffic or
+        /// the bytes it is charged.
         #[test]
         fn admissions_never_exceed_the_bucket(
             per_second in 1u32..50,
             burst in 1u32..20,
             gaps in proptest::collection::vec((0u64..200, any::<bool>()), 1..300),
         ) {
-            let shared = rates(per_second, burst);
-            let alone = rates(per_second, burst);
+            // Another planeID's large answers cost it, never `p`.
+            let shared = rates_by_bytes(per_second, burst, 1024);
+            let alone = rates_by_bytes(per_second, burst, 1024);
             let t0 = Instant::now();
             let mut now = t0;
             let (mut admitted, mut admitted_alone) = (0u64, 0u64);
             for (gap_ms, other) in gaps {
                 now += Duration::from_millis(gap_ms);
                 if other {
-                    let _ = shared.admit("other", now);
+                    if shared.admit("other", now).is_ok() {
+                        shared.charge("other", 1 << 20, now);
+                    }
                     continue;
                 }
                 let in_shared = shared.admit("p", now).is_ok();

@@ -874,6 +874,7 @@ async fn a_siblings_forward_is_not_counted_again() {
     env.config.plane_rate = Some(cluster_gateway::rate::PlaneRate {
         per_second: std::num::NonZeroU32::new(1).unwrap(),
         burst: std::num::NonZeroU32::new(1).unwrap(),
+        bytes_per_token: None,
     });
     let other = peered_replicas(&mut env, 2).await.remove(0);
     let ca = Ca::generate("agent-ca", DAY).unwrap();

@@ -691,6 +691,7 @@ async fn a_flooding_plane_is_throttled_and_its_neighbour_is_not() {
     env.config.plane_rate = Some(cluster_gateway::rate::PlaneRate {
         per_second: std::num::NonZeroU32::new(1).unwrap(),
         burst: std::num::NonZeroU32::new(3).unwrap(),
+        bytes_per_token: None,
     });
     env.start_gateway().await;
     let noisy_ca = Ca::generate("noisy-ca", DAY).unwrap();
@@ -764,4 +765,81 @@ async fn a_flooding_plane_is_throttled_and_its_neighbour_is_not() {
         .proxy("noisy", "org-a", "noisy", "/api/v1/namespaces")
         .await;
     assert_eq!(status, 200, "a token refilled: {body}");
+}
+
+/// `--plane-rate-request-bytes`: the bytes of an answer cost its planeID's tokens. At 5
+/// requests a second, a burst of 5 and a token per KiB, one 200 KiB answer leaves the planeID
+/// in debt (capped at one burst): its next request gets 429 with `Retry-After: 2` though it
+/// sent one request, and the neighbour is served. (Before, a request cost one token whatever
+/// it returned, and the second request was 200.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_cost_their_plane_more_than_one_request() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let mut env = Env::start().await;
+    env.stop_gateway().await;
+    env.config.plane_rate = Some(cluster_gateway::rate::PlaneRate {
+        per_second: std::num::NonZeroU32::new(5).unwrap(),
+        burst: std::num::NonZeroU32::new(5).unwrap(),
+        bytes_per_token: std::num::NonZeroU32::new(1024),
+    });
+    env.start_gateway().await;
+    let noisy_ca = Ca::generate("noisy-ca", DAY).unwrap();
+    let quiet_ca = Ca::generate("quiet-ca", DAY).unwrap();
+    env.build_plane("org-a", "noisy", "noisy", noisy_ca.cert_pem())
+        .await;
+    env.build_plane("org-b", "quiet", "quiet", quiet_ca.cert_pem())
+        .await;
+    let _noisy = env.agent(&noisy_ca, "noisy", 2);
+    let _quiet = env.agent(&quiet_ca, "quiet", 2);
+    env.wait_proxy_status("noisy", "org-a", "noisy", 200, WAIT)
+        .await;
+    env.wait_proxy_status("quiet", "org-b", "quiet", 200, WAIT)
+        .await;
+    let big = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some("big".into()),
+            ..Default::default()
+        },
+        data: Some([("v".to_owned(), "x".repeat(200_000))].into()),
+        ..ConfigMap::default()
+    };
+    kube::Api::<ConfigMap>::namespaced(env.build_cluster.client.clone(), "default")
+        .create(&kube::api::PostParams::default(), &big)
+        .await
+        .expect("ConfigMap created");
+    // Both buckets full again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (status, body) = env
+        .proxy(
+            "noisy",
+            "org-a",
+            "noisy",
+            "/api/v1/namespaces/default/configmaps/big",
+        )
+        .await;
+    assert_eq!(status, 200, "within the burst");
+    assert!(body.len() > 200_000, "{}", body.len());
+    let url = format!(
+        "{}/api/proxy/buildplane/noisy/org-a/noisy/k8s/api/v1/namespaces",
+        env.base
+    );
+    let refused = env.http.get(&url).send().await.expect("answered");
+    assert_eq!(
+        refused.status().as_u16(),
+        429,
+        "the answer's bytes were charged"
+    );
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("2"),
+        "one burst of debt and one token: 1.2 s"
+    );
+    let (status, body) = env
+        .proxy("quiet", "org-b", "quiet", "/api/v1/namespaces")
+        .await;
+    assert_eq!(status, 200, "the neighbour is served: {body}");
 }
