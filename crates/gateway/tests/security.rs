@@ -3,10 +3,15 @@
 
 mod common;
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    num::NonZeroU32,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use buildplane_api::served::ServedCrs;
 use buildplane_pki::Ca;
+use cluster_agent::Agent;
 use common::{DAY, Env};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -680,18 +685,20 @@ async fn a_secret_named_after_its_creation_is_fetched() {
     assert_eq!(sample(&env, "cluster_gateway_cached_secrets").await, 1);
 }
 
-/// `--plane-rate-limit`: a planeID past its burst gets 429 `PlaneRateLimited` with
-/// `Retry-After`, and its agent never sees the refused request; another planeID on the same
-/// gateway is served meanwhile; a token refilled is a request admitted again. (Before the
-/// limit, every one of the flooding planeID's requests reached its agent.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flooding_plane_is_throttled_and_its_neighbour_is_not() {
+/// A gateway limiting each planeID to `per_second` requests (`burst` at once, a token per
+/// `bytes_per_token` of answer when set), with two tenants served through it: planeID `noisy`
+/// (BuildPlane org-a/noisy) and `quiet` (org-b/quiet), and their agents.
+async fn two_tenants(
+    per_second: u32,
+    burst: u32,
+    bytes_per_token: Option<u32>,
+) -> (Env, Arc<Agent>, Arc<Agent>) {
     let mut env = Env::start().await;
     env.stop_gateway().await;
     env.config.plane_rate = Some(cluster_gateway::rate::PlaneRate {
-        per_second: std::num::NonZeroU32::new(1).unwrap(),
-        burst: std::num::NonZeroU32::new(3).unwrap(),
-        bytes_per_token: None,
+        per_second: NonZeroU32::new(per_second).unwrap(),
+        burst: NonZeroU32::new(burst).unwrap(),
+        bytes_per_token: bytes_per_token.and_then(NonZeroU32::new),
     });
     env.start_gateway().await;
     let noisy_ca = Ca::generate("noisy-ca", DAY).unwrap();
@@ -701,11 +708,21 @@ async fn a_flooding_plane_is_throttled_and_its_neighbour_is_not() {
     env.build_plane("org-b", "quiet", "quiet", quiet_ca.cert_pem())
         .await;
     let noisy = env.agent(&noisy_ca, "noisy", 2);
-    let _quiet = env.agent(&quiet_ca, "quiet", 2);
+    let quiet = env.agent(&quiet_ca, "quiet", 2);
     env.wait_proxy_status("noisy", "org-a", "noisy", 200, WAIT)
         .await;
     env.wait_proxy_status("quiet", "org-b", "quiet", 200, WAIT)
         .await;
+    (env, noisy, quiet)
+}
+
+/// `--plane-rate-limit`: a planeID past its burst gets 429 `PlaneRateLimited` with
+/// `Retry-After`, and its agent never sees the refused request; another planeID on the same
+/// gateway is served meanwhile; a token refilled is a request admitted again. (Before the
+/// limit, every one of the flooding planeID's requests reached its agent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_plane_is_throttled_and_its_neighbour_is_not() {
+    let (env, noisy, _quiet) = two_tenants(1, 3, None).await;
     // Both buckets full again.
     tokio::time::sleep(Duration::from_secs(4)).await;
 
@@ -775,26 +792,7 @@ async fn a_flooding_plane_is_throttled_and_its_neighbour_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_cost_their_plane_more_than_one_request() {
     use k8s_openapi::api::core::v1::ConfigMap;
-    let mut env = Env::start().await;
-    env.stop_gateway().await;
-    env.config.plane_rate = Some(cluster_gateway::rate::PlaneRate {
-        per_second: std::num::NonZeroU32::new(5).unwrap(),
-        burst: std::num::NonZeroU32::new(5).unwrap(),
-        bytes_per_token: std::num::NonZeroU32::new(1024),
-    });
-    env.start_gateway().await;
-    let noisy_ca = Ca::generate("noisy-ca", DAY).unwrap();
-    let quiet_ca = Ca::generate("quiet-ca", DAY).unwrap();
-    env.build_plane("org-a", "noisy", "noisy", noisy_ca.cert_pem())
-        .await;
-    env.build_plane("org-b", "quiet", "quiet", quiet_ca.cert_pem())
-        .await;
-    let _noisy = env.agent(&noisy_ca, "noisy", 2);
-    let _quiet = env.agent(&quiet_ca, "quiet", 2);
-    env.wait_proxy_status("noisy", "org-a", "noisy", 200, WAIT)
-        .await;
-    env.wait_proxy_status("quiet", "org-b", "quiet", 200, WAIT)
-        .await;
+    let (env, _noisy, _quiet) = two_tenants(5, 5, Some(1024)).await;
     let big = ConfigMap {
         metadata: kube::api::ObjectMeta {
             name: Some("big".into()),

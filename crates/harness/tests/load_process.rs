@@ -1,5 +1,6 @@
-//! The `e2e-load` process, run as the engine runs it (`load::in_process`): a job in, the
-//! outcomes out, an early stop when stdin closes, and a clear error when it cannot run.
+//! The load generator: its schedule, its stop and its errors (`load::generate`), and the
+//! `e2e-load` process run as the engine runs it (`load::in_process`): a job in, the outcomes
+//! out, an early stop when stdin closes, and a clear error when it cannot run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,19 +29,99 @@ async fn server(delay: Duration) -> (String, Arc<AtomicUsize>) {
     (base, count)
 }
 
+fn plan(base: String, rate: f64, concurrency: u32, duration: Duration) -> LoadPlan {
+    LoadPlan {
+        base_url: base,
+        paths: vec!["/a".into(), "/b".into()],
+        rate,
+        concurrency,
+        duration: Some(duration),
+        ok_statuses: vec![],
+        new_connections: false,
+    }
+}
+
+#[tokio::test]
+async fn sends_at_the_rate_for_the_duration() {
+    let (base, count) = server(Duration::ZERO).await;
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let outcomes = load::generate(
+        &reqwest::Client::new(),
+        &plan(base, 50.0, 4, Duration::from_secs(1)),
+        stop,
+    )
+    .await;
+    assert_eq!(outcomes.len(), 50);
+    assert_eq!(count.load(Ordering::SeqCst), 50);
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+    let last = outcomes.iter().map(|o| o.scheduled).fold(0.0, f64::max);
+    assert!((last - 0.98).abs() < 1e-6, "{last}");
+}
+
+/// With every slot busy, the requests that wait count their wait: one slot, a 200 ms
+/// server and 20 requests a second for 0.5 s, so the last of the 10 waits ~1.8 s.
+/// (Counting from when it left, as before, every latency would read ~200 ms.)
+#[tokio::test]
+async fn a_late_request_counts_from_its_schedule() {
+    let (base, _) = server(Duration::from_millis(200)).await;
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let outcomes = load::generate(
+        &reqwest::Client::new(),
+        &plan(base, 20.0, 1, Duration::from_millis(500)),
+        stop,
+    )
+    .await;
+    assert_eq!(outcomes.len(), 10);
+    let worst = outcomes.iter().map(|o| o.latency_ms).fold(0.0, f64::max);
+    assert!(worst > 1500.0, "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn stop_ends_the_load_and_waits_for_requests_in_flight() {
+    let (base, count) = server(Duration::from_millis(300)).await;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut plan = plan(base, 10.0, 4, Duration::from_secs(60));
+    plan.duration = None;
+    let load =
+        tokio::spawn(async move { load::generate(&reqwest::Client::new(), &plan, stop).await });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    stop_tx.send(true).unwrap();
+    let outcomes = tokio::time::timeout(Duration::from_secs(5), load)
+        .await
+        .expect("stopped")
+        .unwrap();
+    assert_eq!(outcomes.len(), count.load(Ordering::SeqCst));
+    assert!((2..=4).contains(&outcomes.len()), "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn failures_say_what_went_wrong() {
+    let (base, _) = server(Duration::ZERO).await;
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let mut refused = plan(
+        "http://127.0.0.1:1".into(),
+        10.0,
+        1,
+        Duration::from_millis(100),
+    );
+    refused.paths.truncate(1);
+    let outcomes = load::generate(&reqwest::Client::new(), &refused, stop.clone()).await;
+    let error = outcomes[0].error.as_deref().unwrap();
+    assert!(error.contains("refused"), "{error}");
+    let mut wrong_status = plan(base, 10.0, 1, Duration::from_millis(100));
+    wrong_status.ok_statuses = vec![204];
+    let outcomes = load::generate(&reqwest::Client::new(), &wrong_status, stop).await;
+    assert_eq!(outcomes[0].error.as_deref(), Some("status 200"));
+}
+
 fn job(base: String, duration: Option<Duration>) -> LoadJob {
     let ca = TestCa::generate("load-test-ca").unwrap();
     let client = ca.issue_client("load-test").unwrap();
+    let mut plan = plan(base, 40.0, 4, Duration::ZERO);
+    plan.duration = duration;
     LoadJob {
-        plan: LoadPlan {
-            base_url: base,
-            paths: vec!["/x".into()],
-            rate: 40.0,
-            concurrency: 4,
-            duration,
-            ok_statuses: vec![],
-            new_connections: false,
-        },
+        plan,
         credentials: LoadCredentials {
             server_ca: ca.cert_pem.clone(),
             cert: client.cert,
@@ -96,4 +177,20 @@ async fn a_job_it_cannot_run_is_a_clear_error() {
         .await
         .unwrap_err();
     assert!(err.contains("starting /nonexistent/e2e-load"), "{err}");
+}
+
+#[test]
+fn the_job_is_one_json_line() {
+    let job = LoadJob {
+        plan: plan("https://x".into(), 1.0, 1, Duration::from_secs(1)),
+        credentials: LoadCredentials {
+            server_ca: "ca\nline".into(),
+            cert: "c".into(),
+            key: "k".into(),
+        },
+    };
+    let line = serde_json::to_string(&job).unwrap();
+    assert!(!line.contains('\n'));
+    let back: LoadJob = serde_json::from_str(&line).unwrap();
+    assert_eq!(back.plan.paths, job.plan.paths);
 }
