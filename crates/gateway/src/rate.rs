@@ -97,7 +97,7 @@ impl PlaneRates {
         let burst = f64::from(self.rate.burst.get());
         let mut buckets = self.buckets.lock();
         if let Some(bucket) = buckets.get_mut(plane_id) {
-            let refilled = refill(*bucket, now, per_second, burst);
+            let refilled = self.refill(*bucket, now);
             bucket.at = now;
             if refilled >= 1.0 {
                 bucket.tokens = refilled - 1.0;
@@ -111,7 +111,7 @@ impl PlaneRates {
             });
         }
         if buckets.len() >= self.capacity {
-            buckets.retain(|_, bucket| refill(*bucket, now, per_second, burst) < burst);
+            buckets.retain(|_, bucket| self.refill(*bucket, now) < burst);
             if buckets.len() >= self.capacity {
                 return Ok(());
             }
@@ -138,14 +138,19 @@ impl PlaneRates {
         let Some(unit) = self.rate.bytes_per_token else {
             return;
         };
-        let per_second = f64::from(self.rate.per_second.get());
-        let burst = f64::from(self.rate.burst.get());
         let cost = bytes as f64 / f64::from(unit.get());
         if let Some(bucket) = self.buckets.lock().get_mut(plane_id) {
-            let refilled = refill(*bucket, now, per_second, burst);
-            bucket.tokens = (refilled - cost).max(-burst);
+            let refilled = self.refill(*bucket, now);
+            bucket.tokens = (refilled - cost).max(-f64::from(self.rate.burst.get()));
             bucket.at = now;
         }
+    }
+
+    /// `bucket`'s tokens at `now`: what it held plus the rate since, at most a burst.
+    fn refill(&self, bucket: Bucket, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        (bucket.tokens + elapsed * f64::from(self.rate.per_second.get()))
+            .min(f64::from(self.rate.burst.get()))
     }
 
     /// PlaneIDs tracked now.
@@ -154,27 +159,16 @@ impl PlaneRates {
     }
 }
 
-fn refill(bucket: Bucket, now: Instant, per_second: f64, burst: f64) -> f64 {
-    let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-    (bucket.tokens + elapsed * per_second).min(burst)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn rates(per_second: u32, burst: u32) -> PlaneRates {
-        PlaneRates::new(
-            PlaneRate {
-                per_second: NonZeroU32::new(per_second).unwrap(),
-                burst: NonZeroU32::new(burst).unwrap(),
-                bytes_per_token: None,
-            },
-            DEFAULT_CAPACITY,
-        )
+        rates_by_bytes(per_second, burst, 0)
     }
 
+    /// `bytes_per_token` 0: bytes cost nothing.
     fn rates_by_bytes(per_second: u32, burst: u32, bytes_per_token: u32) -> PlaneRates {
         PlaneRates::new(
             PlaneRate {
