@@ -216,6 +216,36 @@ pub async fn serve_stdio() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The CPU priority of a load's callers on the harness's machine.
+///
+/// On a machine of two cores a flood's own callers (their TLS, their HTTP parsing) compete
+/// for the cores with the gateway and with the other tenant, which they would not do in a
+/// deployment, where a tenant's callers run on machines of their own. `lowest` runs the
+/// load's `e2e-load` process at nice 19, so that everything else on the machine gets a core
+/// first when it needs one: what the load then costs the others is what the gateway spends on
+/// it (and its agent and API server), not its callers' CPU.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum CpuPriority {
+    /// As every other process of the run.
+    #[default]
+    Normal,
+    /// Nice 19: the callers stand in for callers on machines of their own.
+    Lowest,
+}
+
+impl CpuPriority {
+    /// The nice value a process of this priority runs at.
+    pub fn niceness(self) -> u8 {
+        match self {
+            CpuPriority::Normal => 0,
+            CpuPriority::Lowest => 19,
+        }
+    }
+}
+
 /// Where a load's requests came from, as its report says.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -223,7 +253,10 @@ pub enum Generator {
     /// An `e2e-load` process of its own.
     #[default]
     Process,
-    /// A thread of the harness's process (no `e2e-load` binary, or no PEM credentials).
+    /// An `e2e-load` process of its own at the lowest CPU priority (nice 19).
+    LowestPriorityProcess,
+    /// A thread of the harness's process (no `e2e-load` binary, or no PEM credentials), at
+    /// the harness's priority whatever the load asked.
     Thread,
 }
 
@@ -232,20 +265,34 @@ impl Generator {
     pub fn as_str(self) -> &'static str {
         match self {
             Generator::Process => "an e2e-load process",
+            Generator::LowestPriorityProcess => "an e2e-load process at nice 19",
             Generator::Thread => "a thread of the harness",
         }
     }
 }
 
-/// Runs `job` in an `e2e-load` process (`program`) until its duration passes or `stop` turns
-/// true (stdin is then closed); the process is killed if this future is dropped.
+/// Runs `job` in an `e2e-load` process (`program`) at `priority` until its duration passes or
+/// `stop` turns true (stdin is then closed); the process is killed if this future is dropped.
 pub async fn in_process(
     program: &std::path::Path,
     job: &LoadJob,
+    priority: CpuPriority,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Vec<Outcome>, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut child = tokio::process::Command::new(program)
+    // coreutils' `nice` lowers the priority before it becomes the program, so every thread
+    // of the load runs at it from the start.
+    let mut command = match priority {
+        CpuPriority::Normal => tokio::process::Command::new(program),
+        CpuPriority::Lowest => {
+            let mut nice = tokio::process::Command::new("nice");
+            nice.arg("-n")
+                .arg(priority.niceness().to_string())
+                .arg(program);
+            nice
+        }
+    };
+    let mut child = command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

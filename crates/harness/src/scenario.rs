@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::duration::Dur;
+pub use crate::load::CpuPriority;
 
 /// One end-to-end scenario.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -1022,6 +1023,12 @@ pub struct LoadOp {
     /// (otherwise the few pooled connections each stay on one replica).
     #[serde(default)]
     pub new_connections: bool,
+    /// The CPU priority of the load's callers (`lowest`: nice 19, standing in for callers on
+    /// machines of their own; see [`CpuPriority`]). Applies to a load in an `e2e-load`
+    /// process; a load on a thread of the harness keeps the harness's priority and its report
+    /// says so.
+    #[serde(default)]
+    pub cpu_priority: CpuPriority,
     /// Limits checked at the end.
     #[serde(default)]
     pub expect: LoadExpect,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use buildplane_harness::load::{self, LoadCredentials, LoadJob, LoadPlan};
+use buildplane_harness::load::{self, CpuPriority, LoadCredentials, LoadJob, LoadPlan};
 use buildplane_harness::pki::TestCa;
 
 const PROGRAM: &str = env!("CARGO_BIN_EXE_e2e-load");
@@ -135,7 +135,7 @@ async fn the_process_runs_the_job_and_reports_every_request() {
     let (base, count) = server(Duration::ZERO).await;
     let (_stop, stop) = tokio::sync::watch::channel(false);
     let job = job(base, Some(Duration::from_millis(500)));
-    let outcomes = load::in_process(PROGRAM.as_ref(), &job, stop)
+    let outcomes = load::in_process(PROGRAM.as_ref(), &job, CpuPriority::Normal, stop)
         .await
         .unwrap();
     assert_eq!(outcomes.len(), 20);
@@ -148,7 +148,9 @@ async fn stop_closes_stdin_and_the_process_reports_what_it_sent() {
     let (base, count) = server(Duration::from_millis(50)).await;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let job = job(base, None);
-    let run = tokio::spawn(async move { load::in_process(PROGRAM.as_ref(), &job, stop).await });
+    let run = tokio::spawn(async move {
+        load::in_process(PROGRAM.as_ref(), &job, CpuPriority::Normal, stop).await
+    });
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop_tx.send(true).unwrap();
     let outcomes = tokio::time::timeout(Duration::from_secs(10), run)
@@ -168,15 +170,51 @@ async fn a_job_it_cannot_run_is_a_clear_error() {
         Some(Duration::from_millis(100)),
     );
     job.credentials.key = "not a key".into();
-    let err = load::in_process(PROGRAM.as_ref(), &job, stop)
+    let err = load::in_process(PROGRAM.as_ref(), &job, CpuPriority::Normal, stop)
         .await
         .unwrap_err();
     assert!(err.contains("the load's client"), "{err}");
     let (_stop, stop) = tokio::sync::watch::channel(false);
-    let err = load::in_process("/nonexistent/e2e-load".as_ref(), &job, stop)
+    let err = load::in_process(
+        "/nonexistent/e2e-load".as_ref(),
+        &job,
+        CpuPriority::Normal,
+        stop,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("starting /nonexistent/e2e-load"), "{err}");
+}
+
+/// The niceness a program started by `in_process` at `priority` runs at: the program is a
+/// script that says it on stderr and fails, so that `in_process` returns it in its error.
+async fn niceness_of_a_load_at(priority: CpuPriority) -> u8 {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("e2e-load");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"niceness=$(nice)\" >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let job = job(
+        "http://127.0.0.1:1".into(),
+        Some(Duration::from_millis(100)),
+    );
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let err = load::in_process(&script, &job, priority, stop)
         .await
         .unwrap_err();
-    assert!(err.contains("starting /nonexistent/e2e-load"), "{err}");
+    let said = err.split("niceness=").nth(1).expect(&err);
+    said.trim().parse().expect(&err)
+}
+
+#[tokio::test]
+async fn a_load_at_the_lowest_priority_runs_at_nice_19() {
+    let ours = std::process::Command::new("nice").output().unwrap().stdout;
+    let ours: u8 = String::from_utf8_lossy(&ours).trim().parse().unwrap();
+    assert_eq!(niceness_of_a_load_at(CpuPriority::Normal).await, ours);
+    assert_eq!(niceness_of_a_load_at(CpuPriority::Lowest).await, 19);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::{Background, Engine, OpResultT, fail, truncate};
 use crate::backend::GatewayAccess;
 use crate::lint::{Linter, Seg, with};
-use crate::load::{self, Generator, LoadJob, LoadPlan};
+use crate::load::{self, CpuPriority, Generator, LoadJob, LoadPlan};
 use crate::matcher;
 use crate::result::{Failure, LoadReport, LoadSample};
 use crate::scenario::{AwaitOp, LoadOp, RequestOp};
@@ -84,7 +84,11 @@ impl Engine {
         };
         let task = async move {
             let _held = held;
-            let report = run_load_apart(program, gateway, plan, started, stop_rx, name).await;
+            let callers = Callers {
+                program,
+                priority: load.cpu_priority,
+            };
+            let report = run_load_apart(callers, gateway, plan, started, stop_rx, name).await;
             let mut loads = loads.lock().unwrap_or_else(|e| e.into_inner());
             let baseline = load
                 .expect
@@ -321,6 +325,13 @@ async fn request_until(
     }
 }
 
+/// Who sends a load's requests: the `e2e-load` program when the environment has one, at the
+/// load's CPU priority.
+struct Callers {
+    program: Option<std::path::PathBuf>,
+    priority: CpuPriority,
+}
+
 /// Runs a load apart from the harness's own tasks, as two tenants' callers would be, so that
 /// one load's requests never wait in the harness's task queue or connection pool behind
 /// another's (the noisy-neighbour scenario measured the harness's executor before: a 400
@@ -329,7 +340,7 @@ async fn request_until(
 /// runtime of its own with its own client. Only the machine's cores are shared, as they are
 /// with the gateway.
 async fn run_load_apart(
-    program: Option<std::path::PathBuf>,
+    callers: Callers,
     gateway: GatewayAccess,
     plan: LoadPlan,
     scenario_started: Instant,
@@ -337,16 +348,28 @@ async fn run_load_apart(
     name: String,
 ) -> LoadReport {
     let offset = scenario_started.elapsed().as_secs_f64();
-    let (outcomes, generator) = match (program, gateway.credentials.clone()) {
+    let (outcomes, generator) = match (callers.program, gateway.credentials.clone()) {
         (Some(program), Some(credentials)) => {
             let job = LoadJob { plan, credentials };
-            let outcomes = load::in_process(&program, &job, stop).await;
-            (outcomes, Generator::Process)
+            let outcomes = load::in_process(&program, &job, callers.priority, stop).await;
+            let generator = match callers.priority {
+                CpuPriority::Normal => Generator::Process,
+                CpuPriority::Lowest => Generator::LowestPriorityProcess,
+            };
+            (outcomes, generator)
         }
-        _ => (
-            on_thread(gateway, plan, stop, &name).await,
-            Generator::Thread,
-        ),
+        _ => {
+            if callers.priority != CpuPriority::Normal {
+                tracing::warn!(
+                    load = %name,
+                    "no e2e-load process here: the load runs on a thread at the harness's priority"
+                );
+            }
+            (
+                on_thread(gateway, plan, stop, &name).await,
+                Generator::Thread,
+            )
+        }
     };
     let samples = match outcomes {
         Ok(outcomes) => outcomes
