@@ -264,12 +264,20 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
         work_dir: report_dir.join("work"),
         verbose: true,
     };
-    let suite = runtime.block_on(run_suite(backend, scenarios, options, progress.clone()));
+    let suite = runtime.block_on(crate::interrupt::unless_stopped(run_suite(
+        backend,
+        scenarios,
+        options,
+        progress.clone(),
+    )));
     if let Some(k3d) = k3d_backend
         && let Err(err) = runtime.block_on(k3d.finish(flags.keep))
     {
         progress(format!("tearing down the k3d clusters failed: {err}"));
     }
+    let suite = suite.map_err(|stop| {
+        format_err!("stopped by {stop}: the run's processes were killed, no report written")
+    })?;
     let paths = report::write_all(&suite, &report_dir).context("writing the reports")?;
     for path in paths {
         progress(format!("report: {}", path.display()));

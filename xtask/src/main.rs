@@ -5,6 +5,7 @@ mod bench;
 mod chaos;
 mod codegen;
 mod e2e;
+mod interrupt;
 mod k3d;
 mod peers;
 mod tidy;
