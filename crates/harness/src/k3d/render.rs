@@ -357,6 +357,13 @@ pub fn gateway(values: &Values, extra_args: &[String]) -> Vec<Value> {
     ];
     if gw.plane_rate_limit > 0 {
         args.push(format!("--plane-rate-limit={}", gw.plane_rate_limit));
+        if gw.plane_rate_burst > 0 {
+            args.push(format!("--plane-rate-burst={}", gw.plane_rate_burst));
+        }
+        args.push(format!(
+            "--plane-rate-request-bytes={}",
+            gw.plane_rate_request_bytes
+        ));
     }
     args.extend(extra_args.iter().cloned());
     let container = container(ContainerSpec {
@@ -878,7 +885,8 @@ mod tests {
         );
     }
 
-    /// `planeRateLimit` reaches the gateway's arguments when set, and nothing when 0.
+    /// `planeRateLimit` reaches the gateway's arguments when set, with `planeRateBurst` (when
+    /// set) and `planeRateRequestBytes`, and nothing of them when the limit is 0.
     #[test]
     fn plane_rate_limit_is_a_gateway_flag_when_set() {
         let args = |values: &Values| {
@@ -889,9 +897,15 @@ mod tests {
             deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string()
         };
         let mut values = values();
-        assert!(!args(&values).contains("--plane-rate-limit"));
+        assert!(!args(&values).contains("--plane-rate"));
         values.cluster_gateway.plane_rate_limit = 50;
         assert!(args(&values).contains("\"--plane-rate-limit=50\""));
+        assert!(!args(&values).contains("--plane-rate-burst"));
+        assert!(args(&values).contains("\"--plane-rate-request-bytes=65536\""));
+        values.cluster_gateway.plane_rate_burst = 200;
+        values.cluster_gateway.plane_rate_request_bytes = 0;
+        assert!(args(&values).contains("\"--plane-rate-burst=200\""));
+        assert!(args(&values).contains("\"--plane-rate-request-bytes=0\""));
     }
 
     /// The gateway may only read BuildPlanes and Secrets: no write verb anywhere in its role.

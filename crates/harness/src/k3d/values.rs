@@ -118,6 +118,14 @@ pub struct ClusterGateway {
     /// `--plane-rate-limit`: proxied requests per second per planeID and replica (0: none).
     #[serde(default)]
     pub plane_rate_limit: u32,
+    /// `--plane-rate-burst`: requests one planeID may send at once after a quiet spell (0:
+    /// one second's worth of `planeRateLimit`).
+    #[serde(default)]
+    pub plane_rate_burst: u32,
+    /// `--plane-rate-request-bytes`: response bytes that cost one more request under
+    /// `planeRateLimit` (0: every request costs one, whatever it returns).
+    #[serde(default = "default_plane_rate_request_bytes")]
+    pub plane_rate_request_bytes: u32,
     /// Serving certificate.
     pub tls: GatewayTls,
     /// Internal API client CA.
@@ -373,4 +381,9 @@ mod tests {
             assert!(err.contains(expected), "{to}: {err}");
         }
     }
+}
+
+/// The gateway's own default of `--plane-rate-request-bytes` (64 KiB a request).
+fn default_plane_rate_request_bytes() -> u32 {
+    64 * 1024
 }
