@@ -2,7 +2,7 @@
 //! real `cluster-gateway` and `buildplane-controller` binaries, agents as `cluster-agent`
 //! processes, and a fault proxy on every agent → gateway link, all local processes.
 //! An agent's link is proxied in the harness; a swarm's links are proxied by one
-//! `e2e-fault-proxy` process beside each swarm process ([`Link`]).
+//! `e2e-fault-proxy` process beside each swarm process (`Link`).
 //!
 //! The clusters are what differs ([`ApiServers`]): a `kube-sim` process each (`sim`), or a real
 //! etcd, kube-apiserver and kube-controller-manager each (`apiserver`, set up by

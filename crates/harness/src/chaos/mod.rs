@@ -1,8 +1,8 @@
 //! `cargo xtask chaos`: random fault schedules over a running environment with steady load,
 //! invariants checked during and after, and a failing schedule shrunk to a small scenario file.
 //!
-//! A schedule ([`schedule::generate`]) becomes an ordinary scenario ([`render`]): two tenants
-//! (agents `a` and `b`, each with its BuildPlane), steady load on both, the faults at their
+//! A schedule ([`schedule::generate`]) becomes an ordinary scenario ([`scenario_yaml`]): two
+//! tenants (agents `a` and `b`, each with its BuildPlane), steady load on both, the faults at their
 //! times, then heal, convergence and leak checks. The runner runs it like any scenario; the
 //! invariants ([`Invariant`]) are read from its result: the scenario's own checks, the load
 //! samples against the fault windows, and the panic scan every scenario gets. A schedule that

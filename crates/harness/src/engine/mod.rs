@@ -2,15 +2,15 @@
 //!
 //! This module holds the [`Engine`], the step runner and the dispatch of operations; each
 //! family of operations lives in its own module, with its execution and its lint rules
-//! (methods of [`crate::lint::Linter`] that `lint.rs` dispatches to):
+//! (methods of `crate::lint::Linter` that `lint.rs` dispatches to):
 //!
 //! | module | operations |
 //! |---|---|
-//! | [`objects`] | `apply`, `create`, `patch`, `delete`, `assert`, `error`, `kubectl`, `exec`, `script` |
-//! | [`components`] | `start`, `stop`, `kill`, `restart`, `fault`, `heal`, `partition`, `rotateCa`, `renewLeaf`, `generateCa` |
-//! | [`http`] | `request`, `load`, `await` |
-//! | [`watches`] | `watch`, `record`, `checkSeries`, `metric`, `consistently` |
-//! | [`evidence`] | evidence of a failed scenario, `finish` and cleanup |
+//! | `objects` | `apply`, `create`, `patch`, `delete`, `assert`, `error`, `kubectl`, `exec`, `script` |
+//! | `components` | `start`, `stop`, `kill`, `restart`, `fault`, `heal`, `partition`, `rotateCa`, `renewLeaf`, `generateCa` |
+//! | `http` | `request`, `load`, `await` |
+//! | `watches` | `watch`, `record`, `checkSeries`, `metric`, `consistently` |
+//! | `evidence` | evidence of a failed scenario, `finish` and cleanup |
 //!
 //! Adding an operation: its type and key in `scenario.rs`, its execution and lint rule in its
 //! family's module, one arm in [`Engine::run_op`] and one in `Linter::operation`.
