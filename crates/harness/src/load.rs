@@ -298,7 +298,10 @@ pub async fn in_process(
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", program.display()))?;
+        .map_err(|e| match priority {
+            CpuPriority::Normal => format!("starting {}: {e}", program.display()),
+            CpuPriority::Lowest => format!("starting {} under `nice`: {e}", program.display()),
+        })?;
     let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
