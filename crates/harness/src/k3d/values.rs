@@ -319,6 +319,11 @@ impl Values {
     }
 }
 
+/// The gateway's own default of `--plane-rate-request-bytes` (64 KiB a request).
+fn default_plane_rate_request_bytes() -> u32 {
+    64 * 1024
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,9 +386,4 @@ mod tests {
             assert!(err.contains(expected), "{to}: {err}");
         }
     }
-}
-
-/// The gateway's own default of `--plane-rate-request-bytes` (64 KiB a request).
-fn default_plane_rate_request_bytes() -> u32 {
-    64 * 1024
 }
