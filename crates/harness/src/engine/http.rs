@@ -174,7 +174,11 @@ pub(super) async fn request_once(
         }
         Err(err) => {
             return Err(Failure {
-                message: format!("{method} {}: no answer: {err}", op.path),
+                message: format!(
+                    "{method} {}: no answer: {}",
+                    op.path,
+                    load::with_causes(&err)
+                ),
                 awaited: op.expect.status.map(|s| format!("status {s}")),
                 ..Failure::default()
             });
