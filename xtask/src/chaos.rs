@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail, format_err};
+use anyhow::{Context, bail};
 use buildplane_harness::backend::sim::{ApiServers, SimBackend};
 use buildplane_harness::build;
 use buildplane_harness::chaos::{self, ChaosOptions, Invariant, schedule::Mix};
@@ -181,10 +181,7 @@ pub(crate) fn run(flags: ChaosFlags) -> anyhow::Result<()> {
             backend,
             &options,
             progress.clone(),
-        )))
-        .map_err(|stop| {
-            format_err!("stopped by {stop}: the run's processes were killed, no report written")
-        })?
+        )))?
         .context("chaos run")?;
     std::fs::create_dir_all(&out_dir)?;
     let json_path = chaos::report_path(&out_dir, seed);

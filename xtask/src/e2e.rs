@@ -275,9 +275,7 @@ pub(crate) fn run(flags: E2eFlags) -> anyhow::Result<()> {
     {
         progress(format!("tearing down the k3d clusters failed: {err}"));
     }
-    let suite = suite.map_err(|stop| {
-        format_err!("stopped by {stop}: the run's processes were killed, no report written")
-    })?;
+    let suite = suite?;
     let paths = report::write_all(&suite, &report_dir).context("writing the reports")?;
     for path in paths {
         progress(format!("report: {}", path.display()));

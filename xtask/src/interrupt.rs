@@ -17,14 +17,21 @@ pub(crate) enum Stop {
     Terminate,
 }
 
+/// How a stopped run ends: an error naming the signal.
 impl fmt::Display for Stop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        let signal = match self {
             Stop::Interrupt => "SIGINT",
             Stop::Terminate => "SIGTERM",
-        })
+        };
+        write!(
+            f,
+            "stopped by {signal}: the run's processes were killed, no report written"
+        )
     }
 }
+
+impl std::error::Error for Stop {}
 
 /// Waits for SIGINT or SIGTERM (forever when neither can be watched).
 async fn requested() -> Stop {
