@@ -11,7 +11,8 @@
 //! binary, not from the debug `cargo xtask` process): each tenant's callers are then a
 //! process of their own, as they would be, with their own allocator, runtime and connection
 //! pool. The job goes in on stdin as one JSON line; closing stdin stops the load early; the
-//! outcomes come back on stdout as one JSON line.
+//! outcomes come back on stdout as one JSON line ([`LoadRun`]: with the load's start on the
+//! wall clock, which the harness shares with the process, to place each request on its axis).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,25 +87,56 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+/// A load's outcomes and when it started, on the one clock the harness and an `e2e-load`
+/// process share (the machine's wall clock): a process's own `Instant`s mean nothing to the
+/// harness, and the time it takes to start (exec, its TLS client) would otherwise shift every
+/// request on the scenario's axis.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadRun {
+    /// When the first request was scheduled, in seconds since the Unix epoch.
+    pub started_unix: f64,
+    /// Every request's outcome; `scheduled` counts from `started_unix`.
+    pub outcomes: Vec<Outcome>,
+}
+
+impl LoadRun {
+    /// Seconds from `zero` (a time on the wall clock) to the load's start: add it to an
+    /// outcome's `scheduled` to place the request on an axis that starts at `zero`.
+    pub fn started_after(&self, zero: std::time::SystemTime) -> f64 {
+        self.started_unix - unix_seconds(zero)
+    }
+}
+
+fn unix_seconds(time: std::time::SystemTime) -> f64 {
+    match time.duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => since.as_secs_f64(),
+        Err(before) => -before.duration().as_secs_f64(),
+    }
+}
+
 /// Sends `plan` with `client` until its duration passes or `stop` turns true; gives every
 /// request's outcome (requests in flight when it stops are waited for).
 pub async fn generate(
     client: &reqwest::Client,
     plan: &LoadPlan,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Vec<Outcome> {
+) -> LoadRun {
     let ok_statuses: Arc<[u16]> = if plan.ok_statuses.is_empty() {
         Arc::from([200u16])
     } else {
         Arc::from(plan.ok_statuses.as_slice())
     };
     if plan.paths.is_empty() {
-        return Vec::new();
+        return LoadRun {
+            started_unix: unix_seconds(std::time::SystemTime::now()),
+            outcomes: Vec::new(),
+        };
     }
     let period = Duration::from_secs_f64(1.0 / plan.rate.max(0.001));
     let slots = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1) as usize));
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
+    let started_unix = unix_seconds(std::time::SystemTime::now());
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0usize.. {
         // The schedule, not the clock of the previous send: a late request does not move
@@ -142,7 +174,10 @@ pub async fn generate(
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    std::mem::take(&mut *outcomes.lock().unwrap_or_else(|e| e.into_inner()))
+    LoadRun {
+        started_unix,
+        outcomes: std::mem::take(&mut *outcomes.lock().unwrap_or_else(|e| e.into_inner())),
+    }
 }
 
 /// One request: `None` when it succeeded, else what went wrong.
@@ -207,8 +242,8 @@ pub async fn serve_stdio() -> anyhow::Result<()> {
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut rest).await;
         let _ = stop_tx.send(true);
     });
-    let outcomes = generate(&client, &job.plan, stop_rx).await;
-    let mut out = serde_json::to_vec(&outcomes)?;
+    let run = generate(&client, &job.plan, stop_rx).await;
+    let mut out = serde_json::to_vec(&run)?;
     out.push(b'\n');
     let mut stdout = tokio::io::stdout();
     stdout.write_all(&out).await?;
@@ -278,7 +313,7 @@ pub async fn in_process(
     job: &LoadJob,
     priority: CpuPriority,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Vec<Outcome>, String> {
+) -> Result<LoadRun, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     // coreutils' `nice` lowers the priority before it becomes the program, so every thread
     // of the load runs at it from the start.

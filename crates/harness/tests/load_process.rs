@@ -50,7 +50,8 @@ async fn sends_at_the_rate_for_the_duration() {
         &plan(base, 50.0, 4, Duration::from_secs(1)),
         stop,
     )
-    .await;
+    .await
+    .outcomes;
     assert_eq!(outcomes.len(), 50);
     assert_eq!(count.load(Ordering::SeqCst), 50);
     assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
@@ -70,7 +71,8 @@ async fn a_late_request_counts_from_its_schedule() {
         &plan(base, 20.0, 1, Duration::from_millis(500)),
         stop,
     )
-    .await;
+    .await
+    .outcomes;
     assert_eq!(outcomes.len(), 10);
     let worst = outcomes.iter().map(|o| o.latency_ms).fold(0.0, f64::max);
     assert!(worst > 1500.0, "{outcomes:?}");
@@ -82,8 +84,11 @@ async fn stop_ends_the_load_and_waits_for_requests_in_flight() {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut plan = plan(base, 10.0, 4, Duration::from_secs(60));
     plan.duration = None;
-    let load =
-        tokio::spawn(async move { load::generate(&reqwest::Client::new(), &plan, stop).await });
+    let load = tokio::spawn(async move {
+        load::generate(&reqwest::Client::new(), &plan, stop)
+            .await
+            .outcomes
+    });
     tokio::time::sleep(Duration::from_millis(250)).await;
     stop_tx.send(true).unwrap();
     let outcomes = tokio::time::timeout(Duration::from_secs(5), load)
@@ -106,12 +111,16 @@ async fn failures_say_what_went_wrong() {
         Duration::from_millis(100),
     );
     refused.paths.truncate(1);
-    let outcomes = load::generate(&reqwest::Client::new(), &refused, stop.clone()).await;
+    let outcomes = load::generate(&reqwest::Client::new(), &refused, stop.clone())
+        .await
+        .outcomes;
     let error = outcomes[0].error.as_deref().unwrap();
     assert!(error.contains("refused"), "{error}");
     let mut wrong_status = plan(base, 10.0, 1, Duration::from_millis(100));
     wrong_status.ok_statuses = vec![204];
-    let outcomes = load::generate(&reqwest::Client::new(), &wrong_status, stop).await;
+    let outcomes = load::generate(&reqwest::Client::new(), &wrong_status, stop)
+        .await
+        .outcomes;
     assert_eq!(outcomes[0].error.as_deref(), Some("status 200"));
 }
 
@@ -137,7 +146,8 @@ async fn the_process_runs_the_job_and_reports_every_request() {
     let job = job(base, Some(Duration::from_millis(500)));
     let outcomes = load::in_process(PROGRAM.as_ref(), &job, CpuPriority::Normal, stop)
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert_eq!(outcomes.len(), 20);
     assert_eq!(count.load(Ordering::SeqCst), 20);
     assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
@@ -157,7 +167,8 @@ async fn stop_closes_stdin_and_the_process_reports_what_it_sent() {
         .await
         .expect("the process stops")
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert!(!outcomes.is_empty());
     assert_eq!(outcomes.len(), count.load(Ordering::SeqCst));
 }

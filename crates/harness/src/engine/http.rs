@@ -351,16 +351,15 @@ async fn run_load_apart(
     stop: tokio::sync::watch::Receiver<bool>,
     name: String,
 ) -> LoadReport {
-    let offset = scenario_started.elapsed().as_secs_f64();
-    let (outcomes, generator) = match (callers.program, gateway.credentials.clone()) {
+    let (run, generator) = match (callers.program, gateway.credentials.clone()) {
         (Some(program), Some(credentials)) => {
             let job = LoadJob { plan, credentials };
-            let outcomes = load::in_process(&program, &job, callers.priority, stop).await;
+            let run = load::in_process(&program, &job, callers.priority, stop).await;
             let generator = match callers.priority {
                 CpuPriority::Normal => Generator::Process,
                 CpuPriority::Lowest => Generator::LowestPriorityProcess,
             };
-            (outcomes, generator)
+            (run, generator)
         }
         _ => {
             if callers.priority != CpuPriority::Normal {
@@ -375,18 +374,24 @@ async fn run_load_apart(
             )
         }
     };
-    let samples = match outcomes {
-        Ok(outcomes) => outcomes
-            .into_iter()
-            .map(|o| {
-                let sample = LoadSample {
-                    t: offset + o.scheduled,
-                    latency_ms: o.latency_ms,
-                    ok: o.error.is_none(),
-                };
-                (sample, o.error)
-            })
-            .collect(),
+    let samples = match run {
+        Ok(run) => {
+            // The load started when its process (or thread) was ready, later than this
+            // function did: place its requests by its own start, read on the clock both share.
+            let axis_zero = std::time::SystemTime::now() - scenario_started.elapsed();
+            let offset = run.started_after(axis_zero);
+            run.outcomes
+                .into_iter()
+                .map(|o| {
+                    let sample = LoadSample {
+                        t: offset + o.scheduled,
+                        latency_ms: o.latency_ms,
+                        ok: o.error.is_none(),
+                    };
+                    (sample, o.error)
+                })
+                .collect()
+        }
         Err(err) => vec![(
             LoadSample {
                 t: scenario_started.elapsed().as_secs_f64(),
@@ -409,7 +414,7 @@ async fn on_thread(
     plan: LoadPlan,
     stop: tokio::sync::watch::Receiver<bool>,
     name: &str,
-) -> Result<Vec<load::Outcome>, String> {
+) -> Result<load::LoadRun, String> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(format!("load {name}"))
@@ -425,8 +430,8 @@ async fn on_thread(
                 }
             };
             let gateway = gateway.apart();
-            let outcomes = runtime.block_on(load::generate(&gateway.client, &plan, stop));
-            let _ = done_tx.send(Ok(outcomes));
+            let run = runtime.block_on(load::generate(&gateway.client, &plan, stop));
+            let _ = done_tx.send(Ok(run));
         })
         .map_err(|err| format!("the load's thread: {err}"))?;
     done_rx
@@ -656,6 +661,73 @@ mod tests {
             total: 100,
             ..LoadReport::default()
         }
+    }
+
+    /// A load whose process takes a second to start sends its first request a second after
+    /// the load operation began, and its samples say so: placed by when this function
+    /// started, every request of it was placed a second early, before the faults it met
+    /// (chaos seed 2026 reported an isolation breach for a request that failed in a gateway
+    /// kill, placed 20 ms before the kill). The program is a script standing in for
+    /// `e2e-load`: it reads the job, sleeps, and reports one request sent when it woke.
+    #[tokio::test]
+    async fn a_load_that_starts_late_is_placed_when_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("e2e-load");
+        std::fs::write(
+            &program,
+            r#"#!/bin/sh
+read job
+sleep 1
+printf '{"started_unix": %s, "outcomes": [{"scheduled": 0.0, "latency_ms": 1.0, "error": null}]}\n' "$(date +%s.%N)"
+"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &program,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let ca = crate::pki::TestCa::generate("late-load-ca").unwrap();
+        let client = ca.issue_client("late-load").unwrap();
+        let tls = crate::pki::client_tls(&ca.cert_pem, &client).unwrap();
+        let gateway = GatewayAccess::new("https://127.0.0.1:1".into(), tls)
+            .unwrap()
+            .with_credentials(load::LoadCredentials {
+                server_ca: ca.cert_pem.clone(),
+                cert: client.cert,
+                key: client.key,
+            });
+        let plan = LoadPlan {
+            base_url: gateway.base_url.clone(),
+            paths: vec!["/".into()],
+            rate: 1.0,
+            concurrency: 1,
+            duration: Some(Duration::from_secs(1)),
+            ok_statuses: Vec::new(),
+            new_connections: false,
+        };
+        let callers = Callers {
+            program: Some(program),
+            priority: CpuPriority::Normal,
+        };
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        let scenario_started = Instant::now();
+        let report = run_load_apart(
+            callers,
+            gateway,
+            plan,
+            scenario_started,
+            stop,
+            "late".into(),
+        )
+        .await;
+        assert_eq!(report.samples.len(), 1, "{report:?}");
+        let sent = report.samples[0].t;
+        let ended = scenario_started.elapsed().as_secs_f64();
+        assert!(
+            (0.95..=ended).contains(&sent),
+            "sent at {sent:.3} s of a load that began 1 s late and ended at {ended:.3} s"
+        );
     }
 
     /// A p99 up to the allowed increase passes; above it fails naming both figures; a missing
