@@ -219,7 +219,7 @@ pub fn with_causes(err: &dyn std::error::Error) -> String {
 }
 
 /// The `e2e-load` process's body: reads a [`LoadJob`] line from stdin, runs it until its
-/// duration passes or stdin closes, and writes the outcomes as one JSON line to stdout.
+/// duration passes or stdin closes, and writes the [`LoadRun`] as one JSON line to stdout.
 pub async fn serve_stdio() -> anyhow::Result<()> {
     use anyhow::Context as _;
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
