@@ -46,6 +46,17 @@ impl Backoff {
         self.attempt = 0;
     }
 
+    /// The delay before dialling again after a connection that served for `lived` ended. A
+    /// connection the gateway drained (a restart, a rebalance: an orderly goodbye, however
+    /// short its life) or one that stayed up `reset_after` starts again from the first step;
+    /// one that flapped keeps backing off.
+    pub fn after_close(&mut self, lived: Duration, drained: bool) -> Duration {
+        if drained || lived >= self.reset_after {
+            self.reset();
+        }
+        self.next_delay()
+    }
+
     /// Skips `steps` doublings (used after authentication failures: no tight retry, still
     /// jittered so refused agents do not return together).
     pub fn penalize(&mut self, steps: u32) {
@@ -94,6 +105,28 @@ fn parse_retry_after_at(value: &str, now: Timestamp) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection the gateway drained starts the next dial from the first step, however
+    /// short it lived and however far the agent had backed off before; one that ended
+    /// otherwise before `reset_after` keeps backing off, and one that lived that long starts
+    /// again too.
+    #[test]
+    fn a_drained_connection_starts_the_backoff_again() {
+        let backed_off = || {
+            let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+            b.penalize(6);
+            b
+        };
+        let mut drained = backed_off();
+        assert!(drained.after_close(Duration::from_secs(2), true) <= Duration::from_millis(500));
+        assert_eq!(drained.ceiling(), Duration::from_secs(1));
+        let mut flapping = backed_off();
+        flapping.after_close(Duration::from_secs(2), false);
+        assert_eq!(flapping.ceiling(), Duration::from_secs(30));
+        let mut stayed_up = backed_off();
+        stayed_up.after_close(Duration::from_secs(10), false);
+        assert_eq!(stayed_up.ceiling(), Duration::from_secs(1));
+    }
 
     /// Delays stay below a ceiling that doubles up to the cap, and are spread out.
     #[test]

@@ -27,6 +27,7 @@ use anyhow::Context as _;
 use buildplane_api::served::ServedCrs;
 use buildplane_pki::ReloadableCert;
 use buildplane_runtime::Tasks;
+use buildplane_tunnel::session::CloseReason;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -445,14 +446,13 @@ impl Agent {
                 warn!(plane_id = %self.config.plane_id, status, %body, "the gateway refused the connection");
                 backoff.after_refusal(status, retry_after)
             }
-            Ended::Closed { lived, reason } => {
-                // Only a connection that stayed up resets the backoff; a flapping one keeps
-                // backing off.
-                if lived >= backoff.reset_after {
-                    backoff.reset();
-                }
-                info!(plane_id = %self.config.plane_id, %reason, lived_ms = lived.as_millis() as u64, "connection ended");
+            Ended::Unreachable(reason) => {
+                info!(plane_id = %self.config.plane_id, %reason, "could not connect");
                 backoff.next_delay()
+            }
+            Ended::Closed { lived, reason } => {
+                info!(plane_id = %self.config.plane_id, %reason, lived_ms = lived.as_millis() as u64, "connection ended");
+                backoff.after_close(lived, reason == CloseReason::Drained)
             }
         }
     }

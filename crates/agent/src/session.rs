@@ -11,6 +11,7 @@ use buildplane_link::{
     StreamHandle,
 };
 use buildplane_tunnel::SUBPROTOCOL_V2;
+use buildplane_tunnel::session::CloseReason;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 use http_body_util::BodyExt as _;
@@ -41,16 +42,19 @@ pub(crate) enum Ended {
         retry_after: Option<Duration>,
         body: String,
     },
-    /// The connection failed or closed after `lived`.
-    Closed { lived: Duration, reason: String },
+    /// No connection was made: the address, TCP, TLS or the upgrade failed.
+    Unreachable(String),
+    /// A connection that served for `lived` ended (`CloseReason::Drained`: the gateway drained
+    /// it, an orderly goodbye).
+    Closed {
+        lived: Duration,
+        reason: CloseReason,
+    },
 }
 
 impl Ended {
-    fn closed(reason: impl Into<String>) -> Self {
-        Ended::Closed {
-            lived: Duration::ZERO,
-            reason: reason.into(),
-        }
+    fn unreachable(reason: impl Into<String>) -> Self {
+        Ended::Unreachable(reason.into())
     }
 }
 
@@ -89,7 +93,7 @@ impl SessionHandle {
             reason: self
                 .link
                 .close_reason()
-                .map_or_else(|| "closed".to_owned(), |r| r.to_string()),
+                .unwrap_or_else(|| CloseReason::Local("closed".to_owned())),
         }
     }
 
@@ -183,9 +187,11 @@ pub(crate) async fn connect(agent: &Agent, held: &[String]) -> Result<Connected,
     }
     let uri: http::Uri = url
         .parse()
-        .map_err(|err| Ended::closed(format!("invalid server URL {url}: {err}")))?;
+        .map_err(|err| Ended::unreachable(format!("invalid server URL {url}: {err}")))?;
     let Some(host) = uri.host().map(str::to_owned) else {
-        return Err(Ended::closed(format!("invalid server URL {url}: no host")));
+        return Err(Ended::unreachable(format!(
+            "invalid server URL {url}: no host"
+        )));
     };
     let port = uri.port_u16().unwrap_or(443);
     let tcp = match tokio::time::timeout(
@@ -195,8 +201,8 @@ pub(crate) async fn connect(agent: &Agent, held: &[String]) -> Result<Connected,
     .await
     {
         Ok(Ok(tcp)) => tcp,
-        Ok(Err(err)) => return Err(Ended::closed(format!("connect: {err}"))),
-        Err(_) => return Err(Ended::closed("connect timed out")),
+        Ok(Err(err)) => return Err(Ended::unreachable(format!("connect: {err}"))),
+        Err(_) => return Err(Ended::unreachable("connect timed out")),
     };
     let _ = tcp.set_nodelay(true);
     let host = host
@@ -204,7 +210,7 @@ pub(crate) async fn connect(agent: &Agent, held: &[String]) -> Result<Connected,
         .trim_end_matches(']')
         .to_owned();
     let server_name = rustls_pki_types::ServerName::try_from(host.clone())
-        .map_err(|_| Ended::closed(format!("invalid server name {host}")))?;
+        .map_err(|_| Ended::unreachable(format!("invalid server name {host}")))?;
     let tls = match tokio::time::timeout(
         Duration::from_secs(10),
         tokio_rustls::TlsConnector::from(agent.tls()).connect(server_name, tcp),
@@ -212,8 +218,8 @@ pub(crate) async fn connect(agent: &Agent, held: &[String]) -> Result<Connected,
     .await
     {
         Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => return Err(Ended::closed(format!("TLS: {err}"))),
-        Err(_) => return Err(Ended::closed("TLS handshake timed out")),
+        Ok(Err(err)) => return Err(Ended::unreachable(format!("TLS: {err}"))),
+        Err(_) => return Err(Ended::unreachable("TLS handshake timed out")),
     };
     let offer: &[&str] = if config.protocol >= 2 {
         &OFFER_V2_V1
@@ -250,8 +256,8 @@ pub(crate) async fn connect(agent: &Agent, held: &[String]) -> Result<Connected,
                 body,
             });
         }
-        Ok(Err(err @ UpgradeError::Invalid(_))) => return Err(Ended::closed(err.to_string())),
-        Err(_) => return Err(Ended::closed("WebSocket upgrade timed out")),
+        Ok(Err(err @ UpgradeError::Invalid(_))) => return Err(Ended::unreachable(err.to_string())),
+        Err(_) => return Err(Ended::unreachable("WebSocket upgrade timed out")),
     };
     let version = match upgraded.subprotocol.as_deref() {
         Some(SUBPROTOCOL_V2) => 2,

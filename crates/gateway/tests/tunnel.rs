@@ -369,6 +369,49 @@ async fn agents_come_back_after_a_gateway_restart() {
     env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
 }
 
+/// An agent whose connection the gateway drains (a restart) dials again from the first
+/// backoff step, however far it had backed off before and however short the connection lived.
+/// Chaos seed 2026 on the real API server found it: an agent that had failed five dials met a
+/// graceful gateway restart 2.4 s into its next connection and came back 14.4 s later, its
+/// tenant's requests failing all that time: the drain had ended the connection before the
+/// agent acted on the GoAway, so the end counted as a flap and the backoff went on from where
+/// it was. Here the agent starts as far back as its cap of 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_agent_comes_back_at_once_whatever_it_backed_off_before() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "bp", "p", ca.cert_pem()).await;
+    let leaf = ca.issue_client("p", DAY).unwrap();
+    // The agent starts backed off: its first dial must not meet a gateway that has not seen
+    // the BuildPlane yet.
+    env.eventually("the gateway admits the leaf", WAIT, || async {
+        env.raw_connect("?planeID=p&planeType=buildplane", Some(&leaf), None)
+            .await
+            .is_ok()
+    })
+    .await;
+    let mut config = cluster_agent::AgentConfig::new(env.agent_url(), "p");
+    config.ping_interval = Duration::from_secs(1);
+    config.read_deadline = Duration::from_secs(5);
+    config.backoff =
+        cluster_agent::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    config.backoff.penalize(10);
+    let server_ca = env.server_ca.cert_pem().to_owned();
+    let _agent = env.agent_as_configured(config, &server_ca, &leaf);
+    env.eventually("the agent connected", WAIT, || async {
+        env.connected_agents("p", None).await == 1
+    })
+    .await;
+    env.stop_gateway().await;
+    env.start_gateway().await;
+    env.eventually(
+        "the agent back within 5 s of the restart",
+        Duration::from_secs(5),
+        || async { env.connected_agents("p", None).await == 1 },
+    )
+    .await;
+}
+
 /// `/api/v1/events` starts with a snapshot, then reports connect, authorisation changes and
 /// disconnect with per-CR agent counts (what the controller turns into status).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
