@@ -196,13 +196,32 @@ async fn request(
             let status = res.status().as_u16();
             match res.bytes().await {
                 Ok(_) if ok_statuses.contains(&status) => None,
-                Ok(_) => Some(format!("status {status}")),
+                Ok(body) => Some(match error_code(&body) {
+                    Some(code) => format!("status {status} {code}"),
+                    None => format!("status {status}"),
+                }),
                 Err(err) => Some(format!("body: {err}")),
             }
         }
         Err(err) if err.is_timeout() => Some("error: timeout".to_string()),
         Err(err) => Some(format!("error: {}", with_causes(&err))),
     }
+}
+
+/// The gateway's error code in a refusal's body (`{"error":"NoAgentConnected",...}`), or the
+/// reason of a Kubernetes `Status`: what tells one 503 from another in a tally.
+fn error_code(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let code = value
+        .get("error")
+        .or_else(|| value.get("reason"))?
+        .as_str()?;
+    let printable = !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    printable.then(|| code.to_owned())
 }
 
 /// An error and its causes, `: `-separated (reqwest's own message names only the URL; the
@@ -381,3 +400,21 @@ pub async fn in_process(
 }
 
 // `generate`, the job and the `e2e-load` process are tested in `tests/load_process.rs`.
+
+#[cfg(test)]
+mod tests {
+    use super::error_code;
+
+    /// A refusal's tally names the gateway's error code or the Kubernetes reason; a body that
+    /// says neither, or says something unprintable, adds nothing.
+    #[test]
+    fn a_failure_is_named_by_its_error_code() {
+        let gateway = br#"{"error":"NoAgentConnected","message":"proxy request failed"}"#;
+        assert_eq!(error_code(gateway).as_deref(), Some("NoAgentConnected"));
+        let kubernetes = br#"{"kind":"Status","status":"Failure","reason":"NotFound"}"#;
+        assert_eq!(error_code(kubernetes).as_deref(), Some("NotFound"));
+        assert_eq!(error_code(b"upstream connect error"), None);
+        assert_eq!(error_code(br#"{"error":"two words"}"#), None);
+        assert_eq!(error_code(br#"{"error":7}"#), None);
+    }
+}

@@ -155,9 +155,50 @@ pub struct ChaosReport {
     pub shrink_trials: usize,
     /// The scenario file written for the shrunk schedule.
     pub scenario_file: Option<PathBuf>,
+    /// Each tenant's requests in the first run, with their failures by kind.
+    pub loads: Vec<LoadTally>,
     /// The first run's result (for the report).
     #[serde(skip)]
     pub result: Option<ScenarioResult>,
+}
+
+/// One tenant's requests in a run: how many failed, and how (a status, or the error's
+/// causes), so that a reader tells an outage of the tenant's own from one of the shared parts.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadTally {
+    /// `tenant-a` or `tenant-b`.
+    pub name: String,
+    /// Requests sent.
+    pub total: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// Failures by kind, with counts.
+    pub errors: std::collections::BTreeMap<String, u64>,
+}
+
+impl LoadTally {
+    fn of(result: &ScenarioResult) -> Vec<LoadTally> {
+        result
+            .loads
+            .iter()
+            .map(|load| LoadTally {
+                name: load.name.clone(),
+                total: load.total,
+                failed: load.failed,
+                errors: load.errors.clone(),
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Display for LoadTally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} of {} failed", self.name, self.failed, self.total)?;
+        for (kind, count) in &self.errors {
+            write!(f, "; {count} × {kind}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs a chaos session: the seed's schedule, then (if it breaks an invariant) the shrink.
@@ -182,6 +223,10 @@ pub async fn run(
     }
     let (result, violations) =
         trial(backend.clone(), options, &events, 0, progress.clone()).await?;
+    let loads = LoadTally::of(&result);
+    for load in &loads {
+        progress(load.to_string());
+    }
     let mut report = ChaosReport {
         seed: options.seed,
         schedule: events.clone(),
@@ -189,6 +234,7 @@ pub async fn run(
         shrunk: None,
         shrink_trials: 0,
         scenario_file: None,
+        loads,
         result: Some(result),
     };
     let Some(first) = violations.first().cloned() else {
