@@ -204,7 +204,7 @@ async fn request(
             }
         }
         Err(err) if err.is_timeout() => Some("error: timeout".to_string()),
-        Err(err) => Some(format!("error: {}", with_causes(&err))),
+        Err(err) => Some(format!("error: {}", with_causes(&err.without_url()))),
     }
 }
 
