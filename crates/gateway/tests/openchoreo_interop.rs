@@ -8,7 +8,8 @@
 //!   JSON body, a binary body, 10 MiB each way, a 404 of the build cluster, 50 at once), a
 //!   response over the v1 message limit failing alone, a caller's `Authorization` kept at our
 //!   gateway (v1.0's agent would pass it on), and two replicas sharing a certificate counted as
-//!   two; a CA change revokes it (closed, refused on reconnect) and re-admits it.
+//!   two; a CA change revokes it (closed, refused on reconnect) and re-admits it; it comes back
+//!   by itself after our gateway restarts (twice).
 //! - Our agent behind OpenChoreo's gateway: the same requests, the subprotocol fallback, the
 //!   unknown-target error, exec and Hubble streams refused without losing the connection (v1.1
 //!   on: v1.0's gateway has no such streams), two of our agents on one certificate; a CA change
@@ -1190,6 +1191,58 @@ async fn ca_change_at_openchoreos_gateway(oc: OpenChoreo) {
     assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
 }
 
+/// OpenChoreo's agent comes back by itself when our gateway restarts as a rolling update
+/// restarts it (a drain, which v1 cannot announce: the connection closes once idle; then the
+/// same ports again), twice, as the same process, and requests reach the build cluster through
+/// it again.
+async fn openchoreo_agent_after_our_gateway_restarts(oc: OpenChoreo) {
+    let mut env = Env::start().await;
+    let leaf = buildplane_pki::self_signed_client("wp1", DAY).expect("agent leaf");
+    env.build_plane("org-a", "wp", "wp1", &leaf.cert_pem).await;
+    let dir = env.dir.path().to_owned();
+    let cert = write(&dir, "oc-agent.crt", &leaf.cert_pem);
+    let key = write(&dir, "oc-agent.key", &leaf.key_pem);
+    let agent = openchoreo_agent(&oc, &env, "openchoreo-agent", "wp1", &cert, &key);
+    env.eventually("OpenChoreo's agent registered", WAIT, || async {
+        agent.assert_running();
+        our_connected_agents(&env, "workflowplane", "wp1").await == 1
+    })
+    .await;
+    for restart in 1..=2 {
+        let url = format!(
+            "{}/api/proxy/workflowplane/wp1/org-a/wp/k8s/api/v1/namespaces/default",
+            env.base
+        );
+        let status = env.http.get(&url).send().await.map(|r| r.status().as_u16());
+        assert_eq!(status.ok(), Some(200), "before restart {restart}");
+        env.stop_gateway().await;
+        assert!(
+            env.http.get(&url).send().await.is_err(),
+            "nothing answers while our gateway is down"
+        );
+        env.start_gateway().await;
+        env.eventually(
+            &format!("OpenChoreo's agent back after restart {restart}"),
+            WAIT,
+            || async {
+                agent.assert_running();
+                our_connected_agents(&env, "workflowplane", "wp1").await == 1
+            },
+        )
+        .await;
+        env.eventually(
+            &format!("a request through it after restart {restart}"),
+            WAIT,
+            || async {
+                let status = env.http.get(&url).send().await.map(|r| r.status().as_u16());
+                status.ok() == Some(200)
+            },
+        )
+        .await;
+    }
+    agent.assert_running();
+}
+
 /// One `#[tokio::test]` per pair and pinned OpenChoreo version.
 macro_rules! per_version {
     ($($name:ident => $body:ident($version:ident);)*) => {$(
@@ -1210,4 +1263,6 @@ per_version! {
     openchoreo_agent_ca_change_at_our_gateway_newest => ca_change_at_our_gateway(newest);
     our_agent_ca_change_at_openchoreos_gateway_v1_0 => ca_change_at_openchoreos_gateway(v1_0);
     our_agent_ca_change_at_openchoreos_gateway_newest => ca_change_at_openchoreos_gateway(newest);
+    openchoreo_agent_after_our_gateway_restarts_v1_0 => openchoreo_agent_after_our_gateway_restarts(v1_0);
+    openchoreo_agent_after_our_gateway_restarts_newest => openchoreo_agent_after_our_gateway_restarts(newest);
 }
