@@ -15,6 +15,9 @@ pub struct Backoff {
     /// A connection that lived this long resets the backoff.
     pub reset_after: Duration,
     attempt: u32,
+    /// Admitted connections in a row that ended before `reset_after` (a gateway that admits
+    /// and drops the agent again and again): they keep counting after an admission.
+    flaps: u32,
 }
 
 impl Backoff {
@@ -25,6 +28,7 @@ impl Backoff {
             cap,
             reset_after: Duration::from_secs(10),
             attempt: 0,
+            flaps: 0,
         }
     }
 
@@ -44,6 +48,15 @@ impl Backoff {
     /// Back to the first ceiling.
     pub fn reset(&mut self) {
         self.attempt = 0;
+        self.flaps = 0;
+    }
+
+    /// The gateway admitted a connection: the refusals and failed dials before it say nothing
+    /// about the next dial (an agent refused while its BuildPlane did not exist yet, as in
+    /// every registration, would otherwise keep a 30 s ceiling through its first connection's
+    /// first 10 s); only the young connection ends before it still count.
+    pub fn admitted(&mut self) {
+        self.attempt = self.flaps;
     }
 
     /// The delay before dialling again after a connection that served for `lived` ended. A
@@ -53,6 +66,9 @@ impl Backoff {
     pub fn after_close(&mut self, lived: Duration, drained: bool) -> Duration {
         if drained || lived >= self.reset_after {
             self.reset();
+        } else {
+            self.flaps = self.flaps.saturating_add(1);
+            self.attempt = self.attempt.max(self.flaps);
         }
         self.next_delay()
     }
@@ -126,6 +142,29 @@ mod tests {
         let mut stayed_up = backed_off();
         stayed_up.after_close(Duration::from_secs(10), false);
         assert_eq!(stayed_up.ceiling(), Duration::from_secs(1));
+    }
+
+    /// An admission forgets the refusals before it (two 401s put the ceiling at its cap), not
+    /// the connections that ended young: a gateway that admits and drops the agent again and
+    /// again meets a ceiling that doubles each time.
+    #[test]
+    fn admission_forgets_refusals_not_flaps() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        b.after_refusal(401, None);
+        b.after_refusal(401, None);
+        assert_eq!(b.ceiling(), Duration::from_secs(30));
+        b.admitted();
+        assert_eq!(b.ceiling(), Duration::from_millis(500));
+        let mut ceilings = Vec::new();
+        for _ in 0..4 {
+            assert!(b.after_close(Duration::from_secs(2), false) <= b.ceiling());
+            b.admitted();
+            ceilings.push(b.ceiling().as_millis());
+        }
+        assert_eq!(ceilings, [1000, 2000, 4000, 8000]);
+        b.after_close(Duration::from_secs(10), false);
+        b.admitted();
+        assert_eq!(b.ceiling(), Duration::from_millis(500));
     }
 
     /// Delays stay below a ceiling that doubles up to the cap, and are spread out.

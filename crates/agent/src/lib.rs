@@ -347,6 +347,7 @@ impl Agent {
                 Err(ended) => self.delay_after(&mut backoff, ended),
                 Ok(session) => {
                     conflicts.reset();
+                    backoff.admitted();
                     renewals.mark_unchanged();
                     let mut current = session.spawn(self.clone());
                     // Whether the current connection's drain (the gateway's GoAway) was handled.

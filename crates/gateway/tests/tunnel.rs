@@ -369,13 +369,15 @@ async fn agents_come_back_after_a_gateway_restart() {
     env.wait_proxy_status("p", "org-a", "bp", 200, WAIT).await;
 }
 
-/// An agent whose connection the gateway drains (a restart) dials again from the first
-/// backoff step, however far it had backed off before and however short the connection lived.
-/// Chaos seed 2026 on the real API server found it: an agent that had failed five dials met a
-/// graceful gateway restart 2.4 s into its next connection and came back 14.4 s later, its
-/// tenant's requests failing all that time: the drain had ended the connection before the
-/// agent acted on the GoAway, so the end counted as a flap and the backoff went on from where
-/// it was. Here the agent starts as far back as its cap of 30 s.
+/// An agent whose connection the gateway drains (a restart) is back within seconds, however far
+/// it had backed off before: its admission forgets the refusals and failed dials before it, and
+/// a drained connection (an orderly goodbye, however short its life) starts the backoff again.
+/// Chaos found both on the real API servers. Seed 2026: an agent that had failed five dials met
+/// a graceful gateway restart 2.4 s into its next connection and came back 14.4 s later (the
+/// drain ended the connection before the agent acted on the GoAway, so the end counted as a
+/// flap). Seed 2027: an agent refused twice at registration (a 30 s ceiling) lost its gateway
+/// to a kill 7 s into its first connection and waited 14.6 s. Here the agent starts backed off
+/// to its 30 s cap; seen failing 2 of 3 with neither rule (each rule alone brings it back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_agent_comes_back_at_once_whatever_it_backed_off_before() {
     let mut env = Env::start().await;
