@@ -344,7 +344,7 @@ impl Agent {
                     tracing::debug!(plane_id = %self.config.plane_id, slot, "reached a gateway replica held already");
                     conflicts.next_delay()
                 }
-                Err(ended) => self.delay_after(&mut backoff, ended),
+                Err(ended) => self.delay_after(&mut backoff, ended, false),
                 Ok(session) => {
                     conflicts.reset();
                     backoff.admitted();
@@ -393,13 +393,18 @@ impl Agent {
                         }
                     };
                     self.release(slot);
-                    if handed_over {
-                        // The gateway drained this connection (a restart, a rebalance): an
-                        // orderly goodbye, not a flapping connection, so the next dial starts
-                        // from the first backoff step whatever came before.
-                        backoff.reset();
-                    }
-                    self.delay_after(&mut backoff, ended)
+                    // The gateway drained this connection (a restart, a rebalance): an orderly
+                    // goodbye, not a flapping connection, whether the drain completed or its
+                    // deadline closed the connection after the agent acted on the GoAway.
+                    let drained = handed_over
+                        || matches!(
+                            &ended,
+                            Ended::Closed {
+                                reason: CloseReason::Drained,
+                                ..
+                            }
+                        );
+                    self.delay_after(&mut backoff, ended, drained)
                 }
             };
             tracing::debug!(
@@ -437,7 +442,9 @@ impl Agent {
         }
     }
 
-    fn delay_after(&self, backoff: &mut Backoff, ended: Ended) -> Duration {
+    /// The delay before the next dial after `ended`; `drained`: the gateway drained the
+    /// connection (see [`Backoff::after_close`]).
+    fn delay_after(&self, backoff: &mut Backoff, ended: Ended, drained: bool) -> Duration {
         match ended {
             Ended::Refused {
                 status,
@@ -453,7 +460,7 @@ impl Agent {
             }
             Ended::Closed { lived, reason } => {
                 info!(plane_id = %self.config.plane_id, %reason, lived_ms = lived.as_millis() as u64, "connection ended");
-                backoff.after_close(lived, reason == CloseReason::Drained)
+                backoff.after_close(lived, drained)
             }
         }
     }
