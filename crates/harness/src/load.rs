@@ -126,9 +126,10 @@ pub async fn generate(
     } else {
         Arc::from(plan.ok_statuses.as_slice())
     };
+    let started_unix = unix_seconds(std::time::SystemTime::now());
     if plan.paths.is_empty() {
         return LoadRun {
-            started_unix: unix_seconds(std::time::SystemTime::now()),
+            started_unix,
             outcomes: Vec::new(),
         };
     }
@@ -136,7 +137,6 @@ pub async fn generate(
     let slots = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1) as usize));
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
-    let started_unix = unix_seconds(std::time::SystemTime::now());
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0usize.. {
         // The schedule, not the clock of the previous send: a late request does not move
