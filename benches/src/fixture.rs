@@ -203,32 +203,11 @@ impl Relay {
         )?;
         let inner_listener = TcpListener::bind("127.0.0.1:0").await?;
         let inner_addr = inner_listener.local_addr()?;
-        tokio::spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(inner_server);
-            loop {
-                let Ok((tcp, _)) = inner_listener.accept().await else {
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let Ok(mut out) = TcpStream::connect(backend).await else {
-                        return;
-                    };
-                    let _ = out.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional_with_sizes(
-                        &mut tls,
-                        &mut out,
-                        RELAY_BUFFER,
-                        RELAY_BUFFER,
-                    )
-                    .await;
-                });
-            }
-        });
+        tokio::spawn(relay_hop(
+            inner_listener,
+            inner_server,
+            Upstream::Plain(backend),
+        ));
         // Relay 1: terminates the client's mTLS, dials relay 2 over TLS.
         let outer_server =
             buildplane_pki::mtls_server_config(server_cert, pki.internal_ca.cert_pem().as_bytes())?;
@@ -238,26 +217,79 @@ impl Relay {
         )?;
         let outer_listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = outer_listener.local_addr()?;
+        tokio::spawn(relay_hop(
+            outer_listener,
+            outer_server,
+            Upstream::Tls {
+                addr: inner_addr,
+                config: inner_client,
+            },
+        ));
+        Ok(Relay { addr })
+    }
+
+    /// The URL of an `n`-byte response through the relay.
+    pub fn url(&self, n: usize) -> String {
+        format!("https://127.0.0.1:{}/size/{n}", self.addr.port())
+    }
+}
+
+/// Where a relay hop sends the bytes it accepts.
+pub enum Upstream {
+    /// Plain TCP (the benches' HTTP backend).
+    Plain(SocketAddr),
+    /// TLS to `addr` (127.0.0.1), as `config` says (with a client certificate or without).
+    Tls {
+        /// The next hop.
+        addr: SocketAddr,
+        /// Its client configuration.
+        config: Arc<rustls::ClientConfig>,
+    },
+}
+
+/// One hop of the raw TLS relay, until the process ends: every connection `listener` accepts
+/// is TLS-terminated with `server` and copied, both ways, into a connection to `upstream`.
+/// Nothing is parsed. The in-process [`Relay`] is two of these; `buildplane-bench relay-hop`
+/// runs one as a process of its own (the CPU bench's floor).
+pub async fn relay_hop(
+    listener: TcpListener,
+    server: Arc<rustls::ServerConfig>,
+    upstream: Upstream,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let upstream = Arc::new(upstream);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let upstream = upstream.clone();
         tokio::spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(outer_server);
-            let connector = tokio_rustls::TlsConnector::from(inner_client);
-            loop {
-                let Ok((tcp, _)) = outer_listener.accept().await else {
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let connector = connector.clone();
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let Ok(out) = TcpStream::connect(inner_addr).await else {
-                        return;
-                    };
-                    let _ = out.set_nodelay(true);
-                    let name =
-                        rustls_pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let addr = match &*upstream {
+                Upstream::Plain(addr) | Upstream::Tls { addr, .. } => *addr,
+            };
+            let Ok(out) = TcpStream::connect(addr).await else {
+                return;
+            };
+            let _ = out.set_nodelay(true);
+            match &*upstream {
+                Upstream::Plain(_) => {
+                    let mut out = out;
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut tls,
+                        &mut out,
+                        RELAY_BUFFER,
+                        RELAY_BUFFER,
+                    )
+                    .await;
+                }
+                Upstream::Tls { config, .. } => {
+                    let name = rustls_pki_types::ServerName::from(addr.ip());
+                    let connector = tokio_rustls::TlsConnector::from(config.clone());
                     let Ok(mut out) = connector.connect(name, out).await else {
                         return;
                     };
@@ -268,15 +300,9 @@ impl Relay {
                         RELAY_BUFFER,
                     )
                     .await;
-                });
+                }
             }
         });
-        Ok(Relay { addr })
-    }
-
-    /// The URL of an `n`-byte response through the relay.
-    pub fn url(&self, n: usize) -> String {
-        format!("https://127.0.0.1:{}/size/{n}", self.addr.port())
     }
 }
 

@@ -18,7 +18,7 @@ pub mod load;
 pub mod rathole;
 
 pub use balancer::Balancer;
-pub use fixture::{Backend, Pki, Relay, Replicas, Tunnel};
+pub use fixture::{Backend, Pki, Relay, Replicas, Tunnel, Upstream, relay_hop};
 pub use load::{fetch, round};
 pub use rathole::{Peer, Rathole};
 

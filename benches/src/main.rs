@@ -46,6 +46,9 @@ enum Command {
     Fleet(fleet::FleetFlags),
     /// CPU of gateway and agent per 1,000 proxied responses, v1 against v2.
     Cpu(cpu::CpuFlags),
+    /// One hop of the raw TLS relay, until killed (the `cpu` bench's floor).
+    #[command(hide = true)]
+    RelayHop(cpu::RelayHopFlags),
     /// A TCP round-robin balancer until SIGTERM; then its counts.
     Balance {
         /// Where to listen.
@@ -71,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         } => rt.block_on(latency(quick, fraction, &only))?,
         Command::Fleet(flags) => rt.block_on(fleet::run(flags))?,
         Command::Cpu(flags) => rt.block_on(cpu::run(flags))?,
+        Command::RelayHop(flags) => rt.block_on(cpu::relay_hop(flags))?,
         Command::Balance { listen, backends } => serde_json::to_value(
             rt.block_on(buildplane_benches::balancer::serve(listen, backends))?,
         )?,
