@@ -74,7 +74,7 @@ pub async fn peak_rate(
     Ok(counts.iter().sum::<u64>() as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Latency percentiles of an open-loop run.
+/// Latency percentiles of open-loop runs.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Latency {
     /// Requests started per second.
@@ -93,6 +93,59 @@ pub struct Latency {
     pub p50_ms: f64,
     /// 99th percentile, milliseconds.
     pub p99_ms: f64,
+    /// Open-loop windows pooled into these figures.
+    pub windows: usize,
+}
+
+/// What one or more open-loop windows of one path measured: every success's latency and the
+/// failures. Windows of the same path pool by [`Samples::merge`], so a bench can interleave
+/// the paths (A, B, A, B) and let the machine's drift fall on all of them alike.
+#[derive(Debug, Default)]
+pub struct Samples {
+    rate: f64,
+    n: usize,
+    failed: usize,
+    first_failure: Option<String>,
+    latencies: Vec<Duration>,
+    windows: usize,
+}
+
+impl Samples {
+    /// Adds another window's samples.
+    pub fn merge(&mut self, other: Samples) {
+        self.rate = other.rate;
+        self.n += other.n;
+        self.failed += other.failed;
+        if self.first_failure.is_none() {
+            self.first_failure = other.first_failure;
+        }
+        self.latencies.extend(other.latencies);
+        self.windows += other.windows;
+    }
+
+    /// The percentiles; an error when every request failed.
+    pub fn summary(mut self) -> anyhow::Result<Latency> {
+        anyhow::ensure!(
+            !self.latencies.is_empty(),
+            "all {} requests failed at {:.0}/s{}",
+            self.n,
+            self.rate,
+            self.first_failure
+                .as_deref()
+                .map(|f| format!(" (first: {f})"))
+                .unwrap_or_default()
+        );
+        self.latencies.sort();
+        Ok(Latency {
+            rate: self.rate,
+            n: self.n,
+            failed: self.failed,
+            p50_ms: percentile(&self.latencies, self.failed, 0.50),
+            p99_ms: percentile(&self.latencies, self.failed, 0.99),
+            first_failure: self.first_failure,
+            windows: self.windows,
+        })
+    }
 }
 
 /// Starts GETs of `url` at `rate` per second for `duration` (open loop: a slow answer does not
@@ -108,7 +161,7 @@ pub async fn open_loop(
     rate: f64,
     duration: Duration,
     connections: usize,
-) -> anyhow::Result<Latency> {
+) -> anyhow::Result<Samples> {
     let on_the_wire = std::sync::Arc::new(tokio::sync::Semaphore::new(connections.max(1)));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let n = ((duration.as_secs_f64() * rate) as usize).max(1);
@@ -126,9 +179,13 @@ pub async fn open_loop(
             anyhow::Ok(scheduled.elapsed())
         }));
     }
-    let mut latencies = Vec::with_capacity(n);
-    let mut failed = 0;
-    let mut first_failure = None;
+    let mut samples = Samples {
+        rate,
+        n,
+        latencies: Vec::with_capacity(n),
+        windows: 1,
+        ..Samples::default()
+    };
     // BENCH_TIMELINE=1: successes, failures and the slowest request per 250 ms of schedule, on
     // stderr (how a collapse starts: at once, or after a spike).
     let timeline = std::env::var_os("BENCH_TIMELINE").is_some();
@@ -145,35 +202,22 @@ pub async fn open_loop(
             );
             bucket = (0, 0, Duration::ZERO);
         }
-        let outcome = task.await?;
-        match &outcome {
+        match task.await? {
             Ok(latency) => {
                 bucket.0 += 1;
-                bucket.2 = bucket.2.max(*latency);
+                bucket.2 = bucket.2.max(latency);
+                samples.latencies.push(latency);
             }
-            Err(_) => bucket.1 += 1,
-        }
-        match outcome {
-            Ok(latency) => latencies.push(latency),
             Err(err) => {
-                failed += 1;
-                first_failure.get_or_insert_with(|| format!("{err:#}"));
+                bucket.1 += 1;
+                samples.failed += 1;
+                samples
+                    .first_failure
+                    .get_or_insert_with(|| format!("{url}: {err:#}"));
             }
         }
     }
-    anyhow::ensure!(
-        !latencies.is_empty(),
-        "{url}: all {n} requests failed at {rate:.0}/s"
-    );
-    latencies.sort();
-    Ok(Latency {
-        rate,
-        n,
-        failed,
-        first_failure,
-        p50_ms: percentile(&latencies, failed, 0.50),
-        p99_ms: percentile(&latencies, failed, 0.99),
-    })
+    Ok(samples)
 }
 
 /// The `q` quantile in milliseconds of sorted successes plus `failed` requests that count as
@@ -199,5 +243,27 @@ mod tests {
         assert!(percentile(&ok, 2, 0.99).is_infinite());
         let all: Vec<Duration> = (1..=100).map(ms).collect();
         assert_eq!(percentile(&all, 0, 0.99), 99.0);
+    }
+
+    /// Pooled windows are one distribution: the p99 of two windows is not either window's.
+    #[test]
+    fn windows_pool_into_one_distribution() {
+        let ms = |n: u64| Duration::from_millis(n);
+        let window = |latencies: Vec<Duration>, failed: usize| Samples {
+            rate: 100.0,
+            n: latencies.len() + failed,
+            failed,
+            first_failure: (failed > 0).then(|| "503".to_owned()),
+            latencies,
+            windows: 1,
+        };
+        let mut pooled = window((1..=50).map(ms).collect(), 0);
+        pooled.merge(window((51..=99).map(ms).collect(), 1));
+        let latency = pooled.summary().unwrap();
+        assert_eq!((latency.n, latency.failed, latency.windows), (100, 1, 2));
+        assert_eq!(latency.p50_ms, 50.0);
+        assert_eq!(latency.p99_ms, 99.0);
+        assert_eq!(latency.first_failure.as_deref(), Some("503"));
+        assert!(window(Vec::new(), 3).summary().is_err());
     }
 }

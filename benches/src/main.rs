@@ -18,6 +18,7 @@ mod fleet;
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use buildplane_benches::{Backend, KIB, Peer, Pki, Rathole, Relay, Tunnel, load};
 use clap::{Parser, Subcommand};
 
@@ -38,7 +39,8 @@ enum Command {
         /// The open-loop rate as a fraction of the closed-loop peak.
         #[arg(long, default_value_t = 0.5)]
         fraction: f64,
-        /// Measure only these paths (direct, relay, v1, v2, rathole); all by default.
+        /// Measure only these paths (direct, relay, v1, v2, rathole, null: direct once more,
+        /// the bench's resolution); all by default.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -106,11 +108,19 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
     if let Some(rathole) = &rathole {
         paths.push(("rathole", rathole.url(size)));
     }
+    // The null: the direct path once more, as a path of its own. What it adds over direct is
+    // the bench's own resolution on this machine: no difference between two paths smaller than
+    // that can be told from noise.
+    paths.push(("null", backend.url(size)));
     for (_, url) in &paths {
         load::round(&client, url, 64, size).await?;
     }
     let peak_for = Duration::from_millis(if quick { 500 } else { 3000 });
-    let measure_for = Duration::from_millis(if quick { 1000 } else { 5000 });
+    let (rounds, window) = if quick {
+        (2, Duration::from_millis(500))
+    } else {
+        (3, Duration::from_millis(5000))
+    };
     let peak = load::peak_rate(&client, &paths[3].1, 64, peak_for).await?;
     let rate = peak * fraction;
     let mut report = serde_json::json!({
@@ -119,25 +129,48 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
         "open_loop_connections": 64,
         "peak_rps_v2": peak,
         "rate": rate,
+        "rounds": rounds,
+        "window_secs": window.as_secs_f64(),
     });
-    for (name, url) in &paths {
-        if !only.is_empty() && !only.iter().any(|o| o == name) {
-            continue;
+    paths.retain(|(name, _)| only.is_empty() || only.iter().any(|o| o == name));
+    // One window of direct first, thrown away: the first open loop of a process runs cold
+    // (its heap grows, its pages fault in), and whichever path came first paid for it (direct,
+    // until 2026-12-07: its p99 1 to 3 ms above the same path measured again later).
+    load::open_loop(&pki.http_client()?, &backend.url(size), rate, window, 64).await?;
+    // Interleaved: every round measures every path once, each round in an order rotated by
+    // one, and the windows of a path pool into one distribution, so the machine's drift
+    // during the run falls on all paths alike.
+    let mut samples: Vec<load::Samples> = paths.iter().map(|_| load::Samples::default()).collect();
+    let mut order: Vec<usize> = (0..paths.len()).collect();
+    for _ in 0..rounds {
+        for &i in &order {
+            let url = &paths[i].1;
+            // A fresh connection pool per window, warmed with one round: a path that shed load
+            // leaves hundreds of connections behind, which must not weigh on the next one.
+            let client = pki.http_client()?;
+            load::round(&client, url, 64, size).await?;
+            samples[i].merge(load::open_loop(&client, url, rate, window, 64).await?);
         }
-        // A fresh connection pool per path, warmed with one round: a path that shed load
-        // leaves hundreds of connections behind, which must not weigh on the next one.
-        let client = pki.http_client()?;
-        load::round(&client, url, 64, size).await?;
-        let latency = load::open_loop(&client, url, rate, measure_for, 64).await?;
+        order.rotate_left(1);
+    }
+    for ((name, _), samples) in paths.iter().zip(samples) {
+        let latency = samples.summary().with_context(|| format!("path {name}"))?;
         report[*name] = serde_json::to_value(latency)?;
     }
     let p99 = |name: &str| report[name]["p99_ms"].as_f64().unwrap_or(f64::NAN);
-    let (direct, relay, v2, peer) = (p99("direct"), p99("relay"), p99("v2"), p99("rathole"));
+    let (direct, relay, v2, peer, null) = (
+        p99("direct"),
+        p99("relay"),
+        p99("v2"),
+        p99("rathole"),
+        p99("null"),
+    );
     report["added_p99_ms_v2"] = (v2 - direct).into();
     report["added_p99_ms_relay"] = (relay - direct).into();
     if rathole.is_some() {
         report["added_p99_ms_rathole"] = (peer - direct).into();
     }
+    report["added_p99_ms_null"] = (null - direct).into();
     drop(tunnel);
     Ok(report)
 }

@@ -641,7 +641,7 @@ fn collect_latency(latency: &Value, figures: &mut Figures) {
         "req/s",
         Better::Higher,
     );
-    for path in ["direct", "relay", "v1", "v2", "rathole"] {
+    for path in ["direct", "relay", "v1", "v2", "rathole", "null"] {
         figures.put(
             format!("latency.{path}.p50"),
             number(&latency[path]["p50_ms"]),
@@ -682,6 +682,12 @@ fn collect_latency(latency: &Value, figures: &mut Figures) {
     figures.put(
         "latency.added_p99_rathole",
         number(&latency["added_p99_ms_rathole"]),
+        "ms",
+        Better::Lower,
+    );
+    figures.put(
+        "latency.added_p99_null",
+        number(&latency["added_p99_ms_null"]),
         "ms",
         Better::Lower,
     );
@@ -1343,12 +1349,12 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     let _ = writeln!(md, "## Latency at half of peak load (1 KiB)\n");
     let _ = writeln!(
         md,
-        "Peak over v2 at c64: {} req/s; open-loop load at half of it, latency from each request's scheduled start.\n",
+        "Peak over v2 at c64: {} req/s; open-loop load at half of it, latency from each request's scheduled start. Interleaved: 3 rounds (2 with `--quick`), each measuring every path for 5 s (0.5 s) in an order rotated by one per round, a path's windows pooled; one window of direct before them thrown away (a process's first open loop runs cold). `null` is direct once more, as a path of its own: what it adds over direct is this run's resolution.\n",
         fmt(figures.get("latency.peak_rps_v2"))
     );
     let _ = writeln!(md, "| path | p50 ms | p99 ms | failed % |");
     let _ = writeln!(md, "|---|---|---|---|");
-    for path in ["direct", "relay", "v1", "v2", "rathole"] {
+    for path in ["direct", "relay", "v1", "v2", "rathole", "null"] {
         if figures.get(&format!("latency.{path}.p99")).is_none() && path == "rathole" {
             continue;
         }
@@ -1366,10 +1372,11 @@ fn markdown(report: &Value, figures: &Figures, targets: &[Target], notes: Option
     );
     let _ = writeln!(
         md,
-        "\nAdded p99 (v2 − direct): {} ms; raw relay − direct: {} ms; rathole − direct: {} ms.\n",
+        "\nAdded p99 (v2 − direct): {} ms; raw relay − direct: {} ms; rathole − direct: {} ms; the null (direct − direct): {} ms.\n",
         fmt(figures.get("latency.added_p99_v2")),
         fmt(figures.get("latency.added_p99_relay")),
-        fmt(figures.get("latency.added_p99_rathole"))
+        fmt(figures.get("latency.added_p99_rathole")),
+        fmt(figures.get("latency.added_p99_null"))
     );
     let _ = writeln!(md, "## CPU per 1,000 proxied 64 KiB responses\n");
     let _ = writeln!(
