@@ -39,6 +39,11 @@ enum Command {
         /// The open-loop rate as a fraction of the closed-loop peak.
         #[arg(long, default_value_t = 0.5)]
         fraction: f64,
+        /// The open-loop rate in requests per second, instead of a fraction of the peak (to
+        /// compare builds or settings at the same load: the peak varies by a third from run
+        /// to run on a shared machine).
+        #[arg(long)]
+        rate: Option<f64>,
         /// Measure only these paths (direct, relay, v1, v2, rathole, null: direct once more,
         /// the bench's resolution); all by default.
         #[arg(long, value_delimiter = ',')]
@@ -72,8 +77,9 @@ fn main() -> anyhow::Result<()> {
         Command::Latency {
             quick,
             fraction,
+            rate,
             only,
-        } => rt.block_on(latency(quick, fraction, &only))?,
+        } => rt.block_on(latency(quick, fraction, rate, &only))?,
         Command::Fleet(flags) => rt.block_on(fleet::run(flags))?,
         Command::Cpu(flags) => rt.block_on(cpu::run(flags))?,
         Command::RelayHop(flags) => rt.block_on(cpu::relay_hop(flags))?,
@@ -85,7 +91,12 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<serde_json::Value> {
+async fn latency(
+    quick: bool,
+    fraction: f64,
+    rate: Option<f64>,
+    only: &[String],
+) -> anyhow::Result<serde_json::Value> {
     let pki = Pki::generate()?;
     let backend = Backend::start().await?;
     let relay = Relay::start(&pki, backend.addr).await?;
@@ -122,7 +133,7 @@ async fn latency(quick: bool, fraction: f64, only: &[String]) -> anyhow::Result<
         (3, Duration::from_millis(5000))
     };
     let peak = load::peak_rate(&client, &paths[3].1, 64, peak_for).await?;
-    let rate = peak * fraction;
+    let rate = rate.unwrap_or(peak * fraction);
     let mut report = serde_json::json!({
         "size": size,
         "peak_concurrency": 64,
