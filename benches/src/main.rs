@@ -2,8 +2,11 @@
 //! stdout for `cargo xtask bench`.
 //!
 //! - `latency`: peak request rate of 1 KiB over v2 at concurrency 64, then open-loop latency at
-//!   half that rate for every path (direct, relay, v1, v2, and rathole when `BUILDPLANE_RATHOLE`
-//!   names its binary).
+//!   half that rate (or `--rate`) for every path (direct, relay, v1, v2, rathole when
+//!   `BUILDPLANE_RATHOLE` names its binary, and the null: direct again), in interleaved rounds
+//!   pooled per path, after one thrown-away window.
+//! - `cpu`: CPU of the gateway and agent processes per 1,000 proxied responses, v1 against v2,
+//!   and the raw TLS relay over the same hops (`relay-hop` processes) as the floor.
 //! - `fleet`: a gateway process and N agents in `cluster-agent swarm` processes: gateway RSS per
 //!   idle agent, and with `--storm` the gateway killed (SIGKILL) and restarted: time until every
 //!   agent is back, admission rate and reconnect delay percentiles; with `--replicas N` the
