@@ -266,7 +266,7 @@ pub async fn relay_hop(
         let acceptor = acceptor.clone();
         let upstream = upstream.clone();
         tokio::spawn(async move {
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
+            let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
             let addr = match &*upstream {
@@ -277,33 +277,27 @@ pub async fn relay_hop(
             };
             let _ = out.set_nodelay(true);
             match &*upstream {
-                Upstream::Plain(_) => {
-                    let mut out = out;
-                    let _ = tokio::io::copy_bidirectional_with_sizes(
-                        &mut tls,
-                        &mut out,
-                        RELAY_BUFFER,
-                        RELAY_BUFFER,
-                    )
-                    .await;
-                }
+                Upstream::Plain(_) => copy_both_ways(tls, out).await,
                 Upstream::Tls { config, .. } => {
                     let name = rustls_pki_types::ServerName::from(addr.ip());
                     let connector = tokio_rustls::TlsConnector::from(config.clone());
-                    let Ok(mut out) = connector.connect(name, out).await else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional_with_sizes(
-                        &mut tls,
-                        &mut out,
-                        RELAY_BUFFER,
-                        RELAY_BUFFER,
-                    )
-                    .await;
+                    if let Ok(out) = connector.connect(name, out).await {
+                        copy_both_ways(tls, out).await;
+                    }
                 }
             }
         });
     }
+}
+
+/// Copies bytes both ways between `a` and `b` until both sides end, [`RELAY_BUFFER`] at a time.
+async fn copy_both_ways<A, B>(mut a: A, mut b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER).await;
 }
 
 /// The tunnel: a control-cluster kube-sim with one BuildPlane per protocol, the gateway and
