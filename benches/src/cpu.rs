@@ -193,7 +193,7 @@ pub(crate) async fn run(flags: CpuFlags) -> anyhow::Result<serde_json::Value> {
         let url = format!(
             "{base}/api/proxy/buildplane/{plane}/{NAMESPACE}/{plane}/k8s/api/v1/namespaces/{NAMESPACE}/configmaps/big"
         );
-        wait_for_agent(&http, &url, None, Duration::from_secs(60)).await?;
+        wait_for_200(&http, &url, None, Duration::from_secs(60)).await?;
         report[protocol] = measure(&http, &url, None, &flags, &[gateway_pid, agent_pid]).await?;
     }
     // The floor: the raw TLS relay over the same hops, one process per hop.
@@ -203,7 +203,7 @@ pub(crate) async fn run(flags: CpuFlags) -> anyhow::Result<serde_json::Value> {
         relay.port
     );
     let token = Some(control.token());
-    wait_for_agent(&http, &url, token, Duration::from_secs(60)).await?;
+    wait_for_200(&http, &url, token, Duration::from_secs(60)).await?;
     report["relay"] = measure(&http, &url, token, &flags, &relay.pids()).await?;
     let of = |p: &str| {
         report[p]["cpu_seconds_per_1000"]
@@ -333,7 +333,7 @@ async fn wait_for_file(path: &std::path::Path, within: Duration) -> anyhow::Resu
     }
 }
 
-async fn wait_for_agent(
+async fn wait_for_200(
     http: &reqwest::Client,
     url: &str,
     token: Option<&str>,

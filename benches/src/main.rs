@@ -155,9 +155,9 @@ async fn latency(
     // one, and the windows of a path pool into one distribution, so the machine's drift
     // during the run falls on all paths alike.
     let mut samples: Vec<load::Samples> = paths.iter().map(|_| load::Samples::default()).collect();
-    let mut order: Vec<usize> = (0..paths.len()).collect();
-    for _ in 0..rounds {
-        for &i in &order {
+    for round in 0..rounds {
+        for k in 0..paths.len() {
+            let i = (k + round) % paths.len();
             let url = &paths[i].1;
             // A fresh connection pool per window, warmed with one round: a path that shed load
             // leaves hundreds of connections behind, which must not weigh on the next one.
@@ -165,7 +165,6 @@ async fn latency(
             load::round(&client, url, 64, size).await?;
             samples[i].merge(load::open_loop(&client, url, rate, window, 64).await?);
         }
-        order.rotate_left(1);
     }
     for ((name, _), samples) in paths.iter().zip(samples) {
         let latency = samples.summary().with_context(|| format!("path {name}"))?;
