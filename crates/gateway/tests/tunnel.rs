@@ -86,6 +86,54 @@ async fn watch_streams_through_the_tunnel() {
     );
 }
 
+/// A small answer (its head, body and end in one message) reaches the caller with its
+/// Content-Length, as from the API server itself, not as a chunked body; a large one streams.
+/// Both arrive whole, over v2 and over v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_answer_has_its_length_and_a_large_one_streams_whole() {
+    let mut env = Env::start().await;
+    let ca = Ca::generate("agent-ca", DAY).unwrap();
+    env.build_plane("org-a", "new", "p-v2", ca.cert_pem()).await;
+    env.build_plane("org-a", "old", "p-v1", ca.cert_pem()).await;
+    build_namespace(&env, "work").await;
+    config_map(&env, "work", "small", 100).await;
+    config_map(&env, "work", "large", 600 * 1024).await;
+    let _v2 = env.agent(&ca, "p-v2", 2);
+    let _v1 = env.agent(&ca, "p-v1", 1);
+    for (plane, name) in [("p-v2", "new"), ("p-v1", "old")] {
+        env.wait_proxy_status(plane, "org-a", name, 200, WAIT).await;
+        for (object, size) in [("small", 100), ("large", 600 * 1024)] {
+            let res = env
+                .http
+                .get(format!(
+                    "{}/api/proxy/buildplane/{plane}/org-a/{name}/k8s/api/v1/namespaces/work/configmaps/{object}",
+                    env.base
+                ))
+                .send()
+                .await
+                .expect("answered");
+            assert_eq!(res.status(), 200, "{plane} {object}");
+            let header = |name: &str| {
+                res.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
+            let (length, encoding) = (header("content-length"), header("transfer-encoding"));
+            let body = res.bytes().await.expect("the whole body");
+            let object: ConfigMap = serde_json::from_slice(&body).expect("a ConfigMap");
+            assert_eq!(object.data.unwrap()["blob"].len(), size, "{plane}");
+            if size == 100 {
+                assert_eq!(
+                    length,
+                    Some(body.len().to_string()),
+                    "{plane}: a small answer has its length"
+                );
+                assert_eq!(encoding, None, "{plane}: and is not chunked");
+            }
+        }
+    }
+}
+
 /// A v1 (OpenChoreo JSON) agent and a v2 agent serve side by side; the table shows their
 /// protocols; a watch to the v1 agent is refused with 501, to the v2 agent it streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

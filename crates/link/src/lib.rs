@@ -584,6 +584,13 @@ impl StreamHandle {
         .await
     }
 
+    /// The rest of the peer's body when it has all arrived in one chunk (or none) and its end:
+    /// the stream has then ended. `None` when it is still arriving or came in several chunks
+    /// (read it as a [`BodyStream`]).
+    pub fn take_whole_body(&self) -> Option<Bytes> {
+        self.link.with(|s| s.take_whole_body(self.id))
+    }
+
     /// Whether the next item is the end of the peer's body (a response with no body).
     pub fn at_end(&self) -> bool {
         self.link.inner.lock().session.next_is_end(self.id)

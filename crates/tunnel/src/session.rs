@@ -717,6 +717,25 @@ impl Session {
             .is_some_and(|s| matches!(s.inbox.front(), Some(Read::End)))
     }
 
+    /// The rest of a stream's body when all of it has arrived as at most one chunk and the end
+    /// (a small response: head, data and end in one message), read at once: the stream has
+    /// ended this way as if each item had been read. `None` (nothing read) while more may come,
+    /// when it arrived in several chunks, or when the stream was reset or lost.
+    pub fn take_whole_body(&mut self, id: StreamId) -> Option<Bytes> {
+        let inbox = &self.streams.get(&id)?.inbox;
+        match (inbox.len(), inbox.front(), inbox.back()) {
+            (1, Some(Read::End), _) => {
+                self.read(id);
+                Some(Bytes::new())
+            }
+            (2, Some(Read::Data(_)), Some(Read::End)) => match (self.read(id), self.read(id)) {
+                (Some(Read::Data(body)), Some(Read::End)) => Some(body),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Whether a stream may take body bytes now (credit left, or v1).
     pub fn writable(&self, id: StreamId) -> bool {
         self.streams

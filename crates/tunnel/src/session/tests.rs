@@ -184,6 +184,82 @@ fn a_small_get_round_trips_and_both_sides_forget_it() {
     assert_eq!(pair.agent.open_streams(), 0);
 }
 
+/// A body that has arrived whole (one chunk, then the end) is taken in one step and the stream
+/// is forgotten; one still arriving, or in several chunks, is left as it was, to be read item
+/// by item.
+#[test]
+fn a_whole_body_is_taken_at_once_and_a_partial_one_is_left() {
+    let mut pair = Pair::new(version::V2);
+    pair.pump();
+    let answer = |pair: &mut Pair, chunks: &[&'static [u8]], end: bool| {
+        let id = pair.gateway.open(get("/api"), true).unwrap();
+        pair.pump();
+        drain_reads(&mut pair.agent, id);
+        let head = ResponseHead {
+            status: 200,
+            headers: vec![],
+        };
+        pair.agent.respond(id, head, false).unwrap();
+        for chunk in chunks {
+            let mut chunk = Bytes::from_static(chunk);
+            pair.agent.send_data(id, &mut chunk).unwrap();
+            pair.pump();
+        }
+        if end {
+            pair.agent.finish(id).unwrap();
+        }
+        pair.pump();
+        assert!(matches!(pair.gateway.read(id), Some(Read::Response(_))));
+        id
+    };
+
+    let whole = answer(&mut pair, &[b"{}"], true);
+    assert_eq!(
+        pair.gateway.take_whole_body(whole),
+        Some(Bytes::from_static(b"{}"))
+    );
+    assert!(!pair.gateway.contains(whole), "the stream ended here");
+
+    let empty = answer(&mut pair, &[], true);
+    assert_eq!(pair.gateway.take_whole_body(empty), Some(Bytes::new()));
+    assert!(!pair.gateway.contains(empty));
+
+    let open = answer(&mut pair, &[b"{"], false);
+    assert_eq!(pair.gateway.take_whole_body(open), None);
+    assert_eq!(
+        drain_reads(&mut pair.gateway, open),
+        [Read::Data(Bytes::from_static(b"{"))],
+        "nothing was taken"
+    );
+
+    let unfinished = answer(&mut pair, &[b"{", b"}"], false);
+    assert_eq!(pair.gateway.take_whole_body(unfinished), None);
+    assert_eq!(
+        drain_reads(&mut pair.gateway, unfinished),
+        [
+            Read::Data(Bytes::from_static(b"{")),
+            Read::Data(Bytes::from_static(b"}"))
+        ],
+        "nothing was taken"
+    );
+
+    let two = answer(&mut pair, &[b"{", b"}"], true);
+    assert_eq!(pair.gateway.take_whole_body(two), None);
+    assert_eq!(
+        drain_reads(&mut pair.gateway, two),
+        [
+            Read::Data(Bytes::from_static(b"{")),
+            Read::Data(Bytes::from_static(b"}")),
+            Read::End
+        ]
+    );
+    assert_eq!(
+        pair.gateway.open_streams(),
+        2,
+        "only the unfinished ones are left"
+    );
+}
+
 /// A peer that never said it reads batches (an older agent: Hello 2, or none) gets one frame
 /// per message.
 #[test]
