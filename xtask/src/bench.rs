@@ -1040,14 +1040,8 @@ fn targets(figures: &Figures, quick: bool, rathole_skipped: Option<&str>) -> Vec
             None,
         ),
         (
-            "v2 / v1, 64 KiB, c64".into(),
-            ratio("e2e.64KiB_c64.v2", "e2e.64KiB_c64.v1"),
-            ">= 3",
-            3.0,
-            true,
-            None,
-        ),
-        (
+            // By CPU, not by loopback throughput, which the relay bounds (issue #17; the
+            // throughput ratio stays in the end-to-end table).
             "v1 / v2, CPU per 64 KiB response".into(),
             ratio("cpu.v1.per_1000", "cpu.v2.per_1000"),
             ">= 3",
