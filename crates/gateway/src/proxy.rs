@@ -1005,26 +1005,24 @@ async fn send_streamed(stream: &StreamHandle, mut body: Body) -> Result<(), Fail
 fn relay(head: ResponseHead, stream: StreamHandle, charge: Option<ByteCharge>) -> Response {
     use futures::TryStreamExt as _;
     let headers = response_headers(head.headers);
-    let body = match (charge, stream.take_whole_body()) {
+    let body = match stream.take_whole_body() {
         // Arrived whole (a small response: head, data and end in one message): hyper gets
         // the bytes, so the caller gets a Content-Length, not a chunked body, and no stream is
         // polled for them.
-        (charge, Some(whole)) => {
-            if let Some(charge) = charge {
+        Some(whole) => {
+            if let Some(charge) = &charge {
                 charge.charge(whole.len());
             }
-            if whole.is_empty() {
-                Body::empty()
-            } else {
-                Body::from(whole)
-            }
+            Body::from(whole)
         }
-        (Some(charge), None) => Body::from_stream(
-            stream
-                .into_body()
-                .inspect_ok(move |chunk| charge.charge(chunk.len())),
-        ),
-        (None, None) => Body::from_stream(stream.into_body()),
+        None => match charge {
+            Some(charge) => Body::from_stream(
+                stream
+                    .into_body()
+                    .inspect_ok(move |chunk| charge.charge(chunk.len())),
+            ),
+            None => Body::from_stream(stream.into_body()),
+        },
     };
     let mut res = Response::new(body);
     *res.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
